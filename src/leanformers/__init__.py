@@ -1,0 +1,20 @@
+"""leanformers: Sparse Spectral Training, Cannistraci-Hebb soft-rule sparse training and MPIFA
+low-rank compression for the Hugging Face stack.
+
+Importing the package registers the ``sst`` PEFT tuner and the ``mpifa`` transformers quantizer.
+"""
+
+__version__ = "0.1.0"
+
+from leanformers.data import calibration_windows, evaluation_windows, load_text, tokenize_text
+from leanformers.eval import PerplexityResult, perplexity
+
+__all__ = [
+    "PerplexityResult",
+    "__version__",
+    "calibration_windows",
+    "evaluation_windows",
+    "load_text",
+    "perplexity",
+    "tokenize_text",
+]

@@ -1,0 +1,11 @@
+"""Text loading, tokenisation and fixed-length windows for calibration, evaluation and training."""
+
+from leanformers.data.text import (
+    calibration_windows,
+    evaluation_windows,
+    load_text,
+    shared_data_path,
+    tokenize_text,
+)
+
+__all__ = ["calibration_windows", "evaluation_windows", "load_text", "shared_data_path", "tokenize_text"]

