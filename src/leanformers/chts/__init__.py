@@ -1,0 +1,1 @@
+"""CHTs / CHTss: Cannistraci-Hebb soft-rule dynamic sparse training."""

@@ -1,0 +1,1 @@
+"""SST: Sparse Spectral Training as a PEFT tuner."""
