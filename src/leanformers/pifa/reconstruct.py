@@ -1,0 +1,171 @@
+"""M: retraining-free low-rank reconstruction that limits error accumulation (pure maths).
+
+Notation for one linear layer W (m = out, n = in) and calibration tokens t:
+  X_d (n, t) its inputs in the dense model, X_c (n, t) its inputs in the partly compressed model.
+  G = X_c X_c^T, K = X_d X_c^T, S = X_d X_d^T  (all (n, n), accumulated by calibration.py).
+Target Y = (1 - alpha) W X_c + alpha W X_d; we minimise ||Y - U V X_c||_F over U (m, r), V (r, n).
+Only H = Y X_c^T = W ((1 - alpha) G + alpha K) is needed, so dense outputs are never cached.
+
+Everything here runs in float64 on whatever device the statistics live on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "GramStats",
+    "alternating_steps",
+    "cholesky_with_damping",
+    "reconstruct",
+    "svd_init",
+    "whitened_svd_init",
+]
+
+
+@dataclass
+class GramStats:
+    """Input statistics of one linear (or one group of linears sharing an input).
+
+    G = X_c X_c^T, K = X_d X_c^T, S = X_d X_d^T, each (n, n) float64; ``tokens`` is t.
+    ``K`` and ``S`` may be None when alpha = 0 or the init does not need them.
+    """
+
+    G: torch.Tensor
+    K: torch.Tensor | None
+    S: torch.Tensor | None
+    tokens: int
+
+
+def cholesky_with_damping(S: torch.Tensor, max_tries: int = 8) -> torch.Tensor:
+    """Lower Cholesky factor L of S (n, n), adding relative damping until S is positive definite.
+
+    Dead input features make S singular; damping starts at 1e-8 x mean(diag S) and grows 10x per try.
+    """
+    S = S.double()
+    L, info = torch.linalg.cholesky_ex(S)
+    if int(info) == 0:
+        return L
+    scale = S.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    eye = torch.eye(S.shape[0], dtype=S.dtype, device=S.device)
+    damp = 1e-8
+    for _ in range(max_tries):
+        L, info = torch.linalg.cholesky_ex(S + damp * scale * eye)
+        if int(info) == 0:
+            return L
+        damp *= 10
+    raise torch.linalg.LinAlgError(
+        "whitening Gram is not positive definite even with damping; the calibration activations are "
+        "degenerate (check for all-zero or non-finite inputs)"
+    )
+
+
+def svd_init(W: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain truncated SVD: W (m, n) ~ U (m, r) V (r, n), singular values split evenly (sqrt)."""
+    U, s, Vh = torch.linalg.svd(W.double(), full_matrices=False)
+    root = s[:rank].sqrt()
+    return U[:, :rank] * root, root[:, None] * Vh[:rank]
+
+
+def whitened_svd_init(W: torch.Tensor, L: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """SVD-LLM truncation-aware whitening init.
+
+    With S = X_d X_d^T = L L^T: SVD of W L, keep top r; U0 = U_r Sigma_r^(1/2),
+    V0 = Sigma_r^(1/2) V_r^T L^-1. Truncating W L is optimal for ||W X_d - U V X_d||_F.
+    Args: W (m, n), L (n, n) lower triangular. Returns U0 (m, r), V0 (r, n) float64.
+    """
+    W = W.double()
+    U, s, Vh = torch.linalg.svd(W @ L, full_matrices=False)
+    root = s[:rank].sqrt()
+    U0 = U[:, :rank] * root
+    # V0 = (root Vh_r) L^-1, i.e. solve X L = root Vh_r for X.
+    V0 = torch.linalg.solve_triangular(L, root[:, None] * Vh[:rank], upper=False, left=False)
+    return U0, V0
+
+
+def _spd_solve(A: torch.Tensor, B: torch.Tensor, damping: float) -> torch.Tensor:
+    """Solve (A + damping * mean(diag A) I) X = B for symmetric PSD A (n, n), B (n, k)."""
+    scale = A.diagonal().mean().clamp_min(torch.finfo(A.dtype).tiny)
+    A = A + damping * scale * torch.eye(A.shape[0], dtype=A.dtype, device=A.device)
+    L, info = torch.linalg.cholesky_ex(A)
+    if int(info) == 0:
+        return torch.cholesky_solve(B, L)
+    return torch.linalg.lstsq(A, B).solution
+
+
+def alternating_steps(
+    W: torch.Tensor,
+    U: torch.Tensor,
+    V: torch.Tensor,
+    stats: GramStats,
+    *,
+    alpha: float = 0.25,
+    steps: int = 2,
+    damping: float = 1e-2,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Closed-form alternating minimisation of ||Y - U V X_c||_F, starting with a U-step.
+
+    U-step: U = H V^T (V G V^T)^-1.
+    V-step: W* = (H + lambda W)(G + lambda I)^-1, V = U^+ W*.
+    ``damping`` is relative: lambda = damping * mean(diag G) (an absolute 1e-3 would vanish against
+    Grams of thousands of tokens).
+    Args: W (m, n); U (m, r); V (r, n). Returns updated (U, V) float64.
+    """
+    if steps <= 0:
+        return U, V
+    W = W.double()
+    G = stats.G.double()
+    if alpha != 0.0:
+        if stats.K is None:
+            raise ValueError("alpha > 0 needs the cross-Gram K = X_d X_c^T")
+        target_gram = (1.0 - alpha) * G + alpha * stats.K.double()
+    else:
+        target_gram = G
+    H = W @ target_gram  # Y X_c^T = W ((1 - alpha) G + alpha K), with K = X_d X_c^T
+    lam = damping * G.diagonal().mean().clamp_min(torch.finfo(torch.float64).tiny)
+    for step in range(steps):
+        if step % 2 == 0:
+            A = V @ G @ V.T  # (r, r)
+            U = _spd_solve(A, V @ H.T, 0.0).T  # (m, r); r x r is well conditioned, lstsq if not
+        else:
+            eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+            W_star = torch.linalg.solve(G + lam * eye, (H + lam * W).T).T  # (m, n), G symmetric
+            V = torch.linalg.lstsq(U, W_star).solution  # U^+ W*
+    return U, V
+
+
+def reconstruct(
+    W: torch.Tensor,
+    rank: int,
+    stats: GramStats | None,
+    *,
+    init: str = "whiten",
+    alpha: float = 0.25,
+    steps: int = 2,
+    damping: float = 1e-2,
+    L: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Low-rank factors of W (m, n): U (m, r), V (r, n), float64.
+
+    init: "whiten" (SVD-LLM, needs stats.S or a precomputed Cholesky factor ``L``) or "svd" (plain).
+    steps: closed-form alternating steps after the init (0 = init only; 1 = U-step; 2 = U then V).
+    """
+    if not 1 <= rank <= min(W.shape):
+        raise ValueError(f"rank {rank} outside [1, {min(W.shape)}] for a weight of shape {tuple(W.shape)}")
+    if init == "svd":
+        U, V = svd_init(W, rank)
+    elif init == "whiten":
+        if L is None:
+            if stats is None or stats.S is None:
+                raise ValueError("whitening init needs the dense Gram S = X_d X_d^T")
+            L = cholesky_with_damping(stats.S)
+        U, V = whitened_svd_init(W, L, rank)
+    else:
+        raise ValueError(f"unknown init {init!r}: use 'whiten' or 'svd'")
+    if steps > 0:
+        if stats is None:
+            raise ValueError("alternating steps need calibration statistics")
+        U, V = alternating_steps(W, U, V, stats, alpha=alpha, steps=steps, damping=damping)
+    return U, V
