@@ -8,9 +8,13 @@ __version__ = "0.1.0"
 
 from leanformers.data import calibration_windows, evaluation_windows, load_text, tokenize_text
 from leanformers.eval import PerplexityResult, perplexity
+from leanformers.sst import SSTCallback, SSTConfig, SSTController  # registers the `sst` PEFT tuner
 
 __all__ = [
     "PerplexityResult",
+    "SSTCallback",
+    "SSTConfig",
+    "SSTController",
     "__version__",
     "calibration_windows",
     "evaluation_windows",

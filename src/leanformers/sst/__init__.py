@@ -1,1 +1,12 @@
-"""SST: Sparse Spectral Training as a PEFT tuner."""
+"""Sparse Spectral Training (SST) as a PEFT tuner; importing this package registers ``sst`` with PEFT."""
+
+from leanformers.sst.register import register_sst
+
+register_sst()
+
+from leanformers.sst.callback import SSTCallback, SSTController  # noqa: E402
+from leanformers.sst.config import SSTConfig  # noqa: E402
+from leanformers.sst.layer import SSTLayer, SSTLinear  # noqa: E402
+from leanformers.sst.model import SSTModel  # noqa: E402
+
+__all__ = ["SSTCallback", "SSTConfig", "SSTController", "SSTLayer", "SSTLinear", "SSTModel", "register_sst"]

@@ -1,0 +1,318 @@
+"""The SST tuner layer: a linear (or GPT-2 Conv1D) layer held as its full-rank SVD.
+
+State per adapter (all saved by ``save_pretrained``, all persistent):
+
+- ``sst_U`` (m, k) and ``sst_Vh`` (k, n): frozen buffers (the ``idx`` slots are stale while active),
+- ``sst_S`` (k,): trainable parameter,
+- ``sst_U_active`` (m, r) and ``sst_Vh_active`` (r, n): the trainable active vectors, swapped in and
+  out IN PLACE so that the optimizer keeps holding the same Parameter objects,
+- ``sst_index`` (r,): the active indices; ``sst_counters``: [iteration, round, iterations_per_round].
+
+The base layer's dense weight is freed after the SVD (replaced by an empty tensor); its bias stays
+on the base layer, is trained in pretraining mode and is saved with the adapter.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from peft.tuners._buffer_dict import BufferDict
+from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from torch import nn
+
+from leanformers._compat import is_conv1d
+from leanformers.sst.spectral import (
+    effective_weight,
+    orthogonality_error,
+    sample_indices,
+    spectral_linear,
+    thin_svd,
+)
+from leanformers.training.distributed import broadcast_, seeded_generator
+
+__all__ = ["SSTLayer", "SSTLinear"]
+
+
+class SSTLayer(BaseTunerLayer):
+    """Bookkeeping shared by SST layers (PEFT's per-adapter containers)."""
+
+    adapter_layer_names = ("sst_S", "sst_U_active", "sst_Vh_active")
+    other_param_names = ("sst_U", "sst_Vh", "sst_index", "sst_counters")
+
+    def __init__(self, base_layer: nn.Module, **kwargs) -> None:
+        self.base_layer = base_layer
+        self.sst_S = nn.ParameterDict({})
+        self.sst_U_active = nn.ParameterDict({})
+        self.sst_Vh_active = nn.ParameterDict({})
+        # persistent=True: PEFT's BufferDict default drops buffers from the state dict (and the checkpoint).
+        self.sst_U = BufferDict({}, persistent=True)
+        self.sst_Vh = BufferDict({}, persistent=True)
+        self.sst_index = BufferDict({}, persistent=True)
+        self.sst_counters = BufferDict({}, persistent=True)
+        self.sst_settings: dict[str, dict] = {}
+        self._sst_unloaded: set[str] = set()  # adapters whose factors still await a state dict
+        self._disable_adapters = False
+        self.merged_adapters = []
+        self.kwargs = kwargs
+        base = self.get_base_layer()
+        if isinstance(base, nn.Linear):
+            self.in_features, self.out_features = base.in_features, base.out_features
+            self.is_conv1d = False
+        elif is_conv1d(base):
+            self.in_features, self.out_features = base.weight.shape[0], base.nf
+            self.is_conv1d = True
+        else:
+            raise TypeError(
+                f"SST supports torch.nn.Linear and transformers Conv1D layers, got {type(base).__name__}; "
+                "exclude this module with SSTConfig(exclude_modules=...)"
+            )
+        self.base_dtype = base.weight.dtype
+
+    # ----------------------------------------------------------------------------------- set-up
+    def update_layer(self, adapter_name: str, r: int, config, layer_key: str) -> None:
+        """Create the factors of ``adapter_name`` (SVD of the base weight unless it must be loaded)."""
+        m, n = self.out_features, self.in_features
+        k = min(m, n)
+        if r > k:
+            raise ValueError(
+                f"SST rank r={r} is larger than min(out, in) = {k} of layer {layer_key!r} ({m}x{n}); "
+                f"lower SSTConfig.r or set SSTConfig(rank_pattern={{{layer_key.rsplit('.', 1)[-1]!r}: {k}}})"
+            )
+        if adapter_name in self.sst_S:
+            raise ValueError(f"layer {layer_key!r} already holds an SST adapter called {adapter_name!r}")
+        base = self.get_base_layer()
+        weight = base.weight
+        device = weight.device
+        ipr = config.iterations_per_round or math.ceil(k / r)
+        self.sst_settings[adapter_name] = {
+            "r": r,
+            "k": k,
+            "iterations_per_round": ipr,
+            "steps_per_iteration": config.steps_per_iteration,
+            "warmup_steps_per_iteration": config.warmup_steps_per_iteration,
+            "sampling": config.sampling,
+            "magnitude_mix": float(config.magnitude_mix),
+            "enhanced_gradient": bool(config.enhanced_gradient),
+            "seed": int(config.seed),
+            "key": layer_key,
+        }
+        compute = config.init_weights and device.type != "meta" and weight.numel() == m * n
+        if compute:
+            dense = weight.t() if self.is_conv1d else weight  # (out, in)
+            U, S, Vh = thin_svd(dense)
+            idx = self._draw(adapter_name, S, iteration=0)
+        else:
+            # Reload path (or meta device): shapes only, no SVD; a state dict must fill them.
+            U = torch.empty(m, k, device=device, dtype=torch.float32)
+            S = torch.zeros(k, device=device, dtype=torch.float32)
+            Vh = torch.empty(k, n, device=device, dtype=torch.float32)
+            idx = torch.arange(r, device=device)
+            self._sst_unloaded.add(adapter_name)
+        self.sst_U[adapter_name] = U
+        self.sst_Vh[adapter_name] = Vh
+        self.sst_index[adapter_name] = idx
+        self.sst_counters[adapter_name] = torch.tensor([0, 0, ipr], dtype=torch.long, device=device)
+        self.sst_S[adapter_name] = nn.Parameter(S)
+        self.sst_U_active[adapter_name] = nn.Parameter(U[:, idx].clone())
+        self.sst_Vh_active[adapter_name] = nn.Parameter(Vh[idx].clone())
+        self._free_base_weight()
+        self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
+
+    def _free_base_weight(self) -> None:
+        """Drop the dense weight (keeping dtype/device); otherwise SST would cost more memory than dense."""
+        base = self.get_base_layer()
+        w = base.weight
+        if w.numel() == 0:
+            return
+        base.weight = nn.Parameter(torch.empty(0, dtype=w.dtype, device=w.device), requires_grad=False)
+
+    def _draw(self, adapter_name: str, S: torch.Tensor, iteration: int) -> torch.Tensor:
+        s = self.sst_settings[adapter_name]
+        iterations_per_round = s["iterations_per_round"]
+        # Same generator on every rank and in a resumed run: seed, layer name and iteration only.
+        gen = seeded_generator(s["seed"], s["key"], int(iteration))
+        return sample_indices(
+            S,
+            s["r"],
+            s["sampling"],
+            magnitude_mix=s["magnitude_mix"],
+            iteration=int(iteration) % iterations_per_round,
+            generator=gen,
+        )
+
+    def _move_adapter_to_device_of_base_layer(self, adapter_name: str, device=None) -> None:
+        # Device only: the factors stay float32 whatever the base dtype (orthogonality needs it).
+        target = device if device is not None else self.get_base_layer().weight.device
+        if target.type == "meta":
+            return
+        for name in self.adapter_layer_names + self.other_param_names:
+            container = getattr(self, name)
+            if adapter_name in container and container[adapter_name].device != target:
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    container[adapter_name] = nn.Parameter(
+                        item.data.to(target), requires_grad=item.requires_grad
+                    )
+                else:
+                    container[adapter_name] = item.to(target)
+
+    # ----------------------------------------------------------------------------------- maths glue
+    def _factors(self, adapter: str):
+        return (
+            self.sst_U[adapter],
+            self.sst_S[adapter],
+            self.sst_Vh[adapter],
+            self.sst_index[adapter],
+            self.sst_U_active[adapter],
+            self.sst_Vh_active[adapter],
+        )
+
+    @torch.no_grad()
+    def get_delta_weight(self, adapter: str) -> torch.Tensor:
+        """The effective weight U_eff diag(S) Vh_eff (out, in), float32. SST replaces W, it adds no delta."""
+        U, S, Vh, idx, Ua, Vha = self._factors(adapter)
+        return effective_weight(U, S, Vh, idx, Ua, Vha)
+
+    def effective_weight(self, adapter: str | None = None) -> torch.Tensor:
+        """(out, in) float32 weight the layer computes with (no grad)."""
+        return self.get_delta_weight(adapter or self.active_adapters[0])
+
+    @torch.no_grad()
+    def post_step_(self, adapter: str) -> None:
+        """After an optimizer step: S >= 0 and unit-norm active vectors (magnitude lives in S only)."""
+        self.sst_S[adapter].clamp_(min=0)
+        Ua, Vha = self.sst_U_active[adapter], self.sst_Vh_active[adapter]
+        Ua.div_(Ua.norm(dim=0, keepdim=True).clamp_min(1e-12))
+        Vha.div_(Vha.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def write_back_(self, adapter: str) -> None:
+        """Copy the active vectors into their slots of U and Vh."""
+        U, _, Vh, idx, Ua, Vha = self._factors(adapter)
+        U.index_copy_(1, idx, Ua.to(U.dtype))
+        Vh.index_copy_(0, idx, Vha.to(Vh.dtype))
+
+    @torch.no_grad()
+    def resvd_(self, adapter: str) -> float:
+        """U, S, Vh <- svd(U diag(S) Vh) in float32 (active vectors written back first).
+
+        Restores orthogonality and re-sorts S; rank 0's result is broadcast so that every rank holds
+        bit-identical factors. Returns the orthogonality error before the re-SVD.
+        """
+        self.write_back_(adapter)
+        U, S, Vh = self.sst_U[adapter], self.sst_S[adapter], self.sst_Vh[adapter]
+        error = orthogonality_error(U, Vh)
+        U_new, S_new, Vh_new = thin_svd(U @ (S.detach()[:, None] * Vh))
+        U.copy_(U_new)
+        S.copy_(S_new)
+        Vh.copy_(Vh_new)
+        for t in (U, S, Vh):
+            broadcast_(t)
+        return error
+
+    @torch.no_grad()
+    def start_iteration_(self, adapter: str) -> bool:
+        """Begin the next iteration: write back, re-SVD at a round boundary, draw new active indices and
+        copy their vectors into the active parameters in place. Returns True when a round ended."""
+        counters = self.sst_counters[adapter]
+        iteration = int(counters[0]) + 1
+        round_end = iteration % int(counters[2]) == 0
+        if round_end:
+            self.resvd_(adapter)
+            counters[1] += 1
+        else:
+            self.write_back_(adapter)
+        U, S, Vh, idx, Ua, Vha = self._factors(adapter)
+        new_idx = self._draw(adapter, S, iteration).to(idx.device)
+        idx.copy_(new_idx)
+        Ua.copy_(U[:, new_idx])
+        Vha.copy_(Vh[new_idx])
+        counters[0] = iteration
+        return round_end
+
+
+class SSTLinear(nn.Module, SSTLayer):
+    """SST replacement of an ``nn.Linear`` or GPT-2 ``Conv1D``: y = U_eff diag(S) Vh_eff x + b."""
+
+    def __init__(
+        self, base_layer: nn.Module, adapter_name: str, r: int, config, layer_key: str, **kwargs
+    ) -> None:
+        super().__init__()
+        SSTLayer.__init__(self, base_layer, **kwargs)
+        self._active_adapter = adapter_name
+        self.update_layer(adapter_name, r, config, layer_key)
+
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+    ):
+        # Factors created without an SVD become usable once a state dict provides all of them.
+        for adapter in list(self._sst_unloaded):
+            names = ("sst_U", "sst_Vh", "sst_S", "sst_U_active", "sst_Vh_active", "sst_index")
+            if all(f"{prefix}{name}.{adapter}" in state_dict for name in names):
+                self._sst_unloaded.discard(adapter)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
+        )
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Write U_eff diag(S) Vh_eff into the base layer's weight (transposed for Conv1D)."""
+        adapter_names = check_adapters_to_merge(self, adapter_names)
+        if not adapter_names:
+            return
+        if len(adapter_names) > 1:
+            raise ValueError(f"SST replaces the weight: merge one adapter at a time, got {adapter_names}")
+        adapter = adapter_names[0]
+        self._check_loaded(adapter)
+        weight = self.get_delta_weight(adapter)
+        if safe_merge and not torch.isfinite(weight).all():
+            raise ValueError(f"NaNs or infs in the SST weight of adapter {adapter!r}; not merging")
+        if self.is_conv1d:
+            weight = weight.t()
+        base = self.get_base_layer()
+        base.weight = nn.Parameter(weight.to(self.base_dtype).contiguous(), requires_grad=False)
+        self.merged_adapters.append(adapter)
+
+    def unmerge(self) -> None:
+        """Drop the merged dense copy again (the factors are unchanged, so nothing is lost).
+
+        The ORIGINAL pre-SST weight cannot be restored: SST replaced it by its factors and freed it.
+        """
+        if not self.merged:
+            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+            return
+        self.merged_adapters = []
+        self._free_base_weight()
+
+    def _check_loaded(self, adapter: str) -> None:
+        if adapter in self._sst_unloaded:
+            raise RuntimeError(
+                f"the SST factors of adapter {adapter!r} were allocated without an SVD (init_weights=False, as in a "
+                "saved adapter_config.json) and have not been loaded: use PeftModel.from_pretrained(model, folder) "
+                "or set init_weights=True to start from the base weights"
+            )
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.disable_adapters:
+            raise RuntimeError(
+                "SST adapters cannot be disabled: SST replaced the base weight by its SVD factors and freed it, "
+                "so there is no original layer to fall back to"
+            )
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        adapter = self.active_adapters[0]
+        self._check_loaded(adapter)
+        U, S, Vh, idx, Ua, Vha = self._factors(adapter)
+        bias = self.get_base_layer().bias
+        return spectral_linear(
+            x, S, Ua, Vha, bias, U, Vh, idx, enhanced=self.sst_settings[adapter]["enhanced_gradient"]
+        )
+
+    def __repr__(self) -> str:
+        return "sst." + super().__repr__()
+
+    def extra_repr(self) -> str:
+        s = self.sst_settings.get(self.active_adapters[0], {}) if self.active_adapters else {}
+        return f"in_features={self.in_features}, out_features={self.out_features}, r={s.get('r')}, k={s.get('k')}"

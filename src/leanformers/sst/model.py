@@ -1,0 +1,141 @@
+"""``SSTModel``: the PEFT tuner that swaps targeted linear layers for :class:`SSTLinear`.
+
+What differs from an additive adapter such as LoRA:
+
+- the base weight is replaced, not added to: ``merge_and_unload()`` works, ``unload()`` and
+  ``disable_adapter()`` cannot (the original dense weight is freed);
+- one SST adapter per model;
+- the adapter state dict also carries the biases of targeted layers and the non-SST trainable
+  parameters (all of them in ``pretrain`` mode, ``train_modules`` in ``finetune`` mode), trained in
+  place: no ``modules_to_save`` deep copies of embeddings.
+"""
+
+from __future__ import annotations
+
+import re
+
+import torch
+from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
+from torch import nn
+
+from leanformers._compat import is_conv1d
+from leanformers.sst.layer import SSTLayer, SSTLinear
+
+__all__ = ["SSTModel", "non_sst_trainable_names"]
+
+_SST_ATTRS = ("sst_S", "sst_U_active", "sst_Vh_active", "sst_U", "sst_Vh", "sst_index", "sst_counters")
+
+
+def _sst_layer_names(model: nn.Module) -> dict[str, SSTLayer]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, SSTLayer)}
+
+
+def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
+    """Parameter names (as in ``model.named_parameters()``) that SST trains in place besides its factors.
+
+    ``pretrain``: every parameter outside the SST factors except the freed base weights (embeddings,
+    norms, head, biases). ``finetune``: biases of targeted layers are NOT trained; parameters of
+    modules listed in ``config.train_modules`` are.
+    """
+    layers = _sst_layer_names(model)
+    names = []
+    for name, _ in model.named_parameters():
+        owner = name.rsplit(".", 1)[0] if "." in name else ""
+        if any(f".{attr}." in f".{name}" for attr in _SST_ATTRS):
+            continue
+        if name.endswith("base_layer.weight") and owner.removesuffix(".base_layer") in layers:
+            continue  # the freed dense weight (or a merged copy)
+        if config.mode == "pretrain":
+            names.append(name)
+        elif config.train_modules:
+            for pattern in config.train_modules:
+                if re.search(rf"(^|\.){re.escape(pattern)}(\.|$)", owner) or re.fullmatch(pattern, owner):
+                    names.append(name)
+                    break
+    return names
+
+
+class SSTModel(BaseTuner):
+    """PEFT tuner of Sparse Spectral Training (registered as ``PeftType.SST``, prefix ``sst_``)."""
+
+    prefix: str = "sst_"
+    tuner_layer_cls = SSTLayer
+    target_module_mapping: dict[str, list[str]] = {}
+
+    def _check_new_adapter_config(self, config) -> None:
+        if len(self.peft_config) > 1:
+            raise ValueError(
+                "SST supports one adapter per model: it replaces the weights instead of adding to them. "
+                "Train one SST adapter; merge_and_unload() it before adding another method."
+            )
+        if getattr(config, "modules_to_save", None):
+            raise ValueError("SSTConfig does not use modules_to_save: use mode='pretrain' or train_modules")
+
+    def _prepare_adapter_config(self, peft_config, model_config):
+        if peft_config.target_modules is None:
+            peft_config.target_modules = "all-linear"
+        return peft_config
+
+    def _create_and_replace(
+        self, sst_config, adapter_name, target, target_name, parent, current_key, **kwargs
+    ):
+        if current_key is None:
+            raise ValueError("current_key must not be None")
+        if isinstance(target, SSTLayer):
+            raise ValueError(f"{current_key!r} is already an SST layer; SST supports one adapter per model")
+        base = target.get_base_layer() if isinstance(target, BaseTunerLayer) else target
+        if not (isinstance(base, nn.Linear) or is_conv1d(base)):
+            raise TypeError(
+                f"SST target {current_key!r} is a {type(base).__name__}; only torch.nn.Linear and transformers "
+                "Conv1D are supported. Remove it from target_modules or add it to exclude_modules."
+            )
+        r = sst_config.rank_for(current_key)
+        new_module = SSTLinear(target, adapter_name, r=r, config=sst_config, layer_key=current_key)
+        self._replace_module(parent, target_name, new_module, target)
+
+    def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
+        super()._mark_only_adapters_as_trainable(model)
+        config = self.peft_config[self.active_adapters[0]]
+        if config.inference_mode:
+            return
+        trainable = set(non_sst_trainable_names(model, config))
+        for name, param in model.named_parameters():
+            if name in trainable:
+                param.requires_grad_(True)
+
+    @classmethod
+    def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
+        out = super()._get_adapter_state_dict(
+            model=model,
+            config=config,
+            adapter_name=adapter_name,
+            state_dict=state_dict,
+            unwanted_adapter_names=unwanted_adapter_names,
+        )
+        # Complete state: targeted-layer biases (the base weight is gone, the bias still matters) and the
+        # non-SST parameters trained in place.
+        extra = set(non_sst_trainable_names(model, config))
+        for name in _sst_layer_names(model):
+            extra.add(f"{name}.base_layer.bias")
+        for key in extra:
+            clean = key.removeprefix("_fsdp_wrapped_module.")
+            if clean in state_dict and state_dict[clean] is not None:
+                out[clean] = state_dict[clean]
+        return out
+
+    # --- what an additive adapter can do and SST cannot -----------------------------------------
+    def unload(self) -> torch.nn.Module:
+        raise RuntimeError(
+            "SST replaced the base weights by their SVD factors and freed the dense weights, so the original "
+            "model cannot be restored; use merge_and_unload() to get a plain model with the trained weights"
+        )
+
+    def disable_adapter_layers(self) -> None:
+        raise RuntimeError(
+            "SST adapters cannot be disabled: the original dense weights were replaced and freed. "
+            "Keep a copy of the base model if you need it."
+        )
+
+    def sst_layers(self) -> dict[str, SSTLayer]:
+        """{module name: SST layer} of this model."""
+        return _sst_layer_names(self.model)
