@@ -1,0 +1,466 @@
+"""PIFA and low-rank linear layers (drop-in replacements for nn.Linear).
+
+PIFALinear stores a rank-r weight W (out x in) as its pivot block ``weight`` and coefficients
+``coeff`` (see factorize.py) plus ONE int32 permutation buffer, the gather its forward needs:
+
+* column form (default for tall and square W): ``input_index`` (n,) = [pivots, nonpivots].
+  forward: xp = x[..., input_index]; z = xp[..., :r] + xp[..., r:] @ coeff^T; y = z @ weight^T + b
+  (one input gather, two GEMMs, no output scatter). With ``input_permuted=True`` the input already
+  arrives in pivot-first order (an upstream layer emits it, see ``emit_in_order_``) and the gather
+  is skipped: the two GEMMs read contiguous slices.
+* row form (default for wide W): ``output_index`` (m,) = inverse of [pivots, nonpivots].
+  forward: z = x @ weight^T; y = cat(z, z @ coeff^T)[..., output_index] + b (one output gather
+  instead of the reference's two index_copy_ scatters).
+
+The pivot block is deliberately named ``weight``: its shape (r, n) or (m, r) differs from the dense
+(m, n), so a process that loads a checkpoint without the registered quantizer fails with a size
+mismatch instead of silently keeping random weights. Pivots are sorted, so at full rank ``weight``
+IS the dense W (and a dense load is then exact).
+
+Forward has no data-dependent Python control flow and no host sync (CUDA graphs, torch.compile).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanformers.pifa.factorize import FORMS, PIFAFactors, pifa_from_factors, pifa_from_weight, pifa_to_dense
+from leanformers.pifa.rank import lowrank_num_params, pifa_num_params
+
+__all__ = ["LowRankLinear", "PIFALinear", "auto_form", "emit_in_order_", "module_from_spec"]
+
+SPEC_KEYS = ("kind", "in_features", "out_features", "rank", "bias")
+
+
+def auto_form(out_features: int, in_features: int) -> str:
+    """Form whose one gather touches the smaller side: column (gathers the input) for tall and
+    square W (m >= n), row (gathers the output) for wide W (m < n)."""
+    return "column" if out_features >= in_features else "row"
+
+
+def _check_dims(in_features: int, out_features: int, rank: int) -> None:
+    if in_features < 1 or out_features < 1:
+        raise ValueError(f"in_features and out_features must be >= 1, got {in_features} and {out_features}")
+    if not 1 <= rank <= min(in_features, out_features):
+        raise ValueError(
+            f"rank must be in [1, min(in_features, out_features) = {min(in_features, out_features)}], got {rank}"
+        )
+
+
+def _factory(dtype, device) -> dict:
+    return {"dtype": dtype, "device": device}
+
+
+class PIFALinear(nn.Module):
+    """y = x W^T + b with W (out_features x in_features) of rank ``rank`` stored in PIFA form.
+
+    Parameters: ``weight`` (pivot block; row form (r, in), column form (out, r)), ``coeff``
+    (row form (out - r, r), column form (r, in - r)), optional ``bias`` (out,). Buffer (int32,
+    persistent): ``output_index`` (row form) or ``input_index`` (column form).
+    Input (..., in_features) -> output (..., out_features), any float dtype matching the parameters.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        form: str = "row",
+        input_permuted: bool = False,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_dims(in_features, out_features, rank)
+        if form not in FORMS:
+            raise ValueError(f"form must be one of {FORMS} (or 'auto' in from_factors), got {form!r}")
+        if input_permuted and form != "column":
+            raise ValueError(
+                "input_permuted=True needs form='column' (only the column form gathers its input)"
+            )
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self._rank, self._form = int(rank), form
+        self.input_permuted = bool(input_permuted)
+        m, n, r = self.out_features, self.in_features, self._rank
+        kw = _factory(dtype, device)
+        if form == "row":
+            self.weight = nn.Parameter(torch.empty(r, n, **kw))
+            self.coeff = nn.Parameter(torch.empty(m - r, r, **kw))
+            self.register_buffer("output_index", torch.empty(m, dtype=torch.int32, device=device))
+        else:
+            self.weight = nn.Parameter(torch.empty(m, r, **kw))
+            self.coeff = nn.Parameter(torch.empty(r, n - r, **kw))
+            self.register_buffer("input_index", torch.empty(n, dtype=torch.int32, device=device))
+        self.bias = nn.Parameter(torch.empty(m, **kw)) if bias else None
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    # -- construction -------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """A valid random layer: identity pivots, uniform init scaled like nn.Linear."""
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.weight.uniform_(-bound, bound)
+            self.coeff.uniform_(-1.0 / math.sqrt(self._rank), 1.0 / math.sqrt(self._rank))
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+            self._index.copy_(torch.arange(self._index.numel(), dtype=torch.int32))
+
+    @classmethod
+    def from_pifa(
+        cls, factors: PIFAFactors, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
+    ) -> PIFALinear:
+        """Layer holding ``factors`` (and ``bias`` (out,)), cast to ``dtype`` (default: the factors' dtype)."""
+        m, n = factors.shape
+        dtype = dtype or factors.pivot_weight.dtype
+        device = factors.pivot_weight.device
+        layer = cls(n, m, factors.rank, bias=bias is not None, form=factors.form, dtype=dtype, device=device)
+        perm = torch.cat([factors.pivots, factors.nonpivots]).long().to(device)
+        with torch.no_grad():
+            layer.weight.copy_(factors.pivot_weight)
+            layer.coeff.copy_(factors.coeff)
+            if factors.form == "row":
+                layer.output_index.copy_(torch.argsort(perm).to(torch.int32))
+            else:
+                layer.input_index.copy_(perm.to(torch.int32))
+            if bias is not None:
+                if bias.shape != (m,):
+                    raise ValueError(f"bias must have shape ({m},), got {tuple(bias.shape)}")
+                layer.bias.copy_(bias)
+        return layer
+
+    @classmethod
+    def from_factors(
+        cls,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        form: str = "auto",
+        dtype: torch.dtype | None = None,
+        method: str = "auto",
+    ) -> PIFALinear:
+        """PIFA layer computing x (U V)^T + bias. U: (out, r), V: (r, in). form "auto" = ``auto_form``."""
+        if form == "auto" and U.ndim == 2 and V.ndim == 2:
+            form = auto_form(U.shape[0], V.shape[1])
+        return cls.from_pifa(pifa_from_factors(U, V, form=form, method=method), bias=bias, dtype=dtype)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, rank: int, form: str = "auto") -> PIFALinear:
+        """Rank-``rank`` truncated-SVD approximation of an nn.Linear (for tests and benchmarks)."""
+        w = linear.weight.detach()
+        if form == "auto":
+            form = auto_form(*w.shape)
+        bias = None if linear.bias is None else linear.bias.detach()
+        return cls.from_pifa(pifa_from_weight(w.float(), rank, form=form), bias=bias, dtype=w.dtype)
+
+    # -- description ------------------------------------------------------------------------------
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def form(self) -> str:
+        return self._form
+
+    @property
+    def _index(self) -> torch.Tensor:
+        return self.output_index if self._form == "row" else self.input_index
+
+    @property
+    def num_parameters(self) -> int:
+        """Stored weight count r (m + n) - r^2 (bias and int32 indices not counted)."""
+        return pifa_num_params(self.out_features, self.in_features, self._rank)
+
+    @property
+    def index_bytes(self) -> int:
+        """Bytes of the int32 permutation buffer (not a parameter)."""
+        return self._index.numel() * self._index.element_size()
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description; ``from_spec(spec)`` rebuilds an empty layer of the same layout."""
+        return {
+            "kind": "pifa",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self._rank,
+            "form": self._form,
+            "bias": self.bias is not None,
+            "input_permuted": self.input_permuted,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> PIFALinear:
+        _check_spec(spec, "pifa")
+        if spec.get("form") not in FORMS:
+            raise ValueError(f"PIFA spec needs 'form' in {FORMS}, got {spec.get('form')!r}")
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["rank"]),
+            bias=bool(spec["bias"]),
+            form=spec["form"],
+            input_permuted=bool(spec.get("input_permuted", False)),
+            dtype=dtype,
+            device=device,
+        )
+
+    def factors(self) -> PIFAFactors:
+        """The PIFA this layer holds (pivots of the matrix it applies to its actual input)."""
+        r = self._rank
+        index = self._index.long()
+        perm = torch.argsort(index) if self._form == "row" else index
+        if self._form == "column" and self.input_permuted:
+            perm = torch.arange(self.in_features, device=index.device)
+        return PIFAFactors(
+            self.weight.detach(),
+            self.coeff.detach(),
+            perm[:r].to(torch.int32),
+            perm[r:].to(torch.int32),
+            self._form,
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        """W (out, in) such that forward(x) == x W^T + b (w.r.t. the layer's actual input order)."""
+        return pifa_to_dense(self.factors())
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear with the same function (weight computed with fp32 accumulation)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            dtype=self.weight.dtype,
+            device=self.weight.device,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    def extra_repr(self) -> str:
+        extra = ", input_permuted=True" if self.input_permuted else ""
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
+            f"form={self._form}, bias={self.bias is not None}{extra}"
+        )
+
+    # -- channel order ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def permute_outputs_(self, order: torch.Tensor) -> PIFALinear:
+        """In place: from now on the layer emits y[..., order] (order: (out,) permutation)."""
+        order = _check_perm(order, self.out_features).to(self.weight.device)
+        if self._form == "row":
+            self.output_index.copy_(self.output_index.index_select(0, order))
+        else:
+            self.weight.copy_(self.weight.index_select(0, order))
+        if self.bias is not None:
+            self.bias.copy_(self.bias.index_select(0, order))
+        return self
+
+    # -- forward ----------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._form == "row":
+            z = F.linear(x, self.weight)
+            y = torch.cat([z, F.linear(z, self.coeff)], dim=-1).index_select(-1, self.output_index)
+            return y if self.bias is None else y + self.bias
+        lead = x.shape[:-1]
+        if not self.input_permuted:
+            x = x.index_select(-1, self.input_index)
+        x2 = x.reshape(-1, self.in_features)
+        r = self._rank
+        z = torch.addmm(x2[:, :r], x2[:, r:], self.coeff.t())
+        return F.linear(z, self.weight, self.bias).view(*lead, self.out_features)
+
+
+class LowRankLinear(nn.Module):
+    """y = (x V^T) U^T + b: ``weight_in`` = V (rank, in), ``weight`` = U (out, rank), ``bias`` (out,).
+
+    The low-rank baseline of PIFA (same surface). U is named ``weight`` for the same load guard as
+    PIFALinear: its shape differs from the dense (out, in) unless rank == in_features.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_dims(in_features, out_features, rank)
+        self.in_features, self.out_features, self._rank = int(in_features), int(out_features), int(rank)
+        kw = _factory(dtype, device)
+        self.weight_in = nn.Parameter(torch.empty(rank, in_features, **kw))
+        self.weight = nn.Parameter(torch.empty(out_features, rank, **kw))
+        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            bound = 1.0 / math.sqrt(self.in_features)
+            self.weight_in.uniform_(-bound, bound)
+            self.weight.uniform_(-1.0 / math.sqrt(self._rank), 1.0 / math.sqrt(self._rank))
+            if self.bias is not None:
+                self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_factors(
+        cls,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        form: str = "auto",
+        dtype: torch.dtype | None = None,
+    ) -> LowRankLinear:
+        """Layer computing x (U V)^T + bias. U: (out, r), V: (r, in). ``form`` is accepted and ignored."""
+        if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0]:
+            raise ValueError(
+                f"expected U (m, r) and V (r, n) with the same r, got U {tuple(U.shape)} and V {tuple(V.shape)}"
+            )
+        dtype = dtype or U.dtype
+        layer = cls(V.shape[1], U.shape[0], U.shape[1], bias=bias is not None, dtype=dtype, device=U.device)
+        with torch.no_grad():
+            layer.weight.copy_(U)
+            layer.weight_in.copy_(V)
+            if bias is not None:
+                layer.bias.copy_(bias)
+        return layer
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    @property
+    def form(self) -> str:
+        return "lowrank"
+
+    @property
+    def num_parameters(self) -> int:
+        """Stored weight count r (m + n) (bias not counted)."""
+        return lowrank_num_params(self.out_features, self.in_features, self._rank)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "kind": "lowrank",
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self._rank,
+            "bias": self.bias is not None,
+        }
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> LowRankLinear:
+        _check_spec(spec, "lowrank")
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["rank"]),
+            bias=bool(spec["bias"]),
+            dtype=dtype,
+            device=device,
+        )
+
+    def dense_weight(self) -> torch.Tensor:
+        acc = torch.promote_types(self.weight.dtype, torch.float32)
+        return (self.weight.detach().to(acc) @ self.weight_in.detach().to(acc)).to(self.weight.dtype)
+
+    def to_dense(self) -> nn.Linear:
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            dtype=self.weight.dtype,
+            device=self.weight.device,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    @torch.no_grad()
+    def permute_outputs_(self, order: torch.Tensor) -> LowRankLinear:
+        """In place: from now on the layer emits y[..., order]."""
+        order = _check_perm(order, self.out_features).to(self.weight.device)
+        self.weight.copy_(self.weight.index_select(0, order))
+        if self.bias is not None:
+            self.bias.copy_(self.bias.index_select(0, order))
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
+            f"bias={self.bias is not None}"
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.linear(x, self.weight_in), self.weight, self.bias)
+
+
+def _check_spec(spec: dict, kind: str) -> None:
+    if not isinstance(spec, dict):
+        raise TypeError(f"a module spec must be a dict, got {type(spec).__name__}")
+    missing = [k for k in SPEC_KEYS if k not in spec]
+    if missing:
+        raise ValueError(f"module spec {spec} lacks {missing}: build specs with layer.spec()")
+    if spec["kind"] != kind:
+        raise ValueError(f"spec kind {spec['kind']!r} cannot build a {kind!r} layer")
+
+
+def _check_perm(order: torch.Tensor, size: int) -> torch.Tensor:
+    order = torch.as_tensor(order).long()
+    if order.shape != (size,) or not torch.equal(torch.sort(order.cpu()).values, torch.arange(size)):
+        raise ValueError(f"order must be a permutation of range({size}), got shape {tuple(order.shape)}")
+    return order
+
+
+def module_from_spec(spec: dict, dtype: torch.dtype | None = None, device=None) -> nn.Module:
+    """Empty PIFALinear / LowRankLinear (parameters uninitialised on meta) from ``layer.spec()``."""
+    if not isinstance(spec, dict) or "kind" not in spec:
+        raise ValueError(f"module spec must be a dict with a 'kind' key, got {spec!r}")
+    builders = {"pifa": PIFALinear, "lowrank": LowRankLinear}
+    if spec["kind"] not in builders:
+        raise ValueError(f"unknown module kind {spec['kind']!r}: expected one of {sorted(builders)}")
+    return builders[spec["kind"]].from_spec(spec, dtype=dtype, device=device)
+
+
+@torch.no_grad()
+def emit_in_order_(producers: list[nn.Module], consumer: PIFALinear) -> None:
+    """Scatter-free MLP: make every producer (gate/up, whose outputs are combined element-wise into
+    the consumer's input) emit channels in the consumer's pivot-first order, and let the consumer
+    (column form) read contiguous slices without gathering (``input_permuted=True``).
+
+    producers: nn.Linear, PIFALinear or LowRankLinear with out_features == consumer.in_features.
+    """
+    if not isinstance(consumer, PIFALinear) or consumer.form != "column":
+        raise ValueError(
+            "the consumer must be a column-form PIFALinear (it is the one that gathers its input)"
+        )
+    if consumer.input_permuted:
+        raise ValueError("the consumer already reads permuted input: emit_in_order_ was applied twice")
+    order = consumer.input_index.long()
+    for producer in producers:
+        if getattr(producer, "out_features", None) != consumer.in_features:
+            raise ValueError(
+                f"producer {type(producer).__name__} emits {getattr(producer, 'out_features', '?')} channels, "
+                f"the consumer reads {consumer.in_features}"
+            )
+        if isinstance(producer, (PIFALinear, LowRankLinear)):
+            producer.permute_outputs_(order)
+        elif isinstance(producer, nn.Linear):
+            producer.weight.copy_(producer.weight.index_select(0, order.to(producer.weight.device)))
+            if producer.bias is not None:
+                producer.bias.copy_(producer.bias.index_select(0, order.to(producer.bias.device)))
+        else:
+            raise TypeError(f"cannot reorder the outputs of a {type(producer).__name__}")
+    consumer.input_permuted = True
