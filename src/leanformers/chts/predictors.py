@@ -1,0 +1,187 @@
+"""Link scores of a sparse layer seen as a bipartite graph (pure tensor maths, no model walking).
+
+A mask ``A`` (out x in, bool) links output node o and input node i iff ``A[o, i]``. Regrowth scores
+are computed for non-links; removal scores for links.
+
+Cannistraci-Hebb on length-3 paths o - i1 - o1 - i of a candidate (o, i):
+- exact, path based (L3p): sum over paths of a product of node terms of i1 and o1, with the internal
+  degree di(z) (links from z into the candidate's local community; in a bipartite layer that is the
+  number of L3 paths through z) and external degree de(z) = deg(z) - di(z) - 1;
+- node based (L3n): each intermediate node of one side contributes once, weighted by its overlap
+  with the candidate end node: four GEMMs (A A^T, its product with A, and the same on the input
+  side), the GPU approximation of the CHTs paper.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+__all__ = [
+    "CH_VARIANTS",
+    "gradient_scores",
+    "l3n_scores",
+    "l3p_scores",
+    "mest_scores",
+    "random_scores",
+    "relative_importance",
+    "weight_scores",
+]
+
+CH_VARIANTS = ("CH2", "CH3", "CH3.1")
+
+
+def _check_mask(mask: torch.Tensor) -> None:
+    if mask.dim() not in (2, 3):
+        raise ValueError(f"mask must be (out, in) or (batch, out, in); got shape {tuple(mask.shape)}")
+
+
+def _node_factor(overlap: torch.Tensor, external: torch.Tensor, variant: str) -> torch.Tensor:
+    """L3n factor of an intermediate node given its overlap with the end node and its external degree."""
+    external = external.clamp_min(0)  # -1 only where the node cannot reach a non-link (harmless there)
+    if variant == "CH2":
+        factor = (1.0 + overlap) / (1.0 + external)
+    elif variant == "CH3":
+        factor = 1.0 / (1.0 + external)
+    elif variant == "CH3.1":
+        # CH3 weighted by the number of L3 paths through the node (see docs/chtss.md).
+        factor = overlap / (1.0 + external)
+    else:
+        raise ValueError(f"unknown CH variant {variant!r}; choose one of {CH_VARIANTS}")
+    return torch.where(overlap > 0, factor, torch.zeros_like(factor))
+
+
+@contextlib.contextmanager
+def _tf32(enabled: bool):
+    if not torch.cuda.is_available():
+        yield
+        return
+    previous = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = previous
+
+
+@torch.no_grad()
+def l3n_scores(
+    mask: torch.Tensor, variant: str = "CH2", chunk: int = 4096, allow_tf32: bool = True
+) -> torch.Tensor:
+    """Node-based CH-L3 scores (CH2-L3n, CH3-L3n, CH3.1-L3n) for every non-link.
+
+    Args:
+        mask: (out, in) or (B, out, in) boolean/0-1 masks; a batch holds same-shape layers and is
+            scored with batched GEMMs (one kernel per chunk for all of them).
+        variant: "CH2", "CH3" or "CH3.1".
+        chunk: rows of A A^T (and of A^T A) materialised at once: memory O(chunk * max(out, in)).
+        allow_tf32: on CUDA, run the GEMMs in TF32 (0/1 products are exact; never bf16/fp16, whose
+            8-bit mantissa cannot count above 256).
+
+    Returns:
+        float32 scores of the mask's shape, 0 on links and on candidates with no L3 path.
+    """
+    _check_mask(mask)
+    squeeze = mask.dim() == 2
+    A = (mask if not squeeze else mask.unsqueeze(0)).to(torch.float32)
+    batch, n_out, n_in = A.shape
+    deg_out = A.sum(-1)  # (B, out)
+    deg_in = A.sum(-2)  # (B, in)
+    At = A.transpose(1, 2)
+    scores = torch.zeros_like(A)
+    with _tf32(allow_tf32):
+        # Output-side intermediates o' of a candidate (o, i): overlap DD[o, o'] = |N(o) & N(o')|.
+        for r0 in range(0, n_out, chunk):
+            r1 = min(r0 + chunk, n_out)
+            overlap = torch.bmm(A[:, r0:r1], At)  # (B, c, out)
+            factor = _node_factor(overlap, deg_out[:, None, :] - overlap - 1.0, variant)
+            rows = torch.arange(r0, r1, device=A.device)
+            factor[:, rows - r0, rows] = 0.0  # o' = o is not an intermediate
+            scores[:, r0:r1] = torch.bmm(factor, A)
+        # Input-side intermediates i' of a candidate (o, i): overlap TT[i, i'] = |N(i) & N(i')|.
+        for c0 in range(0, n_in, chunk):
+            c1 = min(c0 + chunk, n_in)
+            overlap = torch.bmm(At[:, c0:c1], A)  # (B, c, in)
+            factor = _node_factor(overlap, deg_in[:, None, :] - overlap - 1.0, variant)
+            cols = torch.arange(c0, c1, device=A.device)
+            factor[:, cols - c0, cols] = 0.0
+            scores[:, :, c0:c1] += torch.bmm(factor, At).transpose(1, 2)
+    scores.mul_(1.0 - A)
+    return scores[0] if squeeze else scores
+
+
+@torch.no_grad()
+def l3p_scores(mask: torch.Tensor, variant: str = "CH2", chunk: int = 64) -> torch.Tensor:
+    """Exact path-based CH2-L3 / CH3-L3 scores of every non-link of one (out, in) mask.
+
+    score[o, i] = sum over paths o - i1 - o1 - i of t(i1) t(o1) with
+    CH2: t(z) = sqrt((1 + di(z)) / (1 + de(z))), CH3: t(z) = 1 / sqrt(1 + de(z)),
+    di(i1) = |N(i1) & N(i)|, di(o1) = |N(o1) & N(o)| (the L3 paths through the node) and
+    de(z) = deg(z) - di(z) - 1. Cost O(out^2 in^2 / chunk) memory-bounded: for small layers and as
+    the oracle of the L3n approximation.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"l3p_scores takes one (out, in) mask; got shape {tuple(mask.shape)}")
+    if variant not in ("CH2", "CH3"):
+        raise ValueError(f"exact L3p supports CH2 and CH3, not {variant!r}")
+    A = mask.to(torch.float64)
+    n_out, n_in = A.shape
+    DD = A @ A.T  # (out, out): DD[o1, o] = paths o - * - o1
+    TT = A.T @ A  # (in, in)
+    deg_out = A.sum(1)
+    deg_in = A.sum(0)
+
+    def term(di: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
+        de = (deg - di - 1.0).clamp_min(0)
+        return torch.sqrt((1.0 + di) / (1.0 + de)) if variant == "CH2" else 1.0 / torch.sqrt(1.0 + de)
+
+    t_in = term(TT, deg_in[:, None])  # [i1, i] term of i1 for candidate end i
+    t_out = term(DD, deg_out[:, None])  # [o1, o] term of o1 for candidate end o
+    scores = torch.zeros_like(A)
+    for o0 in range(0, n_out, chunk):
+        o1_ = min(o0 + chunk, n_out)
+        # M[c, i1, i] = sum_o1 A[o1, i1] t_out[o1, o] A[o1, i]
+        weighted = A[None, :, :] * t_out[:, o0:o1_].T[:, :, None]  # (c, out, in)
+        M = torch.einsum("coa,ob->cab", weighted, A)  # (c, in, in)
+        scores[o0:o1_] = torch.einsum("ca,ab,cab->cb", A[o0:o1_], t_in, M)
+    scores.mul_(1.0 - A)
+    return scores.to(torch.float32)
+
+
+def weight_scores(weight: torch.Tensor) -> torch.Tensor:
+    """|w| in float32 (removal by magnitude)."""
+    return weight.detach().abs().to(torch.float32)
+
+
+def relative_importance(weight: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """RI = |w| / colsum|w| + |w| / rowsum|w| of a (out, in) (or batched) weight, float32.
+
+    A link that matters for either of its end nodes scores high even when its magnitude is small in
+    absolute terms; dividing by the node strength makes the scores comparable across nodes.
+    """
+    w = weight.detach().abs().to(torch.float32)
+    if mask is not None:
+        w = w * mask.to(w.dtype)
+    col = w.sum(-2, keepdim=True)  # strength of each input node
+    row = w.sum(-1, keepdim=True)  # strength of each output node
+    tiny = torch.finfo(torch.float32).tiny
+    return w / col.clamp_min(tiny) + w / row.clamp_min(tiny)
+
+
+def mest_scores(weight: torch.Tensor, grad: torch.Tensor | None, lam: float = 1.0) -> torch.Tensor:
+    """MEST removal score |w| + lambda |grad| (|w| when no gradient is available)."""
+    score = weight_scores(weight)
+    if grad is not None:
+        score = score + lam * grad.detach().abs().to(torch.float32)
+    return score
+
+
+def gradient_scores(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """RigL regrowth score: |dense gradient| on non-links (0 on links)."""
+    return grad.detach().abs().to(torch.float32) * (~mask.bool()).to(torch.float32)
+
+
+def random_scores(mask: torch.Tensor) -> torch.Tensor:
+    """SET regrowth score: 1 on every non-link (uniform sampling), 0 on links."""
+    return (~mask.bool()).to(torch.float32)

@@ -1,0 +1,432 @@
+"""CHTssScheduler: the plain-PyTorch driver of CHTs / CHTss (and SET / RigL / CHT / static sparse).
+
+Use it in any loop::
+
+    sched = CHTssScheduler(model, optimizer, CHTssConfig(final_density=0.3), total_steps=10_000)
+    for batch in data:
+        loss = model(**batch).loss; loss.backward()
+        optimizer.step(); sched.step(); optimizer.zero_grad()
+
+``step()`` must run after every optimizer step (before ``zero_grad``): it re-masks weights and
+moments and, every ``update_interval`` steps inside the topology window, rewires the masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from leanformers.chts import predictors, schedules
+from leanformers.chts.config import CHTssConfig
+from leanformers.chts.masks import (
+    SparseLayer,
+    active_neurons,
+    chain_removal,
+    find_sparse_layers,
+    pack_mask,
+    save_masks,
+    split_count,
+    unpack_mask,
+)
+from leanformers.chts.sampling import select_mask
+from leanformers.chts.topology import brf_mask, erk_densities, link_count, sparse_init_
+from leanformers.training import (
+    LRRewarmup,
+    broadcast_,
+    check_optimizer,
+    is_distributed,
+    mask_state_,
+    seeded_generator,
+    unwrap_optimizer,
+)
+
+__all__ = ["CHTssScheduler"]
+
+logger = logging.getLogger(__name__)
+STATE_NAME = "chtss"
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
+        model = model.module
+    return model
+
+
+class CHTssScheduler:
+    """Owns the masks of the sparse layers of ``model`` and rewires them during training.
+
+    Args:
+        model: any ``nn.Module`` (HF models included); DDP wrappers are unwrapped.
+        optimizer: torch Adam / AdamW / SGD (accelerate wrappers accepted); may be attached later
+            with :meth:`attach_optimizer`. Others are refused with a clear error.
+        config: a :class:`CHTssConfig`.
+        total_steps: optimizer steps of the run (overrides ``config.total_steps``); required before
+            the first update.
+        init_masks: draw the initial topology now (False when a checkpoint's masks follow).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        config: CHTssConfig | None = None,
+        total_steps: int | None = None,
+        init_masks: bool = True,
+    ):
+        self.config = config or CHTssConfig()
+        self.config.validate()
+        self.model = _unwrap_model(model)
+        self.layers: list[SparseLayer] = find_sparse_layers(
+            self.model, self.config.targets, self.config.exclude, self.config.balance_heads
+        )
+        self.total_steps = total_steps if total_steps is not None else self.config.total_steps
+        self.step_count = 0
+        self.optimizer = None
+        self.rewarmup: LRRewarmup | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self._collect_grads = False
+        self._dense_grads: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        for idx, layer in enumerate(self.layers):
+            layer.set_mask(torch.ones(layer.shape, dtype=torch.bool))
+            self._hooks.append(layer.weight.register_hook(self._make_grad_hook(idx)))
+        if optimizer is not None:
+            self.attach_optimizer(optimizer)
+        if init_masks:
+            self._init_topology()
+        self._arm_gradient_collection()
+
+    # ------------------------------------------------------------------ setup
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
+        """Use ``optimizer`` for moment surgery and LR re-warm-up (refuses unsupported optimizers)."""
+        check_optimizer(optimizer)
+        self.optimizer = unwrap_optimizer(optimizer)
+        if self.config.rewarmup_steps > 0 and self.rewarmup is None:
+            self.rewarmup = LRRewarmup(self.optimizer)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        if total_steps <= 0:
+            raise ValueError(f"total_steps={total_steps} must be a positive number of optimizer steps")
+        self.total_steps = int(total_steps)
+
+    @property
+    def total_updates(self) -> int:
+        """Number of topology updates of the run (U)."""
+        if self.total_steps is None or self.config.update_interval <= 0:
+            return 0
+        return schedules.num_updates(self.total_steps, self.config.update_interval, self.config.topology_end)
+
+    def check_schedule(self) -> None:
+        """Raise when CHTss could not reach ``final_density`` inside the topology window."""
+        if self.config.is_chtss and self.total_updates == 0:
+            raise ValueError(
+                f"CHTss needs at least one topology update to go from initial_density={self.config.initial_density} "
+                f"to final_density={self.config.final_density}, but total_steps={self.total_steps} x topology_end="
+                f"{self.config.topology_end} < update_interval={self.config.update_interval}. Lower update_interval "
+                "or train longer."
+            )
+
+    def _densities(self, density: float) -> list[float]:
+        if self.config.layer_density == "erk" or self.config.init_topology == "erk":
+            return erk_densities([layer.shape for layer in self.layers], density)
+        return [density] * len(self.layers)
+
+    def _target_counts(self, density: float) -> list[int]:
+        return [link_count(layer.shape, d) for layer, d in zip(self.layers, self._densities(density))]
+
+    @torch.no_grad()
+    def _init_topology(self) -> None:
+        cfg = self.config
+        counts = self._target_counts(cfg.initial_density)
+        for idx, (layer, k) in enumerate(zip(self.layers, counts)):
+            device = layer.weight.device
+            gen = seeded_generator(cfg.seed, "init", idx, device=device)
+            n_out, n_in = layer.shape
+            if cfg.init_topology == "brf" and layer.groups == 1:
+                mask = brf_mask(layer.shape, k / (n_out * n_in), cfg.brf_randomness, gen, device)
+            else:
+                scores = torch.ones((n_out, n_in), device=device)
+                chosen, _ = select_mask(
+                    layer.to_groups(scores), split_count(k, layer.groups), None, "soft", 1.0, gen
+                )
+                mask = layer.from_groups(chosen)
+            if is_distributed():
+                broadcast_(mask)
+            layer.set_mask(mask)
+            if cfg.sparse_init:
+                sparse_init_(
+                    layer.logical(layer.weight.data),
+                    mask,
+                    seeded_generator(cfg.seed, "sparse_init", idx, device=device),
+                )
+        self.apply_masks_()
+
+    def _make_grad_hook(self, idx: int):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            layer = self.layers[idx]
+            if self._collect_grads:
+                dense = layer.logical(grad).detach().to(torch.float32)
+                if idx in self._dense_grads:
+                    self._dense_grads[idx] += dense
+                else:
+                    self._dense_grads[idx] = dense.clone()
+            return grad * layer.mask_param.to(grad.dtype)
+
+        return hook
+
+    def _needs_gradient(self) -> bool:
+        return self.config.regrowth == "gradient" or self.config.removal == "mest"
+
+    def _arm_gradient_collection(self) -> None:
+        """Collect dense gradients during the backward passes of the step that ends with an update."""
+        next_step = self.step_count + 1
+        due = schedules.update_index(next_step, self.config.update_interval, self.total_updates) is not None
+        self._collect_grads = self._needs_gradient() and due
+        self._dense_grads = {}
+
+    # ------------------------------------------------------------------ per step
+    @torch.no_grad()
+    def apply_masks_(self) -> None:
+        """Zero masked weights and their optimizer moments."""
+        for layer in self.layers:
+            layer.weight.data.mul_(layer.mask_param)
+            if self.optimizer is not None:
+                mask_state_(self.optimizer, layer.weight, layer.mask_param.bool())
+
+    def step(self) -> dict[str, float] | None:
+        """Call after every optimizer step. Returns the update's metrics when the topology changed."""
+        self.step_count += 1
+        self.apply_masks_()
+        metrics = None
+        u = schedules.update_index(self.step_count, self.config.update_interval, self.total_updates)
+        if u is not None:
+            metrics = self.update(u)
+        self._arm_gradient_collection()
+        return metrics
+
+    # ------------------------------------------------------------------ one topology update
+    def _regrowth_scores(self, kept: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+        cfg = self.config
+        start = time.perf_counter()
+        scores: list[torch.Tensor | None] = [None] * len(kept)
+        if cfg.regrowth.endswith("_L3n"):
+            variant = cfg.regrowth[: -len("_L3n")]
+            by_shape: dict[tuple, list[int]] = {}
+            for idx, m in enumerate(kept):
+                by_shape.setdefault((tuple(m.shape), m.device), []).append(idx)
+            for idxs in by_shape.values():  # one batched predictor call per shape
+                batch = torch.stack([kept[i] for i in idxs])
+                out = predictors.l3n_scores(batch, variant, cfg.predictor_chunk, cfg.allow_tf32)
+                for j, i in enumerate(idxs):
+                    scores[i] = out[j]
+        elif cfg.regrowth.endswith("_L3p"):
+            variant = cfg.regrowth[: -len("_L3p")]
+            scores = [predictors.l3p_scores(m, variant) for m in kept]
+        elif cfg.regrowth == "gradient":
+            scores = [
+                predictors.gradient_scores(self._dense_grads[i], m)
+                if i in self._dense_grads
+                else torch.zeros(m.shape, device=m.device)
+                for i, m in enumerate(kept)
+            ]
+        else:
+            scores = [predictors.random_scores(m) for m in kept]
+        if kept and kept[0].is_cuda:
+            torch.cuda.synchronize()
+        return scores, (time.perf_counter() - start) * 1000.0
+
+    def _removal_scores(self, idx: int, layer: SparseLayer, mask: torch.Tensor) -> torch.Tensor:
+        w = layer.logical(layer.weight.data)
+        if self.config.removal == "ri":
+            return predictors.relative_importance(w, mask)
+        if self.config.removal == "mest":
+            return predictors.mest_scores(w, self._dense_grads.get(idx), self.config.mest_lambda)
+        return predictors.weight_scores(w)
+
+    @torch.no_grad()
+    def update(self, u: int) -> dict[str, float]:
+        """Topology update number ``u`` (1..U): prune to d(u), remove zeta(u), regrow to the target."""
+        cfg = self.config
+        start = time.perf_counter()
+        total = self.total_updates
+        density = schedules.density_at(
+            u, total, cfg.initial_density, cfg.final_density, cfg.density_schedule, cfg.sigmoid_k
+        )
+        zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
+        temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
+        targets = self._target_counts(density)
+        kept: list[torch.Tensor] = []
+        removed: list[torch.Tensor] = []
+        for idx, (layer, target) in enumerate(zip(self.layers, targets)):
+            gen = seeded_generator(cfg.seed, "remove", u, idx, device=layer.weight.device)
+            mask = layer.mask
+            w = layer.logical(layer.weight.data)
+            # 1. CHTss: hard prune to the scheduled density by relative importance (or |w|).
+            if int(mask.sum()) > target:
+                score = (
+                    predictors.relative_importance(w, mask)
+                    if cfg.prune_score == "ri"
+                    else predictors.weight_scores(w)
+                )
+                mask, _ = self._select(layer, score, target, mask, "hard", 1.0, gen)
+            # 2. Soft removal of a fraction zeta of the active links (sample the links to keep).
+            n_active = int(mask.sum())
+            n_keep = n_active - int(round(zeta * n_active))
+            keep, _ = self._select(
+                layer,
+                self._removal_scores(idx, layer, mask),
+                n_keep,
+                mask,
+                cfg.removal_sampling,
+                temperature,
+                gen,
+            )
+            kept.append(keep)
+            removed.append(layer.mask & ~keep)
+        # 5. Chain removal: links of neurons left without inputs or outputs.
+        n_chain = 0
+        if cfg.chain_removal:
+            chained = chain_removal(kept, self.layers)
+            n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
+            kept = chained
+        # 3. Regrowth to exactly the target count among non-links.
+        scores, predictor_ms = self._regrowth_scores(kept)
+        n_filled = n_overlap = n_grown = 0
+        for idx, (layer, target) in enumerate(zip(self.layers, targets)):
+            gen = seeded_generator(cfg.seed, "regrow", u, idx, device=layer.weight.device)
+            n_grow = target - int(kept[idx].sum())
+            grown, filled = self._select(
+                layer, scores[idx], n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
+            )
+            new_mask = kept[idx] | grown
+            if is_distributed():
+                broadcast_(new_mask)
+                grown = new_mask & ~kept[idx]
+            n_filled += filled
+            n_overlap += int((grown & removed[idx]).sum())
+            n_grown += int(grown.sum())
+            self._install(layer, new_mask, grown)
+        if n_filled:
+            logger.info(
+                "CHTss update %d: %d regrown links filled uniformly (too few positive scores)", u, n_filled
+            )
+        if self.rewarmup is not None:
+            self.rewarmup.restart(cfg.rewarmup_steps)
+        metrics = self.metrics()
+        metrics.update(
+            {
+                "chtss/update": float(u),
+                "chtss/target_density": float(density),
+                "chtss/zeta": float(zeta),
+                "chtss/temperature": float(temperature),
+                "chtss/rewired": float(n_grown),
+                "chtss/chain_removed": float(n_chain),
+                "chtss/removed_regrown_overlap": n_overlap / max(1, n_grown),
+                "chtss/filled_uniform": float(n_filled),
+                "chtss/predictor_ms": predictor_ms,
+                "chtss/update_ms": (time.perf_counter() - start) * 1000.0,
+            }
+        )
+        self.last_metrics = metrics
+        self.history.append(metrics)
+        return metrics
+
+    def _select(self, layer, scores, k, candidates, mode, temperature, gen, base=None):
+        """Group-aware selection of exactly k entries (per-head balanced counts when grouped)."""
+        if layer.groups == 1:
+            counts = torch.tensor([int(k)])
+        else:
+            # Per-head target: the total split evenly, minus what each head already holds (regrowth).
+            counts = split_count(int(k) + (int(base.sum()) if base is not None else 0), layer.groups)
+            if base is not None:
+                counts = counts - layer.to_groups(base).sum(1).cpu()
+            counts = counts.clamp_min(0)
+        chosen, filled = select_mask(
+            layer.to_groups(scores), counts, layer.to_groups(candidates), mode, temperature, gen
+        )
+        return layer.from_groups(chosen), filled
+
+    @torch.no_grad()
+    def _install(self, layer: SparseLayer, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
+        """New mask on the layer; removed and new links at weight 0 with zero optimizer moments."""
+        layer.set_mask(new_mask)
+        layer.weight.data.mul_(layer.mask_param)
+        if self.optimizer is not None:
+            keep_state = new_mask & ~grown
+            mask_state_(self.optimizer, layer.weight, keep_state.T if layer.transposed else keep_state)
+
+    # ------------------------------------------------------------------ reporting
+    def metrics(self) -> dict[str, float]:
+        """Density per layer and overall (sparse subset and whole model), active-neuron fractions."""
+        out: dict[str, float] = {}
+        links = numel = 0
+        active_out = []
+        for layer in self.layers:
+            n = int(layer.mask.sum())
+            links += n
+            numel += layer.mask.numel()
+            out[f"chtss/density/{layer.name}"] = n / layer.mask.numel()
+            a_out, a_in = active_neurons(layer.mask)
+            out[f"chtss/active_out/{layer.name}"] = a_out
+            active_out.append(a_out)
+        total_params = sum(p.numel() for p in self.model.parameters())
+        out["chtss/density_sparse_subset"] = links / max(1, numel)
+        out["chtss/density_model"] = (total_params - numel + links) / max(1, total_params)
+        out["chtss/active_neurons_mean"] = sum(active_out) / max(1, len(active_out))
+        return out
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{module name: (out, in) bool mask}."""
+        return {layer.name: layer.mask for layer in self.layers}
+
+    def save_masks(self, folder) -> None:
+        """Masks for a model saved with ``save_pretrained`` (restore with ``chts.load_masks``/``apply_masks``)."""
+        save_masks(folder, {k: v.cpu() for k, v in self.masks.items()}, {"config": self.config.to_dict()})
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta): bit-packed masks + step, schedule, RNG seed and re-warm-up state."""
+        tensors = {layer.name: pack_mask(layer.mask) for layer in self.layers}
+        meta = {
+            "shapes": {layer.name: list(layer.shape) for layer in self.layers},
+            "step_count": self.step_count,
+            "total_steps": self.total_steps,
+            "seed": self.config.seed,  # every draw is seeded_generator(seed, phase, update, layer)
+            "config": self.config.to_dict(),
+            "rewarmup": self.rewarmup.state_dict() if self.rewarmup is not None else None,
+            "last_metrics": self.last_metrics,
+        }
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
+        """Restore masks and counters and re-apply the masks (call before the first forward)."""
+        missing = [layer.name for layer in self.layers if layer.name not in tensors]
+        if missing:
+            raise ValueError(
+                f"checkpoint has no CHTss mask for {missing[:5]}: was it written with other targets?"
+            )
+        for layer in self.layers:
+            layer.set_mask(unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])))
+        self.step_count = int(meta["step_count"])
+        if meta.get("total_steps") is not None and self.total_steps is None:
+            self.total_steps = int(meta["total_steps"])
+        if meta.get("rewarmup") and self.rewarmup is not None:
+            self.rewarmup.load_state_dict(meta["rewarmup"])
+        self.last_metrics = dict(meta.get("last_metrics") or {})
+        self.apply_masks_()
+        self._arm_gradient_collection()
+
+    def remove(self) -> None:
+        """Detach the gradient hooks and the LR re-warm-up (masks stay applied)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.rewarmup is not None:
+            self.rewarmup.remove()
+            self.rewarmup = None
