@@ -8,9 +8,14 @@ __version__ = "0.1.0"
 
 from leanformers.data import calibration_windows, evaluation_windows, load_text, tokenize_text
 from leanformers.eval import PerplexityResult, perplexity
+from leanformers.pifa.layer import LowRankLinear, PIFALinear
+from leanformers.pifa.quantizer import MPIFAQuantizationConfig  # registers the `mpifa` transformers quantizer
 from leanformers.sst import SSTCallback, SSTConfig, SSTController  # registers the `sst` PEFT tuner
 
 __all__ = [
+    "LowRankLinear",
+    "MPIFAQuantizationConfig",
+    "PIFALinear",
     "PerplexityResult",
     "SSTCallback",
     "SSTConfig",

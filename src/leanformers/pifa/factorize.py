@@ -21,6 +21,7 @@ import torch
 
 __all__ = [
     "FORMS",
+    "normalize_form",
     "PIFAFactors",
     "pifa_from_factors",
     "pifa_from_weight",
@@ -59,9 +60,12 @@ class PIFAFactors(NamedTuple):
         return int(self.pivot_weight.shape[0]), r + int(self.nonpivots.numel())
 
 
-def _check_form(form: str) -> None:
+def normalize_form(form: str) -> str:
+    """ "row" or "column" ("col" is accepted as an alias of "column")."""
+    form = "column" if form == "col" else form
     if form not in FORMS:
-        raise ValueError(f"form must be one of {FORMS}, got {form!r}")
+        raise ValueError(f"form must be 'row' or 'column' (alias 'col'), got {form!r}")
+    return form
 
 
 def _qrcp_pivots_scipy(a: torch.Tensor, k: int) -> torch.Tensor:
@@ -133,7 +137,7 @@ def pifa_from_factors(
     U: (m, r), V: (r, n), same dtype and device; r <= min(m, n) and U (row form) or V (column
     form) of full column/row rank r. Computed in float64, returned in U's dtype.
     """
-    _check_form(form)
+    form = normalize_form(form)
     if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0]:
         raise ValueError(
             f"expected U (m, r) and V (r, n) with the same r, got U {tuple(U.shape)} and V {tuple(V.shape)}"
@@ -173,7 +177,7 @@ def pifa_from_factors(
 
 def pifa_to_dense(factors: PIFAFactors) -> torch.Tensor:
     """The dense (m, n) matrix of a PIFA, in the factors' dtype (products accumulated in float32 or wider)."""
-    _check_form(factors.form)
+    normalize_form(factors.form)
     m, n = factors.shape
     b, c = factors.pivot_weight, factors.coeff
     acc = torch.promote_types(b.dtype, torch.float32)

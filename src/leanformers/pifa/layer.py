@@ -29,7 +29,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from leanformers.pifa.factorize import FORMS, PIFAFactors, pifa_from_factors, pifa_from_weight, pifa_to_dense
+from leanformers.pifa.factorize import (
+    FORMS,
+    PIFAFactors,
+    normalize_form,
+    pifa_from_factors,
+    pifa_from_weight,
+    pifa_to_dense,
+)
 from leanformers.pifa.rank import lowrank_num_params, pifa_num_params
 
 __all__ = ["LowRankLinear", "PIFALinear", "auto_form", "emit_in_order_", "module_from_spec"]
@@ -78,8 +85,7 @@ class PIFALinear(nn.Module):
     ) -> None:
         super().__init__()
         _check_dims(in_features, out_features, rank)
-        if form not in FORMS:
-            raise ValueError(f"form must be one of {FORMS} (or 'auto' in from_factors), got {form!r}")
+        form = normalize_form(form)
         if input_permuted and form != "column":
             raise ValueError(
                 "input_permuted=True needs form='column' (only the column form gathers its input)"
@@ -197,7 +203,7 @@ class PIFALinear(nn.Module):
     @classmethod
     def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> PIFALinear:
         _check_spec(spec, "pifa")
-        if spec.get("form") not in FORMS:
+        if spec.get("form") not in (*FORMS, "col"):
             raise ValueError(f"PIFA spec needs 'form' in {FORMS}, got {spec.get('form')!r}")
         return cls(
             int(spec["in_features"]),
