@@ -96,6 +96,11 @@ def sample_indices(
     return torch.sort(idx.to(torch.long)).values.to(S.device)
 
 
+def _work_dtype(S: torch.Tensor) -> torch.dtype:
+    """Factor maths runs in float32 at least (float64 when the factors are float64, e.g. in tests)."""
+    return torch.promote_types(S.dtype, torch.float32)
+
+
 def effective_weight(
     U: torch.Tensor,
     S: torch.Tensor,
@@ -110,11 +115,12 @@ def effective_weight(
         U (m, k), S (k,), Vh (k, n): stored factors (the active slots may be stale).
         idx (r,), U_active (m, r), Vh_active (r, n).
     Returns:
-        (m, n) float32.
+        (m, n) in float32 (or the factors' dtype if wider).
     """
-    U_eff = U.to(torch.float32).index_copy(1, idx, U_active.to(torch.float32))
-    Vh_eff = Vh.to(torch.float32).index_copy(0, idx, Vh_active.to(torch.float32))
-    return U_eff @ (S.to(torch.float32)[:, None] * Vh_eff)
+    work = _work_dtype(S)
+    U_eff = U.to(work).index_copy(1, idx, U_active.to(work))
+    Vh_eff = Vh.to(work).index_copy(0, idx, Vh_active.to(work))
+    return U_eff @ (S.to(work)[:, None] * Vh_eff)
 
 
 class SpectralLinearFunction(torch.autograd.Function):
@@ -151,16 +157,17 @@ class SpectralLinearFunction(torch.autograd.Function):
         x, S, U_active, Vh_active, U, Vh, idx = ctx.saved_tensors
         dtype = ctx.compute_dtype
         with torch.no_grad():
-            U_eff = U.to(torch.float32).index_copy(1, idx, U_active.to(torch.float32))
-            Vh_eff = Vh.to(torch.float32).index_copy(0, idx, Vh_active.to(torch.float32))
-            S32 = S.to(torch.float32)
+            work = _work_dtype(S)
+            U_eff = U.to(work).index_copy(1, idx, U_active.to(work))
+            Vh_eff = Vh.to(work).index_copy(0, idx, Vh_active.to(work))
+            S32 = S.to(work)
             grad_x = None
             if ctx.needs_input_grad[0]:
                 W = U_eff @ (S32[:, None] * Vh_eff)
                 grad_x = (grad_out.to(dtype) @ W.to(dtype)).to(ctx.x_dtype)
             g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            dW = (g2.t() @ x2).to(torch.float32)  # (m, n): one layer's dense gradient, freed on return
+            dW = (g2.t() @ x2).to(work)  # (m, n): one layer's dense gradient, freed on return
             UtdW = U_eff.t() @ dW  # (k, n)
             grad_S = (UtdW * Vh_eff).sum(dim=1)
             S_a = S32.index_select(0, idx)
