@@ -151,3 +151,46 @@ def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload leanformers model")
     return str(url)
+
+
+def model_card(
+    *,
+    base_model: str,
+    method: str,
+    summary: dict,
+    settings: dict,
+    evaluation: dict | None = None,
+    loader: str = "AutoModelForCausalLM",
+) -> str:
+    """A model card (README.md with YAML front matter) for a model written by leanformers."""
+    from leanformers import __version__
+
+    base = base_model if "/" in base_model and not os.path.exists(base_model) else None
+    lines = ["---", "library_name: transformers", "tags:", "- leanformers", f"- {method.lower()}", "- compressed"]
+    if base:
+        lines += [f"base_model: {base}"]
+    lines += ["---", "", f"# {Path(str(base_model)).name} — {method} (leanformers {__version__})", ""]
+    lines += [
+        f"This model was compressed from `{base_model}` with {method} by "
+        "[leanformers](https://pypi.org/project/leanformers/). Its linear layers are stored as PIFA / "
+        "low-rank factors in safetensors; `import leanformers` before loading registers the `mpifa` "
+        "quantizer that rebuilds them:",
+        "",
+        "```python",
+        "import leanformers  # registers the mpifa quantizer",
+        f"from transformers import {loader}",
+        f'model = {loader}.from_pretrained("<this repo or folder>")',
+        "```",
+        "",
+        "## Compression",
+        "",
+        "| | |",
+        "|---|---|",
+    ]
+    lines += [f"| {k} | {v} |" for k, v in summary.items()]
+    lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()), ""]
+    if evaluation:
+        lines += ["## Evaluation", "", "| | |", "|---|---|"]
+        lines += [f"| {k} | {v} |" for k, v in evaluation.items()]
+        lines += [""]
+    return "\n".join(lines)

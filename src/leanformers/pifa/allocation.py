@@ -73,10 +73,4 @@ def module_ranks(
     from leanformers.pifa.rank import lowrank_rank, pifa_rank
 
     fn = pifa_rank if kind == "pifa" else lowrank_rank
-    ranks = {}
-    for name, (m, n) in shapes.items():
-        r = fn(m, n, densities[name])
-        if rank_multiple > 1 and r >= rank_multiple:
-            r = (r // rank_multiple) * rank_multiple
-        ranks[name] = r
-    return ranks
+    return {name: fn(m, n, densities[name], round_to=rank_multiple) for name, (m, n) in shapes.items()}

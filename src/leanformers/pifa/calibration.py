@@ -41,6 +41,9 @@ class BlockLayout:
     blocks_path: str
     groups: list[list[str]]
     attention: list[str] = field(default_factory=list)
+    # (producers, consumer) of the MLP: producers' outputs feed the consumer element-wise, so their
+    # channel order may be permuted together (used for the scatter-free PIFA layout).
+    mlp_chain: tuple[list[str], str] | None = None
 
     @property
     def modules(self) -> list[str]:
@@ -56,16 +59,19 @@ _LLAMA = BlockLayout(
         ["mlp.down_proj"],
     ],
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj"],
+    (["mlp.gate_proj", "mlp.up_proj"], "mlp.down_proj"),
 )
 _OPT = BlockLayout(
     "model.decoder.layers",
     [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.out_proj"], ["fc1"], ["fc2"]],
     ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"],
+    (["fc1"], "fc2"),
 )
 _GPT2 = BlockLayout(
     "transformer.h",
     [["attn.c_attn"], ["attn.c_proj"], ["mlp.c_fc"], ["mlp.c_proj"]],
     ["attn.c_attn", "attn.c_proj"],
+    (["mlp.c_fc"], "mlp.c_proj"),
 )
 _BERT_GROUPS = [
     ["attention.self.query", "attention.self.key", "attention.self.value"],
@@ -86,7 +92,7 @@ ARCHITECTURES: dict[str, BlockLayout] = {
     "phi3": None,  # fused qkv/gate_up: not supported yet (listed to give a precise error)
     "opt": _OPT,
     "gpt2": _GPT2,
-    "bert": BlockLayout("encoder.layer", _BERT_GROUPS, _BERT_ATTN),
+    "bert": BlockLayout("encoder.layer", _BERT_GROUPS, _BERT_ATTN, (["intermediate.dense"], "output.dense")),
 }
 
 
@@ -127,6 +133,7 @@ def find_layout(
             blocks_path or layout.blocks_path,
             groups or layout.groups,
             attention if attention is not None else layout.attention,
+            layout.mlp_chain if groups is None else None,
         )
     candidates = [layout.blocks_path]
     head, _, tail = layout.blocks_path.partition(".")
@@ -165,7 +172,7 @@ def select_modules(layout: BlockLayout, targets: list[str] | None) -> BlockLayou
     groups = [g for g in groups if g]
     if not groups:
         raise ValueError(f"targets {targets} match no module of the block layout {layout.modules}")
-    return BlockLayout(layout.blocks_path, groups, layout.attention)
+    return BlockLayout(layout.blocks_path, groups, layout.attention, layout.mlp_chain)
 
 
 def linear_weight(module: nn.Module) -> torch.Tensor:

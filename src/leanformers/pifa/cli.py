@@ -1,0 +1,197 @@
+"""``mpifa-compress SOURCE --density 0.5 --output out/``: compress a causal LM with M + PIFA.
+
+SOURCE is a Hub id, a local folder, or a ``.gguf`` file. The output is a normal Hugging Face folder
+(safetensors, config.json with ``quantization_config``, tokenizer, model card) that
+``AutoModelForCausalLM.from_pretrained`` reloads after ``import leanformers``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+# name: (type, default, help). One table drives argparse, the YAML --config and the defaults.
+OPTIONS: dict[str, tuple] = {
+    "output": (str, None, "output folder (required)"),
+    "density": (float, 0.5, "kept fraction of the targeted linears' parameters, in (0, 1]"),
+    "attn_density": (float, None, "attention density; the MLP density is solved to keep the budget"),
+    "owl": (bool, False, "layer-wise densities from the OWL outlier share (computed on the calibration data)"),
+    "calib": (str, "wikitext:wikitext-2-raw-v1@train", "calibration text: a local .txt/.json/.parquet file or a datasets name[:config][@split]"),
+    "nsamples": (int, 128, "calibration windows"),
+    "seqlen": (int, 2048, "tokens per calibration window"),
+    "alpha": (float, 0.25, "weight of the dense target in M, in [0, 1]"),
+    "steps": (int, 2, "closed-form alternating steps of M (0 = whitening only)"),
+    "init": (str, "whiten", "initialisation: whiten (SVD-LLM) or svd"),
+    "lowrank": (bool, False, "write low-rank U V layers instead of PIFA (baseline)"),
+    "rank_multiple": (int, 1, "round ranks down to a multiple of this"),
+    "batch_size": (int, 8, "calibration windows per forward pass"),
+    "dtype": (str, "auto", "dtype to load and save the model in: auto, float32, bfloat16, float16"),
+    "device": (str, "auto", "compute device: auto (CUDA when present), cpu, cuda, cuda:N"),
+    "seed": (int, 0, "seed of the calibration sampling"),
+    "gguf_file": (str, None, "GGUF file name inside SOURCE (when SOURCE is a folder or Hub id)"),
+    "eval": (str, None, "text file (or dataset) to measure perplexity on before and after"),
+    "eval_seqlen": (int, 2048, "context length of the perplexity evaluation"),
+    "eval_tokens": (int, None, "evaluate on the first N tokens only"),
+    "push_to_hub": (str, None, "publish the output folder to this Hub repo (org/name)"),
+    "private": (bool, False, "make the Hub repo private"),
+    "overwrite": (bool, False, "replace an existing non-empty output folder"),
+    "report": (str, None, "also write the summary as JSON to this file"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mpifa-compress",
+        description="Compress a causal LM with MPIFA (M reconstruction + Pivoting Factorization).",
+    )
+    parser.add_argument("source", nargs="?", help="Hub id, local folder or .gguf file")
+    parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
+    for name, (typ, default, help_text) in OPTIONS.items():
+        flag = "--" + name.replace("_", "-")
+        if typ is bool:
+            parser.add_argument(flag, action="store_true", default=None, help=help_text)
+        else:
+            shown = f" (default: {default})" if default is not None else ""
+            parser.add_argument(flag, type=typ, default=None, help=help_text + shown)
+    return parser
+
+
+def resolve_options(argv: list[str] | None = None) -> argparse.Namespace:
+    """Parse flags, merged over a YAML --config, merged over the defaults."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    merged = {name: spec[1] for name, spec in OPTIONS.items()}
+    merged["source"] = None
+    if args.config:
+        import yaml
+
+        with open(args.config, encoding="utf-8") as f:
+            data = yaml.safe_load(f) or {}
+        unknown = [k for k in data if k.replace("-", "_") not in merged]
+        if unknown:
+            parser.error(f"unknown keys in {args.config}: {', '.join(unknown)}")
+        merged.update({k.replace("-", "_"): v for k, v in data.items()})
+    merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
+    if not merged["source"]:
+        parser.error("give the model to compress (a Hub id, a local folder or a .gguf file)")
+    if not merged["output"]:
+        parser.error("--output is required")
+    return argparse.Namespace(**merged)
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    if path.exists() and not path.is_dir():
+        raise FileExistsError(f"--output {path} exists and is not a folder")
+    if path.is_dir() and any(path.iterdir()) and not overwrite:
+        raise FileExistsError(f"--output {path} exists and is not empty; pass --overwrite to replace it")
+
+
+def _dtype(name: str):
+    import torch
+
+    table = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"--dtype must be one of auto, float32, bfloat16, float16; got {name!r}")
+    return table[name]
+
+
+def run(opts: argparse.Namespace) -> dict:
+    """Do the work of the CLI; returns the summary dict (also printed)."""
+    from leanformers.eval import perplexity
+    from leanformers.hub import load_causal_lm, model_card, push_folder_to_hub
+    from leanformers.pifa.compress import MPIFAConfig, mpifa_compress
+    from leanformers.pifa.quantizer import save_compressed
+
+    # Cheap checks first: a bad density or an occupied output must not cost a model load.
+    config = MPIFAConfig(
+        density=opts.density, attn_density=opts.attn_density, owl=bool(opts.owl), alpha=opts.alpha,
+        steps=opts.steps, init=opts.init, output="lowrank" if opts.lowrank else "pifa",
+        rank_multiple=opts.rank_multiple, nsamples=opts.nsamples, seqlen=opts.seqlen,
+        batch_size=opts.batch_size, device=opts.device, seed=opts.seed,
+    )
+    output = Path(opts.output).expanduser()
+    _check_output(output, bool(opts.overwrite))
+    dtype = _dtype(opts.dtype)
+
+    t0 = time.perf_counter()
+    print(f"loading {opts.source} ...", file=sys.stderr)
+    model, tokenizer = load_causal_lm(opts.source, gguf_file=opts.gguf_file, dtype=dtype)
+    load_seconds = time.perf_counter() - t0
+
+    eval_before = eval_after = None
+    eval_ids = None
+    if opts.eval:
+        from leanformers.data import load_text, tokenize_text
+
+        eval_ids = tokenize_text(load_text(opts.eval), tokenizer)
+        eval_before = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
+        print(f"perplexity before: {eval_before}", file=sys.stderr)
+
+    report = mpifa_compress(model, tokenizer, config, calibration=opts.calib)
+
+    if eval_ids is not None:
+        eval_after = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
+        print(f"perplexity after:  {eval_after}", file=sys.stderr)
+
+    summary = {
+        "source": str(opts.source),
+        "output": str(output),
+        "targeted params": f"{report.targeted_params_before:,} -> {report.targeted_params_after:,}",
+        "achieved density (targeted)": f"{report.achieved_density:.4f} (asked {config.density})",
+        "model params": f"{report.model_params_before:,} -> {report.model_params_after:,}",
+        "model density (whole model)": f"{report.model_density:.4f}",
+        "calibration": f"{report.calibration}",
+        "load time": f"{load_seconds:.1f} s",
+        "compression time": f"{report.seconds:.1f} s",
+    }
+    evaluation = None
+    if eval_before is not None:
+        evaluation = {
+            "text": os.path.basename(str(opts.eval)),
+            "context": eval_before.seqlen,
+            "predicted tokens": f"{eval_before.n_tokens:,}",
+            "perplexity before": f"{eval_before.ppl:.3f}",
+            "perplexity after": f"{eval_after.ppl:.3f}",
+        }
+        summary.update({f"ppl before ({eval_before.seqlen} ctx, {eval_before.n_tokens:,} tok)": f"{eval_before.ppl:.3f}",
+                        "ppl after": f"{eval_after.ppl:.3f}"})
+    card = model_card(
+        base_model=str(opts.source),
+        method="MPIFA",
+        summary={k: v for k, v in summary.items() if k not in ("output",)},
+        settings={k: v for k, v in config.to_dict().items() if v is not None and k not in ("groups", "attention")},
+        evaluation=evaluation,
+    )
+    save_compressed(model, tokenizer, output, model.config.quantization_config, overwrite=bool(opts.overwrite),
+                    model_card=card)
+    summary["saved"] = str(output)
+    if opts.push_to_hub:
+        summary["pushed to"] = push_folder_to_hub(output, opts.push_to_hub, private=bool(opts.private))
+
+    width = max(len(k) for k in summary)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in summary.items()))
+    if opts.report:
+        full = {"summary": summary, "report": report.to_dict(), "config": config.to_dict()}
+        if eval_before is not None:
+            full["perplexity"] = {"before": eval_before.__dict__, "after": eval_after.__dict__}
+        Path(opts.report).write_text(json.dumps(full, indent=2, default=str))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    opts = resolve_options(argv)
+    try:
+        run(opts)
+    except (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPointError) as exc:
+        print(f"mpifa-compress: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
