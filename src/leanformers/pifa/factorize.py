@@ -129,6 +129,17 @@ def _split(perm_first: torch.Tensor, d: int) -> tuple[torch.Tensor, torch.Tensor
     return pivots, nonpivots
 
 
+def _check_basis(basis: torch.Tensor, which: str) -> None:
+    """The r x r pivot block must be invertible in float64, else C blows up. Ill-conditioned but
+    invertible blocks are accepted: the solve runs in float64."""
+    s = torch.linalg.svdvals(basis)
+    if not bool(s[-1] > s[0] * basis.shape[0] * 1e3 * torch.finfo(torch.float64).eps):
+        raise ValueError(
+            f"{which} is rank deficient (its pivot block is singular, condition {float(s[0] / s[-1]):.1e}): "
+            "truncate the factors to their numerical rank"
+        )
+
+
 def pifa_from_factors(
     U: torch.Tensor, V: torch.Tensor, form: str = "row", method: str = "auto"
 ) -> PIFAFactors:
@@ -153,12 +164,14 @@ def pifa_from_factors(
     if form == "row":
         pivots, nonpivots = _split(pivot_indices(u.T, r, method), m)
         basis = u[pivots]  # (r, r)
+        _check_basis(basis, "U")
         # C = U[NP] U[P]^-1  <=>  U[P]^T C^T = U[NP]^T
         coeff = torch.linalg.solve(basis.T, u[nonpivots].T).T
         pivot_weight = basis @ v
     else:
         pivots, nonpivots = _split(pivot_indices(v, r, method), n)
         basis = v[:, pivots]  # (r, r)
+        _check_basis(basis, "V")
         coeff = torch.linalg.solve(basis, v[:, nonpivots])
         pivot_weight = u @ basis
     if not (torch.isfinite(coeff).all() and torch.isfinite(pivot_weight).all()):

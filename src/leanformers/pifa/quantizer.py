@@ -41,6 +41,7 @@ __all__ = [
     "MPIFAQuantizationConfig",
     "compressed_modules",
     "dequantize_model",
+    "enable_peft_lora",
     "register",
     "replace_with_pifa_layers",
     "save_compressed",
@@ -362,3 +363,16 @@ def _atomic_replace(staging: Path, output_dir: Path) -> None:
     os.replace(staging, output_dir)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def enable_peft_lora(lora_config):
+    """Let a peft ``LoraConfig`` target PIFALinear / LowRankLinear modules (returns the config).
+
+    peft wraps only the module types it knows; this maps ours to peft's LoRA Linear layer, which adds
+    the adapter output to the compressed layer's output. Merging the adapter into the factors is not
+    supported (the sum is no longer low-rank): keep adapters unmerged, or dequantize first.
+    """
+    from peft.tuners.lora.layer import Linear as LoraLinear
+
+    lora_config._register_custom_module({PIFALinear: LoraLinear, LowRankLinear: LoraLinear})
+    return lora_config
