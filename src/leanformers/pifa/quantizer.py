@@ -161,12 +161,53 @@ def compressed_modules(model: nn.Module) -> dict[str, nn.Module]:
     return {name: m for name, m in model.named_modules() if isinstance(m, COMPRESSED_TYPES)}
 
 
-def dequantize_model(model: nn.Module) -> nn.Module:
-    """In place: every PIFALinear / LowRankLinear becomes an equivalent nn.Linear; the quantization
-    config and quantizer are dropped, so the model saves and reloads as a plain dense model."""
+def _dense_skeleton(model: nn.Module) -> nn.Module | None:
+    """The dense architecture of ``model`` built from its config on the meta device (None if impossible)."""
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    saved = config.__dict__.pop("quantization_config", None)
+    try:
+        with torch.device("meta"):
+            return type(model)(config)
+    except Exception as exc:  # an exotic model that cannot be rebuilt from its config
+        logger.debug("dense skeleton of %s unavailable: %s", type(model).__name__, exc)
+        return None
+    finally:
+        if saved is not None:
+            config.quantization_config = saved
+
+
+def _densify(layer: nn.Module, original: nn.Module | None, dtype: torch.dtype | None = None) -> nn.Module:
+    """nn.Linear equivalent of a compressed layer, or a GPT-2 Conv1D when the architecture has one there."""
+    dense = layer.to_dense()
+    if original is not None and is_conv1d(original):
+        conv = type(original)(layer.out_features, layer.in_features).to(
+            dense.weight.device, dense.weight.dtype
+        )
+        with torch.no_grad():
+            conv.weight.copy_(dense.weight.T)
+            if dense.bias is not None:
+                conv.bias.copy_(dense.bias)
+            else:
+                conv.bias.zero_()
+        dense = conv
+    return dense if dtype is None else dense.to(dtype)
+
+
+def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.Module:
+    """In place: every PIFALinear / LowRankLinear becomes the equivalent dense module of the architecture
+    (nn.Linear, or Conv1D for GPT-2); the quantization config and quantizer are dropped, so the model
+    saves and reloads as a plain dense model."""
+    skeleton = _dense_skeleton(model)
     for name, module in compressed_modules(model).items():
+        original = skeleton.get_submodule(name) if skeleton is not None else None
         parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.to_dense())
+        setattr(
+            model.get_submodule(parent_name) if parent_name else model,
+            child,
+            _densify(module, original, dtype),
+        )
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -206,12 +247,16 @@ class MPIFAHfQuantizer(HfQuantizer):
         return model
 
     def _dequantize(self, model, dtype: torch.dtype | None = None):
+        # transformers then drops the quantization config (remove_quantization_config)
+        skeleton = _dense_skeleton(model)
         for name, module in compressed_modules(model).items():
-            dense = module.to_dense()
-            if dtype is not None:
-                dense = dense.to(dtype)
+            original = skeleton.get_submodule(name) if skeleton is not None else None
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, dense)
+            setattr(
+                model.get_submodule(parent_name) if parent_name else model,
+                child,
+                _densify(module, original, dtype),
+            )
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
@@ -246,27 +291,11 @@ def register() -> None:
 register()
 
 
-def _dense_weight_shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
-    """Shapes of every parameter of the dense architecture (built from config on the meta device)."""
-    config = model.config
-    saved = config.__dict__.pop("quantization_config", None)
-    try:
-        with torch.device("meta"):
-            skeleton = type(model)(config)
-    finally:
-        if saved is not None:
-            config.quantization_config = saved
-    return {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
-
-
 def _check_guard(model: nn.Module, modules: dict[str, nn.Module]) -> None:
     """Every compressed module's ``weight`` must differ in shape from the dense parameter of that name,
     so that a load without the registered quantizer raises a size mismatch instead of loading garbage."""
-    try:
-        dense = _dense_weight_shapes(model)
-    except Exception as exc:  # an exotic model that cannot be rebuilt from its config: check ranks only
-        logger.debug("dense skeleton unavailable (%s); checking ranks only", exc)
-        dense = {}
+    skeleton = _dense_skeleton(model)
+    dense = {} if skeleton is None else {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     clashes = []
     for name, module in modules.items():
         key = f"{name}.weight"
