@@ -157,6 +157,7 @@ def test_folder_holds_safetensors_only_and_config_lists_every_rank(saved):
         assert any(n.endswith(".safetensors") for n in names), names
         qc = json.loads((folder / "config.json").read_text())["quantization_config"]
         assert qc["quant_method"] == "mpifa" and qc["density"] == 0.5 and qc["alpha"] == 0.25
+        assert "import leanformers" in qc["requires"]
         tensors = load_file(folder / "model.safetensors")
         for name, spec in qc["modules"].items():
             assert spec["rank"] == 8 and spec["kind"] in ("pifa", "lowrank")

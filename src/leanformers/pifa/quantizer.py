@@ -50,6 +50,9 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "mpifa"
+# Written into every config so that a reader of config.json (or of transformers' "Unknown quantization
+# type, got mpifa" warning) learns how to load the folder.
+REQUIRES = "leanformers (pip install leanformers; `import leanformers` before from_pretrained)"
 COMPRESSED_TYPES = (PIFALinear, LowRankLinear)
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
 
@@ -77,6 +80,7 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
+        kwargs.pop("requires", None)
         self.quant_method = QUANT_METHOD
         self.modules = {str(k): dict(v) for k, v in (modules or {}).items()}
         self.density = density
@@ -105,6 +109,7 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
     def to_dict(self) -> dict[str, Any]:
         return {
             "quant_method": QUANT_METHOD,
+            "requires": REQUIRES,
             "modules": {k: dict(v) for k, v in self.modules.items()},
             "density": self.density,
             "alpha": self.alpha,
