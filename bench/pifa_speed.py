@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--dtypes", default=None, help="comma list, default float16,bfloat16 (float32 with --quick)"
     )
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")
+    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
+    parser.add_argument("--shapes", default=None, help="comma list of OUTxIN, e.g. 4096x4096,11008x4096")
     parser.add_argument("--reps", type=int, default=None)
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; default 1)")
     parser.add_argument(
@@ -416,6 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
     dtypes = [getattr(torch, name.strip()) for name in dtype_names.split(",")]
     reps = args.reps or (5 if args.quick else 20)
     shapes = QUICK_SHAPES if args.quick else FULL_SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
+        except ValueError:
+            raise SystemExit(f"--shapes must look like 4096x4096,11008x4096, got {args.shapes!r}") from None
     prefill = 256 if args.quick else 8192
     decode = [1, 16] if args.quick else DECODE_TOKENS
     threads = torch.get_num_threads()
@@ -427,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         env = environment(device, dtypes)
         env["quick"] = args.quick
-        raw = bench_layers(shapes, dtypes, prefill, decode, device, reps)
+        raw = [] if args.no_layers else bench_layers(shapes, dtypes, prefill, decode, device, reps)
         summary = summarise_layers(raw)
         e2e = None if args.no_e2e else bench_end_to_end(args.quick, dtypes[0], device, 3 if args.quick else 5)
     finally:
