@@ -1,0 +1,301 @@
+"""``leanformers-train RECIPE.yaml``: one training entry point on HF Trainer + accelerate.
+
+Runs in one process (``leanformers-train r.yaml``) or several (``accelerate launch --num_processes 2
+[--cpu] -m leanformers.train r.yaml``, ``torchrun --nproc_per_node 2 -m leanformers.train r.yaml``).
+
+A recipe (YAML) has five sections::
+
+    model:     {config: {model_type: llama, hidden_size: 64, ...}}   # from config (random init)
+               # or {pretrained: path-or-hub-id, dtype: float32}
+    tokenizer: bytes | smollm2 | path-or-hub-id                      # bytes: UTF-8 bytes, vocab 256
+    data:      {train: file/folder/datasets-name, eval: ..., block_size: 256,
+                eval_fraction: 0.05, max_train_tokens: null, text_field: text}
+    method:    {name: sst, sst: {r: 64, ...}}                         # dense | lora | sst | ...
+    training:  {output_dir: out/, max_steps: 1000, ...}               # transformers.TrainingArguments
+
+``--set key.sub=value`` overrides any entry (values parsed as YAML), e.g.
+``--set training.max_steps=10 method.sst.r=8``.
+
+Adding a training method (e.g. CHTss) is one entry in :data:`METHODS`::
+
+    def _chtss(model, options):        # options = recipe["method"].get("chtss", {})
+        return model, [CHTssCallback(CHTssConfig(**options))]
+    METHODS["chtss"] = _chtss
+
+A method builder takes the model and its options dict and returns (model to train, Trainer callbacks).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+__all__ = ["METHODS", "build_dataset", "build_model", "load_recipe", "load_source", "main", "run"]
+
+MethodBuilder = Callable[[torch.nn.Module, dict], tuple[torch.nn.Module, list[TrainerCallback]]]
+
+
+# ------------------------------------------------------------------------------------------ methods
+def _dense(model: torch.nn.Module, options: dict) -> tuple[torch.nn.Module, list[TrainerCallback]]:
+    if options:
+        raise ValueError(f"method 'dense' takes no options, got {sorted(options)}")
+    return model, []
+
+
+def _set_trainable_in_place(model: torch.nn.Module, names: list[str]) -> None:
+    """Make parameters of modules whose name ends with one of ``names`` trainable (no copies)."""
+    found = set()
+    for module_name, module in model.named_modules():
+        for wanted in names:
+            if module_name == wanted or module_name.endswith("." + wanted):
+                found.add(wanted)
+                for p in module.parameters(recurse=True):
+                    if p.is_floating_point():
+                        p.requires_grad_(True)
+    missing = sorted(set(names) - found)
+    if missing:
+        raise ValueError(f"train_modules {missing} match no module of the model")
+
+
+def _lora(model: torch.nn.Module, options: dict) -> tuple[torch.nn.Module, list[TrainerCallback]]:
+    """PEFT LoRA. ``train_modules`` (e.g. [embed_tokens, lm_head, norm]) train in place, as in the SST
+    paper's LoRA baseline for pretraining; note that LoRA's save_pretrained does not store them."""
+    from peft import LoraConfig, get_peft_model
+
+    options = dict(options)
+    train_modules = options.pop("train_modules", None)
+    options.setdefault("target_modules", "all-linear")
+    model = get_peft_model(model, LoraConfig(**options))
+    if train_modules:
+        _set_trainable_in_place(model, list(train_modules))
+    return model, []
+
+
+def _sst(model: torch.nn.Module, options: dict) -> tuple[torch.nn.Module, list[TrainerCallback]]:
+    from peft import get_peft_model
+
+    from leanformers.sst import SSTCallback, SSTConfig
+
+    return get_peft_model(model, SSTConfig(**options)), [SSTCallback()]
+
+
+METHODS: dict[str, MethodBuilder] = {"dense": _dense, "lora": _lora, "sst": _sst}
+
+
+# ------------------------------------------------------------------------------------------ recipe
+def _set_path(recipe: dict, dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = recipe
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"--set {dotted}: {key!r} is not a section of the recipe")
+    node[keys[-1]] = value
+
+
+def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | None = None) -> dict:
+    """Read a recipe (YAML path or dict) and apply ``key.sub=value`` overrides."""
+    if isinstance(path, dict):
+        recipe = copy.deepcopy(path)
+    else:
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"recipe {path} does not exist")
+        recipe = yaml.safe_load(path.read_text()) or {}
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"--set expects key.sub=value, got {item!r}")
+        key, _, raw = item.partition("=")
+        _set_path(recipe, key.strip(), yaml.safe_load(raw))
+    unknown = sorted(set(recipe) - {"model", "tokenizer", "data", "method", "training"})
+    if unknown:
+        raise ValueError(f"unknown recipe sections {unknown}; use model, tokenizer, data, method, training")
+    for section in ("model", "data", "training"):
+        if section not in recipe:
+            raise ValueError(f"the recipe has no '{section}' section")
+    return recipe
+
+
+# ------------------------------------------------------------------------------------------ model / data
+class ByteTokenizer:
+    """UTF-8 bytes as token ids (vocab 256): a dependency-free tokenizer for tiny CPU recipes."""
+
+    vocab_size = 256
+
+    def __call__(self, text: str, add_special_tokens: bool = False, verbose: bool = False):
+        return {"input_ids": list(text.encode("utf-8"))}
+
+    def save_pretrained(self, folder) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "byte_tokenizer.json").write_text(
+            json.dumps({"type": "utf-8 bytes", "vocab_size": 256})
+        )
+
+
+def build_tokenizer(spec: str | None):
+    if spec is None or spec == "bytes":
+        return ByteTokenizer()
+    from transformers import AutoTokenizer
+
+    if spec == "smollm2":
+        from leanformers.hub import smollm2_135m
+
+        spec = str(smollm2_135m())
+    return AutoTokenizer.from_pretrained(spec)
+
+
+def build_model(spec: dict, vocab_size: int | None = None) -> torch.nn.Module:
+    """A causal LM from ``{config: {...}}`` (random init, ``seed`` optional) or ``{pretrained: ...}``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    dtype = getattr(torch, spec.get("dtype", "float32"))
+    if "pretrained" in spec:
+        return AutoModelForCausalLM.from_pretrained(spec["pretrained"], dtype=dtype)
+    if "config" not in spec:
+        raise ValueError("model: give either 'config: {model_type: ..., ...}' or 'pretrained: path-or-id'")
+    cfg = dict(spec["config"])
+    model_type = cfg.pop("model_type", None)
+    if model_type is None:
+        raise ValueError("model.config needs a model_type (e.g. llama)")
+    if vocab_size is not None:
+        cfg.setdefault("vocab_size", vocab_size)
+    config = AutoConfig.for_model(model_type, **cfg)
+    torch.manual_seed(int(spec.get("seed", 0)))
+    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+class PackedBlocks(torch.utils.data.Dataset):
+    """(n, block_size) token blocks as causal-LM examples (labels = input_ids)."""
+
+    def __init__(self, blocks: torch.Tensor):
+        self.blocks = blocks
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.blocks[i], "labels": self.blocks[i]}
+
+
+def _pack(ids: torch.Tensor, block_size: int) -> torch.Tensor:
+    n = ids.numel() // block_size
+    if n == 0:
+        raise ValueError(f"the data has {ids.numel()} tokens, fewer than one block of {block_size}")
+    return ids[: n * block_size].view(n, block_size)
+
+
+def _stdlib_text(split: str) -> str:
+    """Python standard-library source as a corpus: 1 file in 20 (by a hash of its path) is ``eval``."""
+    import hashlib
+    import sysconfig
+
+    if split not in ("train", "eval"):
+        raise ValueError(f"stdlib source split must be 'train' or 'eval', got {split!r}")
+    root = Path(sysconfig.get_paths()["stdlib"])
+    files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.parts)
+    chosen = []
+    for path in files:
+        held_out = int(hashlib.sha256(str(path.relative_to(root)).encode()).hexdigest(), 16) % 20 == 0
+        if held_out == (split == "eval"):
+            chosen.append(path.read_text(encoding="utf-8", errors="replace"))
+    return "\n\n".join(chosen)
+
+
+def load_source(source: str, text_field: str = "text") -> str:
+    """Text of a data source: a file/folder/datasets name (see leanformers.data.load_text),
+    ``shared:NAME`` (a file of ../shared/data) or ``stdlib:train`` / ``stdlib:eval`` (Python source)."""
+    from leanformers.data import load_text, shared_data_path
+
+    source = str(source)
+    if source.startswith("shared:"):
+        return load_text(shared_data_path(source.removeprefix("shared:")), text_field=text_field)
+    if source.startswith("stdlib:"):
+        return _stdlib_text(source.removeprefix("stdlib:"))
+    return load_text(source, text_field=text_field)
+
+
+def build_dataset(spec: dict, tokenizer) -> tuple[PackedBlocks, PackedBlocks | None]:
+    """Tokenise and pack ``data.train`` (and ``data.eval`` or a held-out tail) into blocks."""
+    from leanformers.data import tokenize_text
+
+    if "train" not in spec:
+        raise ValueError("data needs a 'train' source (a file, a folder or a datasets name)")
+    block_size = int(spec.get("block_size", 256))
+    text_field = spec.get("text_field", "text")
+    ids = tokenize_text(load_source(spec["train"], text_field), tokenizer)
+    if spec.get("max_train_tokens"):
+        ids = ids[: int(spec["max_train_tokens"])]
+    eval_ds = None
+    if spec.get("eval"):
+        eval_ids = tokenize_text(load_source(spec["eval"], text_field), tokenizer)
+        if spec.get("max_eval_tokens"):
+            eval_ids = eval_ids[: int(spec["max_eval_tokens"])]
+        eval_ds = PackedBlocks(_pack(eval_ids, block_size))
+    elif spec.get("eval_fraction"):
+        cut = int(ids.numel() * (1 - float(spec["eval_fraction"])))
+        ids, eval_ids = ids[:cut], ids[cut:]
+        eval_ds = PackedBlocks(_pack(eval_ids, block_size))
+    return PackedBlocks(_pack(ids, block_size)), eval_ds
+
+
+# ------------------------------------------------------------------------------------------ run
+def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) -> dict:
+    """Train as the recipe says; returns (and writes to ``output_dir/results.json``) the metrics."""
+    recipe = load_recipe(recipe, overrides)
+    method = dict(recipe.get("method") or {"name": "dense"})
+    name = method.get("name", "dense")
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    tokenizer = build_tokenizer(recipe.get("tokenizer"))
+    train_ds, eval_ds = build_dataset(recipe["data"], tokenizer)
+    vocab = getattr(tokenizer, "vocab_size", None)
+    if vocab is not None and hasattr(tokenizer, "__len__"):
+        vocab = len(tokenizer)
+    model = build_model(recipe["model"], vocab_size=vocab)
+    n_params = sum(p.numel() for p in model.parameters())
+    model, callbacks = METHODS[name](model, dict(method.get(name) or {}))
+    training = dict(recipe["training"])
+    training.setdefault("report_to", "none")
+    training.setdefault("save_strategy", "no")
+    args = TrainingArguments(**training)
+    trainer = Trainer(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks
+    )
+    result = trainer.train(resume_from_checkpoint=recipe.get("resume_from_checkpoint"))
+    metrics = {"method": name, "world_size": args.world_size, "model_parameters": n_params, **result.metrics}
+    metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if eval_ds is not None:
+        eval_metrics = trainer.evaluate()
+        metrics.update(eval_metrics)
+        if "eval_loss" in eval_metrics:
+            metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+    if trainer.is_world_process_zero():
+        out = Path(args.output_dir)
+        trainer.save_model(str(out / "final"))
+        (out / "results.json").write_text(json.dumps(metrics, indent=2))
+    return {"metrics": metrics, "trainer": trainer, "model": model}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="leanformers-train", description=__doc__.split("\n\n")[0])
+    parser.add_argument("recipe", help="YAML recipe (see recipes/)")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    out = run(args.recipe, args.overrides)
+    if out["trainer"].is_world_process_zero():
+        print(json.dumps(out["metrics"], indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

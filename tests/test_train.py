@@ -1,0 +1,143 @@
+"""leanformers-train: recipes, overrides, methods registry, dense / LoRA / SST runs on a tiny model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from leanformers import train
+from tests.conftest import REPO_ROOT
+
+TINY = {
+    "model": {
+        "config": {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 64,
+            "tie_word_embeddings": False,
+        }
+    },
+    "tokenizer": "bytes",
+    "data": {"train": None, "block_size": 32, "eval_fraction": 0.2},
+    "method": {"name": "dense"},
+    "training": {
+        "output_dir": None,
+        "max_steps": 3,
+        "per_device_train_batch_size": 4,
+        "learning_rate": 1e-3,
+        "use_cpu": True,
+        "report_to": "none",
+        "disable_tqdm": True,
+    },
+}
+
+
+@pytest.fixture()
+def recipe(tmp_path):
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n".join(f"line {i}: the quick brown fox jumps over the lazy dog" for i in range(200)))
+    r = json.loads(json.dumps(TINY))
+    r["data"]["train"] = str(text)
+    r["training"]["output_dir"] = str(tmp_path / "out")
+    return r
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("dense", {}),
+        ("lora", {"r": 4, "train_modules": ["embed_tokens", "lm_head"]}),
+        ("sst", {"r": 4, "steps_per_iteration": 2, "warmup_steps_per_iteration": 1}),
+    ],
+)
+def test_methods_train_and_write_results(recipe, name, options, tmp_path):
+    recipe["method"] = {"name": name, name: options}
+    out = train.run(recipe)
+    metrics = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert metrics["method"] == name and metrics["world_size"] == 1
+    assert out["trainer"].state.global_step == 3
+    assert 0 < metrics["eval_perplexity"] < 256 * 2
+    if name == "lora":
+        embed = out["model"].base_model.model.model.embed_tokens.weight
+        assert embed.requires_grad
+    if name == "sst":
+        assert (tmp_path / "out" / "final" / "adapter_config.json").is_file()
+        assert metrics["trainable_parameters"] < metrics["model_parameters"]
+
+
+def test_overrides_and_cli(recipe, tmp_path, capsys):
+    import yaml
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    loaded = train.load_recipe(path, ["training.max_steps=2", "method.name=sst", "method.sst.r=2"])
+    assert loaded["training"]["max_steps"] == 2 and loaded["method"]["sst"] == {"r": 2}
+    assert train.main([str(path), "--set", "training.max_steps=1"]) == 0
+    assert '"method": "dense"' in capsys.readouterr().out
+
+
+def test_methods_registry_is_extensible(recipe):
+    seen = {}
+
+    def frozen_embeddings(model, options):
+        seen["options"] = options
+        model.get_input_embeddings().weight.requires_grad_(False)
+        return model, []
+
+    train.METHODS["frozen_embeddings"] = frozen_embeddings
+    try:
+        recipe["method"] = {"name": "frozen_embeddings", "frozen_embeddings": {"x": 1}}
+        out = train.run(recipe)
+        assert seen["options"] == {"x": 1}
+        assert not out["model"].get_input_embeddings().weight.requires_grad
+    finally:
+        del train.METHODS["frozen_embeddings"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "error", "message"),
+    [
+        (lambda r: r["method"].update(name="magic"), ValueError, r"unknown method 'magic'; known: \['dense'"),
+        (lambda r: r.update(extra=1), ValueError, r"unknown recipe sections \['extra'\]"),
+        (lambda r: r.pop("data"), ValueError, "the recipe has no 'data' section"),
+        (lambda r: r["model"].pop("config"), ValueError, "give either 'config:"),
+        (lambda r: r["method"].update(dense={"x": 1}), ValueError, "method 'dense' takes no options"),
+        (lambda r: r["data"].update(block_size=10**6), ValueError, "fewer than one block of 1000000"),
+    ],
+)
+def test_recipe_errors(recipe, mutate, error, message):
+    mutate(recipe)
+    with pytest.raises(error, match=message):
+        train.run(recipe)
+
+
+def test_bad_override_and_missing_file(tmp_path):
+    with pytest.raises(ValueError, match="--set expects key.sub=value"):
+        train.load_recipe(dict(TINY), ["training.max_steps"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        train.load_recipe(tmp_path / "nope.yaml")
+
+
+def test_shipped_recipes_parse_and_tiny_one_runs(tmp_path, shared_data):
+    big = train.load_recipe(REPO_ROOT / "recipes" / "sst_llama130m.yaml")
+    assert big["method"]["name"] == "sst" and big["method"]["sst"]["r"] == 64
+    out = train.run(
+        REPO_ROOT / "recipes" / "sst_tiny_cpu.yaml",
+        [f"training.output_dir={tmp_path}", "training.max_steps=6", "data.max_train_tokens=20000"],
+    )
+    assert out["metrics"]["method"] == "sst"
+    assert torch.isfinite(torch.tensor(out["metrics"]["eval_loss"]))
+
+
+def test_stdlib_source_splits_are_disjoint():
+    train_text = train.load_source("stdlib:train")
+    eval_text = train.load_source("stdlib:eval")
+    assert len(eval_text) > 10_000 and len(train_text) > 10 * len(eval_text)
+    with pytest.raises(ValueError, match="must be 'train' or 'eval'"):
+        train.load_source("stdlib:test")
