@@ -241,9 +241,17 @@ def test_save_refuses_existing_folder_without_overwrite(tmp_path):
 
 def test_save_rejects_full_rank_modules_and_mismatched_configs(tmp_path):
     model = tiny_llama(seed=4, layers=1)
-    q = model.model.layers[0].self_attn.q_proj  # 64 x 64
-    model.model.layers[0].self_attn.q_proj = PIFALinear.from_linear(q, 64, form="row")
+    attn = model.model.layers[0].self_attn
+    attn.q_proj = PIFALinear.from_linear(attn.q_proj, 64, form="row")  # 64 x 64 at full rank
+    attn.q_proj.permute_outputs_(torch.arange(63, -1, -1))  # its `weight` is no longer the dense W
     with pytest.raises(ValueError, match="stored at full rank"):
+        save_compressed(model, None, tmp_path / "a")
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj = LowRankLinear.from_factors(
+        torch.randn(96, 64), torch.randn(64, 64)
+    )  # U (96, 64) = dense shape
+    attn.q_proj = PIFALinear.from_linear(nn.Linear(64, 64), 8)
+    with pytest.raises(ValueError, match=r"model.layers.0.mlp.up_proj \(rank 64 of 96x64\)"):
         save_compressed(model, None, tmp_path / "a")
     model = compress_randomly(tiny_llama(seed=4, layers=1))
     wrong = MPIFAQuantizationConfig(modules={"model.layers.0.mlp.up_proj": PIFALinear(64, 96, 3).spec()})
@@ -252,6 +260,21 @@ def test_save_rejects_full_rank_modules_and_mismatched_configs(tmp_path):
     with pytest.raises(ValueError, match="no PIFALinear / LowRankLinear module"):
         save_compressed(tiny_llama(seed=4, layers=1), None, tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_full_rank_pifa_in_dense_order_stores_the_dense_weight(tmp_path):
+    """At full rank a sorted-pivot PIFA stores W itself under `weight` (so even a dense load of that module
+    is exact); save accepts it, and the reload is exact."""
+    model = tiny_llama(seed=7, layers=1)
+    mlp = model.model.layers[0].mlp
+    mlp.up_proj = PIFALinear.from_linear(mlp.up_proj, 64)  # 96 x 64, full rank, column form
+    mlp.down_proj = PIFALinear.from_linear(mlp.down_proj, 16)  # 64 x 96, rank 16
+    ids = random_ids(1, 8)
+    ref = _outputs(model, ids)
+    out = save_compressed(model, None, tmp_path / "full")
+    stored = load_file(out / "model.safetensors")["model.layers.0.mlp.up_proj.weight"]
+    assert torch.equal(stored, mlp.up_proj.to_dense().weight.detach())
+    assert torch.equal(_outputs(AutoModelForCausalLM.from_pretrained(out), ids), ref)
 
 
 def test_config_round_trip_and_errors():

@@ -296,22 +296,39 @@ def register() -> None:
 register()
 
 
+def _stores_dense_weight(module: nn.Module, original: nn.Module | None) -> bool:
+    """True when ``module.weight`` IS the dense Linear weight of the architecture: a full-rank PIFA layer
+    with identity pivot order (sorted pivots, nothing permuted), replacing an nn.Linear (not a
+    transposed Conv1D). A process without leanformers then loads that module correctly."""
+    if not isinstance(module, PIFALinear) or module.input_permuted:
+        return False
+    if module.rank != min(module.in_features, module.out_features) or (
+        original is not None and is_conv1d(original)
+    ):
+        return False
+    index = module._index.detach().cpu()
+    return bool(torch.equal(index, torch.arange(index.numel(), dtype=index.dtype)))
+
+
 def _check_guard(model: nn.Module, modules: dict[str, nn.Module]) -> None:
-    """Every compressed module's ``weight`` must differ in shape from the dense parameter of that name,
-    so that a load without the registered quantizer raises a size mismatch instead of loading garbage."""
+    """A process without the registered quantizer must either load each compressed module correctly or
+    fail: its ``weight`` must differ in shape from the dense parameter of that name (size mismatch
+    error), or be exactly the dense weight (full-rank PIFA in identity order)."""
     skeleton = _dense_skeleton(model)
     dense = {} if skeleton is None else {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     clashes = []
     for name, module in modules.items():
-        key = f"{name}.weight"
-        dense_shape = dense.get(key, (module.out_features, module.in_features))
-        if tuple(module.weight.shape) == dense_shape:
+        dense_shape = dense.get(f"{name}.weight", (module.out_features, module.in_features))
+        if tuple(module.weight.shape) != dense_shape:
+            continue
+        original = skeleton.get_submodule(name) if skeleton is not None else None
+        if not _stores_dense_weight(module, original):
             clashes.append(f"{name} (rank {module.rank} of {module.out_features}x{module.in_features})")
     if clashes:
         raise ValueError(
-            "these modules are stored at full rank, which saves nothing over a dense layer and would let a "
-            f"process without `import leanformers` load them silently: {', '.join(clashes)}. Keep them dense "
-            "(replace them by module.to_dense()) or lower their rank."
+            "these modules are stored at full rank in a layout whose tensor has the dense weight's shape but not "
+            f"its values, so a process without `import leanformers` would load them silently wrong: {', '.join(clashes)}. "
+            "Keep them dense (replace them by module.to_dense()) or lower their rank."
         )
 
 
