@@ -185,6 +185,12 @@ def test_dtype_cast_sharding_and_device_map(saved, tmp_path):
     assert all(b.dtype == torch.int32 for n, b in half.named_buffers() if n.endswith("_index"))
     assert float((_outputs(half, ids).float() - ref).norm() / ref.norm()) < 0.05
 
+    cast = AutoModelForCausalLM.from_pretrained(saved / "llama").to(torch.float16)  # .to(dtype) works
+    assert next(iter(compressed_modules(cast).values())).coeff.dtype == torch.float16
+    assert all(b.dtype == torch.int32 for n, b in cast.named_buffers() if n.endswith("_index"))
+    with pytest.raises(ValueError, match="not supported for quantized model"):
+        cast.half()  # transformers' own rule for quantized models
+
     mapped = AutoModelForCausalLM.from_pretrained(saved / "llama", device_map="auto")
     assert torch.equal(_outputs(mapped, ids), ref)
 
