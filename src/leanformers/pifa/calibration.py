@@ -25,6 +25,7 @@ __all__ = [
     "group_input_stats",
     "linear_weight",
     "run_block",
+    "run_block_capturing",
 ]
 
 
@@ -290,11 +291,39 @@ def _input_of(
 
 
 @torch.no_grad()
+def run_block_capturing(
+    block: nn.Module,
+    states: list[torch.Tensor],
+    calls: list[BlockCall],
+    module_paths: list[str],
+    device: torch.device,
+    dtype: torch.dtype,
+) -> tuple[list[torch.Tensor], dict[str, list[torch.Tensor]]]:
+    """Run ``block`` on every batch once, keeping its outputs and the inputs of ``module_paths``.
+
+    Used on the dense stream, whose block never changes: one pass serves every group of the block
+    (instead of re-running the dense block up to each group). Inputs stay on the compute device.
+    """
+    captured: dict[str, list[torch.Tensor]] = {p: [] for p in module_paths}
+    handles = []
+    for path in module_paths:
+        def hook(mod, args, _path=path):
+            captured[_path].append(args[0].detach())
+
+        handles.append(block.get_submodule(path).register_forward_pre_hook(hook))
+    try:
+        outputs = [run_block(block, s, c, device, dtype) for s, c in zip(states, calls)]
+    finally:
+        for h in handles:
+            h.remove()
+    return outputs, captured
+
+
+@torch.no_grad()
 def group_input_stats(
-    dense_block: nn.Module,
+    dense_inputs: list[torch.Tensor],
     compressed_block: nn.Module,
     module_path: str,
-    dense_states: list[torch.Tensor],
     compressed_states: list[torch.Tensor],
     calls: list[BlockCall],
     *,
@@ -305,18 +334,18 @@ def group_input_stats(
 ):
     """Accumulate G = X_c X_c^T, K = X_d X_c^T, S = X_d X_d^T for the input of ``module_path``.
 
-    The dense input comes from the untouched copy of the block on the dense stream, the compressed
-    input from the block being compressed (earlier groups already replaced) on the compressed stream,
-    token by token on the same calibration batch. Products in float32 on the device, sums in float64.
-    Returns (G, K or None, S or None, tokens).
+    ``dense_inputs`` are the module's inputs in the dense model (one tensor per batch, from
+    ``run_block_capturing`` on the dense stream); the compressed inputs come from the block being
+    compressed (earlier groups already replaced) on the compressed stream, token by token on the
+    same calibration batch. Products in float32 on the device, sums in float64.
+    Returns GramStats(G, K or None, S or None, tokens).
     """
     from leanformers.pifa.reconstruct import GramStats
 
-    dense_module = dense_block.get_submodule(module_path)
     comp_module = compressed_block.get_submodule(module_path)
     G = K = S = None
     tokens = 0
-    for xd_states, xc_states, call in zip(dense_states, compressed_states, calls):
+    for xd, xc_states, call in zip(dense_inputs, compressed_states, calls):
         xc = _input_of(compressed_block, comp_module, xc_states, call, device, dtype)
         xc = xc.reshape(-1, xc.shape[-1]).float()
         if not torch.isfinite(xc).all():
@@ -324,8 +353,7 @@ def group_input_stats(
         g = (xc.T @ xc).double()
         G = g if G is None else G.add_(g)
         if need_cross or need_dense:
-            xd = _input_of(dense_block, dense_module, xd_states, call, device, dtype)
-            xd = xd.reshape(-1, xd.shape[-1]).float()
+            xd = xd.to(device).reshape(-1, xd.shape[-1]).float()
             if need_cross:
                 k = (xd.T @ xc).double()
                 K = k if K is None else K.add_(k)

@@ -9,7 +9,6 @@ streams advance to the next block. The maths lives in reconstruct.py (M), factor
 
 from __future__ import annotations
 
-import copy
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -26,6 +25,7 @@ from leanformers.pifa.calibration import (
     group_input_stats,
     linear_weight,
     run_block,
+    run_block_capturing,
     select_modules,
 )
 from leanformers.pifa.layer import LowRankLinear, PIFALinear, emit_in_order_
@@ -340,11 +340,24 @@ def mpifa_compress(
     bar = tqdm(list(enumerate(blocks)), desc="MPIFA blocks", disable=not progress)
     for i, block in bar:
         block.to(device, torch.float32)
-        dense_block = copy.deepcopy(block)
+        for name in layout.modules:
+            if not torch.isfinite(linear_weight(block.get_submodule(name))).all():
+                raise FloatingPointError(f"block {i}: {name} has a non-finite weight; the checkpoint is corrupt")
+        # One pass of the untouched block serves the dense stream: its outputs (the next block's dense
+        # inputs) and the dense inputs of every group.
+        try:
+            next_dense, dense_inputs = run_block_capturing(
+                block, dense_states, calls, [g[0] for g in layout.groups], device, torch.float32
+            )
+        except FloatingPointError as exc:
+            raise FloatingPointError(
+                f"block {i}: non-finite activations in the dense model ({exc}); load the model in float32 "
+                "(--dtype float32) or check the calibration text"
+            ) from exc
         for group in layout.groups:
             try:
                 stats = group_input_stats(
-                    dense_block, block, group[0], dense_states, comp_states, calls,
+                    dense_inputs.pop(group[0]), block, group[0], comp_states, calls,
                     device=device, dtype=torch.float32, need_cross=need_cross, need_dense=need_dense,
                 )
             except FloatingPointError as exc:
@@ -358,8 +371,6 @@ def mpifa_compress(
                 key = f"{i}.{name}"
                 module = block.get_submodule(name)
                 W = linear_weight(module).detach()
-                if not torch.isfinite(W).all():
-                    raise FloatingPointError(f"block {i}: {name} has a non-finite weight; the checkpoint is corrupt")
                 U, V = reconstruct(
                     W, ranks[key], stats, init=config.init, alpha=config.alpha, steps=config.steps,
                     damping=config.damping, L=L,
@@ -383,15 +394,14 @@ def mpifa_compress(
         for name in layout.modules:
             full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
             specs[full] = block.get_submodule(name).spec()
+        dense_states = next_dense
         try:
-            dense_states = [run_block(dense_block, s, c, device, torch.float32) for s, c in zip(dense_states, calls)]
             comp_states = [run_block(block, s, c, device, torch.float32) for s, c in zip(comp_states, calls)]
         except FloatingPointError as exc:
             raise FloatingPointError(
                 f"block {i}: non-finite activations after the block ({exc}); load the model in float32 "
                 "(--dtype float32) or check the calibration text"
             ) from exc
-        del dense_block
         home_device, home_dtype = block_homes[i]
         block.to(home_device, home_dtype)
         bar.set_postfix(density=f"{sum(m.stored_params for m in report.modules) / max(1, sum(m.dense_params for m in report.modules)):.3f}")
