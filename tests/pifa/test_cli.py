@@ -1,0 +1,113 @@
+"""mpifa-compress end to end on a tiny LLaMA with the real SmolLM2 tokenizer, and its errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from leanformers.pifa.cli import main
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tiny_lm_folder(tmp_path_factory, smollm2_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    folder = tmp_path_factory.mktemp("tiny-lm")
+    LlamaForCausalLM(cfg).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def _args(src, out, shared_data, *extra):
+    return [str(src), "--output", str(out), "--calib", str(shared_data / "wikitext-2-v1-valid.txt"),
+            "--nsamples", "4", "--seqlen", "64", "--device", "cpu", *extra]
+
+
+def test_cli_writes_a_reloadable_safetensors_folder(tiny_lm_folder, shared_data, tmp_path, capsys):
+    out = tmp_path / "out"
+    report = tmp_path / "report.json"
+    rc = main(_args(tiny_lm_folder, out, shared_data, "--density", "0.5", "--eval",
+                    str(shared_data / "wikitext-2-raw-test.txt"), "--eval-seqlen", "128", "--eval-tokens", "1024",
+                    "--report", str(report)))
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "achieved density (targeted)" in printed and "ppl after" in printed
+    names = {p.name for p in out.iterdir()}
+    assert "config.json" in names and "README.md" in names and any(n.endswith(".safetensors") for n in names)
+    assert not [n for n in names if n.endswith((".bin", ".pt", ".pth", ".pkl", ".ckpt"))]
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "mpifa"
+    assert len(qc["modules"]) == 2 * 7 and all(spec["rank"] >= 1 for spec in qc["modules"].values())
+    data = json.loads(report.read_text())
+    assert data["report"]["achieved_density"] <= 0.5
+
+    # The folder on disk is the model that was evaluated: a fresh process reproduces its perplexity.
+    script = textwrap.dedent(f"""
+        import json, leanformers
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from leanformers.data import load_text, tokenize_text
+        model = AutoModelForCausalLM.from_pretrained({str(out)!r})
+        tok = AutoTokenizer.from_pretrained({str(out)!r})
+        ids = tokenize_text(load_text({str(shared_data / 'wikitext-2-raw-test.txt')!r}), tok)
+        res = leanformers.perplexity(model, text=ids, seqlen=128, max_tokens=1024, progress=False)
+        print(json.dumps({{"ppl": res.ppl, "cls": type(model.model.layers[0].mlp.down_proj).__name__}}))
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    fresh = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert fresh["cls"] == "PIFALinear"
+    assert fresh["ppl"] == pytest.approx(data["perplexity"]["after"]["ppl"], rel=1e-5)
+
+
+def test_yaml_config_and_flag_override(tiny_lm_folder, shared_data, tmp_path):
+    cfg = tmp_path / "recipe.yaml"
+    cfg.write_text("density: 0.3\nsteps: 0\nlowrank: true\n")
+    out, report = tmp_path / "o", tmp_path / "r.json"
+    assert main(_args(tiny_lm_folder, out, shared_data, "--config", str(cfg), "--report", str(report))) == 0
+    data = json.loads(report.read_text())
+    assert data["config"]["density"] == 0.3 and data["config"]["output"] == "lowrank"
+    assert data["report"]["achieved_density"] <= 0.3
+    out2, report2 = tmp_path / "o2", tmp_path / "r2.json"
+    assert main(_args(tiny_lm_folder, out2, shared_data, "--config", str(cfg), "--density", "0.6",
+                      "--report", str(report2))) == 0
+    assert json.loads(report2.read_text())["config"]["density"] == 0.6
+
+
+def test_bad_inputs(tiny_lm_folder, shared_data, tmp_path, capsys):
+    out = tmp_path / "o"
+    # density is checked before anything is loaded (the source does not even exist here)
+    assert main(["./no/such/model", "--output", str(out), "--density", "1.5"]) == 1
+    assert "density must lie in (0, 1], got 1.5" in capsys.readouterr().err
+    assert main(["./no/such/model", "--output", str(out), "--density", "0"]) == 1
+    assert "density must lie in (0, 1], got 0" in capsys.readouterr().err
+
+    out.mkdir()
+    (out / "keep.txt").write_text("precious")
+    assert main(_args(tiny_lm_folder, out, shared_data)) == 1
+    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "precious"
+
+    assert main(["nobody-xyz/no-such-model-123", "--output", str(tmp_path / "o2")]) == 1
+    err = capsys.readouterr().err
+    assert "could not load model 'nobody-xyz/no-such-model-123'" in err and "HF_HUB_OFFLINE" in err
+
+    short = tmp_path / "short.txt"
+    short.write_text("only a handful of calibration words\n")
+    assert main([str(tiny_lm_folder), "--output", str(tmp_path / "o3"), "--calib", str(short), "--nsamples", "4",
+                 "--seqlen", "64"]) == 1
+    assert "too few calibration tokens" in capsys.readouterr().err
+    assert not (tmp_path / "o3").exists()
+
+    with pytest.raises(SystemExit):
+        main([str(tiny_lm_folder)])  # --output missing: argparse usage error
+    assert "--output is required" in capsys.readouterr().err
