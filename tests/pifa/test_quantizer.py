@@ -318,3 +318,14 @@ def test_bert_automodel_reload_in_process(saved):
     ids = load_file(saved / "refs.safetensors")["ids"]
     model = AutoModel.from_pretrained(saved / "bert")
     assert torch.equal(_outputs(model, ids), load_file(saved / "refs.safetensors")["bert"])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_reload_on_cuda_in_half_precision(saved, dtype):
+    refs = load_file(saved / "refs.safetensors")
+    model = AutoModelForCausalLM.from_pretrained(saved / "llama", device_map="cuda", dtype=dtype)
+    layer = next(iter(compressed_modules(model).values()))
+    assert layer.weight.device.type == "cuda" and layer.weight.dtype == dtype
+    out = _outputs(model, refs["ids"].cuda()).float().cpu()
+    assert float((out - refs["llama"]).norm() / refs["llama"].norm()) < 0.05
