@@ -172,3 +172,20 @@ def test_model_dtype_and_device_are_restored():
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert torch.isfinite(_out(model, HELD_OUT).float()).all()
     assert VOCAB == model.config.vocab_size
+
+
+def test_plain_svd_needs_no_calibration():
+    model = tiny_llama()
+    report = mpifa_compress(model, None, MPIFAConfig(density=0.5, init="svd", steps=0, output="lowrank"),
+                            calibration=None, progress=False)
+    assert report.calibration_tokens == 0 and report.achieved_density <= 0.5
+    # each layer is exactly the truncated SVD of its weight
+    ref = tiny_llama()
+    w = ref.model.layers[0].mlp.down_proj.weight.detach().double()
+    r = model.model.layers[0].mlp.down_proj.rank
+    U, s, Vh = torch.linalg.svd(w, full_matrices=False)
+    best = (U[:, :r] * s[:r]) @ Vh[:r]
+    got = model.model.layers[0].mlp.down_proj.to_dense().weight.detach().double()
+    assert torch.allclose(got, best, atol=1e-5)
+    with pytest.raises(ValueError, match="MPIFA needs calibration data"):
+        mpifa_compress(tiny_llama(), None, MPIFAConfig(), calibration=None, progress=False)

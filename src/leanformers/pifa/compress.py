@@ -290,7 +290,12 @@ def mpifa_compress(
     stream_device = torch.device("cpu") if config.offload_streams else device
     layout, blocks = find_layout(model, config.blocks_path, config.groups, config.attention)
     layout = select_modules(layout, config.targets)
-    windows, calib_label = _calibration_windows(calibration, tokenizer, config)
+    # Plain SVD without M needs no data: skip every forward pass.
+    need_stats = config.init == "whiten" or config.steps > 0 or config.owl
+    if need_stats:
+        windows, calib_label = _calibration_windows(calibration, tokenizer, config)
+    else:
+        windows, calib_label = torch.empty(0, 0, dtype=torch.long), "none (plain SVD)"
     batches = list(windows.split(config.batch_size))
     prefix = _block_prefix(model, blocks)
     report = CompressionReport(calibration=calib_label, calibration_tokens=windows.numel())
@@ -301,7 +306,7 @@ def mpifa_compress(
     # Everything but the blocks goes to the compute device; blocks move one at a time.
     block_homes = [(next(b.parameters()).device, next(b.parameters()).dtype) for b in blocks]
     _move_except(model, blocks, device)
-    hidden, calls = capture_block_inputs(model, blocks, batches, stream_device=stream_device)
+    hidden, calls = capture_block_inputs(model, blocks, batches, stream_device=stream_device) if need_stats else ([], [])
     if not all(torch.isfinite(h).all() for h in hidden):
         raise FloatingPointError(
             "block 0: non-finite activations at the input of the first block (embeddings); load the model "
@@ -346,8 +351,10 @@ def mpifa_compress(
         # One pass of the untouched block serves the dense stream: its outputs (the next block's dense
         # inputs) and the dense inputs of every group.
         try:
-            next_dense, dense_inputs = run_block_capturing(
-                block, dense_states, calls, [g[0] for g in layout.groups], device, torch.float32
+            next_dense, dense_inputs = (
+                run_block_capturing(block, dense_states, calls, [g[0] for g in layout.groups], device, torch.float32)
+                if need_stats
+                else ([], {})
             )
         except FloatingPointError as exc:
             raise FloatingPointError(
@@ -359,7 +366,7 @@ def mpifa_compress(
                 stats = group_input_stats(
                     dense_inputs.pop(group[0]), block, group[0], comp_states, calls,
                     device=device, dtype=torch.float32, need_cross=need_cross, need_dense=need_dense,
-                )
+                ) if need_stats else None
             except FloatingPointError as exc:
                 raise FloatingPointError(
                     f"block {i}: {exc}. The model produces inf/NaN on the calibration data; load it in "
@@ -396,7 +403,7 @@ def mpifa_compress(
             specs[full] = block.get_submodule(name).spec()
         dense_states = next_dense
         try:
-            comp_states = [run_block(block, s, c, device, torch.float32) for s, c in zip(comp_states, calls)]
+            comp_states = [run_block(block, s, c, device, torch.float32) for s, c in zip(comp_states, calls)] if need_stats else []
         except FloatingPointError as exc:
             raise FloatingPointError(
                 f"block {i}: non-finite activations after the block ({exc}); load the model in float32 "
