@@ -213,7 +213,8 @@ def chain_removal(masks: list[torch.Tensor], layers: list[SparseLayer]) -> list[
 
 def active_neurons(mask: torch.Tensor) -> tuple[float, float]:
     """(fraction of output nodes with a link, fraction of input nodes with a link) of a (out, in) mask."""
-    return float(mask.any(1).float().mean()), float(mask.any(0).float().mean())
+    n_out, n_in = mask.shape
+    return int(mask.any(1).sum()) / n_out, int(mask.any(0).sum()) / n_in
 
 
 def pack_mask(mask: torch.Tensor) -> torch.Tensor:

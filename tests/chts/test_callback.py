@@ -1,0 +1,164 @@
+"""CHTssCallback inside transformers.Trainer (CPU): tiny LLaMA, MNIST MLP at 1 %, accumulation, resume."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+import leanformers
+from leanformers.chts import CHTssCallback, CHTssConfig, apply_masks, load_masks
+from leanformers.chts.mlp import MLP_TARGETS, MLPClassifier, mnist_split
+from leanformers.chts.topology import link_count
+from leanformers.training import load_state
+from tests.tiny_models import random_ids, tiny_llama
+
+
+class TokenData(Dataset):
+    def __len__(self):
+        return 48
+
+    def __getitem__(self, i):
+        ids = random_ids(1, 16, seed=i)[0]
+        return {"input_ids": ids, "labels": ids}
+
+
+class TensorData(Dataset):
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.y)
+
+    def __getitem__(self, i):
+        return {"pixel_values": self.x[i], "labels": self.y[i]}
+
+
+def train(
+    model, out, cfg, max_steps, resume=None, save_steps=10_000, accumulation=1, optim="adamw_torch", data=None
+):
+    args = TrainingArguments(
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulation,
+        learning_rate=3e-3,
+        save_strategy="steps",
+        save_steps=save_steps,
+        logging_steps=1000,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        optim=optim,
+    )
+    callback = CHTssCallback(cfg)
+    trainer = Trainer(model=model, args=args, train_dataset=data or TokenData(), callbacks=[callback])
+    trainer.train(resume_from_checkpoint=resume)
+    return trainer, callback
+
+
+def test_public_exports():
+    assert leanformers.CHTssConfig is CHTssConfig and leanformers.CHTssCallback is CHTssCallback
+    assert leanformers.CHTssScheduler is not None
+
+
+@pytest.mark.parametrize("accumulation", [1, 3])
+def test_trainer_tiny_llama_reaches_the_final_density_exactly(tmp_path, accumulation):
+    model = tiny_llama()
+    cfg = CHTssConfig(final_density=0.3, initial_density=0.5, update_interval=2)
+    trainer, cb = train(model, tmp_path, cfg, max_steps=12, accumulation=accumulation)
+    sched = cb.scheduler
+    assert sched.step_count == 12 and len(sched.history) == 4  # optimizer steps, not micro-batches
+    assert sched.history[0]["chtss/target_density"] < 0.5
+    assert sched.history[-1]["chtss/target_density"] == 0.3
+    for layer in sched.layers:
+        assert int(layer.mask.sum()) == link_count(layer.shape, 0.3)
+        assert (layer.logical(layer.weight.data)[~layer.mask] == 0).all()
+    logged = [h for h in trainer.state.log_history if "chtss/density_sparse_subset" in h]
+    assert len(logged) == 4 and logged[-1]["chtss/predictor_ms"] >= 0
+    # Final model: save_pretrained + masks (written at train end), reload and re-apply.
+    model.save_pretrained(tmp_path / "final")
+    masks = load_masks(tmp_path)
+    reloaded = apply_masks(AutoModelForCausalLM.from_pretrained(tmp_path / "final"), masks)
+    for name, mask in masks.items():
+        w = reloaded.get_submodule(name).weight
+        assert torch.equal(w != 0, mask & (w != 0)) and (w[~mask] == 0).all()
+
+
+def test_trainer_resume_from_halfway_is_bit_identical(tmp_path):
+    cfg = CHTssConfig(final_density=0.3, update_interval=2, zeta=0.2)
+    full = tiny_llama()
+    _, cb_full = train(full, tmp_path / "full", cfg, max_steps=16)
+    half = tiny_llama()
+    train(half, tmp_path / "run", cfg, max_steps=16, save_steps=8)
+    state = load_state(tmp_path / "run" / "checkpoint-8", "chtss")
+    assert state is not None and state[1]["step_count"] == 8
+    resumed = tiny_llama(seed=5)
+    _, cb_res = train(
+        resumed,
+        tmp_path / "run",
+        cfg,
+        max_steps=16,
+        save_steps=8,
+        resume=str(tmp_path / "run" / "checkpoint-8"),
+    )
+    for (name, p), q in zip(full.named_parameters(), resumed.parameters()):
+        assert torch.equal(p, q), name
+    for a, b in zip(cb_full.scheduler.masks.values(), cb_res.scheduler.masks.values()):
+        assert torch.equal(a, b)
+
+
+def test_trainer_mnist_mlp_at_one_percent_with_sgd(tmp_path):
+    x_train, y_train, _, _ = mnist_split()
+    torch.manual_seed(0)
+    model = MLPClassifier((784, 392, 392, 10))
+    cfg = CHTssConfig.for_method(
+        "chts",
+        final_density=0.01,
+        targets=MLP_TARGETS,
+        exclude=(),
+        zeta=0.3,
+        update_interval=5,
+        chain_removal=True,
+        temperature_end=3.0,
+        sparse_init=True,
+    )
+    data = TensorData(x_train[:400], y_train[:400])
+    trainer, cb = train(model, tmp_path, cfg, max_steps=20, optim="sgd", data=data)
+    assert len(cb.scheduler.history) == 3
+    for layer in cb.scheduler.layers:
+        assert int(layer.mask.sum()) == link_count(layer.shape, 0.01)
+    assert cb.scheduler.metrics()["chtss/density_sparse_subset"] == pytest.approx(0.01, rel=1e-3)
+
+
+def test_trainer_with_unsupported_optimizer_fails_clearly(tmp_path):
+    with pytest.raises(ValueError, match="is not supported.*Adam, AdamW or SGD"):
+        train(
+            tiny_llama(),
+            tmp_path,
+            CHTssConfig(final_density=0.3, update_interval=2),
+            max_steps=4,
+            optim="adafactor",
+        )
+
+
+def test_resume_from_a_checkpoint_without_chtss_state_fails_clearly(tmp_path):
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=2,
+        save_steps=2,
+        per_device_train_batch_size=4,
+        report_to=[],
+        use_cpu=True,
+    )
+    Trainer(model=tiny_llama(), args=args, train_dataset=TokenData()).train()
+    with pytest.raises(FileNotFoundError, match="holds no CHTss state"):
+        train(
+            tiny_llama(),
+            tmp_path,
+            CHTssConfig(final_density=0.3, update_interval=1),
+            4,
+            resume=str(tmp_path / "checkpoint-2"),
+        )
