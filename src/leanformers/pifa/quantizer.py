@@ -372,9 +372,11 @@ def save_compressed(
         raise TypeError(
             f"quantization_config must be an MPIFAQuantizationConfig, got {type(quantization_config).__name__}"
         )
-    if quantization_config.modules and quantization_config.modules != specs:
-        names = sorted(set(quantization_config.modules) | set(specs))
-        differ = [k for k in names if quantization_config.modules.get(k) != specs.get(k)][:5]
+    # Normalise the given specs (older writers may omit optional keys such as "input_permuted").
+    given = {k: module_from_spec(v, device="meta").spec() for k, v in quantization_config.modules.items()}
+    if given and given != specs:
+        names = sorted(set(given) | set(specs))
+        differ = [k for k in names if given.get(k) != specs.get(k)][:5]
         raise ValueError(
             f"quantization_config.modules does not match the model's compressed modules (first differences: {differ}); "
             "leave `modules` empty to take them from the model"
