@@ -6,6 +6,7 @@ Importing the package registers the ``sst`` PEFT tuner and the ``mpifa`` transfo
 
 __version__ = "0.1.0"
 
+from leanformers.chts import CHTssCallback, CHTssConfig, CHTssScheduler
 from leanformers.data import calibration_windows, evaluation_windows, load_text, tokenize_text
 from leanformers.eval import PerplexityResult, perplexity
 from leanformers.pifa.layer import LowRankLinear, PIFALinear
@@ -13,6 +14,9 @@ from leanformers.pifa.quantizer import MPIFAQuantizationConfig  # registers the 
 from leanformers.sst import SSTCallback, SSTConfig, SSTController  # registers the `sst` PEFT tuner
 
 __all__ = [
+    "CHTssCallback",
+    "CHTssConfig",
+    "CHTssScheduler",
     "LowRankLinear",
     "MPIFAQuantizationConfig",
     "PIFALinear",
