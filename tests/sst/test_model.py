@@ -275,3 +275,37 @@ def test_rank_pattern_and_exclude_modules():
     assert layers[0].mlp.down_proj.sst_settings["default"]["r"] == 4
     assert layers[0].mlp.up_proj.sst_settings["default"]["r"] == 8
     assert not isinstance(layers[0].self_attn.o_proj, SSTLinear)
+
+
+def test_bfloat16_frozen_factors_train_resvd_and_reload(tmp_path):
+    ids = random_ids()
+    model = tiny_llama()
+    with torch.no_grad():
+        dense = model(ids).logits
+    cfg = SSTConfig(
+        r=8,
+        steps_per_iteration=2,
+        warmup_steps_per_iteration=1,
+        iterations_per_round=1,
+        frozen_factor_dtype="bfloat16",
+    )
+    peft_model = get_peft_model(model, cfg)
+    layer = peft_model.base_model.model.model.layers[0].self_attn.q_proj
+    assert layer.sst_U["default"].dtype == torch.bfloat16 and layer.sst_S["default"].dtype == torch.float32
+    with torch.no_grad():
+        assert (peft_model(ids).logits - dense).abs().max() < 0.05  # bf16 storage of the non-active vectors
+    optimizer = torch.optim.AdamW([p for p in peft_model.parameters() if p.requires_grad], lr=1e-2)
+    controller = SSTController(peft_model, optimizer)
+    for _ in range(4):
+        peft_model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.step(optimizer)
+    assert int(layer.sst_counters["default"][1]) == 2
+    with torch.no_grad():
+        logits = peft_model(ids).logits
+    peft_model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(tiny_llama(seed=4), tmp_path)
+    assert reloaded.base_model.model.model.layers[0].self_attn.q_proj.sst_U["default"].dtype == torch.bfloat16
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids).logits, logits)

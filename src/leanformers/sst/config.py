@@ -43,6 +43,9 @@ class SSTConfig(PeftConfig):
             trainable in place and are saved with the adapter (no ``modules_to_save`` copies).
         seed: seed of the index sampling (combined with layer name and iteration, so every rank and a
             resumed run draw the same indices).
+        frozen_factor_dtype: storage dtype of the frozen U and Vh buffers (``"float32"``, ``"bfloat16"``,
+            ``"float16"``). U and Vh hold k(m + n) numbers per layer (about 1.4x the dense weight for LLM
+            shapes); ``"bfloat16"`` halves them. S, the active vectors and every re-SVD stay float32.
         init_weights: ``True`` takes the SVD of the base weights at injection. ``False`` allocates the
             factors without computing them; they must be loaded from a saved adapter (a saved
             adapter_config.json carries ``False``, so reloading never recomputes an SVD).
@@ -76,6 +79,9 @@ class SSTConfig(PeftConfig):
         default=None, metadata={"help": "finetune mode: extra modules trained in place and saved."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the index sampling."})
+    frozen_factor_dtype: Literal["float32", "bfloat16", "float16"] = field(
+        default="float32", metadata={"help": "Storage dtype of the frozen U / Vh."}
+    )
     init_weights: bool = field(default=True, metadata={"help": "SVD of the base weights at injection."})
 
     def __post_init__(self):
@@ -111,6 +117,10 @@ class SSTConfig(PeftConfig):
             raise ValueError(f"SSTConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if not 0.0 <= float(self.magnitude_mix) <= 1.0:
             raise ValueError(f"SSTConfig.magnitude_mix must be in [0, 1], got {self.magnitude_mix!r}")
+        if self.frozen_factor_dtype not in ("float32", "bfloat16", "float16"):
+            raise ValueError(
+                f"SSTConfig.frozen_factor_dtype must be 'float32', 'bfloat16' or 'float16', got {self.frozen_factor_dtype!r}"
+            )
         if self.mode not in MODES:
             raise ValueError(f"SSTConfig.mode must be 'pretrain' or 'finetune', got {self.mode!r}")
         if self.train_modules is not None and self.mode == "pretrain":

@@ -111,8 +111,9 @@ class SSTLayer(BaseTunerLayer):
             Vh = torch.empty(k, n, device=device, dtype=torch.float32)
             idx = torch.arange(r, device=device)
             self._sst_unloaded.add(adapter_name)
-        self.sst_U[adapter_name] = U
-        self.sst_Vh[adapter_name] = Vh
+        frozen_dtype = getattr(torch, getattr(config, "frozen_factor_dtype", "float32"))
+        self.sst_U[adapter_name] = U.to(frozen_dtype)
+        self.sst_Vh[adapter_name] = Vh.to(frozen_dtype)
         self.sst_index[adapter_name] = idx
         self.sst_counters[adapter_name] = torch.tensor([0, 0, ipr], dtype=torch.long, device=device)
         self.sst_S[adapter_name] = nn.Parameter(S)
@@ -205,7 +206,7 @@ class SSTLayer(BaseTunerLayer):
         self.write_back_(adapter)
         U, S, Vh = self.sst_U[adapter], self.sst_S[adapter], self.sst_Vh[adapter]
         error = orthogonality_error(U, Vh)
-        U_new, S_new, Vh_new = thin_svd(U @ (S.detach()[:, None] * Vh))
+        U_new, S_new, Vh_new = thin_svd(U.float() @ (S.detach().float()[:, None] * Vh.float()))
         U.copy_(U_new)
         S.copy_(S_new)
         Vh.copy_(Vh_new)

@@ -103,6 +103,20 @@ class SSTModel(BaseTuner):
             if name in trainable:
                 param.requires_grad_(True)
 
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        # PEFT's version also upcasts BufferDicts, which would undo SSTConfig.frozen_factor_dtype: only the
+        # trainable factors (S, active vectors) are kept float32 here; U / Vh keep their storage dtype.
+        if not autocast_adapter_dtype:
+            return
+        for layer in _sst_layer_names(self.model).values():
+            for container in (layer.sst_S, layer.sst_U_active, layer.sst_Vh_active):
+                if adapter_name in container and container[adapter_name].dtype in (
+                    torch.float16,
+                    torch.bfloat16,
+                ):
+                    p = container[adapter_name]
+                    container[adapter_name] = nn.Parameter(p.data.float(), requires_grad=p.requires_grad)
+
     @classmethod
     def _get_adapter_state_dict(cls, model, config, adapter_name, state_dict, unwanted_adapter_names):
         out = super()._get_adapter_state_dict(
