@@ -88,6 +88,7 @@ class CHTssConfig:
         rewarmup_steps: linear LR re-warm-up over this many steps after each update (0: off).
         balance_heads: give every attention head (q/k/v rows, o columns; GQA aware) equal links.
         predictor_chunk: rows of A A^T / A^T A computed at once by the L3n predictor.
+        predictor_batch: at most this many same-shape matrices per batched predictor call (memory).
         allow_tf32: let the L3n GEMMs use TF32 on CUDA (never bf16/fp16).
         seed: seed of every random draw (initial masks, sampling); all ranks agree through it.
     """
@@ -119,6 +120,7 @@ class CHTssConfig:
     rewarmup_steps: int = 0
     balance_heads: bool = False
     predictor_chunk: int = 4096
+    predictor_batch: int = 16
     allow_tf32: bool = True
     seed: int = 0
     method: str = field(default="chtss")
@@ -180,8 +182,8 @@ class CHTssConfig:
             raise ValueError("temperature_start and temperature_end must be > 0.")
         if self.total_steps is not None and self.total_steps <= 0:
             raise ValueError(f"total_steps={self.total_steps} must be a positive number of optimizer steps.")
-        if self.predictor_chunk <= 0:
-            raise ValueError("predictor_chunk must be > 0.")
+        if self.predictor_chunk <= 0 or self.predictor_batch <= 0:
+            raise ValueError("predictor_chunk and predictor_batch must be > 0.")
         if not self.targets:
             raise ValueError("targets is empty: give at least one module-name pattern, e.g. r'\\.fc\\d$'.")
 

