@@ -92,6 +92,20 @@ def _sst(model: torch.nn.Module, options: dict) -> tuple[torch.nn.Module, list[T
 METHODS: dict[str, MethodBuilder] = {"dense": _dense, "lora": _lora, "sst": _sst}
 
 
+def _sparse_method(name: str) -> MethodBuilder:
+    """CHTss family (chtss, chts, set, rigl): options are CHTssConfig fields on top of the preset."""
+
+    def build(model: torch.nn.Module, options: dict) -> tuple[torch.nn.Module, list[TrainerCallback]]:
+        from leanformers.chts import CHTssCallback, CHTssConfig
+
+        return model, [CHTssCallback(CHTssConfig.for_method(name, **options))]
+
+    return build
+
+
+METHODS.update({name: _sparse_method(name) for name in ("chtss", "chts", "set", "rigl")})
+
+
 # ------------------------------------------------------------------------------------------ recipe
 def _set_path(recipe: dict, dotted: str, value: Any) -> None:
     keys = dotted.split(".")
