@@ -56,6 +56,7 @@ SIZES = {
         "num_hidden_layers": 24,
         "num_attention_heads": 32,
     },
+    "small": {"hidden_size": 256, "intermediate_size": 688, "num_hidden_layers": 4, "num_attention_heads": 4},
     "tiny": {"hidden_size": 128, "intermediate_size": 344, "num_hidden_layers": 2, "num_attention_heads": 4},
 }
 METHODS = ("full", "lora", "galore", "sst", "sst-bf16")
@@ -447,8 +448,8 @@ def main(argv=None) -> int:
     if args.part in ("cost", "both"):
         rows = []
         for size in args.sizes:
-            rank = args.rank or (128 if size == "1.3b" else 64 if size == "130m" else 16)
-            vocab = 32000 if size != "tiny" else 4096
+            rank = args.rank or {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16)
+            vocab = 32000 if size in ("130m", "1.3b") else 4096
             for method in args.methods:
                 print(f"cost: {size} {method} ...", file=sys.stderr, flush=True)
                 rows.append(
@@ -465,11 +466,10 @@ def main(argv=None) -> int:
                     )
                 )
         for size in args.count_only:
-            rank = args.rank or (128 if size == "1.3b" else 64 if size == "130m" else 16)
+            rank = args.rank or {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16)
+            vocab = 32000 if size in ("130m", "1.3b") else 4096
             for method in args.methods:
-                rows.append(
-                    count_model_state(size, method, rank=rank, vocab=32000 if size != "tiny" else 4096)
-                )
+                rows.append(count_model_state(size, method, rank=rank, vocab=vocab))
         add_ratios(rows)
         report["cost"] = rows
         dtype = "bf16 autocast" if device.type == "cuda" else "fp32"
