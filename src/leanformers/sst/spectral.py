@@ -117,10 +117,7 @@ def effective_weight(
     Returns:
         (m, n) in float32 (or the factors' dtype if wider).
     """
-    work = _work_dtype(S)
-    U_eff = U.to(work).index_copy(1, idx, U_active.to(work))
-    Vh_eff = Vh.to(work).index_copy(0, idx, Vh_active.to(work))
-    return U_eff @ (S.to(work)[:, None] * Vh_eff)
+    return _weight(U, S, Vh, idx, U_active, Vh_active, _work_dtype(S))
 
 
 class SpectralLinearFunction(torch.autograd.Function):
@@ -136,17 +133,21 @@ class SpectralLinearFunction(torch.autograd.Function):
         dVh_active  = diag(S_a) U_active^T dW      (enhanced: without diag(S_a))
 
     W is recomputed in backward instead of being saved, so no dense copy is held between
-    forward and backward.
+    forward and backward. Under autocast (``compute_dtype`` bf16/fp16) the O(m n k) products run in
+    that dtype like every other matmul of mixed-precision training (fp32 accumulation on tensor
+    cores); the gradients are handed back in float32. Without autocast everything is at least fp32.
     """
 
     @staticmethod
     def forward(ctx, x, S, U_active, Vh_active, bias, U, Vh, idx, enhanced: bool, compute_dtype):
-        W = effective_weight(U, S, Vh, idx, U_active, Vh_active)
         dtype = compute_dtype if compute_dtype is not None else x.dtype
+        mm = _matmul_dtype(S, compute_dtype)
+        W = _weight(U, S, Vh, idx, U_active, Vh_active, mm)
         out = torch.nn.functional.linear(x.to(dtype), W.to(dtype), None if bias is None else bias.to(dtype))
         ctx.save_for_backward(x, S, U_active, Vh_active, U, Vh, idx)
         ctx.enhanced = enhanced
         ctx.compute_dtype = dtype
+        ctx.mm_dtype = mm
         ctx.x_dtype = x.dtype
         ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -155,25 +156,24 @@ class SpectralLinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         x, S, U_active, Vh_active, U, Vh, idx = ctx.saved_tensors
-        dtype = ctx.compute_dtype
+        dtype, mm = ctx.compute_dtype, ctx.mm_dtype
+        work = _work_dtype(S)
         with torch.no_grad():
-            work = _work_dtype(S)
-            U_eff = U.to(work).index_copy(1, idx, U_active.to(work))
-            Vh_eff = Vh.to(work).index_copy(0, idx, Vh_active.to(work))
-            S32 = S.to(work)
+            U_eff = U.to(mm).index_copy(1, idx, U_active.to(mm))
+            Vh_eff = Vh.to(mm).index_copy(0, idx, Vh_active.to(mm))
             grad_x = None
             if ctx.needs_input_grad[0]:
-                W = U_eff @ (S32[:, None] * Vh_eff)
+                W = U_eff @ (S.to(mm)[:, None] * Vh_eff)
                 grad_x = (grad_out.to(dtype) @ W.to(dtype)).to(ctx.x_dtype)
             g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
             x2 = x.reshape(-1, x.shape[-1]).to(dtype)
-            dW = (g2.t() @ x2).to(work)  # (m, n): one layer's dense gradient, freed on return
+            dW = (g2.t() @ x2).to(mm)  # (m, n): one layer's dense gradient, freed on return
             UtdW = U_eff.t() @ dW  # (k, n)
-            grad_S = (UtdW * Vh_eff).sum(dim=1)
-            S_a = S32.index_select(0, idx)
-            grad_U_a = dW @ Vh_eff.index_select(0, idx).t()  # (m, r)
-            grad_Vh_a = UtdW.index_select(0, idx)  # (r, n)
+            grad_S = (UtdW.to(work) * Vh_eff.to(work)).sum(dim=1)
+            grad_U_a = (dW @ Vh_eff.index_select(0, idx).t()).to(work)  # (m, r)
+            grad_Vh_a = UtdW.index_select(0, idx).to(work)  # (r, n)
             if not ctx.enhanced:
+                S_a = S.to(work).index_select(0, idx)
                 grad_U_a = grad_U_a * S_a[None, :]
                 grad_Vh_a = grad_Vh_a * S_a[:, None]
             grad_b = g2.sum(dim=0).to(ctx.bias_dtype) if ctx.has_bias and ctx.needs_input_grad[4] else None
@@ -189,6 +189,19 @@ class SpectralLinearFunction(torch.autograd.Function):
             None,
             None,
         )
+
+
+def _matmul_dtype(S: torch.Tensor, compute_dtype: torch.dtype | None) -> torch.dtype:
+    """Half-precision products under autocast, otherwise at least float32."""
+    if compute_dtype in (torch.float16, torch.bfloat16):
+        return compute_dtype
+    return _work_dtype(S)
+
+
+def _weight(U, S, Vh, idx, U_active, Vh_active, dtype: torch.dtype) -> torch.Tensor:
+    U_eff = U.to(dtype).index_copy(1, idx, U_active.to(dtype))
+    Vh_eff = Vh.to(dtype).index_copy(0, idx, Vh_active.to(dtype))
+    return U_eff @ (S.to(dtype)[:, None] * Vh_eff)
 
 
 def spectral_linear(
