@@ -49,6 +49,6 @@ def test_presets():
     assert CHTssConfig.for_method("set", final_density=0.1).regrowth == "random"
     rigl = CHTssConfig.for_method("RigL", final_density=0.1)
     assert rigl.regrowth == "gradient" and rigl.initial_density == 0.1 and rigl.method == "rigl"
-    assert CHTssConfig.for_method("static", final_density=0.1).update_interval == 0
+    assert CHTssConfig.for_method("static", final_density=0.1, update_interval=5).update_interval == 0
     with pytest.raises(ValueError, match="unknown method 'foo'"):
         CHTssConfig.for_method("foo")

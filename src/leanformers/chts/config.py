@@ -199,6 +199,8 @@ class CHTssConfig:
         values = dict(METHOD_PRESETS[key])
         values.update(overrides)
         values["method"] = key
+        if key == "static":  # static sparse never rewires, whatever interval a shared recipe sets
+            values["update_interval"] = 0
         return cls(**values)
 
     def to_dict(self) -> dict:
