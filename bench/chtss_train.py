@@ -116,7 +116,8 @@ def bench_cost(name: str, device: str, repeats: int, log) -> dict:
         sync(device)
         return (time.perf_counter() - start) * 1000.0
 
-    batched(), per_matrix()  # warm-up (kernels, allocator)
+    if device.startswith("cuda"):
+        batched(), per_matrix()  # warm-up (kernels, allocator)
     t_batched = [batched() for _ in range(repeats)]
     t_loop = [per_matrix() for _ in range(repeats)]
     t_update = [full_update(u) for u in range(1, repeats + 1)]
@@ -432,12 +433,13 @@ def main(argv=None) -> int:
     parts = args.parts.split(",")
     if "cost" in parts:
         names = ["quick"] if args.quick else (["llama130m", "llama7b"] if cuda else ["llama130m"])
-        save("cost", [bench_cost(n, args.device, 2 if not cuda else 5, log) for n in names])
+        repeats = 5 if cuda else (2 if args.quick else 1)
+        save("cost", [bench_cost(n, args.device, repeats, log) for n in names])
     if "overhead" in parts:
         size, steps, batch, seqlen = (
             ("tiny", 200, 8, 64)
             if args.quick
-            else (("llama130m", 400, 16, 256) if cuda else ("small", 300, 8, 128))
+            else (("llama130m", 400, 16, 256) if cuda else ("tiny", 400, 8, 64))
         )
         save("overhead", [bench_overhead(size, steps, batch, seqlen, args.device, log)])
     if "mlp" in parts:

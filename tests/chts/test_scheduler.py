@@ -219,3 +219,35 @@ def test_static_sparse_never_rewires_and_llama_layers_match_find():
     assert [lay.name for lay in sched.layers] == [
         lay.name for lay in find_sparse_layers(model, cfg.targets, cfg.exclude)
     ]
+
+
+@pytest.mark.parametrize(
+    "initial,final,interval,total_steps,kind",
+    [
+        (0.5, 0.3, 3, 40, "sigmoid"),
+        (0.5, 0.01, 1, 30, "sigmoid"),
+        (0.9, 0.2, 4, 50, "cubic"),
+        (0.6, 0.6, 5, 30, "linear"),
+    ],
+)
+def test_masks_follow_the_schedule_to_exactly_the_final_density(initial, final, interval, total_steps, kind):
+    model = MLPClassifier((40, 30, 20))
+    cfg = CHTssConfig(
+        final_density=final,
+        initial_density=initial,
+        targets=MLP_TARGETS,
+        exclude=(),
+        update_interval=interval,
+        density_schedule=kind,
+        zeta=0.2,
+    )
+    sched = CHTssScheduler(model, None, cfg, total_steps=total_steps)
+    sched.check_schedule()
+    assert all(int(lay.mask.sum()) == link_count(lay.shape, initial) for lay in sched.layers)
+    densities = []
+    for _ in range(total_steps):  # topology only: no gradients needed
+        if sched.step() is not None:
+            densities.append(sched.metrics()["chtss/density_sparse_subset"])
+    assert len(densities) == num_updates(total_steps, interval, 0.75)
+    assert all(a >= b for a, b in zip(densities[:-1], densities[1:]))
+    assert all(int(lay.mask.sum()) == link_count(lay.shape, final) for lay in sched.layers)

@@ -37,6 +37,8 @@ class CHTssCallback(TrainerCallback):
         if model is None or optimizer is None:
             raise ValueError("CHTssCallback needs the Trainer's model and optimizer in on_train_begin")
         folder = resume_folder(args, state)
+        if self.scheduler is not None:  # a second train() call: drop the old hooks first
+            self.scheduler.remove()
         self.scheduler = CHTssScheduler(
             model, optimizer, self.config, total_steps=state.max_steps, init_masks=folder is None
         )
