@@ -204,3 +204,25 @@ def test_controller_refuses_fsdp(tmp_path):
             SSTController(model)
     finally:
         dist.destroy_process_group()
+
+
+def test_controller_state_round_trip_in_a_custom_loop(tmp_path):
+    model = get_peft_model(tiny_llama(), SSTConfig(r=4, steps_per_iteration=3, warmup_steps_per_iteration=2))
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    controller = SSTController(model, optimizer)
+    ids = random_ids()
+    for _ in range(4):  # step 3 starts iteration 1; one re-warm-up step done
+        model(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        controller.step(optimizer)
+    controller.save(tmp_path)
+    restored = SSTController(model)
+    assert restored.load(tmp_path) and not SSTController(model).load(tmp_path / "elsewhere")
+    restored.attach(torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    assert restored.global_step == 4
+    assert (
+        restored.rewarmup.state_dict()
+        == controller.rewarmup.state_dict()
+        == {"num_steps": 2, "steps_done": 1}
+    )

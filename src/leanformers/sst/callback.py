@@ -78,6 +78,7 @@ class SSTController:
         self.optimizer = None
         self.rewarmup: LRRewarmup | None = None
         self.last_round_metrics: dict[str, float] | None = None
+        self._pending_rewarmup: dict | None = None
         if optimizer is not None:
             self.attach(optimizer)
 
@@ -91,8 +92,9 @@ class SSTController:
         if self.rewarmup is not None:
             state = self.rewarmup.state_dict()
             self.rewarmup.remove()
-        else:
-            state = self._rewarmup_state_for(self.global_step)
+        else:  # restored by load_state_dict before an optimizer was known, or derived from the step
+            state = self._pending_rewarmup or self._rewarmup_state_for(self.global_step)
+        self._pending_rewarmup = None
         self.optimizer = inner
         self.rewarmup = LRRewarmup(inner)
         self.rewarmup.load_state_dict(state)
@@ -215,10 +217,6 @@ class SSTCallback(TrainerCallback):
         self.controller.global_step = state.global_step
         if optimizer is not None:
             self.controller.attach(optimizer)
-            pending = getattr(self.controller, "_pending_rewarmup", None)
-            if pending is not None:
-                self.controller.rewarmup.load_state_dict(pending)
-                del self.controller._pending_rewarmup
 
     def on_step_end(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         metrics = self.controller.step(optimizer, lr_scheduler, global_step=state.global_step)
