@@ -251,3 +251,20 @@ def test_masks_follow_the_schedule_to_exactly_the_final_density(initial, final, 
     assert len(densities) == num_updates(total_steps, interval, 0.75)
     assert all(a >= b for a, b in zip(densities[:-1], densities[1:]))
     assert all(int(lay.mask.sum()) == link_count(lay.shape, final) for lay in sched.layers)
+
+
+def test_gpt2_conv1d_layers_train_sparse():
+    from tests.tiny_models import tiny_gpt2
+
+    model = tiny_gpt2()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    cfg = CHTssConfig(
+        final_density=0.3, initial_density=0.5, targets=(r"(c_attn|c_fc|c_proj)$",), update_interval=2
+    )
+    sched = CHTssScheduler(model, opt, cfg, total_steps=8)
+    assert all(layer.transposed for layer in sched.layers)
+    run_loop(model, opt, sched, 0, 8)
+    for layer in sched.layers:
+        assert int(layer.mask.sum()) == link_count(layer.shape, 0.3)
+        assert (layer.weight.data.T[~layer.mask] == 0).all()  # Conv1D weight is (in, out)
+        assert (opt.state[layer.weight]["exp_avg"].T[~layer.mask] == 0).all()
