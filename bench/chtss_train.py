@@ -409,6 +409,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mlp-epochs", type=int, default=None)
     ap.add_argument("--mlp-updates-per-epoch", type=int, default=2)
     ap.add_argument("--llama-steps", type=int, default=None)
+    ap.add_argument("--llama-size", default=None, choices=["tiny", "small", "llama130m"])
+    ap.add_argument("--llama-batch", type=int, default=None)
+    ap.add_argument("--llama-interval", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results and exit")
     args = ap.parse_args(argv)
@@ -476,6 +479,9 @@ def main(argv=None) -> int:
                 else ("small", args.llama_steps or 600, 16, 128, 25)
             )
         )
+        size = args.llama_size or size
+        batch = args.llama_batch or batch
+        interval = args.llama_interval or interval
         rows = []
         for seed in range(args.seeds or 1):
             for m in methods:
