@@ -384,7 +384,7 @@ def run_quality(method, preset, train_ids, eval_ids, vocab, device, seed=0) -> d
         optimizer.zero_grad(set_to_none=True)
         if controller is not None:
             controller.step(optimizer)
-        losses.append(float(loss))
+        losses.append(float(loss.detach()))
     train_seconds = time.perf_counter() - t0
     result = perplexity(model, text=eval_ids, seqlen=seq, batch_size=8, progress=False)
     return {
