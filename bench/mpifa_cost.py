@@ -1,9 +1,9 @@
 """BENCHMARKS.md §3: wall time and peak host / GPU memory of a whole MPIFA compression.
 
-  python bench/mpifa_cost.py                 # SmolLM2-135M on the CPU, 32 x 512 tokens (target <= 3 min)
-  python bench/mpifa_cost.py --llama7b       # LLaMA-7B shapes, random weights, 128 x 2048 random tokens,
-                                             # on a GPU (target <= 15 min, <= 32 GB host RAM)
-  python bench/mpifa_cost.py --quick         # a tiny LLaMA, seconds (CI smoke test)
+python bench/mpifa_cost.py                 # SmolLM2-135M on the CPU, 32 x 512 tokens (target <= 3 min)
+python bench/mpifa_cost.py --llama7b       # LLaMA-7B shapes, random weights, 128 x 2048 random tokens,
+                                           # on a GPU (target <= 15 min, <= 32 GB host RAM)
+python bench/mpifa_cost.py --quick         # a tiny LLaMA, seconds (CI smoke test)
 """
 
 from __future__ import annotations
@@ -25,8 +25,13 @@ def _random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab, max_position_embeddings=4096,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        vocab_size=vocab,
+        max_position_embeddings=4096,
     )
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
@@ -42,7 +47,9 @@ def _random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, dtype):
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--quick", action="store_true", help="tiny random LLaMA (CI smoke test)")
     parser.add_argument("--llama7b", action="store_true", help="LLaMA-7B shapes on the GPU")
     parser.add_argument("--nsamples", type=int, default=None)
@@ -86,19 +93,30 @@ def main(argv=None) -> int:
         seconds = time.perf_counter() - t0
     row = {
         "model": name,
-        "device": str(config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")),
+        "device": str(
+            config.device if config.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        ),
         "calibration": f"{nsamples} x {seqlen}",
         "density": f"{report.achieved_density:.4f}",
         "wall time (s)": f"{seconds:.1f}",
         "peak host RSS (GB)": f"{rss.peak_gb:.2f}",
-        "peak GPU (GB)": f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if torch.cuda.is_available() else "-",
-        "target": (f"<= {target_s / 60:.0f} min" if target_s else "-") + (f", <= {target_gb:.0f} GB host" if target_gb else ""),
-        "met": ("yes" if (target_s is None or seconds <= target_s) and (target_gb is None or rss.peak_gb <= target_gb) else "NO")
+        "peak GPU (GB)": f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
+        if torch.cuda.is_available()
+        else "-",
+        "target": (f"<= {target_s / 60:.0f} min" if target_s else "-")
+        + (f", <= {target_gb:.0f} GB host" if target_gb else ""),
+        "met": (
+            "yes"
+            if (target_s is None or seconds <= target_s) and (target_gb is None or rss.peak_gb <= target_gb)
+            else "NO"
+        )
         if target_s
         else "-",
     }
-    path = write_json("mpifa_cost" + ("_quick" if args.quick else "_llama7b" if args.llama7b else ""),
-                      {"env": environment(), "row": row, "report": report.to_dict()})
+    path = write_json(
+        "mpifa_cost" + ("_quick" if args.quick else "_llama7b" if args.llama7b else ""),
+        {"env": environment(), "row": row, "report": report.to_dict()},
+    )
     print(f"(JSON: {path})")
     print_table([row], list(row))
     return 0

@@ -9,15 +9,25 @@ __version__ = "0.1.0"
 from leanformers.chts import CHTssCallback, CHTssConfig, CHTssScheduler
 from leanformers.data import calibration_windows, evaluation_windows, load_text, tokenize_text
 from leanformers.eval import PerplexityResult, perplexity
-from leanformers.pifa.layer import LowRankLinear, PIFALinear
-from leanformers.pifa.quantizer import MPIFAQuantizationConfig  # registers the `mpifa` transformers quantizer
+from leanformers.pifa import (  # registers the `mpifa` transformers quantizer
+    CompressionReport,
+    LowRankLinear,
+    MPIFAConfig,
+    MPIFAQuantizationConfig,
+    PIFALinear,
+    dequantize_model,
+    mpifa_compress,
+    save_compressed,
+)
 from leanformers.sst import SSTCallback, SSTConfig, SSTController  # registers the `sst` PEFT tuner
 
 __all__ = [
     "CHTssCallback",
     "CHTssConfig",
     "CHTssScheduler",
+    "CompressionReport",
     "LowRankLinear",
+    "MPIFAConfig",
     "MPIFAQuantizationConfig",
     "PIFALinear",
     "PerplexityResult",
@@ -26,8 +36,11 @@ __all__ = [
     "SSTController",
     "__version__",
     "calibration_windows",
+    "dequantize_model",
     "evaluation_windows",
     "load_text",
+    "mpifa_compress",
     "perplexity",
+    "save_compressed",
     "tokenize_text",
 ]

@@ -55,7 +55,9 @@ def _shared(name: str) -> Path | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--density", type=float, default=0.6)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
@@ -79,7 +81,11 @@ def main(argv: list[str] | None = None) -> int:
         f"leanformers {leanformers.__version__} | torch {torch.__version__} | transformers "
         f"{transformers.__version__} | {platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
     )
-    calib = Path(args.calib) if args.calib else (_shared("wikitext-2-v1-valid.txt") or _shared("tinyshakespeare.txt"))
+    calib = (
+        Path(args.calib)
+        if args.calib
+        else (_shared("wikitext-2-v1-valid.txt") or _shared("tinyshakespeare.txt"))
+    )
     evaluation = Path(args.eval) if args.eval else _shared("wikitext-2-raw-test.txt")
     if calib is None or evaluation is None:
         parser.error("../shared/data is not beside the checkout: pass --calib FILE and --eval FILE")
@@ -118,7 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         ids_path.write_text(json.dumps(ids.tolist()))
         proc = subprocess.run(
             [sys.executable, "-c", _RELOAD, str(out), str(ids_path), str(logits_path), PROMPT],
-            capture_output=True, text=True,
+            capture_output=True,
+            text=True,
         )
         if proc.returncode != 0:
             print(proc.stderr, file=sys.stderr)
@@ -129,7 +136,9 @@ def main(argv: list[str] | None = None) -> int:
         info = json.loads(proc.stdout.strip().splitlines()[-1])
     diff = (reloaded - mem_logits).abs().max().item()
     identical = torch.equal(reloaded, mem_logits)
-    print(f"fresh-process reload ({info['class']} layers): logits identical={identical} (max |diff| {diff:.2e})")
+    print(
+        f"fresh-process reload ({info['class']} layers): logits identical={identical} (max |diff| {diff:.2e})"
+    )
     print(f"dense generation:      {tokenizer.decode(dense_gen[0], skip_special_tokens=True)!r}")
     print(f"compressed generation: {info['generation']!r}")
     print(

@@ -24,7 +24,9 @@ SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 def cache_dir() -> Path:
     """Where converted models are cached (``LEANFORMERS_CACHE`` or ``~/.cache/leanformers``)."""
-    root = os.environ.get("LEANFORMERS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "leanformers")
+    root = os.environ.get("LEANFORMERS_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "leanformers"
+    )
     return Path(root)
 
 
@@ -143,7 +145,9 @@ def load_causal_lm(
     return model, tokenizer
 
 
-def push_folder_to_hub(folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None) -> str:
+def push_folder_to_hub(
+    folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
+) -> str:
     """Upload a saved model folder to the Hub (creates the repo if needed); returns the repo URL."""
     from huggingface_hub import HfApi
 
@@ -166,7 +170,14 @@ def model_card(
     from leanformers import __version__
 
     base = base_model if "/" in base_model and not os.path.exists(base_model) else None
-    lines = ["---", "library_name: transformers", "tags:", "- leanformers", f"- {method.lower()}", "- compressed"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- leanformers",
+        f"- {method.lower()}",
+        "- compressed",
+    ]
     if base:
         lines += [f"base_model: {base}"]
     lines += ["---", "", f"# {Path(str(base_model)).name} — {method} (leanformers {__version__})", ""]

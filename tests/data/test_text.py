@@ -41,7 +41,9 @@ def test_calibration_windows_are_seeded_and_checked():
     # each window is a contiguous slice of the corpus
     assert torch.equal(a[:, 1:] - a[:, :-1], torch.ones(4, 99, dtype=torch.long))
     assert not torch.equal(a, calibration_windows(ids, 4, 100, seed=2))
-    with pytest.raises(ValueError, match="too few calibration tokens: the text has 1,000 tokens but 11 x 100"):
+    with pytest.raises(
+        ValueError, match="too few calibration tokens: the text has 1,000 tokens but 11 x 100"
+    ):
         calibration_windows(ids, 11, 100)
 
 

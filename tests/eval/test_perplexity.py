@@ -20,7 +20,9 @@ def test_perplexity_matches_manual_token_accounting():
             nll += F.cross_entropy(logits[:-1], w[1:], reduction="sum").item()
     assert res.ppl == pytest.approx(math.exp(nll / (5 * 63)), rel=1e-5)
     # batching does not change the result
-    assert perplexity(model, text=ids, seqlen=64, batch_size=5, progress=False).ppl == pytest.approx(res.ppl, rel=1e-5)
+    assert perplexity(model, text=ids, seqlen=64, batch_size=5, progress=False).ppl == pytest.approx(
+        res.ppl, rel=1e-5
+    )
 
 
 def test_perplexity_needs_text_and_tokenizer():

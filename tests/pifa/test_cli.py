@@ -21,8 +21,15 @@ def tiny_lm_folder(tmp_path_factory, smollm2_path):
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
     folder = tmp_path_factory.mktemp("tiny-lm")
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -30,16 +37,42 @@ def tiny_lm_folder(tmp_path_factory, smollm2_path):
 
 
 def _args(src, out, shared_data, *extra):
-    return [str(src), "--output", str(out), "--calib", str(shared_data / "wikitext-2-v1-valid.txt"),
-            "--nsamples", "4", "--seqlen", "64", "--device", "cpu", *extra]
+    return [
+        str(src),
+        "--output",
+        str(out),
+        "--calib",
+        str(shared_data / "wikitext-2-v1-valid.txt"),
+        "--nsamples",
+        "4",
+        "--seqlen",
+        "64",
+        "--device",
+        "cpu",
+        *extra,
+    ]
 
 
 def test_cli_writes_a_reloadable_safetensors_folder(tiny_lm_folder, shared_data, tmp_path, capsys):
     out = tmp_path / "out"
     report = tmp_path / "report.json"
-    rc = main(_args(tiny_lm_folder, out, shared_data, "--density", "0.5", "--eval",
-                    str(shared_data / "wikitext-2-raw-test.txt"), "--eval-seqlen", "128", "--eval-tokens", "1024",
-                    "--report", str(report)))
+    rc = main(
+        _args(
+            tiny_lm_folder,
+            out,
+            shared_data,
+            "--density",
+            "0.5",
+            "--eval",
+            str(shared_data / "wikitext-2-raw-test.txt"),
+            "--eval-seqlen",
+            "128",
+            "--eval-tokens",
+            "1024",
+            "--report",
+            str(report),
+        )
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "achieved density (targeted)" in printed and "ppl after" in printed
@@ -59,7 +92,7 @@ def test_cli_writes_a_reloadable_safetensors_folder(tiny_lm_folder, shared_data,
         from leanformers.data import load_text, tokenize_text
         model = AutoModelForCausalLM.from_pretrained({str(out)!r})
         tok = AutoTokenizer.from_pretrained({str(out)!r})
-        ids = tokenize_text(load_text({str(shared_data / 'wikitext-2-raw-test.txt')!r}), tok)
+        ids = tokenize_text(load_text({str(shared_data / "wikitext-2-raw-test.txt")!r}), tok)
         res = leanformers.perplexity(model, text=ids, seqlen=128, max_tokens=1024, progress=False)
         print(json.dumps({{"ppl": res.ppl, "cls": type(model.model.layers[0].mlp.down_proj).__name__}}))
     """)
@@ -78,8 +111,22 @@ def test_yaml_config_and_flag_override(tiny_lm_folder, shared_data, tmp_path):
     assert data["config"]["density"] == 0.3 and data["config"]["output"] == "lowrank"
     assert data["report"]["achieved_density"] <= 0.3
     out2, report2 = tmp_path / "o2", tmp_path / "r2.json"
-    assert main(_args(tiny_lm_folder, out2, shared_data, "--config", str(cfg), "--density", "0.6",
-                      "--report", str(report2))) == 0
+    assert (
+        main(
+            _args(
+                tiny_lm_folder,
+                out2,
+                shared_data,
+                "--config",
+                str(cfg),
+                "--density",
+                "0.6",
+                "--report",
+                str(report2),
+            )
+        )
+        == 0
+    )
     assert json.loads(report2.read_text())["config"]["density"] == 0.6
 
 
@@ -103,8 +150,22 @@ def test_bad_inputs(tiny_lm_folder, shared_data, tmp_path, capsys):
 
     short = tmp_path / "short.txt"
     short.write_text("only a handful of calibration words\n")
-    assert main([str(tiny_lm_folder), "--output", str(tmp_path / "o3"), "--calib", str(short), "--nsamples", "4",
-                 "--seqlen", "64"]) == 1
+    assert (
+        main(
+            [
+                str(tiny_lm_folder),
+                "--output",
+                str(tmp_path / "o3"),
+                "--calib",
+                str(short),
+                "--nsamples",
+                "4",
+                "--seqlen",
+                "64",
+            ]
+        )
+        == 1
+    )
     assert "too few calibration tokens" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
 

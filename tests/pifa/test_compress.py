@@ -37,7 +37,9 @@ def test_full_rank_without_target_shift_reproduces_the_model(family):
     model = FAMILIES[family]()
     reference = _out(model, HELD_OUT)
     layout, blocks = find_layout(model)
-    report = mpifa_compress(model, None, MPIFAConfig(density=1.0, alpha=0.0, batch_size=4), CALIB, progress=False)
+    report = mpifa_compress(
+        model, None, MPIFAConfig(density=1.0, alpha=0.0, batch_size=4), CALIB, progress=False
+    )
     compressed = _compressed_modules(model)
     assert len(compressed) == len(layout.modules) * len(blocks) == len(report.modules)
     got = _out(model, HELD_OUT)
@@ -75,7 +77,9 @@ def test_m_beats_whitening_beats_plain_svd_on_calibration_outputs():
         return tiny_llama(seed=3, hidden=96, intermediate=160)
 
     svd = _error(model_fn, MPIFAConfig(density=0.3, init="svd", steps=0, output="lowrank", batch_size=4))
-    whiten = _error(model_fn, MPIFAConfig(density=0.3, init="whiten", steps=0, output="lowrank", batch_size=4))
+    whiten = _error(
+        model_fn, MPIFAConfig(density=0.3, init="whiten", steps=0, output="lowrank", batch_size=4)
+    )
     m = _error(model_fn, MPIFAConfig(density=0.3, alpha=0.25, steps=2, output="lowrank", batch_size=4))
     mpifa = _error(model_fn, MPIFAConfig(density=0.3, alpha=0.25, steps=2, output="pifa", batch_size=4))
     assert m < whiten < svd
@@ -84,16 +88,18 @@ def test_m_beats_whitening_beats_plain_svd_on_calibration_outputs():
 
 def test_attention_density_and_owl_keep_the_budget():
     model = tiny_llama(hidden=96, intermediate=160)
-    report = mpifa_compress(model, None, MPIFAConfig(density=0.5, attn_density=0.7, batch_size=4), CALIB,
-                            progress=False)
+    report = mpifa_compress(
+        model, None, MPIFAConfig(density=0.5, attn_density=0.7, batch_size=4), CALIB, progress=False
+    )
     attn = [m for m in report.modules if "self_attn" in m.name]
     mlp = [m for m in report.modules if "mlp" in m.name]
     assert all(m.target_density == pytest.approx(0.7) for m in attn)
     assert all(m.target_density < 0.5 for m in mlp)
     assert report.achieved_density <= 0.5
     model = tiny_llama(layers=3, hidden=96, intermediate=160)
-    report = mpifa_compress(model, None, MPIFAConfig(density=0.5, owl=True, owl_lambda=0.1, batch_size=4), CALIB,
-                            progress=False)
+    report = mpifa_compress(
+        model, None, MPIFAConfig(density=0.5, owl=True, owl_lambda=0.1, batch_size=4), CALIB, progress=False
+    )
     per_block = {int(m.name.split(".")[2]): m.target_density for m in report.modules}
     assert len(set(per_block.values())) > 1  # OWL differentiates the layers
     assert sum(per_block.values()) / 3 == pytest.approx(0.5, abs=1e-9)
@@ -102,8 +108,9 @@ def test_attention_density_and_owl_keep_the_budget():
 
 def test_targets_select_modules():
     model = tiny_llama()
-    report = mpifa_compress(model, None, MPIFAConfig(density=0.5, targets=["mlp.*"], batch_size=4), CALIB,
-                            progress=False)
+    report = mpifa_compress(
+        model, None, MPIFAConfig(density=0.5, targets=["mlp.*"], batch_size=4), CALIB, progress=False
+    )
     assert {m.name.rsplit(".", 1)[-1] for m in report.modules} == {"gate_proj", "up_proj", "down_proj"}
     with pytest.raises(ValueError, match=r"targets \['nothing'\] match no module"):
         mpifa_compress(tiny_llama(), None, MPIFAConfig(targets=["nothing"]), CALIB, progress=False)
@@ -143,10 +150,16 @@ def test_custom_layout_for_an_unknown_architecture():
     model = tiny_llama()
     model.config.model_type = "my_llama_variant"
     report = mpifa_compress(
-        model, None,
-        MPIFAConfig(density=0.5, blocks_path="model.layers", groups=[["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
-                    batch_size=4),
-        CALIB, progress=False,
+        model,
+        None,
+        MPIFAConfig(
+            density=0.5,
+            blocks_path="model.layers",
+            groups=[["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]],
+            batch_size=4,
+        ),
+        CALIB,
+        progress=False,
     )
     assert len(report.modules) == 3 * len(model.model.layers)
 
@@ -158,11 +171,17 @@ def test_calibration_from_text_checks_token_count(minilm_path):
     model = tiny_bert()
     model.resize_token_embeddings(tokenizer.vocab_size)
     with pytest.raises(ValueError, match="too few calibration tokens"):
-        mpifa_compress(model, tokenizer, MPIFAConfig(nsamples=4, seqlen=64), calibration="just a few words here",
-                       progress=False)
+        mpifa_compress(
+            model,
+            tokenizer,
+            MPIFAConfig(nsamples=4, seqlen=64),
+            calibration="just a few words here",
+            progress=False,
+        )
     text = " ".join(f"word{i} and more text" for i in range(400))
-    report = mpifa_compress(model, tokenizer, MPIFAConfig(density=0.5, nsamples=4, seqlen=64), calibration=text,
-                            progress=False)
+    report = mpifa_compress(
+        model, tokenizer, MPIFAConfig(density=0.5, nsamples=4, seqlen=64), calibration=text, progress=False
+    )
     assert report.calibration_tokens == 4 * 64
 
 
@@ -171,13 +190,18 @@ def test_model_dtype_and_device_are_restored():
     mpifa_compress(model, None, MPIFAConfig(density=0.5, batch_size=4), CALIB, progress=False)
     assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
     assert torch.isfinite(_out(model, HELD_OUT).float()).all()
-    assert VOCAB == model.config.vocab_size
+    assert model.config.vocab_size == VOCAB
 
 
 def test_plain_svd_needs_no_calibration():
     model = tiny_llama()
-    report = mpifa_compress(model, None, MPIFAConfig(density=0.5, init="svd", steps=0, output="lowrank"),
-                            calibration=None, progress=False)
+    report = mpifa_compress(
+        model,
+        None,
+        MPIFAConfig(density=0.5, init="svd", steps=0, output="lowrank"),
+        calibration=None,
+        progress=False,
+    )
     assert report.calibration_tokens == 0 and report.achieved_density <= 0.5
     # each layer is exactly the truncated SVD of its weight
     ref = tiny_llama()

@@ -12,7 +12,9 @@ def _stepped(opt_cls, **kw):
     return p, opt
 
 
-@pytest.mark.parametrize("cls,kw", [(torch.optim.Adam, {}), (torch.optim.AdamW, {}), (torch.optim.SGD, {"momentum": 0.9})])
+@pytest.mark.parametrize(
+    "cls,kw", [(torch.optim.Adam, {}), (torch.optim.AdamW, {}), (torch.optim.SGD, {"momentum": 0.9})]
+)
 def test_reset_rows_and_mask(cls, kw):
     p, opt = _stepped(cls, **kw)
     reset_state(opt, p, torch.tensor([1, 3]))

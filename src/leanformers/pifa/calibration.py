@@ -8,6 +8,7 @@ keyword arguments of the first block, replays blocks, and accumulates the input 
 
 from __future__ import annotations
 
+import contextlib
 import fnmatch
 from dataclasses import dataclass, field
 
@@ -169,7 +170,9 @@ def select_modules(layout: BlockLayout, targets: list[str] | None) -> BlockLayou
     """Keep only module paths matching one of the fnmatch patterns in ``targets`` (None keeps all)."""
     if not targets:
         return layout
-    groups = [[n for n in g if any(fnmatch.fnmatch(n, t) or n.endswith(t) for t in targets)] for g in layout.groups]
+    groups = [
+        [n for n in g if any(fnmatch.fnmatch(n, t) or n.endswith(t) for t in targets)] for g in layout.groups
+    ]
     groups = [g for g in groups if g]
     if not groups:
         raise ValueError(f"targets {targets} match no module of the block layout {layout.modules}")
@@ -232,10 +235,8 @@ def capture_block_inputs(
     device = next(p.device for p in model.parameters() if p.device.type != "meta")
     try:
         for batch in batches:
-            try:
+            with contextlib.suppress(_StopForward):
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
-                pass
     finally:
         handle.remove()
     if len(hidden) != len(batches):
@@ -307,6 +308,7 @@ def run_block_capturing(
     captured: dict[str, list[torch.Tensor]] = {p: [] for p in module_paths}
     handles = []
     for path in module_paths:
+
         def hook(mod, args, _path=path):
             captured[_path].append(args[0].detach())
 

@@ -19,8 +19,16 @@ OPTIONS: dict[str, tuple] = {
     "output": (str, None, "output folder (required)"),
     "density": (float, 0.5, "kept fraction of the targeted linears' parameters, in (0, 1]"),
     "attn_density": (float, None, "attention density; the MLP density is solved to keep the budget"),
-    "owl": (bool, False, "layer-wise densities from the OWL outlier share (computed on the calibration data)"),
-    "calib": (str, "wikitext:wikitext-2-raw-v1@train", "calibration text: a local .txt/.json/.parquet file or a datasets name[:config][@split]"),
+    "owl": (
+        bool,
+        False,
+        "layer-wise densities from the OWL outlier share (computed on the calibration data)",
+    ),
+    "calib": (
+        str,
+        "wikitext:wikitext-2-raw-v1@train",
+        "calibration text: a local .txt/.json/.parquet file or a datasets name[:config][@split]",
+    ),
     "nsamples": (int, 128, "calibration windows"),
     "seqlen": (int, 2048, "tokens per calibration window"),
     "alpha": (float, 0.25, "weight of the dense target in M, in [0, 1]"),
@@ -93,8 +101,15 @@ def _check_output(path: Path, overwrite: bool) -> None:
 def _dtype(name: str):
     import torch
 
-    table = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
-             "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+    table = {
+        "auto": "auto",
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+    }
     if name not in table:
         raise ValueError(f"--dtype must be one of auto, float32, bfloat16, float16; got {name!r}")
     return table[name]
@@ -109,10 +124,19 @@ def run(opts: argparse.Namespace) -> dict:
 
     # Cheap checks first: a bad density or an occupied output must not cost a model load.
     config = MPIFAConfig(
-        density=opts.density, attn_density=opts.attn_density, owl=bool(opts.owl), alpha=opts.alpha,
-        steps=opts.steps, init=opts.init, output="lowrank" if opts.lowrank else "pifa",
-        rank_multiple=opts.rank_multiple, nsamples=opts.nsamples, seqlen=opts.seqlen,
-        batch_size=opts.batch_size, device=opts.device, seed=opts.seed,
+        density=opts.density,
+        attn_density=opts.attn_density,
+        owl=bool(opts.owl),
+        alpha=opts.alpha,
+        steps=opts.steps,
+        init=opts.init,
+        output="lowrank" if opts.lowrank else "pifa",
+        rank_multiple=opts.rank_multiple,
+        nsamples=opts.nsamples,
+        seqlen=opts.seqlen,
+        batch_size=opts.batch_size,
+        device=opts.device,
+        seed=opts.seed,
     )
     output = Path(opts.output).expanduser()
     _check_output(output, bool(opts.overwrite))
@@ -158,17 +182,29 @@ def run(opts: argparse.Namespace) -> dict:
             "perplexity before": f"{eval_before.ppl:.3f}",
             "perplexity after": f"{eval_after.ppl:.3f}",
         }
-        summary.update({f"ppl before ({eval_before.seqlen} ctx, {eval_before.n_tokens:,} tok)": f"{eval_before.ppl:.3f}",
-                        "ppl after": f"{eval_after.ppl:.3f}"})
+        summary.update(
+            {
+                f"ppl before ({eval_before.seqlen} ctx, {eval_before.n_tokens:,} tok)": f"{eval_before.ppl:.3f}",
+                "ppl after": f"{eval_after.ppl:.3f}",
+            }
+        )
     card = model_card(
         base_model=str(opts.source),
         method="MPIFA",
         summary={k: v for k, v in summary.items() if k not in ("output",)},
-        settings={k: v for k, v in config.to_dict().items() if v is not None and k not in ("groups", "attention")},
+        settings={
+            k: v for k, v in config.to_dict().items() if v is not None and k not in ("groups", "attention")
+        },
         evaluation=evaluation,
     )
-    save_compressed(model, tokenizer, output, model.config.quantization_config, overwrite=bool(opts.overwrite),
-                    model_card=card)
+    save_compressed(
+        model,
+        tokenizer,
+        output,
+        model.config.quantization_config,
+        overwrite=bool(opts.overwrite),
+        model_card=card,
+    )
     summary["saved"] = str(output)
     if opts.push_to_hub:
         summary["pushed to"] = push_folder_to_hub(output, opts.push_to_hub, private=bool(opts.private))

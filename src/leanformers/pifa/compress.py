@@ -215,7 +215,11 @@ def _calibration_windows(calibration, tokenizer, config: MPIFAConfig) -> tuple[t
 
     source = str(calibration)
     is_file = "\n" not in source and len(source) < 4096 and os.path.exists(source)
-    text = load_text(source) if is_file or ("\n" not in source and len(source) < 256 and " " not in source) else source
+    text = (
+        load_text(source)
+        if is_file or ("\n" not in source and len(source) < 256 and " " not in source)
+        else source
+    )
     ids = tokenize_text(text, tokenizer)
     windows = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
     label = os.path.basename(source) if (is_file or len(source) < 256) else "given text"
@@ -227,8 +231,6 @@ def _block_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
         if module is blocks:
             return name
     raise RuntimeError("blocks are not part of the model")
-
-
 
 
 def _owl_block_densities(blocks, layout, hidden, calls, config, device) -> list[float]:
@@ -249,7 +251,9 @@ def _owl_block_densities(blocks, layout, hidden, calls, config, device) -> list[
                 sq = part if sq is None else sq + part
             norm = sq.sqrt()
             for name in group:
-                o, t = outlier_ratio(linear_weight(block.get_submodule(name)).detach(), norm, config.owl_threshold)
+                o, t = outlier_ratio(
+                    linear_weight(block.get_submodule(name)).detach(), norm, config.owl_threshold
+                )
                 outliers += o
                 total += t
         ratios.append(outliers / total)
@@ -306,7 +310,9 @@ def mpifa_compress(
     # Everything but the blocks goes to the compute device; blocks move one at a time.
     block_homes = [(next(b.parameters()).device, next(b.parameters()).dtype) for b in blocks]
     _move_except(model, blocks, device)
-    hidden, calls = capture_block_inputs(model, blocks, batches, stream_device=stream_device) if need_stats else ([], [])
+    hidden, calls = (
+        capture_block_inputs(model, blocks, batches, stream_device=stream_device) if need_stats else ([], [])
+    )
     if not all(torch.isfinite(h).all() for h in hidden):
         raise FloatingPointError(
             "block 0: non-finite activations at the input of the first block (embeddings); load the model "
@@ -322,7 +328,10 @@ def mpifa_compress(
     if config.attn_density is not None:
         attn = {k for k in shapes if k.split(".", 1)[1] in layout.attention}
         d_mlp = solve_mlp_density(
-            [shapes[k] for k in attn], [shapes[k] for k in shapes if k not in attn], config.density, config.attn_density
+            [shapes[k] for k in attn],
+            [shapes[k] for k in shapes if k not in attn],
+            config.density,
+            config.attn_density,
         )
         densities = {k: (config.attn_density if k in attn else d_mlp) for k in shapes}
     if config.owl:
@@ -338,8 +347,12 @@ def mpifa_compress(
     specs: dict[str, dict] = {}
     chain_consumer = None
     if (
-        config.output == "pifa" and config.form == "auto" and config.scatter_free_mlp and layout.mlp_chain
-        and all(p in layout.modules for p in layout.mlp_chain[0]) and layout.mlp_chain[1] in layout.modules
+        config.output == "pifa"
+        and config.form == "auto"
+        and config.scatter_free_mlp
+        and layout.mlp_chain
+        and all(p in layout.modules for p in layout.mlp_chain[0])
+        and layout.mlp_chain[1] in layout.modules
     ):
         chain_consumer = layout.mlp_chain[1]
     bar = tqdm(list(enumerate(blocks)), desc="MPIFA blocks", disable=not progress)
@@ -347,12 +360,16 @@ def mpifa_compress(
         block.to(device, torch.float32)
         for name in layout.modules:
             if not torch.isfinite(linear_weight(block.get_submodule(name))).all():
-                raise FloatingPointError(f"block {i}: {name} has a non-finite weight; the checkpoint is corrupt")
+                raise FloatingPointError(
+                    f"block {i}: {name} has a non-finite weight; the checkpoint is corrupt"
+                )
         # One pass of the untouched block serves the dense stream: its outputs (the next block's dense
         # inputs) and the dense inputs of every group.
         try:
             next_dense, dense_inputs = (
-                run_block_capturing(block, dense_states, calls, [g[0] for g in layout.groups], device, torch.float32)
+                run_block_capturing(
+                    block, dense_states, calls, [g[0] for g in layout.groups], device, torch.float32
+                )
                 if need_stats
                 else ([], {})
             )
@@ -363,10 +380,21 @@ def mpifa_compress(
             ) from exc
         for group in layout.groups:
             try:
-                stats = group_input_stats(
-                    dense_inputs.pop(group[0]), block, group[0], comp_states, calls,
-                    device=device, dtype=torch.float32, need_cross=need_cross, need_dense=need_dense,
-                ) if need_stats else None
+                stats = (
+                    group_input_stats(
+                        dense_inputs.pop(group[0]),
+                        block,
+                        group[0],
+                        comp_states,
+                        calls,
+                        device=device,
+                        dtype=torch.float32,
+                        need_cross=need_cross,
+                        need_dense=need_dense,
+                    )
+                    if need_stats
+                    else None
+                )
             except FloatingPointError as exc:
                 raise FloatingPointError(
                     f"block {i}: {exc}. The model produces inf/NaN on the calibration data; load it in "
@@ -379,11 +407,21 @@ def mpifa_compress(
                 module = block.get_submodule(name)
                 W = linear_weight(module).detach()
                 U, V = reconstruct(
-                    W, ranks[key], stats, init=config.init, alpha=config.alpha, steps=config.steps,
-                    damping=config.damping, L=L,
+                    W,
+                    ranks[key],
+                    stats,
+                    init=config.init,
+                    alpha=config.alpha,
+                    steps=config.steps,
+                    damping=config.damping,
+                    L=L,
                 )
                 bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-                kwargs = {"form": "column" if name == chain_consumer else config.form} if config.output == "pifa" else {}
+                kwargs = (
+                    {"form": "column" if name == chain_consumer else config.form}
+                    if config.output == "pifa"
+                    else {}
+                )
                 new = layer_cls.from_factors(U.float(), V.float(), bias, dtype=torch.float32, **kwargs)
                 if not all(torch.isfinite(p).all() for p in new.parameters()):
                     raise FloatingPointError(f"block {i} {name}: non-finite factors after reconstruction")
@@ -391,19 +429,34 @@ def mpifa_compress(
                 full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
                 m, n = W.shape
                 report.modules.append(
-                    ModuleReport(full, m, n, new.rank, config.output, m * n, new.num_parameters,
-                                 densities[key], time.perf_counter() - t0)
+                    ModuleReport(
+                        full,
+                        m,
+                        n,
+                        new.rank,
+                        config.output,
+                        m * n,
+                        new.num_parameters,
+                        densities[key],
+                        time.perf_counter() - t0,
+                    )
                 )
             del stats
         if chain_consumer is not None:
             # Function-preserving channel reorder: gate/up emit in down's pivot-first order.
-            emit_in_order_([block.get_submodule(p) for p in layout.mlp_chain[0]], block.get_submodule(chain_consumer))
+            emit_in_order_(
+                [block.get_submodule(p) for p in layout.mlp_chain[0]], block.get_submodule(chain_consumer)
+            )
         for name in layout.modules:
             full = f"{prefix}.{i}.{name}" if prefix else f"{i}.{name}"
             specs[full] = block.get_submodule(name).spec()
         dense_states = next_dense
         try:
-            comp_states = [run_block(block, s, c, device, torch.float32) for s, c in zip(comp_states, calls)] if need_stats else []
+            comp_states = (
+                [run_block(block, s, c, device, torch.float32) for s, c in zip(comp_states, calls)]
+                if need_stats
+                else []
+            )
         except FloatingPointError as exc:
             raise FloatingPointError(
                 f"block {i}: non-finite activations after the block ({exc}); load the model in float32 "
@@ -411,7 +464,9 @@ def mpifa_compress(
             ) from exc
         home_device, home_dtype = block_homes[i]
         block.to(home_device, home_dtype)
-        bar.set_postfix(density=f"{sum(m.stored_params for m in report.modules) / max(1, sum(m.dense_params for m in report.modules)):.3f}")
+        bar.set_postfix(
+            density=f"{sum(m.stored_params for m in report.modules) / max(1, sum(m.dense_params for m in report.modules)):.3f}"
+        )
     model.train(was_training)
 
     report.model_params_after = sum(p.numel() for p in model.parameters())

@@ -36,7 +36,9 @@ def resume_folder(args, state) -> Path | None:
     return folder if folder.is_dir() else None
 
 
-def save_state(folder: str | os.PathLike, name: str, tensors: dict[str, torch.Tensor], meta: dict) -> Path | None:
+def save_state(
+    folder: str | os.PathLike, name: str, tensors: dict[str, torch.Tensor], meta: dict
+) -> Path | None:
     """Write ``tensors`` and JSON-able ``meta`` atomically (main process only; ranks hold equal state)."""
     if not is_main_process():
         return None

@@ -7,7 +7,14 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-__all__ = ["broadcast_", "broadcast_object", "is_distributed", "is_main_process", "seeded_generator", "world_size"]
+__all__ = [
+    "broadcast_",
+    "broadcast_object",
+    "is_distributed",
+    "is_main_process",
+    "seeded_generator",
+    "world_size",
+]
 
 
 def is_distributed() -> bool:
