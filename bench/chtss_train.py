@@ -399,6 +399,34 @@ def report(suffix: str) -> str:
     return "\n".join(parts)
 
 
+def plot_schedule(path: str) -> None:
+    """Density per update of the LLaMA recipe (20k steps, interval 100, window 75 %): sigmoid vs alternatives."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from leanformers.chts import schedules
+
+    total = schedules.num_updates(20_000, 100, 0.75)
+    fig, ax = plt.subplots(figsize=(5.5, 3.2))
+    for kind in ("sigmoid", "linear", "cubic"):
+        steps = [u * 100 for u in range(total + 1)]
+        ax.plot(steps, [schedules.density_at(u, total, 0.5, 0.3, kind) for u in range(total + 1)], label=kind)
+    ax.axvline(15_000, color="grey", ls=":", label="topology end (75 %)")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("density of the sparse subset")
+    ax.set_title("CHTss density schedule, 50 % -> 30 %, k = 6")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def _previous_rows(part: str, suffix: str) -> list:
+    path = RESULTS / f"chtss_{part}{suffix}.json"
+    return json.loads(path.read_text())["rows"] if path.is_file() else []
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="small shapes and runs (CPU, CI)")
@@ -406,6 +434,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="cost,overhead,mlp,llama")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--seeds", type=int, default=None)
+    ap.add_argument("--first-seed", type=int, default=0, help="> 0: append rows to the part's saved JSON")
     ap.add_argument("--mlp-epochs", type=int, default=None)
     ap.add_argument("--mlp-updates-per-epoch", type=int, default=2)
     ap.add_argument("--llama-steps", type=int, default=None)
@@ -413,9 +442,13 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-batch", type=int, default=None)
     ap.add_argument("--llama-interval", type=int, default=None)
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
+    ap.add_argument("--plot", default=None, help="write the density-schedule plot (PNG) here and exit")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results and exit")
     args = ap.parse_args(argv)
     suffix = "_quick" if args.quick else ""
+    if args.plot:
+        plot_schedule(args.plot)
+        return 0
     if args.report:
         print(report(suffix))
         return 0
@@ -451,8 +484,8 @@ def main(argv=None) -> int:
         seeds = args.seeds or (1 if args.quick else 3)
         epochs = args.mlp_epochs or (1 if args.quick else (100 if cuda else 3))
         sizes = (784, 256, 256, 256, 10) if args.quick else (784, 1568, 1568, 1568, 10)
-        rows = []
-        for seed in range(seeds):
+        rows = _previous_rows("mlp", suffix) if args.first_seed else []
+        for seed in range(args.first_seed, args.first_seed + seeds):
             for m in methods:
                 # The 1568 x 10 classifier stays dense (1 % of it would be 157 links for 10 classes).
                 rows.append(
@@ -482,8 +515,8 @@ def main(argv=None) -> int:
         size = args.llama_size or size
         batch = args.llama_batch or batch
         interval = args.llama_interval or interval
-        rows = []
-        for seed in range(args.seeds or 1):
+        rows = _previous_rows("llama", suffix) if args.first_seed else []
+        for seed in range(args.first_seed, args.first_seed + (args.seeds or 1)):
             for m in methods:
                 rows.append(train_llama(m, size, steps, batch, seqlen, interval, args.device, seed, log))
                 log(f"llama {rows[-1]}")
