@@ -44,7 +44,9 @@ def test_tiny_recipe_trains_to_the_final_density(tmp_path, shared_data, method):
 
 
 def test_unknown_option_fails_clearly(tmp_path):
-    with pytest.raises(TypeError, match="unexpected keyword argument 'densiti'"):
+    with pytest.raises(
+        ValueError, match=r"unknown CHTssConfig option\(s\) \['densiti'\]; valid options: .*final_density"
+    ):
         run(
             str(REPO_ROOT / "recipes" / "chtss_tiny_cpu.yaml"),
             [f"training.output_dir={tmp_path}", "method.chtss.densiti=0.3"],

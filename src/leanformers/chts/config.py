@@ -196,6 +196,10 @@ class CHTssConfig:
         key = method.lower()
         if key not in METHOD_PRESETS:
             raise ValueError(f"unknown method {method!r}; choose one of {sorted(METHOD_PRESETS)}.")
+        known = {f.name for f in dataclasses.fields(cls)} - {"method"}
+        unknown = sorted(set(overrides) - known)
+        if unknown:
+            raise ValueError(f"unknown CHTssConfig option(s) {unknown}; valid options: {sorted(known)}")
         values = dict(METHOD_PRESETS[key])
         values.update(overrides)
         values["method"] = key
