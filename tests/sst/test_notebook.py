@@ -15,7 +15,9 @@ from tests.conftest import REPO_ROOT
 def test_sst_notebook_executes(tmp_path, shared_data):
     nb = nbformat.read(REPO_ROOT / "notebooks" / "sst.ipynb", as_version=4)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    client = NotebookClient(nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}})
+    client = NotebookClient(
+        nb, timeout=240, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}
+    )
     client.execute()
     outputs = "".join(
         o.get("text", "") for cell in nb.cells if cell.cell_type == "code" for o in cell.get("outputs", [])
