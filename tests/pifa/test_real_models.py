@@ -96,8 +96,8 @@ def test_smollm2_without_import_never_gives_random_weights(smollm2_compressed):
     """)
     # Either a clear failure that names the fix, or (if it loaded) exactly the right model.
     if proc.returncode != 0:
-        assert "leanformers" in proc.stderr
-        assert "sys.modules" not in proc.stderr  # sanity: a real error, not an import crash of ours
+        assert "size mismatch" in proc.stderr or "ignore_mismatched_sizes" in proc.stderr
+        assert "import_leanformers_before_from_pretrained" in proc.stderr  # the load report names the fix
     else:
         got = json.loads(proc.stdout.strip().splitlines()[-1])
         assert got == pytest.approx(logits.flatten()[:4].tolist(), rel=1e-6)
@@ -126,7 +126,7 @@ def test_minilm_encoder_round_trip(minilm_path, shared_data, tmp_path):
         return torch.nn.functional.normalize((h * mask).sum(1) / mask.sum(1), dim=-1)
 
     cos = (embed(dense) * embed(model)).sum(-1)
-    assert cos.min() > 0.8, cos
+    assert cos.mean() > 0.9, cos
     out = tmp_path / "minilm"
     save_compressed(model, tokenizer, out, model.config.quantization_config)
     reloaded = AutoModel.from_pretrained(out).eval()

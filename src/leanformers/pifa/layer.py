@@ -43,6 +43,15 @@ __all__ = ["LowRankLinear", "PIFALinear", "auto_form", "emit_in_order_", "module
 
 SPEC_KEYS = ("kind", "in_features", "out_features", "rank", "bias")
 
+# A one-byte buffer saved with every compressed module. A process that loads the checkpoint without
+# `import leanformers` fails on the size mismatch of `weight`; transformers' load report printed with
+# that error then lists this key as UNEXPECTED, which names the fix.
+LOAD_HINT = "import_leanformers_before_from_pretrained"
+
+
+def _register_load_hint(module: nn.Module, device) -> None:
+    module.register_buffer(LOAD_HINT, torch.ones(1, dtype=torch.uint8, device=device))
+
 
 def auto_form(out_features: int, in_features: int) -> str:
     """Form whose one gather touches the smaller side: column (gathers the input) for tall and
@@ -103,6 +112,7 @@ class PIFALinear(nn.Module):
             self.weight = nn.Parameter(torch.empty(m, r, **kw))
             self.coeff = nn.Parameter(torch.empty(r, n - r, **kw))
             self.register_buffer("input_index", torch.empty(n, dtype=torch.int32, device=device))
+        _register_load_hint(self, device)
         self.bias = nn.Parameter(torch.empty(m, **kw)) if bias else None
         if self.weight.device.type != "meta":
             self.reset_parameters()
@@ -308,6 +318,7 @@ class LowRankLinear(nn.Module):
         self.weight_in = nn.Parameter(torch.empty(rank, in_features, **kw))
         self.weight = nn.Parameter(torch.empty(out_features, rank, **kw))
         self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
+        _register_load_hint(self, device)
         if self.weight.device.type != "meta":
             self.reset_parameters()
 
