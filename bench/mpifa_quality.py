@@ -369,13 +369,16 @@ def targets(cells: list[dict]) -> list[str]:
     return lines
 
 
-def plot(cells: list[dict], path: Path, title: str) -> None:
+def plot(cells: list[dict], path: Path, title: str, minilm: list[dict] | None = None) -> None:
+    """Perplexity vs density (log scale); with MiniLM rows a second panel of mean cosine vs density."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    panels = 2 if minilm else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4.5), squeeze=False)
+    ax = axes[0][0]
     for row, (label, _) in ROWS.items():
         pts = sorted((c["density"], c["ppl"]) for c in cells if c["row"] == row)
         if not pts:
@@ -389,9 +392,24 @@ def plot(cells: list[dict], path: Path, title: str) -> None:
     ax.set_yscale("log")
     ax.set_xlabel("density of the targeted linears")
     ax.set_ylabel("perplexity (log scale)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
+    if minilm:
+        ax = axes[0][1]
+        for row, (label, _) in ROWS.items():
+            pts = sorted((m["density"], m["mean cosine"]) for m in minilm if m["row"] == row)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=label, linewidth=2.5 if row == "mpifa" else 1.2)
+        ax.set_xlabel("density of the targeted linears")
+        ax.set_ylabel("mean cosine, dense vs compressed")
+        ax.set_title(
+            f"{minilm[0]['model']}: mean-pooled sentence embeddings, {minilm[0]['sentences']} "
+            "held-back sentences",
+            fontsize=8,
+        )
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -588,7 +606,8 @@ def main(argv=None) -> int:
     if cells:  # describe the table by its cells (they may come from earlier runs)
         setting = {k: cells[0].get(k, v) for k, v in setting.items()}
     if args.plot is not None and cells:
-        plot(cells, args.plot, f"{setting['model']}\n{setting['calibration']}; {setting['evaluation']}")
+        title = f"{setting['model']}\n{setting['calibration']}; {setting['evaluation']}"
+        plot(cells, args.plot, title, minilm)
     print(f"(JSON: {path})")
 
     # ---- tables last ----
@@ -610,7 +629,10 @@ def main(argv=None) -> int:
         f"{device}"
     )
     table, columns = pivot_table(cells)
-    print_table(table, columns)
+    if table:
+        print_table(table, columns)
+    else:
+        print("(no perplexity cell yet)")
     return 0
 
 
