@@ -522,6 +522,12 @@ def main(argv=None) -> int:
     parser.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
     parser.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/...)")
     parser.add_argument("--plot", type=Path, default=None, help="PNG of perplexity vs density")
+    parser.add_argument(
+        "--also-json",
+        nargs="*",
+        default=[],
+        help="other results JSONs whose conversion/MiniLM rows are shown too",
+    )
     args = parser.parse_args(argv)
 
     q = args.quick
@@ -602,6 +608,10 @@ def main(argv=None) -> int:
 
     payload = store.add("cells", [])  # the merged state, also what concurrent runs wrote meanwhile
     cells, conversion, minilm = payload["cells"], payload["conversion"], payload["minilm"]
+    for extra in args.also_json:  # shown in the tables and the plot, not copied into this JSON
+        other = json.loads(Path(extra).read_text())
+        conversion = _merge(other.get("conversion", []), conversion, _KEYS["conversion"])
+        minilm = _merge(other.get("minilm", []), minilm, _KEYS["minilm"])
     path = store.path
     if cells:  # describe the table by its cells (they may come from earlier runs)
         setting = {k: cells[0].get(k, v) for k, v in setting.items()}
