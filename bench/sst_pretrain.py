@@ -104,7 +104,7 @@ def wrap(model: torch.nn.Module, method: str, rank: int, steps_per_iteration: in
         ]
         return model, groups, None
     if method in ("sst", "sst-bf16"):
-        warmup = min(20, steps_per_iteration - 1)
+        warmup = max(1, steps_per_iteration // 10)  # the paper: 20 of 200
         cfg = SSTConfig(
             r=rank,
             steps_per_iteration=steps_per_iteration,
