@@ -204,15 +204,7 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     """In place: every PIFALinear / LowRankLinear becomes the equivalent dense module of the architecture
     (nn.Linear, or Conv1D for GPT-2); the quantization config and quantizer are dropped, so the model
     saves and reloads as a plain dense model."""
-    skeleton = _dense_skeleton(model)
-    for name, module in compressed_modules(model).items():
-        original = skeleton.get_submodule(name) if skeleton is not None else None
-        parent_name, _, child = name.rpartition(".")
-        setattr(
-            model.get_submodule(parent_name) if parent_name else model,
-            child,
-            _densify(module, original, dtype),
-        )
+    _densify_modules(model, dtype)
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, "quantization_config"):
         del config.quantization_config
@@ -224,6 +216,19 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype | None = None) -> nn.M
     if config is not None and getattr(config, "_is_quantized", False):
         config._is_quantized = False
     return model
+
+
+def _densify_modules(model: nn.Module, dtype: torch.dtype | None) -> None:
+    """Replace every PIFALinear / LowRankLinear by the dense module it stands for, in place."""
+    skeleton = _dense_skeleton(model)
+    for name, module in compressed_modules(model).items():
+        original = skeleton.get_submodule(name) if skeleton is not None else None
+        parent_name, _, child = name.rpartition(".")
+        setattr(
+            model.get_submodule(parent_name) if parent_name else model,
+            child,
+            _densify(module, original, dtype),
+        )
 
 
 class MPIFAHfQuantizer(HfQuantizer):
@@ -253,15 +258,7 @@ class MPIFAHfQuantizer(HfQuantizer):
 
     def _dequantize(self, model, dtype: torch.dtype | None = None):
         # transformers then drops the quantization config (remove_quantization_config)
-        skeleton = _dense_skeleton(model)
-        for name, module in compressed_modules(model).items():
-            original = skeleton.get_submodule(name) if skeleton is not None else None
-            parent_name, _, child = name.rpartition(".")
-            setattr(
-                model.get_submodule(parent_name) if parent_name else model,
-                child,
-                _densify(module, original, dtype),
-            )
+        _densify_modules(model, dtype)
         return model
 
     def is_serializable(self, *args: Any, **kwargs: Any) -> bool:
