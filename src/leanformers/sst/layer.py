@@ -52,6 +52,7 @@ class TrainingWatch:
 
     def __init__(self) -> None:
         self.controlled = False
+        self.sentinel: int | None = None  # id() of the one layer that compares its S between forwards
         self.warned_no_controller = False
         self.warned_merged_training = False
 
@@ -77,7 +78,7 @@ class SSTLayer(BaseTunerLayer):
         self._disable_adapters = False
         self.merged_adapters = []
         self._sst_watch = TrainingWatch()  # replaced by the SSTModel's shared one
-        self._sst_seen_version: int | None = None
+        self._sst_seen_S: torch.Tensor | None = None  # S at the last training forward (one layer per model)
         self._sst_cache: tuple[tuple, torch.Tensor] | None = None
         self.kwargs = kwargs
         base = self.get_base_layer()
@@ -286,7 +287,7 @@ class SSTLinear(nn.Module, SSTLayer):
             names = ("sst_U", "sst_Vh", "sst_S", "sst_U_active", "sst_Vh_active", "sst_index")
             if all(f"{prefix}{name}.{adapter}" in state_dict for name in names):
                 self._sst_unloaded.discard(adapter)
-        self._sst_seen_version = None  # a load is not a training step
+        self._sst_seen_S = None  # a load is not a training step
         self._sst_cache = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
@@ -341,17 +342,28 @@ class SSTLinear(nn.Module, SSTLayer):
         return active[0]
 
     def _watch_training(self, adapter: str, S: torch.Tensor) -> None:
-        """Warn once per model when S changes between training forwards with no controller attached."""
+        """Warn once per model when S changes between training forwards with no controller attached.
+
+        Values are compared, not version counters: fused optimizers (``AdamW(fused=True)``, the Trainer's
+        default on recent transformers) update parameters without bumping them. One layer per model (the
+        first to train) keeps a copy of its S (k numbers); once a controller is attached nothing is checked.
+        """
         watch = self._sst_watch
         if watch.controlled or watch.warned_no_controller:
             return
-        version = S._version
-        if self._sst_seen_version is not None and version != self._sst_seen_version:
+        if watch.sentinel is None:
+            watch.sentinel = id(self)
+        if watch.sentinel != id(self):
+            return
+        seen = self._sst_seen_S
+        if seen is not None and (seen.shape != S.shape or not torch.equal(seen, S.detach())):
             watch.warned_no_controller = True
+            self._sst_seen_S = None
             warnings.warn(
                 NO_CONTROLLER_MESSAGE.format(r=self.sst_settings[adapter]["r"]), UserWarning, stacklevel=3
             )
-        self._sst_seen_version = version
+            return
+        self._sst_seen_S = S.detach().clone()
 
     def _cached_weight(self, U, S, Vh, idx, Ua, Vha, x: torch.Tensor) -> torch.Tensor:
         """The inference weight, rebuilt only when a factor changed (in place: version; replaced: pointer)."""
