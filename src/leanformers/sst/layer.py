@@ -74,6 +74,16 @@ class SSTLayer(BaseTunerLayer):
         self.sst_index = BufferDict({}, persistent=True)
         self.sst_counters = BufferDict({}, persistent=True)
         self.sst_settings: dict[str, dict] = {}
+        # The containers' own dicts (never replaced; .to() and load_state_dict update them in place): item
+        # access through ParameterDict / Module.__getattr__ costs more than a decoding step's small matmul.
+        self._sst_dicts = (
+            self.sst_U._buffers,
+            self.sst_S._parameters,
+            self.sst_Vh._buffers,
+            self.sst_index._buffers,
+            self.sst_U_active._parameters,
+            self.sst_Vh_active._parameters,
+        )
         self._sst_unloaded: set[str] = set()  # adapters whose factors still await a state dict
         self._disable_adapters = False
         self.merged_adapters = []
@@ -332,7 +342,9 @@ class SSTLinear(nn.Module, SSTLayer):
 
     def _active_sst_adapter(self) -> str:
         active = self._active_adapter
-        if isinstance(active, str) and active in self.sst_S._parameters:  # the common case, fast
+        if isinstance(active, list) and len(active) == 1:
+            active = active[0]
+        if isinstance(active, str) and active in self._sst_dicts[1]:  # the common case, fast
             return active
         active = [a for a in self.active_adapters if a in self.sst_S]
         if not active:
@@ -408,10 +420,7 @@ class SSTLinear(nn.Module, SSTLayer):
             self._check_loaded(adapter)
         # Direct container access: this runs for every layer and every decoded token (ParameterDict and
         # BufferDict item access go through Module.__getattr__ and cost more than a small matmul).
-        params, buffers = self.sst_S._parameters, self.sst_U._buffers
-        S, U = params[adapter], buffers[adapter]
-        Vh, idx = self.sst_Vh._buffers[adapter], self.sst_index._buffers[adapter]
-        Ua, Vha = self.sst_U_active._parameters[adapter], self.sst_Vh_active._parameters[adapter]
+        U, S, Vh, idx, Ua, Vha = (d[adapter] for d in self._sst_dicts)
         bias = self.base_layer.bias  # SST layers never nest (one adapter per model)
         if torch.is_grad_enabled() and (S.requires_grad or Ua.requires_grad or Vha.requires_grad):
             self._sst_cache = None  # the factors are about to change: free the inference copy
