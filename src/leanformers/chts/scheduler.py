@@ -174,7 +174,7 @@ class CHTssScheduler:
                     self._dense_grads[idx] += dense
                 else:
                     self._dense_grads[idx] = dense.clone()
-            return grad * layer.mask_param.to(grad.dtype)
+            return grad * layer.multiplier  # 0/1 uint8 view of the bool mask: no float copy kept
 
         return hook
 
@@ -193,9 +193,8 @@ class CHTssScheduler:
     def apply_masks_(self) -> None:
         """Zero masked weights and their optimizer moments."""
         for layer in self.layers:
-            layer.weight.data.mul_(layer.mask_param)
+            layer.weight.data.mul_(layer.multiplier)  # in place, by the 0/1 view of the bool mask
             if self.optimizer is not None:
-                # The float mask in the parameter's dtype: multiplying by it is the whole re-masking.
                 mask_state_(self.optimizer, layer.weight, layer.mask_param)
 
     def step(self) -> dict[str, float] | None:
@@ -369,7 +368,7 @@ class CHTssScheduler:
     def _install(self, layer: SparseLayer, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
         """New mask on the layer; removed and new links at weight 0 with zero optimizer moments."""
         layer.set_mask(new_mask)
-        layer.weight.data.mul_(layer.mask_param)
+        layer.weight.data.mul_(layer.multiplier)
         if self.optimizer is not None:
             keep_state = new_mask & ~grown
             mask_state_(self.optimizer, layer.weight, keep_state.T if layer.transposed else keep_state)
