@@ -418,15 +418,38 @@ class CHTssScheduler:
         return tensors, meta
 
     @torch.no_grad()
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore masks and counters and re-apply the masks (call before the first forward)."""
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], meta: dict, check_weights: bool = False
+    ) -> None:
+        """Restore masks and counters and re-apply the masks (call before the first forward).
+
+        Args:
+            check_weights: the weights were loaded from the same checkpoint (Trainer resume): they are
+                exactly zero outside its masks, so a non-zero weight outside the loaded masks means the
+                masks belong to another run or step; raise instead of zeroing trained weights.
+        """
         missing = [layer.name for layer in self.layers if layer.name not in tensors]
         if missing:
             raise ValueError(
                 f"checkpoint has no CHTss mask for {missing[:5]}: was it written with other targets?"
             )
-        for layer in self.layers:
-            layer.set_mask(unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])))
+        masks = [unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])) for layer in self.layers]
+        if check_weights:
+            outside = {
+                layer.name: int(
+                    ((layer.logical(layer.weight.data) != 0) & ~mask.to(layer.weight.device)).sum()
+                )
+                for layer, mask in zip(self.layers, masks)
+            }
+            bad = {name: n for name, n in outside.items() if n}
+            if bad:
+                raise ValueError(
+                    f"the resumed weights have non-zero entries outside the checkpoint's CHTss masks "
+                    f"({sum(bad.values())} in {len(bad)} matrices, e.g. {dict(list(bad.items())[:3])}): the masks "
+                    "were written by another run or step than the weights. Resume from one complete checkpoint folder."
+                )
+        for layer, mask in zip(self.layers, masks):
+            layer.set_mask(mask)
         self.step_count = int(meta["step_count"])
         if meta.get("total_steps") is not None and self.total_steps is None:
             self.total_steps = int(meta["total_steps"])
