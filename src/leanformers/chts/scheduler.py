@@ -35,6 +35,7 @@ from leanformers.chts.sampling import select_mask
 from leanformers.chts.topology import brf_mask, erk_densities, link_count, sparse_init_
 from leanformers.training import (
     LRRewarmup,
+    all_reduce_mean_,
     broadcast_,
     check_optimizer,
     is_distributed,
@@ -250,6 +251,22 @@ class CHTssScheduler:
             timer[0] += (time.perf_counter() - start) * 1000.0
             yield list(zip(idxs, scores))
 
+    def _reduce_dense_grads(self) -> None:
+        """Average the collected dense gradients over ranks (MEST removal, RigL regrowth).
+
+        The hook sees each rank's local gradient, before DDP's reduction (and DDP reduces only the
+        masked one): without this every rank would score with its own data. The mean of the signed
+        gradients is the gradient of the global batch, the quantity gradient accumulation gives on
+        one rank (the official code averages |grad| per rank; both make the ranks agree). Every
+        layer is reduced, zeros where a rank saw no gradient, so that all ranks issue the same calls.
+        """
+        for idx, layer in enumerate(self.layers):
+            grad = self._dense_grads.get(idx)
+            if grad is None:
+                grad = torch.zeros(layer.shape, dtype=torch.float32, device=layer.weight.device)
+                self._dense_grads[idx] = grad
+            all_reduce_mean_(grad)
+
     def _removal_scores(self, idx: int, layer: SparseLayer, mask: torch.Tensor) -> torch.Tensor:
         w = layer.logical(layer.weight.data)
         if self.config.removal == "ri":
@@ -270,6 +287,8 @@ class CHTssScheduler:
         zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
         temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
         targets = self._target_counts(density)
+        if self._collect_grads and is_distributed():
+            self._reduce_dense_grads()
         kept: list[torch.Tensor] = []
         removed: list[torch.Tensor] = []
         for idx, (layer, target) in enumerate(zip(self.layers, targets)):
@@ -304,6 +323,11 @@ class CHTssScheduler:
             chained = chain_removal(kept, self.layers)
             n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
             kept = chained
+        if is_distributed():
+            # Inputs agree across ranks (seeded draws, reduced gradients): a guard, so that removal,
+            # regrowth and the moment surgery below all start from rank 0's kept links.
+            for keep in kept:
+                broadcast_(keep)
         # 3. Regrowth to exactly the target count among non-links.
         timer = [0.0]
         n_filled = n_overlap = n_grown = 0
@@ -316,7 +340,7 @@ class CHTssScheduler:
                     layer, score, n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
                 )
                 new_mask = kept[idx] | grown
-                if is_distributed():  # rank 0's masks win (RigL's local gradients may differ)
+                if is_distributed():  # guard: rank 0's masks win
                     broadcast_(new_mask)
                     grown = new_mask & ~kept[idx]
                 n_filled += filled

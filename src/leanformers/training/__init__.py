@@ -2,6 +2,7 @@
 
 from leanformers.training.checkpoint import checkpoint_folder, load_state, resume_folder, save_state
 from leanformers.training.distributed import (
+    all_reduce_mean_,
     broadcast_,
     broadcast_object,
     is_distributed,
@@ -19,6 +20,7 @@ from leanformers.training.optim import (
 
 __all__ = [
     "LRRewarmup",
+    "all_reduce_mean_",
     "broadcast_",
     "broadcast_object",
     "check_optimizer",

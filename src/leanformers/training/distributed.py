@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 __all__ = [
+    "all_reduce_mean_",
     "broadcast_",
     "broadcast_object",
     "is_distributed",
@@ -52,6 +53,23 @@ def broadcast_(tensor: torch.Tensor, src: int = 0) -> torch.Tensor:
     else:
         dist.broadcast(tensor, src)
     return tensor
+
+
+@torch.no_grad()
+def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
+    """Replace ``tensor`` in place by its mean over all ranks (no-op outside torch.distributed).
+
+    SUM then divide: gloo has no AVG. Every rank ends with the same bits.
+    """
+    if not is_distributed():
+        return tensor
+    if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+        tmp = tensor.cuda()
+        dist.all_reduce(tmp)
+        tensor.copy_(tmp.to(tensor.device))
+    else:
+        dist.all_reduce(tensor)
+    return tensor.div_(world_size())
 
 
 def broadcast_object(obj, src: int = 0):
