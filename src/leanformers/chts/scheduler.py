@@ -41,13 +41,39 @@ from leanformers.training import (
     is_distributed,
     mask_state_,
     seeded_generator,
+    sharded_training_backend,
     unwrap_optimizer,
 )
 
-__all__ = ["CHTssScheduler"]
+__all__ = ["CHTssScheduler", "check_unsharded"]
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "chtss"
+
+
+_SHARDING_PROBLEM = {
+    "DeepSpeed": "ZeRO keeps fp32 master weights and partitioned optimizer state that the masking never sees "
+    "(stage 3 also partitions the weights), so removed links would keep training",
+    "FSDP": "FSDP shards and flattens the parameters, while the per-matrix masks, gradient hooks and moment "
+    "surgery need whole weights",
+    "DTensor": "the parameters are DTensor shards, while the per-matrix masks need whole weights",
+}
+
+
+def check_unsharded(args=None, model: nn.Module | None = None, optimizer=None) -> None:
+    """Refuse FSDP, DeepSpeed ZeRO and DTensor-sharded training with an error naming the problem.
+
+    Args:
+        args: ``transformers.TrainingArguments`` (``fsdp`` / ``deepspeed`` settings), optional.
+        model, optimizer: as the training loop holds them (wrappers included), optional.
+    """
+    backend = sharded_training_backend(args, model, optimizer)
+    if backend is not None:
+        raise ValueError(
+            f"CHTss does not support {backend} training yet: {_SHARDING_PROBLEM[backend]}. Train with plain "
+            "DDP (torchrun, or accelerate launch without an FSDP/DeepSpeed config) or on one device; FSDP and "
+            "DeepSpeed ZeRO support is tracked by issue 12."
+        )
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -79,6 +105,7 @@ class CHTssScheduler:
     ):
         self.config = config or CHTssConfig()
         self.config.validate()
+        check_unsharded(model=model, optimizer=optimizer)
         self.model = _unwrap_model(model)
         self.layers: list[SparseLayer] = find_sparse_layers(
             self.model, self.config.targets, self.config.exclude, self.config.balance_heads
@@ -104,6 +131,7 @@ class CHTssScheduler:
     # ------------------------------------------------------------------ setup
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Use ``optimizer`` for moment surgery and LR re-warm-up (refuses unsupported optimizers)."""
+        check_unsharded(optimizer=optimizer)  # before check_optimizer: ZeRO wraps a plain AdamW
         check_optimizer(optimizer)
         self.optimizer = unwrap_optimizer(optimizer)
         if self.config.rewarmup_steps > 0 and self.rewarmup is None:

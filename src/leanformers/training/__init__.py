@@ -8,6 +8,7 @@ from leanformers.training.distributed import (
     is_distributed,
     is_main_process,
     seeded_generator,
+    sharded_training_backend,
     world_size,
 )
 from leanformers.training.lr import LRRewarmup
@@ -33,6 +34,7 @@ __all__ = [
     "resume_folder",
     "save_state",
     "seeded_generator",
+    "sharded_training_backend",
     "unwrap_optimizer",
     "world_size",
 ]
