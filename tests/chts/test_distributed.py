@@ -77,6 +77,7 @@ def test_two_gloo_processes_hold_identical_masks(tmp_path):
             assert torch.equal(r0["masks"][name], r1["masks"][name]), (method, name)
         for p0, p1 in zip(r0["params"], r1["params"]):
             assert torch.equal(p0, p1)
+        assert r1["disagreement"] == [0.0] * 6, method  # RigL: reduced gradients, no broadcast needed
 
 
 @pytest.mark.distributed
