@@ -35,18 +35,45 @@ from leanformers.chts.sampling import select_mask
 from leanformers.chts.topology import brf_mask, erk_densities, link_count, sparse_init_
 from leanformers.training import (
     LRRewarmup,
+    all_reduce_mean_,
     broadcast_,
     check_optimizer,
     is_distributed,
     mask_state_,
     seeded_generator,
+    sharded_training_backend,
     unwrap_optimizer,
 )
 
-__all__ = ["CHTssScheduler"]
+__all__ = ["CHTssScheduler", "check_unsharded"]
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "chtss"
+
+
+_SHARDING_PROBLEM = {
+    "DeepSpeed": "ZeRO keeps fp32 master weights and partitioned optimizer state that the masking never sees "
+    "(stage 3 also partitions the weights), so removed links would keep training",
+    "FSDP": "FSDP shards and flattens the parameters, while the per-matrix masks, gradient hooks and moment "
+    "surgery need whole weights",
+    "DTensor": "the parameters are DTensor shards, while the per-matrix masks need whole weights",
+}
+
+
+def check_unsharded(args=None, model: nn.Module | None = None, optimizer=None) -> None:
+    """Refuse FSDP, DeepSpeed ZeRO and DTensor-sharded training with an error naming the problem.
+
+    Args:
+        args: ``transformers.TrainingArguments`` (``fsdp`` / ``deepspeed`` settings), optional.
+        model, optimizer: as the training loop holds them (wrappers included), optional.
+    """
+    backend = sharded_training_backend(args, model, optimizer)
+    if backend is not None:
+        raise ValueError(
+            f"CHTss does not support {backend} training yet: {_SHARDING_PROBLEM[backend]}. Train with plain "
+            "DDP (torchrun, or accelerate launch without an FSDP/DeepSpeed config) or on one device; FSDP and "
+            "DeepSpeed ZeRO support is tracked by issue 12."
+        )
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -78,6 +105,7 @@ class CHTssScheduler:
     ):
         self.config = config or CHTssConfig()
         self.config.validate()
+        check_unsharded(model=model, optimizer=optimizer)
         self.model = _unwrap_model(model)
         self.layers: list[SparseLayer] = find_sparse_layers(
             self.model, self.config.targets, self.config.exclude, self.config.balance_heads
@@ -103,6 +131,7 @@ class CHTssScheduler:
     # ------------------------------------------------------------------ setup
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Use ``optimizer`` for moment surgery and LR re-warm-up (refuses unsupported optimizers)."""
+        check_unsharded(optimizer=optimizer)  # before check_optimizer: ZeRO wraps a plain AdamW
         check_optimizer(optimizer)
         self.optimizer = unwrap_optimizer(optimizer)
         if self.config.rewarmup_steps > 0 and self.rewarmup is None:
@@ -174,7 +203,7 @@ class CHTssScheduler:
                     self._dense_grads[idx] += dense
                 else:
                     self._dense_grads[idx] = dense.clone()
-            return grad * layer.mask_param.to(grad.dtype)
+            return grad * layer.multiplier  # 0/1 uint8 view of the bool mask: no float copy kept
 
         return hook
 
@@ -193,9 +222,8 @@ class CHTssScheduler:
     def apply_masks_(self) -> None:
         """Zero masked weights and their optimizer moments."""
         for layer in self.layers:
-            layer.weight.data.mul_(layer.mask_param)
+            layer.weight.data.mul_(layer.multiplier)  # in place, by the 0/1 view of the bool mask
             if self.optimizer is not None:
-                # The float mask in the parameter's dtype: multiplying by it is the whole re-masking.
                 mask_state_(self.optimizer, layer.weight, layer.mask_param)
 
     def step(self) -> dict[str, float] | None:
@@ -251,6 +279,22 @@ class CHTssScheduler:
             timer[0] += (time.perf_counter() - start) * 1000.0
             yield list(zip(idxs, scores))
 
+    def _reduce_dense_grads(self) -> None:
+        """Average the collected dense gradients over ranks (MEST removal, RigL regrowth).
+
+        The hook sees each rank's local gradient, before DDP's reduction (and DDP reduces only the
+        masked one): without this every rank would score with its own data. The mean of the signed
+        gradients is the gradient of the global batch, the quantity gradient accumulation gives on
+        one rank (the official code averages |grad| per rank; both make the ranks agree). Every
+        layer is reduced, zeros where a rank saw no gradient, so that all ranks issue the same calls.
+        """
+        for idx, layer in enumerate(self.layers):
+            grad = self._dense_grads.get(idx)
+            if grad is None:
+                grad = torch.zeros(layer.shape, dtype=torch.float32, device=layer.weight.device)
+                self._dense_grads[idx] = grad
+            all_reduce_mean_(grad)
+
     def _removal_scores(self, idx: int, layer: SparseLayer, mask: torch.Tensor) -> torch.Tensor:
         w = layer.logical(layer.weight.data)
         if self.config.removal == "ri":
@@ -271,6 +315,8 @@ class CHTssScheduler:
         zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
         temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
         targets = self._target_counts(density)
+        if self._collect_grads and is_distributed():
+            self._reduce_dense_grads()
         kept: list[torch.Tensor] = []
         removed: list[torch.Tensor] = []
         for idx, (layer, target) in enumerate(zip(self.layers, targets)):
@@ -305,6 +351,15 @@ class CHTssScheduler:
             chained = chain_removal(kept, self.layers)
             n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
             kept = chained
+        n_disagree = 0
+        if is_distributed():
+            # Inputs agree across ranks (seeded draws, reduced gradients): a guard, so that removal,
+            # regrowth and the moment surgery below all start from rank 0's kept links. Differences
+            # are counted (chtss/rank_disagreement): they mean the ranks' inputs differed.
+            for keep in kept:
+                local = keep.clone()
+                broadcast_(keep)
+                n_disagree += int((local != keep).sum())
         # 3. Regrowth to exactly the target count among non-links.
         timer = [0.0]
         n_filled = n_overlap = n_grown = 0
@@ -317,8 +372,10 @@ class CHTssScheduler:
                     layer, score, n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
                 )
                 new_mask = kept[idx] | grown
-                if is_distributed():  # rank 0's masks win (RigL's local gradients may differ)
+                if is_distributed():  # guard: rank 0's masks win
+                    local = new_mask.clone()
                     broadcast_(new_mask)
+                    n_disagree += int((local != new_mask).sum())
                     grown = new_mask & ~kept[idx]
                 n_filled += filled
                 n_overlap += int((grown & removed[idx]).sum())
@@ -328,6 +385,13 @@ class CHTssScheduler:
         if n_filled:
             logger.info(
                 "CHTss update %d: %d regrown links filled uniformly (too few positive scores)", u, n_filled
+            )
+        if n_disagree:
+            logger.warning(
+                "CHTss update %d: this rank chose %d links differently from rank 0 (rank 0's masks are used): "
+                "the update's inputs differ across ranks",
+                u,
+                n_disagree,
             )
         if self.rewarmup is not None:
             self.rewarmup.restart(cfg.rewarmup_steps)
@@ -342,6 +406,7 @@ class CHTssScheduler:
                 "chtss/chain_removed": float(n_chain),
                 "chtss/removed_regrown_overlap": n_overlap / max(1, n_grown),
                 "chtss/filled_uniform": float(n_filled),
+                "chtss/rank_disagreement": float(n_disagree),
                 "chtss/predictor_ms": predictor_ms,
                 "chtss/update_ms": (time.perf_counter() - start) * 1000.0,
             }
@@ -369,7 +434,7 @@ class CHTssScheduler:
     def _install(self, layer: SparseLayer, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
         """New mask on the layer; removed and new links at weight 0 with zero optimizer moments."""
         layer.set_mask(new_mask)
-        layer.weight.data.mul_(layer.mask_param)
+        layer.weight.data.mul_(layer.multiplier)
         if self.optimizer is not None:
             keep_state = new_mask & ~grown
             mask_state_(self.optimizer, layer.weight, keep_state.T if layer.transposed else keep_state)
@@ -419,15 +484,38 @@ class CHTssScheduler:
         return tensors, meta
 
     @torch.no_grad()
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore masks and counters and re-apply the masks (call before the first forward)."""
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], meta: dict, check_weights: bool = False
+    ) -> None:
+        """Restore masks and counters and re-apply the masks (call before the first forward).
+
+        Args:
+            check_weights: the weights were loaded from the same checkpoint (Trainer resume): they are
+                exactly zero outside its masks, so a non-zero weight outside the loaded masks means the
+                masks belong to another run or step; raise instead of zeroing trained weights.
+        """
         missing = [layer.name for layer in self.layers if layer.name not in tensors]
         if missing:
             raise ValueError(
                 f"checkpoint has no CHTss mask for {missing[:5]}: was it written with other targets?"
             )
-        for layer in self.layers:
-            layer.set_mask(unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])))
+        masks = [unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])) for layer in self.layers]
+        if check_weights:
+            outside = {
+                layer.name: int(
+                    ((layer.logical(layer.weight.data) != 0) & ~mask.to(layer.weight.device)).sum()
+                )
+                for layer, mask in zip(self.layers, masks)
+            }
+            bad = {name: n for name, n in outside.items() if n}
+            if bad:
+                raise ValueError(
+                    f"the resumed weights have non-zero entries outside the checkpoint's CHTss masks "
+                    f"({sum(bad.values())} in {len(bad)} matrices, e.g. {dict(list(bad.items())[:3])}): the masks "
+                    "were written by another run or step than the weights. Resume from one complete checkpoint folder."
+                )
+        for layer, mask in zip(self.layers, masks):
+            layer.set_mask(mask)
         self.step_count = int(meta["step_count"])
         if meta.get("total_steps") is not None and self.total_steps is None:
             self.total_steps = int(meta["total_steps"])
