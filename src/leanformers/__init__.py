@@ -6,7 +6,7 @@ Importing the package registers the ``sst`` PEFT tuner and the ``mpifa`` transfo
 
 __version__ = "0.1.0"
 
-from leanformers.chts import CHTssCallback, CHTssConfig, CHTssScheduler
+from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController, CHTssScheduler
 from leanformers.data import calibration_windows, evaluation_windows, load_text, tokenize_text
 from leanformers.eval import PerplexityResult, perplexity
 from leanformers.pifa import (  # registers the `mpifa` transformers quantizer
@@ -24,6 +24,7 @@ from leanformers.sst import SSTCallback, SSTConfig, SSTController  # registers t
 __all__ = [
     "CHTssCallback",
     "CHTssConfig",
+    "CHTssController",
     "CHTssScheduler",
     "CompressionReport",
     "LowRankLinear",

@@ -2,13 +2,14 @@
 
 from leanformers.chts.callback import CHTssCallback
 from leanformers.chts.config import DEFAULT_TARGETS, CHTssConfig
+from leanformers.chts.controller import CHTssController, CHTssScheduler
 from leanformers.chts.masks import apply_masks, load_masks, save_masks
-from leanformers.chts.scheduler import CHTssScheduler
 
 __all__ = [
     "DEFAULT_TARGETS",
     "CHTssCallback",
     "CHTssConfig",
+    "CHTssController",
     "CHTssScheduler",
     "apply_masks",
     "load_masks",

@@ -4,9 +4,19 @@ from leanformers.sst.register import register_sst
 
 register_sst()
 
-from leanformers.sst.callback import SSTCallback, SSTController  # noqa: E402
+from leanformers.sst.callback import SSTCallback  # noqa: E402
 from leanformers.sst.config import SSTConfig  # noqa: E402
-from leanformers.sst.layer import SSTLayer, SSTLinear  # noqa: E402
+from leanformers.sst.controller import SSTController  # noqa: E402
+from leanformers.sst.layer import SSTLayer, SSTLinear, find_sst_layers  # noqa: E402
 from leanformers.sst.model import SSTModel  # noqa: E402
 
-__all__ = ["SSTCallback", "SSTConfig", "SSTController", "SSTLayer", "SSTLinear", "SSTModel", "register_sst"]
+__all__ = [
+    "SSTCallback",
+    "SSTConfig",
+    "SSTController",
+    "SSTLayer",
+    "SSTLinear",
+    "SSTModel",
+    "find_sst_layers",
+    "register_sst",
+]

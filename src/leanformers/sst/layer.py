@@ -35,7 +35,7 @@ from leanformers.sst.spectral import (
 )
 from leanformers.training.distributed import broadcast_, seeded_generator
 
-__all__ = ["SSTLayer", "SSTLinear", "TrainingWatch"]
+__all__ = ["SSTLayer", "SSTLinear", "TrainingWatch", "find_sst_layers"]
 
 NO_CONTROLLER_MESSAGE = (
     "SST layers are being trained (their singular values S changed between two training forwards) but no "
@@ -267,6 +267,21 @@ class SSTLayer(BaseTunerLayer):
         Vha.copy_(Vh[new_idx])
         counters[0] = iteration
         return round_end
+
+
+def find_sst_layers(model: nn.Module, required: bool = False) -> dict[str, SSTLayer]:
+    """``{module name: SST layer}`` of ``model`` (wrappers such as DDP included in the names).
+
+    Args:
+        required: raise a ``ValueError`` naming the fix when the model holds no SST layer.
+    """
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, SSTLayer)}
+    if required and not layers:
+        raise ValueError(
+            "the model holds no SST layer: wrap it with peft.get_peft_model(model, leanformers.SSTConfig(...)) "
+            "first and pass the PeftModel it returns"
+        )
+    return layers
 
 
 class SSTLinear(nn.Module, SSTLayer):

@@ -1,6 +1,8 @@
-"""What SST and CHTss share: optimizer-state surgery, LR re-warm-up, rank agreement, checkpoint state."""
+"""What SST and CHTss share: the controller protocol and its Trainer callback, optimizer-state surgery,
+LR re-warm-up, rank agreement, checkpoint state."""
 
 from leanformers.training.checkpoint import checkpoint_folder, load_state, resume_folder, save_state
+from leanformers.training.controller import Controller, ControllerCallback
 from leanformers.training.distributed import (
     all_reduce_mean_,
     broadcast_,
@@ -20,6 +22,8 @@ from leanformers.training.optim import (
 )
 
 __all__ = [
+    "Controller",
+    "ControllerCallback",
     "LRRewarmup",
     "all_reduce_mean_",
     "broadcast_",

@@ -1,0 +1,579 @@
+"""CHTssController: the plain-PyTorch driver of CHTs / CHTss (and SET / RigL / CHT / static sparse).
+
+A :class:`leanformers.training.Controller` (``CHTssCallback`` drives it under the Trainer). Use it in
+any loop::
+
+    sched = CHTssController(model, optimizer, CHTssConfig(final_density=0.3), total_steps=10_000)
+    for batch in data:
+        loss = model(**batch).loss; loss.backward()
+        optimizer.step(); sched.step(); optimizer.zero_grad()
+
+``step()`` must run after every optimizer step (before ``zero_grad``): it re-masks weights and
+moments and, every ``update_interval`` steps inside the topology window, rewires the masks.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+from torch import nn
+
+from leanformers.chts import predictors, schedules
+from leanformers.chts.config import CHTssConfig
+from leanformers.chts.masks import (
+    SparseLayer,
+    active_neurons,
+    chain_removal,
+    find_sparse_layers,
+    pack_mask,
+    save_masks,
+    split_count,
+    unpack_mask,
+)
+from leanformers.chts.sampling import select_mask
+from leanformers.chts.topology import brf_mask, erk_densities, link_count, sparse_init_
+from leanformers.training import (
+    Controller,
+    LRRewarmup,
+    all_reduce_mean_,
+    broadcast_,
+    check_optimizer,
+    is_distributed,
+    mask_state_,
+    seeded_generator,
+    sharded_training_backend,
+    unwrap_optimizer,
+)
+
+__all__ = ["STATE_NAME", "CHTssController", "CHTssScheduler", "check_unsharded"]
+
+logger = logging.getLogger(__name__)
+STATE_NAME = "chtss"
+
+
+_SHARDING_PROBLEM = {
+    "DeepSpeed": "ZeRO keeps fp32 master weights and partitioned optimizer state that the masking never sees "
+    "(stage 3 also partitions the weights), so removed links would keep training",
+    "FSDP": "FSDP shards and flattens the parameters, while the per-matrix masks, gradient hooks and moment "
+    "surgery need whole weights",
+    "DTensor": "the parameters are DTensor shards, while the per-matrix masks need whole weights",
+}
+
+
+def check_unsharded(args=None, model: nn.Module | None = None, optimizer=None) -> None:
+    """Refuse FSDP, DeepSpeed ZeRO and DTensor-sharded training with an error naming the problem.
+
+    Args:
+        args: ``transformers.TrainingArguments`` (``fsdp`` / ``deepspeed`` settings), optional.
+        model, optimizer: as the training loop holds them (wrappers included), optional.
+    """
+    backend = sharded_training_backend(args, model, optimizer)
+    if backend is not None:
+        raise ValueError(
+            f"CHTss does not support {backend} training yet: {_SHARDING_PROBLEM[backend]}. Train with plain "
+            "DDP (torchrun, or accelerate launch without an FSDP/DeepSpeed config) or on one device; FSDP and "
+            "DeepSpeed ZeRO support is tracked by issue 12."
+        )
+
+
+def _unwrap_model(model: nn.Module) -> nn.Module:
+    while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
+        model = model.module
+    return model
+
+
+class CHTssController(Controller):
+    """Owns the masks of the sparse layers of ``model`` and rewires them during training.
+
+    Args:
+        model: any ``nn.Module`` (HF models included); DDP wrappers are unwrapped.
+        optimizer: torch Adam / AdamW / SGD (accelerate wrappers accepted); may be attached later
+            with :meth:`attach`. Others are refused with a clear error.
+        config: a :class:`CHTssConfig`.
+        total_steps: optimizer steps of the run (overrides ``config.total_steps``); required before
+            the first update.
+        init_masks: draw the initial topology now (False when a checkpoint's masks follow).
+    """
+
+    state_name = STATE_NAME
+    method_name = "CHTss"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer | None = None,
+        config: CHTssConfig | None = None,
+        total_steps: int | None = None,
+        init_masks: bool = True,
+    ):
+        self.config = config or CHTssConfig()
+        self.config.validate()
+        check_unsharded(model=model, optimizer=optimizer)
+        self.model = _unwrap_model(model)
+        self.layers: list[SparseLayer] = find_sparse_layers(
+            self.model, self.config.targets, self.config.exclude, self.config.balance_heads
+        )
+        self.total_steps = total_steps if total_steps is not None else self.config.total_steps
+        self.global_step = 0
+        self.optimizer = None
+        self.rewarmup: LRRewarmup | None = None
+        self.last_metrics: dict[str, float] = {}
+        self.history: list[dict[str, float]] = []
+        self._collect_grads = False
+        self._dense_grads: dict[int, torch.Tensor] = {}
+        self._hooks = []
+        for idx, layer in enumerate(self.layers):
+            layer.set_mask(torch.ones(layer.shape, dtype=torch.bool))
+            self._hooks.append(layer.weight.register_hook(self._make_grad_hook(idx)))
+        if optimizer is not None:
+            self.attach(optimizer)
+        if init_masks:
+            self._init_topology()
+        self._arm_gradient_collection()
+
+    # ------------------------------------------------------------------ setup
+    def attach(self, optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:
+        """Use ``optimizer`` for moment surgery and LR re-warm-up (refuses unsupported optimizers).
+
+        ``lr_scheduler`` is accepted for the protocol; the re-warm-up scales the learning rate inside
+        ``optimizer.step`` only, the user's schedule is left untouched.
+        """
+        if self.optimizer is not None and unwrap_optimizer(optimizer) is self.optimizer:
+            return
+        check_unsharded(optimizer=optimizer)  # before check_optimizer: ZeRO wraps a plain AdamW
+        check_optimizer(optimizer)
+        self.optimizer = unwrap_optimizer(optimizer)
+        state = None
+        if self.rewarmup is not None:  # another optimizer: the ramp moves over to it
+            state = self.rewarmup.state_dict()
+            self.rewarmup.remove()
+            self.rewarmup = None
+        if self.config.rewarmup_steps > 0:
+            self.rewarmup = LRRewarmup(self.optimizer)
+            if state is not None:
+                self.rewarmup.load_state_dict(state)
+
+    attach_optimizer = attach  # the name before the controller protocol
+
+    @property
+    def step_count(self) -> int:
+        """Optimizer steps done so far (the name before the controller protocol: ``global_step``)."""
+        return self.global_step
+
+    @step_count.setter
+    def step_count(self, value: int) -> None:
+        self.global_step = int(value)
+
+    @property
+    def total_updates(self) -> int:
+        """Number of topology updates of the run (U)."""
+        if self.total_steps is None or self.config.update_interval <= 0:
+            return 0
+        return schedules.num_updates(self.total_steps, self.config.update_interval, self.config.topology_end)
+
+    def check_schedule(self) -> None:
+        """Raise when CHTss could not reach ``final_density`` inside the topology window."""
+        if self.config.is_chtss and self.total_updates == 0:
+            raise ValueError(
+                f"CHTss needs at least one topology update to go from initial_density={self.config.initial_density} "
+                f"to final_density={self.config.final_density}, but total_steps={self.total_steps} x topology_end="
+                f"{self.config.topology_end} < update_interval={self.config.update_interval}. Lower update_interval "
+                "or train longer."
+            )
+
+    def _densities(self, density: float) -> list[float]:
+        if self.config.layer_density == "erk" or self.config.init_topology == "erk":
+            return erk_densities([layer.shape for layer in self.layers], density)
+        return [density] * len(self.layers)
+
+    def _target_counts(self, density: float) -> list[int]:
+        return [link_count(layer.shape, d) for layer, d in zip(self.layers, self._densities(density))]
+
+    @torch.no_grad()
+    def _init_topology(self) -> None:
+        cfg = self.config
+        counts = self._target_counts(cfg.initial_density)
+        for idx, (layer, k) in enumerate(zip(self.layers, counts)):
+            device = layer.weight.device
+            gen = seeded_generator(cfg.seed, "init", idx, device=device)
+            n_out, n_in = layer.shape
+            if cfg.init_topology == "brf" and layer.groups == 1:
+                mask = brf_mask(layer.shape, k / (n_out * n_in), cfg.brf_randomness, gen, device)
+            else:
+                scores = torch.ones((n_out, n_in), device=device)
+                chosen, _ = select_mask(
+                    layer.to_groups(scores), split_count(k, layer.groups), None, "soft", 1.0, gen
+                )
+                mask = layer.from_groups(chosen)
+            if is_distributed():
+                broadcast_(mask)
+            layer.set_mask(mask)
+            if cfg.sparse_init:
+                sparse_init_(
+                    layer.logical(layer.weight.data),
+                    mask,
+                    seeded_generator(cfg.seed, "sparse_init", idx, device=device),
+                )
+        self.apply_masks_()
+
+    def _make_grad_hook(self, idx: int):
+        def hook(grad: torch.Tensor) -> torch.Tensor:
+            layer = self.layers[idx]
+            if self._collect_grads:
+                dense = layer.logical(grad).detach().to(torch.float32)
+                if idx in self._dense_grads:
+                    self._dense_grads[idx] += dense
+                else:
+                    self._dense_grads[idx] = dense.clone()
+            return grad * layer.multiplier  # 0/1 uint8 view of the bool mask: no float copy kept
+
+        return hook
+
+    def _needs_gradient(self) -> bool:
+        return self.config.regrowth == "gradient" or self.config.removal == "mest"
+
+    def _arm_gradient_collection(self) -> None:
+        """Collect dense gradients during the backward passes of the step that ends with an update."""
+        next_step = self.global_step + 1
+        due = schedules.update_index(next_step, self.config.update_interval, self.total_updates) is not None
+        self._collect_grads = self._needs_gradient() and due
+        self._dense_grads = {}
+
+    # ------------------------------------------------------------------ per step
+    @torch.no_grad()
+    def apply_masks_(self) -> None:
+        """Zero masked weights and their optimizer moments."""
+        for layer in self.layers:
+            layer.weight.data.mul_(layer.multiplier)  # in place, by the 0/1 view of the bool mask
+            if self.optimizer is not None:
+                mask_state_(self.optimizer, layer.weight, layer.mask_param)
+
+    def step(
+        self, optimizer=None, lr_scheduler=None, global_step: int | None = None
+    ) -> dict[str, float] | None:
+        """Call after every optimizer step. Returns the update's metrics when the topology changed.
+
+        Args:
+            optimizer: attached when given (see :meth:`attach`).
+            global_step: optimizer steps done including this one (Trainer); default: count one more.
+        """
+        if optimizer is not None:
+            self.attach(optimizer, lr_scheduler)
+        self.global_step = self.global_step + 1 if global_step is None else int(global_step)
+        self.apply_masks_()
+        metrics = None
+        u = schedules.update_index(self.global_step, self.config.update_interval, self.total_updates)
+        if u is not None:
+            metrics = self.update(u)
+        self._arm_gradient_collection()
+        return metrics
+
+    # ------------------------------------------------------------------ one topology update
+    def _regrowth_batches(self, kept: list[torch.Tensor], timer: list[float]):
+        """Yield lists of (layer index, regrowth scores); same-shape layers are scored in one batched call.
+
+        Scores are produced batch by batch and consumed by the caller, so that peak memory holds one
+        batch of float32 scores, not the whole model's. Predictor time (ms) accumulates in ``timer[0]``.
+        """
+        cfg = self.config
+        if cfg.regrowth.endswith("_L3n"):
+            variant = cfg.regrowth[: -len("_L3n")]
+            by_shape: dict[tuple, list[int]] = {}
+            for idx, m in enumerate(kept):
+                by_shape.setdefault((tuple(m.shape), m.device), []).append(idx)
+            groups = [
+                same[b0 : b0 + cfg.predictor_batch]
+                for same in by_shape.values()
+                for b0 in range(0, len(same), cfg.predictor_batch)
+            ]
+        else:
+            groups = [[idx] for idx in range(len(kept))]
+        for idxs in groups:
+            start = time.perf_counter()
+            if cfg.regrowth.endswith("_L3n"):
+                batch = torch.stack([kept[i] for i in idxs])
+                out = predictors.l3n_scores(batch, variant, cfg.predictor_chunk, cfg.allow_tf32)
+                scores = [out[j] for j in range(len(idxs))]
+            elif cfg.regrowth.endswith("_L3p"):
+                scores = [predictors.l3p_scores(kept[i], cfg.regrowth[: -len("_L3p")]) for i in idxs]
+            elif cfg.regrowth == "gradient":
+                scores = [
+                    predictors.gradient_scores(self._dense_grads[i], kept[i])
+                    if i in self._dense_grads
+                    else torch.zeros(kept[i].shape, device=kept[i].device)
+                    for i in idxs
+                ]
+            else:
+                scores = [predictors.random_scores(kept[i]) for i in idxs]
+            if kept[idxs[0]].is_cuda:
+                torch.cuda.synchronize()
+            timer[0] += (time.perf_counter() - start) * 1000.0
+            yield list(zip(idxs, scores))
+
+    def _reduce_dense_grads(self) -> None:
+        """Average the collected dense gradients over ranks (MEST removal, RigL regrowth).
+
+        The hook sees each rank's local gradient, before DDP's reduction (and DDP reduces only the
+        masked one): without this every rank would score with its own data. The mean of the signed
+        gradients is the gradient of the global batch, the quantity gradient accumulation gives on
+        one rank (the official code averages |grad| per rank; both make the ranks agree). Every
+        layer is reduced, zeros where a rank saw no gradient, so that all ranks issue the same calls.
+        """
+        for idx, layer in enumerate(self.layers):
+            grad = self._dense_grads.get(idx)
+            if grad is None:
+                grad = torch.zeros(layer.shape, dtype=torch.float32, device=layer.weight.device)
+                self._dense_grads[idx] = grad
+            all_reduce_mean_(grad)
+
+    def _removal_scores(self, idx: int, layer: SparseLayer, mask: torch.Tensor) -> torch.Tensor:
+        w = layer.logical(layer.weight.data)
+        if self.config.removal == "ri":
+            return predictors.relative_importance(w, mask)
+        if self.config.removal == "mest":
+            return predictors.mest_scores(w, self._dense_grads.get(idx), self.config.mest_lambda)
+        return predictors.weight_scores(w)
+
+    @torch.no_grad()
+    def update(self, u: int) -> dict[str, float]:
+        """Topology update number ``u`` (1..U): prune to d(u), remove zeta(u), regrow to the target."""
+        cfg = self.config
+        start = time.perf_counter()
+        total = self.total_updates
+        density = schedules.density_at(
+            u, total, cfg.initial_density, cfg.final_density, cfg.density_schedule, cfg.sigmoid_k
+        )
+        zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
+        temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
+        targets = self._target_counts(density)
+        if self._collect_grads and is_distributed():
+            self._reduce_dense_grads()
+        kept: list[torch.Tensor] = []
+        removed: list[torch.Tensor] = []
+        for idx, (layer, target) in enumerate(zip(self.layers, targets)):
+            gen = seeded_generator(cfg.seed, "remove", u, idx, device=layer.weight.device)
+            mask = layer.mask
+            w = layer.logical(layer.weight.data)
+            # 1. CHTss: hard prune to the scheduled density by relative importance (or |w|).
+            if int(mask.sum()) > target:
+                score = (
+                    predictors.relative_importance(w, mask)
+                    if cfg.prune_score == "ri"
+                    else predictors.weight_scores(w)
+                )
+                mask, _ = self._select(layer, score, target, mask, "hard", 1.0, gen)
+            # 2. Soft removal of a fraction zeta of the active links (sample the links to keep).
+            n_active = int(mask.sum())
+            n_keep = n_active - int(round(zeta * n_active))
+            keep, _ = self._select(
+                layer,
+                self._removal_scores(idx, layer, mask),
+                n_keep,
+                mask,
+                cfg.removal_sampling,
+                temperature,
+                gen,
+            )
+            kept.append(keep)
+            removed.append(layer.mask & ~keep)
+        # 5. Chain removal: links of neurons left without inputs or outputs.
+        n_chain = 0
+        if cfg.chain_removal:
+            chained = chain_removal(kept, self.layers)
+            n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
+            kept = chained
+        n_disagree = 0
+        if is_distributed():
+            # Inputs agree across ranks (seeded draws, reduced gradients): a guard, so that removal,
+            # regrowth and the moment surgery below all start from rank 0's kept links. Differences
+            # are counted (chtss/rank_disagreement): they mean the ranks' inputs differed.
+            for keep in kept:
+                local = keep.clone()
+                broadcast_(keep)
+                n_disagree += int((local != keep).sum())
+        # 3. Regrowth to exactly the target count among non-links.
+        timer = [0.0]
+        n_filled = n_overlap = n_grown = 0
+        for batch in self._regrowth_batches(kept, timer):
+            for idx, score in batch:
+                layer, target = self.layers[idx], targets[idx]
+                gen = seeded_generator(cfg.seed, "regrow", u, idx, device=layer.weight.device)
+                n_grow = target - int(kept[idx].sum())
+                grown, filled = self._select(
+                    layer, score, n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
+                )
+                new_mask = kept[idx] | grown
+                if is_distributed():  # guard: rank 0's masks win
+                    local = new_mask.clone()
+                    broadcast_(new_mask)
+                    n_disagree += int((local != new_mask).sum())
+                    grown = new_mask & ~kept[idx]
+                n_filled += filled
+                n_overlap += int((grown & removed[idx]).sum())
+                n_grown += int(grown.sum())
+                self._install(layer, new_mask, grown)
+        predictor_ms = timer[0]
+        if n_filled:
+            logger.info(
+                "CHTss update %d: %d regrown links filled uniformly (too few positive scores)", u, n_filled
+            )
+        if n_disagree:
+            logger.warning(
+                "CHTss update %d: this rank chose %d links differently from rank 0 (rank 0's masks are used): "
+                "the update's inputs differ across ranks",
+                u,
+                n_disagree,
+            )
+        if self.rewarmup is not None:
+            self.rewarmup.restart(cfg.rewarmup_steps)
+        metrics = self.metrics()
+        metrics.update(
+            {
+                "chtss/update": float(u),
+                "chtss/target_density": float(density),
+                "chtss/zeta": float(zeta),
+                "chtss/temperature": float(temperature),
+                "chtss/rewired": float(n_grown),
+                "chtss/chain_removed": float(n_chain),
+                "chtss/removed_regrown_overlap": n_overlap / max(1, n_grown),
+                "chtss/filled_uniform": float(n_filled),
+                "chtss/rank_disagreement": float(n_disagree),
+                "chtss/predictor_ms": predictor_ms,
+                "chtss/update_ms": (time.perf_counter() - start) * 1000.0,
+            }
+        )
+        self.last_metrics = metrics
+        self.history.append(metrics)
+        return metrics
+
+    def _select(self, layer, scores, k, candidates, mode, temperature, gen, base=None):
+        """Group-aware selection of exactly k entries (per-head balanced counts when grouped)."""
+        if layer.groups == 1:
+            counts = torch.tensor([int(k)])
+        else:
+            # Per-head target: the total split evenly, minus what each head already holds (regrowth).
+            counts = split_count(int(k) + (int(base.sum()) if base is not None else 0), layer.groups)
+            if base is not None:
+                counts = counts - layer.to_groups(base).sum(1).cpu()
+            counts = counts.clamp_min(0)
+        chosen, filled = select_mask(
+            layer.to_groups(scores), counts, layer.to_groups(candidates), mode, temperature, gen
+        )
+        return layer.from_groups(chosen), filled
+
+    @torch.no_grad()
+    def _install(self, layer: SparseLayer, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
+        """New mask on the layer; removed and new links at weight 0 with zero optimizer moments."""
+        layer.set_mask(new_mask)
+        layer.weight.data.mul_(layer.multiplier)
+        if self.optimizer is not None:
+            keep_state = new_mask & ~grown
+            mask_state_(self.optimizer, layer.weight, keep_state.T if layer.transposed else keep_state)
+
+    # ------------------------------------------------------------------ reporting
+    def metrics(self) -> dict[str, float]:
+        """Density per layer and overall (sparse subset and whole model), active-neuron fractions."""
+        out: dict[str, float] = {}
+        links = numel = 0
+        active_out = []
+        for layer in self.layers:
+            n = int(layer.mask.sum())
+            links += n
+            numel += layer.mask.numel()
+            out[f"chtss/density/{layer.name}"] = n / layer.mask.numel()
+            a_out, a_in = active_neurons(layer.mask)
+            out[f"chtss/active_out/{layer.name}"] = a_out
+            active_out.append(a_out)
+        total_params = sum(p.numel() for p in self.model.parameters())
+        out["chtss/density_sparse_subset"] = links / max(1, numel)
+        out["chtss/density_model"] = (total_params - numel + links) / max(1, total_params)
+        out["chtss/active_neurons_mean"] = sum(active_out) / max(1, len(active_out))
+        return out
+
+    @property
+    def masks(self) -> dict[str, torch.Tensor]:
+        """{module name: (out, in) bool mask}."""
+        return {layer.name: layer.mask for layer in self.layers}
+
+    def save_masks(self, folder) -> None:
+        """Masks for a model saved with ``save_pretrained`` (restore with ``chts.load_masks``/``apply_masks``)."""
+        save_masks(folder, {k: v.cpu() for k, v in self.masks.items()}, {"config": self.config.to_dict()})
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(tensors, meta): bit-packed masks + step, schedule, RNG seed and re-warm-up state."""
+        tensors = {layer.name: pack_mask(layer.mask) for layer in self.layers}
+        meta = {
+            "shapes": {layer.name: list(layer.shape) for layer in self.layers},
+            "step_count": self.global_step,
+            "total_steps": self.total_steps,
+            "seed": self.config.seed,  # every draw is seeded_generator(seed, phase, update, layer)
+            "config": self.config.to_dict(),
+            "rewarmup": self.rewarmup.state_dict() if self.rewarmup is not None else None,
+            "last_metrics": self.last_metrics,
+        }
+        return tensors, meta
+
+    @torch.no_grad()
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], meta: dict, check_weights: bool = False
+    ) -> None:
+        """Restore masks and counters and re-apply the masks (call before the first forward).
+
+        Args:
+            check_weights: the weights were loaded from the same checkpoint (Trainer resume): they are
+                exactly zero outside its masks, so a non-zero weight outside the loaded masks means the
+                masks belong to another run or step; raise instead of zeroing trained weights.
+        """
+        missing = [layer.name for layer in self.layers if layer.name not in tensors]
+        if missing:
+            raise ValueError(
+                f"checkpoint has no CHTss mask for {missing[:5]}: was it written with other targets?"
+            )
+        masks = [unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])) for layer in self.layers]
+        if check_weights:
+            outside = {
+                layer.name: int(
+                    ((layer.logical(layer.weight.data) != 0) & ~mask.to(layer.weight.device)).sum()
+                )
+                for layer, mask in zip(self.layers, masks)
+            }
+            bad = {name: n for name, n in outside.items() if n}
+            if bad:
+                raise ValueError(
+                    f"the resumed weights have non-zero entries outside the checkpoint's CHTss masks "
+                    f"({sum(bad.values())} in {len(bad)} matrices, e.g. {dict(list(bad.items())[:3])}): the masks "
+                    "were written by another run or step than the weights. Resume from one complete checkpoint folder."
+                )
+        for layer, mask in zip(self.layers, masks):
+            layer.set_mask(mask)
+        self.global_step = int(meta["step_count"])
+        if meta.get("total_steps") is not None and self.total_steps is None:
+            self.total_steps = int(meta["total_steps"])
+        if meta.get("rewarmup") and self.rewarmup is not None:
+            self.rewarmup.load_state_dict(meta["rewarmup"])
+        self.last_metrics = dict(meta.get("last_metrics") or {})
+        self.apply_masks_()
+        self._arm_gradient_collection()
+
+    def checkpoint_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        return self.state_dict()
+
+    def restore_state(
+        self, tensors: dict[str, torch.Tensor], meta: dict, check_weights: bool = False
+    ) -> None:
+        self.load_state_dict(tensors, meta, check_weights=check_weights)
+
+    def remove(self) -> None:
+        """Detach the gradient hooks and the LR re-warm-up (masks stay applied)."""
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        if self.rewarmup is not None:
+            self.rewarmup.remove()
+            self.rewarmup = None
+
+
+CHTssScheduler = CHTssController  # the name before the controller protocol
