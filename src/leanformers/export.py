@@ -23,14 +23,9 @@ __all__ = ["choose_rank", "save_sst_as_pifa", "sst_spectra", "sst_to_dense", "ss
 
 
 def _sst_layers(model: nn.Module) -> dict[str, nn.Module]:
-    from leanformers.sst.layer import SSTLayer
+    from leanformers.sst.layer import find_sst_layers
 
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, SSTLayer)}
-    if not layers:
-        raise ValueError(
-            "the model holds no SST layer: pass the PeftModel returned by get_peft_model(model, SSTConfig)"
-        )
-    return layers
+    return find_sst_layers(model, required=True)
 
 
 def sst_to_dense(model: nn.Module) -> nn.Module:

@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import copy
+import re
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 
+from leanformers._compat import extend_peft_type
 from leanformers.sst.spectral import SAMPLING_MODES
 
-__all__ = ["SSTConfig"]
+__all__ = ["SST_PEFT_TYPE", "SSTConfig"]
 
 MODES = ("pretrain", "finetune")
+SST_PEFT_TYPE = "SST"
 
 
 @dataclass
@@ -92,9 +96,7 @@ class SSTConfig(PeftConfig):
 
     def __post_init__(self):
         super().__post_init__()
-        from leanformers.sst.register import ensure_peft_type
-
-        self.peft_type = ensure_peft_type()
+        self.peft_type = extend_peft_type(SST_PEFT_TYPE)
         if isinstance(self.target_modules, list):
             self.target_modules = set(self.target_modules)
         if isinstance(self.exclude_modules, list):
@@ -141,8 +143,6 @@ class SSTConfig(PeftConfig):
 
     def rank_for(self, module_name: str) -> int:
         """r of the layer called ``module_name`` (``rank_pattern`` first, as in LoRA)."""
-        import re
-
         for pattern, rank in self.rank_pattern.items():
             if re.match(rf"(.*\.)?({pattern})$", module_name):
                 return int(rank)
@@ -150,8 +150,6 @@ class SSTConfig(PeftConfig):
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
         """Write adapter_config.json with ``init_weights=False``: the factors come from the saved weights."""
-        import copy
-
         saved = copy.copy(self)
         saved.init_weights = False
         PeftConfig.save_pretrained(saved, save_directory, **kwargs)

@@ -21,7 +21,7 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from leanformers._compat import is_conv1d
-from leanformers.sst.layer import SSTLayer, SSTLinear, TrainingWatch
+from leanformers.sst.layer import SSTLayer, SSTLinear, TrainingWatch, find_sst_layers
 
 __all__ = [
     "SSTModel",
@@ -34,10 +34,6 @@ __all__ = [
 _SST_ATTRS = ("sst_S", "sst_U_active", "sst_Vh_active", "sst_U", "sst_Vh", "sst_index", "sst_counters")
 
 
-def _sst_layer_names(model: nn.Module) -> dict[str, SSTLayer]:
-    return {name: m for name, m in model.named_modules() if isinstance(m, SSTLayer)}
-
-
 def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
     """Parameter names (as in ``model.named_parameters()``) that SST trains in place besides its factors.
 
@@ -45,7 +41,7 @@ def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
     norms, head, biases). ``finetune``: biases of targeted layers are NOT trained; parameters of
     modules listed in ``config.train_modules`` are.
     """
-    layers = _sst_layer_names(model)
+    layers = find_sst_layers(model)
     names = []
     for name, _ in model.named_parameters():
         owner = name.rsplit(".", 1)[0] if "." in name else ""
@@ -106,7 +102,7 @@ def sst_parameter_counts(model: nn.Module) -> tuple[int, int]:
 
     ``print_trainable_parameters()`` prints these numbers for an SST PeftModel.
     """
-    layers = _sst_layer_names(model)
+    layers = find_sst_layers(model)
     freed = {id(layer.get_base_layer().weight) for layer in layers.values()}
     dense = sum(layer.out_features * layer.in_features for layer in layers.values())
     trainable = 0
@@ -183,7 +179,7 @@ class SSTModel(BaseTuner):
         # trainable factors (S, active vectors) are kept float32 here; U / Vh keep their storage dtype.
         if not autocast_adapter_dtype:
             return
-        for layer in _sst_layer_names(self.model).values():
+        for layer in find_sst_layers(self.model).values():
             for container in (layer.sst_S, layer.sst_U_active, layer.sst_Vh_active):
                 if adapter_name in container and container[adapter_name].dtype in (
                     torch.float16,
@@ -204,7 +200,7 @@ class SSTModel(BaseTuner):
         # Complete state: targeted-layer biases (the base weight is gone, the bias still matters) and the
         # non-SST parameters trained in place.
         extra = set(non_sst_trainable_names(model, config))
-        for name in _sst_layer_names(model):
+        for name in find_sst_layers(model):
             extra.add(f"{name}.base_layer.bias")
         for key in extra:
             clean = key.removeprefix("_fsdp_wrapped_module.")
@@ -238,7 +234,3 @@ class SSTModel(BaseTuner):
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         """(trainable, all) relative to the DENSE model; see :func:`sst_parameter_counts`."""
         return sst_parameter_counts(self.model)
-
-    def sst_layers(self) -> dict[str, SSTLayer]:
-        """{module name: SST layer} of this model."""
-        return _sst_layer_names(self.model)

@@ -6,7 +6,6 @@ from leanformers.training.controller import Controller, ControllerCallback
 from leanformers.training.distributed import (
     all_reduce_mean_,
     broadcast_,
-    broadcast_object,
     is_distributed,
     is_main_process,
     seeded_generator,
@@ -27,7 +26,6 @@ __all__ = [
     "LRRewarmup",
     "all_reduce_mean_",
     "broadcast_",
-    "broadcast_object",
     "check_optimizer",
     "checkpoint_folder",
     "is_distributed",

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from leanformers.training.distributed import is_main_process
@@ -35,13 +36,14 @@ def trainer_resume_argument() -> tuple[bool, str | None]:
     None), to ``Trainer._inner_training_loop``, which calls ``on_train_begin``; it is read from that
     frame's arguments. ``found`` is False when no Trainer loop is on the call stack.
     """
-    from transformers import Trainer
-
+    trainer_module = sys.modules.get("transformers.trainer")  # not imported: no Trainer loop can be running
+    if trainer_module is None:
+        return False, None
     frame = sys._getframe(1)
     try:
         while frame is not None:
             if frame.f_code.co_name == "_inner_training_loop" and isinstance(
-                frame.f_locals.get("self"), Trainer
+                frame.f_locals.get("self"), trainer_module.Trainer
             ):
                 local = frame.f_locals
                 if "resume_from_checkpoint" in local:
@@ -93,8 +95,6 @@ def load_state(folder: str | os.PathLike, name: str) -> tuple[dict[str, torch.Te
     path = Path(folder) / STATE_DIRNAME / f"{name}.safetensors"
     if not path.is_file():
         return None
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         meta = json.loads((f.metadata() or {}).get("leanformers_meta", "{}"))
     return load_file(str(path)), meta
