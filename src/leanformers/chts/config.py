@@ -176,6 +176,10 @@ class CHTssConfig:
 
     def validate(self) -> None:
         """Raise ``ValueError`` naming the bad field and the fix."""
+        self._validate_densities_and_choices()
+        self._validate_ranges()
+
+    def _validate_densities_and_choices(self) -> None:
         for name in ("final_density", "initial_density"):
             value = getattr(self, name)
             if not (0.0 < float(value) <= 1.0):
@@ -201,6 +205,8 @@ class CHTssConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
+
+    def _validate_ranges(self) -> None:
         if not (0.0 <= self.zeta < 1.0):
             raise ValueError(
                 f"zeta={self.zeta} must be in [0, 1): it is the fraction of active links rewired."

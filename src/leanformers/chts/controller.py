@@ -78,6 +78,16 @@ def check_unsharded(args=None, model: nn.Module | None = None, optimizer=None) -
         )
 
 
+@torch.no_grad()
+def _agree_with_rank0(mask: torch.Tensor) -> int:
+    """Overwrite ``mask`` in place with rank 0's copy; the number of entries that differed (0 in one process)."""
+    if not is_distributed():
+        return 0
+    local = mask.clone()
+    broadcast_(mask)
+    return int((local != mask).sum())
+
+
 def _unwrap_model(model: nn.Module) -> nn.Module:
     while hasattr(model, "module") and isinstance(model.module, nn.Module):  # DDP / accelerate wrappers
         model = model.module
@@ -336,20 +346,11 @@ class CHTssController(Controller):
             return predictors.mest_scores(w, self._dense_grads.get(idx), self.config.mest_lambda)
         return predictors.weight_scores(w)
 
-    @torch.no_grad()
-    def update(self, u: int) -> dict[str, float]:
-        """Topology update number ``u`` (1..U): prune to d(u), remove zeta(u), regrow to the target."""
+    def _remove(
+        self, u: int, targets: list[int], zeta: float, temperature: float
+    ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Steps 1-2 per layer: ``(kept, removed)`` links after pruning to the target and soft removal."""
         cfg = self.config
-        start = time.perf_counter()
-        total = self.total_updates
-        density = schedules.density_at(
-            u, total, cfg.initial_density, cfg.final_density, cfg.density_schedule, cfg.sigmoid_k
-        )
-        zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
-        temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
-        targets = self._target_counts(density)
-        if self._collect_grads and is_distributed():
-            self._reduce_dense_grads()
         kept: list[torch.Tensor] = []
         removed: list[torch.Tensor] = []
         for idx, (layer, target) in enumerate(zip(self.layers, targets)):
@@ -378,24 +379,19 @@ class CHTssController(Controller):
             )
             kept.append(keep)
             removed.append(layer.mask & ~keep)
-        # 5. Chain removal: links of neurons left without inputs or outputs.
-        n_chain = 0
-        if cfg.chain_removal:
-            chained = chain_removal(kept, self.layers)
-            n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
-            kept = chained
-        n_disagree = 0
-        if is_distributed():
-            # Inputs agree across ranks (seeded draws, reduced gradients): a guard, so that removal,
-            # regrowth and the moment surgery below all start from rank 0's kept links. Differences
-            # are counted (chtss/rank_disagreement): they mean the ranks' inputs differed.
-            for keep in kept:
-                local = keep.clone()
-                broadcast_(keep)
-                n_disagree += int((local != keep).sum())
-        # 3. Regrowth to exactly the target count among non-links.
+        return kept, removed
+
+    def _regrow(
+        self, u: int, kept: list[torch.Tensor], removed: list[torch.Tensor], targets: list[int]
+    ) -> dict[str, float]:
+        """Step 3: regrow every layer to exactly its target among non-links and install the new masks.
+
+        Returns the counts ``filled`` (uniform fills), ``overlap`` (regrown links removed at this update),
+        ``grown``, ``disagree`` (links where this rank chose differently from rank 0) and ``predictor_ms``.
+        """
+        cfg = self.config
         timer = [0.0]
-        n_filled = n_overlap = n_grown = 0
+        counts = dict.fromkeys(("filled", "overlap", "grown", "disagree"), 0)
         for batch in self._regrowth_batches(kept, timer):
             for idx, score in batch:
                 layer, target = self.layers[idx], targets[idx]
@@ -406,18 +402,47 @@ class CHTssController(Controller):
                 )
                 new_mask = kept[idx] | grown
                 if is_distributed():  # guard: rank 0's masks win
-                    local = new_mask.clone()
-                    broadcast_(new_mask)
-                    n_disagree += int((local != new_mask).sum())
+                    counts["disagree"] += _agree_with_rank0(new_mask)
                     grown = new_mask & ~kept[idx]
-                n_filled += filled
-                n_overlap += int((grown & removed[idx]).sum())
-                n_grown += int(grown.sum())
+                counts["filled"] += filled
+                counts["overlap"] += int((grown & removed[idx]).sum())
+                counts["grown"] += int(grown.sum())
                 self._install(layer, new_mask, grown)
-        predictor_ms = timer[0]
-        if n_filled:
+        return {**counts, "predictor_ms": timer[0]}
+
+    @torch.no_grad()
+    def update(self, u: int) -> dict[str, float]:
+        """Topology update number ``u`` (1..U): prune to d(u), remove zeta(u), regrow to the target."""
+        cfg = self.config
+        start = time.perf_counter()
+        total = self.total_updates
+        density = schedules.density_at(
+            u, total, cfg.initial_density, cfg.final_density, cfg.density_schedule, cfg.sigmoid_k
+        )
+        zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
+        temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
+        targets = self._target_counts(density)
+        if self._collect_grads and is_distributed():
+            self._reduce_dense_grads()
+        kept, removed = self._remove(u, targets, zeta, temperature)
+        # 5. Chain removal: links of neurons left without inputs or outputs.
+        n_chain = 0
+        if cfg.chain_removal:
+            chained = chain_removal(kept, self.layers)
+            n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
+            kept = chained
+        # Inputs agree across ranks (seeded draws, reduced gradients): a guard, so that removal, regrowth
+        # and the moment surgery all start from rank 0's kept links. Differences are counted
+        # (chtss/rank_disagreement): they mean the ranks' inputs differed.
+        kept_disagree = sum(_agree_with_rank0(keep) for keep in kept)
+        # 3. Regrowth to exactly the target count among non-links.
+        counts = self._regrow(u, kept, removed, targets)
+        n_disagree = kept_disagree + counts["disagree"]
+        if counts["filled"]:
             logger.info(
-                "CHTss update %d: %d regrown links filled uniformly (too few positive scores)", u, n_filled
+                "CHTss update %d: %d regrown links filled uniformly (too few positive scores)",
+                u,
+                counts["filled"],
             )
         if n_disagree:
             logger.warning(
@@ -435,12 +460,12 @@ class CHTssController(Controller):
                 "chtss/target_density": float(density),
                 "chtss/zeta": float(zeta),
                 "chtss/temperature": float(temperature),
-                "chtss/rewired": float(n_grown),
+                "chtss/rewired": float(counts["grown"]),
                 "chtss/chain_removed": float(n_chain),
-                "chtss/removed_regrown_overlap": n_overlap / max(1, n_grown),
-                "chtss/filled_uniform": float(n_filled),
+                "chtss/removed_regrown_overlap": counts["overlap"] / max(1, counts["grown"]),
+                "chtss/filled_uniform": float(counts["filled"]),
                 "chtss/rank_disagreement": float(n_disagree),
-                "chtss/predictor_ms": predictor_ms,
+                "chtss/predictor_ms": counts["predictor_ms"],
                 "chtss/update_ms": (time.perf_counter() - start) * 1000.0,
             }
         )

@@ -7,11 +7,28 @@ import hashlib
 import torch
 import torch.distributed as dist
 
+try:  # accelerate is optional for plain-PyTorch loops
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+except ImportError:  # pragma: no cover - accelerate is installed with transformers' Trainer extras
+    AcceleratorState = DistributedType = None
+try:
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
+
+    _FSDP_TYPES: tuple[type, ...] = (FSDPModule, FullyShardedDataParallel)
+except ImportError:  # pragma: no cover - torch builds without distributed support
+    _FSDP_TYPES = ()
+try:
+    from torch.distributed.tensor import DTensor
+
+    _DTENSOR_TYPES: tuple[type, ...] = (DTensor,)
+except ImportError:  # pragma: no cover - torch builds without distributed support
+    _DTENSOR_TYPES = ()
+
 __all__ = [
     "all_reduce_mean_",
     "sharded_training_backend",
     "broadcast_",
-    "broadcast_object",
     "is_distributed",
     "is_main_process",
     "seeded_generator",
@@ -73,17 +90,45 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.div_(world_size())
 
 
-def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s picklable ``obj`` on every rank."""
-    if not is_distributed():
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src)
-    return box[0]
-
-
 def _qualname(obj) -> str:
     return f"{type(obj).__module__}.{type(obj).__name__}"
+
+
+def _backend_of_args(args) -> str | None:
+    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
+        return "DeepSpeed"
+    return "FSDP" if getattr(args, "fsdp", None) else None
+
+
+def _backend_of_accelerate() -> str | None:
+    if AcceleratorState is None:  # accelerate is optional for plain-PyTorch loops
+        return None
+    kind = (AcceleratorState._shared_state or {}).get("distributed_type")
+    return {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(kind)
+
+
+def _backend_of_model(model: torch.nn.Module) -> str | None:
+    for module in model.modules():
+        if _qualname(module).startswith("deepspeed."):
+            return "DeepSpeed"
+        if isinstance(module, _FSDP_TYPES):
+            return "FSDP"
+    for param in model.parameters():
+        if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
+            return "DeepSpeed"
+        if isinstance(param, _DTENSOR_TYPES):
+            return "DTensor"
+    return None
+
+
+def _backend_of_optimizer(optimizer) -> str | None:
+    for _ in range(8):  # the wrapper chain (accelerate, DeepSpeed), bounded
+        if optimizer is None:
+            return None
+        if "deepspeed" in _qualname(optimizer).lower():  # deepspeed.* or accelerate's DeepSpeed wrappers
+            return "DeepSpeed"
+        optimizer = getattr(optimizer, "optimizer", None)
+    return None
 
 
 def sharded_training_backend(args=None, model=None, optimizer=None) -> str | None:
@@ -95,48 +140,9 @@ def sharded_training_backend(args=None, model=None, optimizer=None) -> str | Non
     ``ds_id``), and the optimizer's wrapper chain (DeepSpeed ZeRO optimizers). Returns "DeepSpeed",
     "FSDP" or "DTensor" (sharded parameters, e.g. tensor parallelism).
     """
-    if args is not None:
-        if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
-            return "DeepSpeed"
-        if getattr(args, "fsdp", None):
-            return "FSDP"
-    try:
-        from accelerate.state import AcceleratorState
-        from accelerate.utils import DistributedType
-
-        kind = (AcceleratorState._shared_state or {}).get("distributed_type")
-        if kind == DistributedType.DEEPSPEED:
-            return "DeepSpeed"
-        if kind == DistributedType.FSDP:
-            return "FSDP"
-    except ImportError:  # accelerate is optional for plain-PyTorch loops
-        pass
-    if model is not None:
-        fsdp_types: tuple[type, ...] = ()
-        try:
-            from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-            fsdp_types = (FSDPModule, FullyShardedDataParallel)
-        except ImportError:
-            pass
-        for module in model.modules():
-            if _qualname(module).startswith("deepspeed."):
-                return "DeepSpeed"
-            if fsdp_types and isinstance(module, fsdp_types):
-                return "FSDP"
-        try:
-            from torch.distributed.tensor import DTensor
-        except ImportError:
-            DTensor = ()  # noqa: N806
-        for param in model.parameters():
-            if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
-                return "DeepSpeed"
-            if DTensor and isinstance(param, DTensor):
-                return "DTensor"
-    seen = 0
-    while optimizer is not None and seen < 8:
-        if "deepspeed" in _qualname(optimizer).lower():  # deepspeed.* or accelerate's DeepSpeed wrappers
-            return "DeepSpeed"
-        optimizer = getattr(optimizer, "optimizer", None)
-        seen += 1
-    return None
+    return (
+        (_backend_of_args(args) if args is not None else None)
+        or _backend_of_accelerate()
+        or (_backend_of_model(model) if model is not None else None)
+        or _backend_of_optimizer(optimizer)
+    )
