@@ -4,8 +4,7 @@ low-rank compression for the Hugging Face stack.
 Importing the package registers the ``sst`` PEFT tuner and the ``mpifa`` transformers quantizer.
 """
 
-__version__ = "0.1.0"
-
+from leanformers._version import __version__
 from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController, CHTssScheduler
 from leanformers.data import calibration_windows, evaluation_windows, load_text, tokenize_text
 from leanformers.eval import PerplexityResult, perplexity

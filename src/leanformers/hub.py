@@ -10,6 +10,8 @@ from pathlib import Path
 
 import torch
 
+from leanformers._version import __version__
+
 __all__ = [
     "all_minilm_l6_v2",
     "cache_dir",
@@ -167,8 +169,6 @@ def model_card(
     loader: str = "AutoModelForCausalLM",
 ) -> str:
     """A model card (README.md with YAML front matter) for a model written by leanformers."""
-    from leanformers import __version__
-
     base = base_model if "/" in base_model and not os.path.exists(base_model) else None
     lines = [
         "---",
