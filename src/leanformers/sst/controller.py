@@ -85,15 +85,7 @@ class SSTController(Controller):
         if not is_distributed():
             return
         for layer in self.layers.values():
-            for name in (
-                "sst_U",
-                "sst_Vh",
-                "sst_S",
-                "sst_U_active",
-                "sst_Vh_active",
-                "sst_index",
-                "sst_counters",
-            ):
+            for name in SSTLayer.adapter_layer_names + SSTLayer.other_param_names:
                 broadcast_(getattr(layer, name)[self.adapter])
 
     # ----------------------------------------------------------------------------- optimizer

@@ -31,7 +31,7 @@ __all__ = [
     "sst_parameter_counts",
 ]
 
-_SST_ATTRS = ("sst_S", "sst_U_active", "sst_Vh_active", "sst_U", "sst_Vh", "sst_index", "sst_counters")
+_SST_ATTRS = SSTLayer.adapter_layer_names + SSTLayer.other_param_names
 
 
 def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
@@ -61,7 +61,7 @@ def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
     return names
 
 
-_SST_BUFFERS = ("sst_U", "sst_Vh", "sst_index", "sst_counters")
+_SST_BUFFERS = SSTLayer.other_param_names
 
 
 def sst_buffer_names(model: nn.Module) -> list[str]:
