@@ -34,18 +34,15 @@ from leanformers.chts.masks import (
 )
 from leanformers.chts.sampling import select_mask
 from leanformers.chts.topology import brf_mask, erk_densities, link_count, sparse_init_
-from leanformers.training import (
-    Controller,
-    LRRewarmup,
+from leanformers.training import Controller, LRRewarmup
+from leanformers.training.distributed import (
     all_reduce_mean_,
     broadcast_,
-    check_optimizer,
     is_distributed,
-    mask_state_,
     seeded_generator,
     sharded_training_backend,
-    unwrap_optimizer,
 )
+from leanformers.training.optim import check_optimizer, mask_state_, unwrap_optimizer
 
 __all__ = ["STATE_NAME", "CHTssController", "CHTssScheduler", "check_unsharded"]
 
