@@ -72,6 +72,8 @@ def train_mlp(
     updates_per_epoch: int = 1,
     device: str = "cpu",
     n_train: int | None = None,
+    lr_end_factor: float | None = None,
+    lr_decay_epochs: float = 0.9,
     log=None,
     **chts_options,
 ) -> dict:
@@ -79,12 +81,16 @@ def train_mlp(
 
     Sparse methods (``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``) get ``chts_options``
     on top of the MLP reference settings (1 % density, zeta 0.3, T 1 -> 3, chain removal, sparse init).
+    ``init_topology="correlated"`` (``chts_official_mlp``, ``cht_official``) uses the Pearson
+    correlation of the training pixels. ``lr_end_factor``: linear LR decay per epoch to
+    lr * lr_end_factor over ``lr_decay_epochs`` of the epochs (the reference ``--linearlr``: 0.01, 0.9).
     Returns test accuracy (final and best), densities, active-neuron fraction and wall time.
     """
     import time
 
     from leanformers.chts.config import CHTssConfig
     from leanformers.chts.scheduler import CHTssScheduler
+    from leanformers.chts.topology import input_correlation
 
     x_train, y_train, x_test, y_test = mnist_split()
     if n_train is not None:
@@ -93,6 +99,11 @@ def train_mlp(
     torch.manual_seed(seed)
     model = MLPClassifier(sizes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    lr_sched = None
+    if lr_end_factor is not None:
+        lr_sched = torch.optim.lr_scheduler.LinearLR(
+            opt, 1.0, lr_end_factor, total_iters=max(1, int(epochs * lr_decay_epochs))
+        )
     steps_per_epoch = len(y_train) // batch_size
     total_steps = epochs * steps_per_epoch
     sched = None
@@ -109,7 +120,9 @@ def train_mlp(
             "seed": seed,
         }
         options.update(chts_options)
-        sched = CHTssScheduler(model, opt, CHTssConfig.for_method(method, **options), total_steps=total_steps)
+        cfg = CHTssConfig.for_method(method, **options)
+        corr = input_correlation(x_train) if cfg.init_topology == "correlated" else None
+        sched = CHTssScheduler(model, opt, cfg, total_steps=total_steps, input_correlation=corr)
         sched.check_schedule()
     gen = torch.Generator().manual_seed(seed)
     best = 0.0
@@ -124,6 +137,8 @@ def train_mlp(
             if sched is not None:
                 sched.step()
             opt.zero_grad(set_to_none=True)
+        if lr_sched is not None:
+            lr_sched.step()
         model.eval()
         with torch.no_grad():
             acc = float((model(x_test)["logits"].argmax(-1) == y_test).float().mean())
