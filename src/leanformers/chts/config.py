@@ -235,6 +235,10 @@ class CHTssConfig:
         self.targets = tuple(self.targets)
         self.exclude = tuple(self.exclude)
         if self.density_schedule == "em_s":
+            if not (self.em_s_boost > 0.0 and self.final_density + self.em_s_boost <= 1.0):
+                raise ValueError(
+                    f"em_s_boost={self.em_s_boost} must be > 0 with final_density + em_s_boost <= 1."
+                )
             start = self.final_density + self.em_s_boost
             if self.initial_density is None:
                 self.initial_density = start
@@ -246,6 +250,13 @@ class CHTssConfig:
         if self.initial_density is None:
             self.initial_density = self.final_density
         self.validate()
+        if self.density_end is not None and self.density_end > self.topology_end and self.is_chtss:
+            warnings.warn(
+                f"density_end={self.density_end} > topology_end={self.topology_end}: the masks freeze "
+                "before the density decay ends, so final_density is NOT reached (as in the reference "
+                "CHTss recipe). Leave density_end unset to reach it exactly.",
+                stacklevel=3,
+            )
 
     @property
     def is_chtss(self) -> bool:
@@ -306,16 +317,8 @@ class CHTssConfig:
                 )
             if self.layer_density == "erk" or self.init_topology == "erk":
                 raise ValueError("density_schedule='em_s' works per matrix: use layer_density='uniform'.")
-        if self.density_end is not None:
-            if not (0.0 < self.density_end <= 1.0):
-                raise ValueError(f"density_end={self.density_end} must be in (0, 1] (fraction of training).")
-            if self.density_end > self.topology_end and self.is_chtss:
-                warnings.warn(
-                    f"density_end={self.density_end} > topology_end={self.topology_end}: the masks freeze "
-                    "before the density decay ends, so final_density is NOT reached (as in the reference "
-                    "CHTss recipe). Leave density_end unset to reach it exactly.",
-                    stacklevel=3,
-                )
+        if self.density_end is not None and not (0.0 < self.density_end <= 1.0):
+            raise ValueError(f"density_end={self.density_end} must be in (0, 1] (fraction of training).")
         if not self.targets:
             raise ValueError("targets is empty: give at least one module-name pattern, e.g. r'\\.fc\\d$'.")
 

