@@ -479,3 +479,69 @@ def test_tiny_run_of_the_official_mlp_presets_reaches_the_final_density(shared_d
         (link_count((64, 784), 0.05) + link_count((64, 64), 0.05) + link_count((10, 64), 0.05))
         / (64 * 784 + 64 * 64 + 10 * 64)
     )
+
+
+# ----------------------------------------------------------------------------- official recipes
+
+
+@pytest.mark.slow
+def test_tiny_version_of_the_official_llm_recipe_trains(tmp_path, shared_data):
+    from leanformers.train import run
+    from tests.conftest import REPO_ROOT
+
+    tiny = "{model_type: llama, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 64, tie_word_embeddings: false}"
+    overrides = [
+        f"model.config={tiny}",
+        "tokenizer=bytes",
+        "data.train=shared:tinyshakespeare.txt",
+        "data.eval=null",
+        "data.eval_fraction=0.05",
+        "data.block_size=32",
+        "data.max_train_tokens=20000",
+        "data.max_eval_tokens=2048",
+        "method.chtss.update_interval=2",
+        f"training.output_dir={tmp_path}",
+        "training.max_steps=20",
+        "training.per_device_train_batch_size=4",
+        "training.gradient_accumulation_steps=1",
+        "training.warmup_steps=2",
+        "training.bf16=false",
+        "training.use_cpu=true",
+        "training.eval_steps=20",
+        "training.save_strategy='no'",
+        "training.dataloader_num_workers=0",
+    ]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        out = run(str(REPO_ROOT / "recipes" / "chtss_official_llama60m.yaml"), overrides)
+        preset = CHTssConfig.for_method("chtss_official_llm", final_density=0.1, update_interval=2)
+    cb = next(c for c in out["trainer"].callback_handler.callbacks if type(c).__name__ == "CHTssCallback")
+    cfg = cb.scheduler.config
+    for name in OFFICIAL_PRESETS["chtss_official_llm"]:  # the recipe spells out the preset
+        if name != "update_interval":
+            assert getattr(cfg, name) == getattr(preset, name), name
+    final = _official_s_shape(7, 8, 0.5, 0.9)  # 7 updates of a density window of 8, as the reference
+    for layer in cb.scheduler.layers:
+        assert int(layer.mask.sum()) == link_count(layer.shape, final)
+    assert math.isfinite(out["metrics"]["eval_loss"])
+
+
+@pytest.mark.parametrize("recipe", ["chts_official_mlp_mnist.yaml", "cht_official_mlp_mnist.yaml"])
+def test_tiny_version_of_the_official_mlp_recipes_reaches_the_final_density(shared_data, recipe):
+    from leanformers.chts.mlp import run_recipe
+    from tests.conftest import REPO_ROOT
+
+    name = recipe.replace("_mlp_mnist.yaml", "").replace("chts_official", "chts_official_mlp")
+    out = run_recipe(
+        str(REPO_ROOT / "recipes" / recipe),
+        [
+            "model.sizes=[784, 48, 10]",
+            f"method.{name}.final_density=0.05",
+            f"method.{name}.targets=['^layers\\.0$']",
+            "training.epochs=3",
+            "training.n_train=256",
+            "training.device=cpu",
+        ],
+    )
+    assert out["method"] == name and out["updates"] == 2
+    assert out["density_sparse_subset"] == link_count((48, 784), 0.05) / (48 * 784)
