@@ -544,4 +544,5 @@ def test_tiny_version_of_the_official_mlp_recipes_reaches_the_final_density(shar
         ],
     )
     assert out["method"] == name and out["updates"] == 2
+    assert len(out["active_hidden_neurons"]) == 1  # the sparse hidden layer, classifier dense
     assert out["density_sparse_subset"] == link_count((48, 784), 0.05) / (48 * 784)

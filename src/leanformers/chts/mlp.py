@@ -162,9 +162,12 @@ def train_mlp(
         m = sched.metrics()
         result["density_sparse_subset"] = m["chtss/density_sparse_subset"]
         result["active_neurons_mean"] = m["chtss/active_neurons_mean"]
+        # Hidden neurons: outputs (with an incoming link) of every sparse layer but the classifier,
+        # whether the classifier is sparse (default targets) or dense (targets 0|2|4).
+        classifier = f"layers.{len(model.layers) - 1}"
         result["active_hidden_neurons"] = [
-            m[f"chtss/active_out/{layer.name}"] for layer in sched.layers[:-1]
-        ]  # hidden layers: outputs with an incoming link
+            m[f"chtss/active_out/{layer.name}"] for layer in sched.layers if layer.name != classifier
+        ]
         result["updates"] = len(sched.history)
         result["filled_uniform"] = sum(h["chtss/filled_uniform"] for h in sched.history)
     return result
