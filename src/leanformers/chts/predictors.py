@@ -23,13 +23,14 @@ __all__ = [
     "gradient_scores",
     "l3n_scores",
     "l3p_scores",
+    "l3p_scores_dense",
     "mest_scores",
     "random_scores",
     "relative_importance",
     "weight_scores",
 ]
 
-CH_VARIANTS = ("CH2", "CH3", "CH3.1")
+CH_VARIANTS = ("CH2", "CH3", "CH3.1", "CH3.1_official")
 
 
 def _check_mask(mask: torch.Tensor) -> None:
@@ -47,6 +48,9 @@ def _node_factor(overlap: torch.Tensor, external: torch.Tensor, variant: str) ->
     elif variant == "CH3.1":
         # CH3 weighted by the number of L3 paths through the node (see docs/chtss.md).
         factor = overlap / (1.0 + external)
+    elif variant == "CH3.1_official":
+        # The reference LLM code's CH3.1-L3n: (1 + DD) / (1 + E)^(1 + E / (1 + E)).
+        factor = (1.0 + overlap) / (1.0 + external) ** (1.0 + external / (1.0 + external))
     else:
         raise ValueError(f"unknown CH variant {variant!r}; choose one of {CH_VARIANTS}")
     return torch.where(overlap > 0, factor, torch.zeros_like(factor))
@@ -74,7 +78,8 @@ def l3n_scores(
     Args:
         mask: (out, in) or (B, out, in) boolean/0-1 masks; a batch holds same-shape layers and is
             scored with batched GEMMs (one kernel per chunk for all of them).
-        variant: "CH2", "CH3" or "CH3.1".
+        variant: "CH2", "CH3", "CH3.1" (ours: DD / (1 + E)) or "CH3.1_official" (the reference
+            code's (1 + DD) / (1 + E)^(1 + E / (1 + E))).
         chunk: rows of A A^T (and of A^T A) materialised at once: memory O(chunk * max(out, in)).
         allow_tf32: on CUDA, run the GEMMs in TF32 (0/1 products are exact; never bf16/fp16, whose
             8-bit mantissa cannot count above 256).
@@ -111,20 +116,92 @@ def l3n_scores(
     return scores[0] if squeeze else scores
 
 
-@torch.no_grad()
-def l3p_scores(mask: torch.Tensor, variant: str = "CH2", chunk: int = 64) -> torch.Tensor:
-    """Exact path-based CH2-L3 / CH3-L3 scores of every non-link of one (out, in) mask.
+def _l3p_term(di: torch.Tensor, deg: torch.Tensor, variant: str) -> torch.Tensor:
+    """Node term t(z) of an exact L3p path from the node's internal degree and degree (float64)."""
+    de = (deg - di - 1.0).clamp_min(0)
+    if variant == "CH2":
+        return torch.sqrt((1.0 + di) / (1.0 + de))
+    if variant == "CH3.1":
+        return 1.0 / torch.sqrt(de + 1.0 / (1.0 + di))
+    return 1.0 / torch.sqrt(1.0 + de)
 
-    score[o, i] = sum over paths o - i1 - o1 - i of t(i1) t(o1) with
-    CH2: t(z) = sqrt((1 + di(z)) / (1 + de(z))), CH3: t(z) = 1 / sqrt(1 + de(z)),
-    di(i1) = |N(i1) & N(i)|, di(o1) = |N(o1) & N(o)| (the L3 paths through the node) and
-    de(z) = deg(z) - di(z) - 1. Cost O(out^2 in^2 / chunk) memory-bounded: for small layers and as
-    the oracle of the L3n approximation.
+
+def _expand(nodes: torch.Tensor, ptr: torch.Tensor, neighbours: torch.Tensor):
+    """CSR expansion: (index into ``nodes``, neighbour) for every neighbour of every node."""
+    counts = ptr[nodes + 1] - ptr[nodes]
+    item = torch.repeat_interleave(torch.arange(len(nodes), device=nodes.device), counts)
+    first = torch.cumsum(counts, 0) - counts
+    offset = torch.arange(len(item), device=nodes.device) - first[item]
+    return item, neighbours[ptr[nodes][item] + offset]
+
+
+@torch.no_grad()
+def l3p_scores(mask: torch.Tensor, variant: str = "CH2", max_paths: int = 1 << 21) -> torch.Tensor:
+    """Exact path-based CH2-L3 / CH3-L3 / CH3.1-L3 scores of every non-link of one (out, in) mask.
+
+    Same definition as :func:`l3p_scores_dense`, computed by enumerating the L3 paths
+    o - i1 - o1 - i of the sparse graph (at most ``max_paths`` at a time): cost O(N d^3), the
+    complexity of CHT, so it is practical for ultra-sparse layers (the MLP at 1 %: ~6 M paths per
+    1568 x 1568 matrix) and not for dense ones. Memory: A A^T and A^T A (out^2 + in^2 float64).
     """
     if mask.dim() != 2:
         raise ValueError(f"l3p_scores takes one (out, in) mask; got shape {tuple(mask.shape)}")
-    if variant not in ("CH2", "CH3"):
-        raise ValueError(f"exact L3p supports CH2 and CH3, not {variant!r}")
+    if variant not in ("CH2", "CH3", "CH3.1"):
+        raise ValueError(f"exact L3p supports CH2, CH3 and CH3.1, not {variant!r}")
+    A = mask.bool()
+    n_out, n_in = A.shape
+    dev = A.device
+    Af = A.to(torch.float64)
+    DD = Af @ Af.T  # DD[o1, o] = |N(o1) & N(o)|: L3 paths through o1 for a candidate ending at o
+    TT = Af.T @ Af
+    deg_out, deg_in = Af.sum(1), Af.sum(0)
+    eo, ei = torch.nonzero(A, as_tuple=True)  # edges sorted by output: CSR of A
+    row_ptr = torch.zeros(n_out + 1, dtype=torch.long, device=dev)
+    row_ptr[1:] = torch.cumsum(torch.bincount(eo, minlength=n_out), 0)
+    ti, to = torch.nonzero(A.T, as_tuple=True)  # CSR of A^T: outputs of each input
+    col_ptr = torch.zeros(n_in + 1, dtype=torch.long, device=dev)
+    col_ptr[1:] = torch.cumsum(torch.bincount(ti, minlength=n_in), 0)
+    # Paths starting with edge (o, i1): sum over o1 in N(i1) of deg(o1); chunk the edges by it.
+    per_edge = (Af.T @ deg_out)[ei].to(torch.long)
+    ends = torch.cumsum(per_edge, 0)
+    scores = torch.zeros(n_out * n_in, dtype=torch.float64, device=dev)
+    start, n_edges = 0, len(eo)
+    while start < n_edges:
+        base = int(ends[start - 1]) if start else 0
+        stop = int(torch.searchsorted(ends, base + max_paths, right=True))
+        stop = max(stop, start + 1)
+        o_e, i1_e = eo[start:stop], ei[start:stop]
+        start = stop
+        r1, o1 = _expand(i1_e, col_ptr, to)  # 2-paths o - i1 - o1
+        o_t, i1_t = o_e[r1], i1_e[r1]
+        keep = o1 != o_t
+        o_t, i1_t, o1 = o_t[keep], i1_t[keep], o1[keep]
+        r2, i = _expand(o1, row_ptr, ei)  # 3-paths o - i1 - o1 - i
+        o_p, i1_p, o1_p = o_t[r2], i1_t[r2], o1[r2]
+        keep = ~A[o_p, i]  # candidates only (also drops i == i1)
+        o_p, i1_p, o1_p, i = o_p[keep], i1_p[keep], o1_p[keep], i[keep]
+        contrib = _l3p_term(TT[i1_p, i], deg_in[i1_p], variant) * _l3p_term(
+            DD[o1_p, o_p], deg_out[o1_p], variant
+        )
+        scores.index_add_(0, o_p * n_in + i, contrib)
+    return scores.view(n_out, n_in).to(torch.float32)
+
+
+@torch.no_grad()
+def l3p_scores_dense(mask: torch.Tensor, variant: str = "CH2", chunk: int = 64) -> torch.Tensor:
+    """Exact path-based CH2-L3 / CH3-L3 / CH3.1-L3 scores of every non-link of one (out, in) mask.
+
+    score[o, i] = sum over paths o - i1 - o1 - i of t(i1) t(o1) with
+    CH2: t(z) = sqrt((1 + di(z)) / (1 + de(z))), CH3: t(z) = 1 / sqrt(1 + de(z)),
+    CH3.1: t(z) = 1 / sqrt(de(z) + 1 / (1 + di(z))) (the reference C++ code's model 5),
+    di(i1) = |N(i1) & N(i)|, di(o1) = |N(o1) & N(o)| (the L3 paths through the node) and
+    de(z) = deg(z) - di(z) - 1. Dense tensor algebra, cost O(out^2 in^2), memory O(chunk in^2): for
+    small layers and as the oracle of :func:`l3p_scores` and of the L3n approximation.
+    """
+    if mask.dim() != 2:
+        raise ValueError(f"l3p_scores takes one (out, in) mask; got shape {tuple(mask.shape)}")
+    if variant not in ("CH2", "CH3", "CH3.1"):
+        raise ValueError(f"exact L3p supports CH2, CH3 and CH3.1, not {variant!r}")
     A = mask.to(torch.float64)
     n_out, n_in = A.shape
     DD = A @ A.T  # (out, out): DD[o1, o] = paths o - * - o1
@@ -132,12 +209,8 @@ def l3p_scores(mask: torch.Tensor, variant: str = "CH2", chunk: int = 64) -> tor
     deg_out = A.sum(1)
     deg_in = A.sum(0)
 
-    def term(di: torch.Tensor, deg: torch.Tensor) -> torch.Tensor:
-        de = (deg - di - 1.0).clamp_min(0)
-        return torch.sqrt((1.0 + di) / (1.0 + de)) if variant == "CH2" else 1.0 / torch.sqrt(1.0 + de)
-
-    t_in = term(TT, deg_in[:, None])  # [i1, i] term of i1 for candidate end i
-    t_out = term(DD, deg_out[:, None])  # [o1, o] term of o1 for candidate end o
+    t_in = _l3p_term(TT, deg_in[:, None], variant)  # [i1, i] term of i1 for candidate end i
+    t_out = _l3p_term(DD, deg_out[:, None], variant)  # [o1, o] term of o1 for candidate end o
     scores = torch.zeros_like(A)
     for o0 in range(0, n_out, chunk):
         o1_ = min(o0 + chunk, n_out)

@@ -7,14 +7,24 @@ topology window. Index 0 is the initial topology.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from leanformers.chts.config import CHTssConfig
 
 __all__ = [
+    "UpdateSchedule",
     "density_at",
+    "em_s_extra",
     "num_updates",
     "shaped_progress",
     "temperature_at",
+    "temperature_at_step",
     "update_index",
+    "update_schedule",
     "zeta_at",
+    "zeta_at_step",
 ]
 
 
@@ -90,3 +100,101 @@ def temperature_at(u: int, total: int, start: float = 1.0, end: float = 9.0) -> 
         return float(start)
     x = min(max((u - 1) / (total - 1), 0.0), 1.0)
     return float(start + (end - start) * x)
+
+
+# --------------------------------------------------------------------- the official code's clock
+# The reference implementations evaluate zeta and T at the optimizer step s of the update divided by
+# the end of the topology window T_end (in steps), not at the update index: see docs/chtss.md.
+
+
+def zeta_at_step(step: int, t_end: float, zeta0: float, kind: str = "cosine") -> float:
+    """Official removal fraction: zeta0 / 2 * (1 + cos(pi * step / T_end)) (cosine), or zeta0 (constant).
+
+    The first update (step = interval) removes a little less than ``zeta0``; an update at
+    step = T_end removes nothing.
+    """
+    if kind == "constant":
+        return float(zeta0)
+    if t_end <= 0:
+        return 0.0
+    x = min(max(step / t_end, 0.0), 1.0)
+    return float(zeta0 / 2.0 * (1.0 + math.cos(math.pi * x)))
+
+
+def temperature_at_step(step: int, t_end: float, start: float = 1.0, end: float = 9.0) -> float:
+    """Official soft-removal temperature: start + (end - start) * step / T_end."""
+    if t_end <= 0:
+        return float(start)
+    x = min(max(step / t_end, 0.0), 1.0)
+    return float(start + (end - start) * x)
+
+
+def em_s_extra(step: int, t_end: float, interval: int, boost: float) -> float:
+    """EM_S density above the final one after the update at ``step`` (the official MLP CHTs schedule).
+
+    ``boost`` while step <= 0.6 T_end, ``boost / 2`` while step < T_end - interval, 0 afterwards (the
+    last updates only prune to the final density).
+    """
+    if step <= 0.6 * t_end:
+        return float(boost)
+    if step < t_end - interval:
+        return float(boost) / 2.0
+    return 0.0
+
+
+@dataclass(frozen=True)
+class UpdateSchedule:
+    """What update ``u`` does. Densities are fractions of each matrix (or of the ERK budget).
+
+    Attributes:
+        density: link density after the update (the regrowth target).
+        zeta: fraction of the active links removed (for EM_S: the fraction its pruning removes).
+        temperature: exponent T of the soft removal.
+        keep_density: EM_S only: the removal keeps exactly this density (zeta is not used); None
+            otherwise.
+    """
+
+    density: float
+    zeta: float
+    temperature: float
+    keep_density: float | None = None
+
+
+def update_schedule(
+    config: CHTssConfig, u: int, total_updates: int, total_steps: int | None
+) -> UpdateSchedule:
+    """Schedule values of update ``u`` (1..U) of a run of ``total_steps`` optimizer steps.
+
+    ``config.schedule_clock``: "update" evaluates zeta at (u - 1) / U and T at (u - 1) / (U - 1) (the
+    package's default: the first update removes exactly zeta, T spans the whole range); "step"
+    evaluates both at s / T_end with s = u * update_interval and T_end = topology_end * total_steps,
+    as the reference code does. The density decay runs over ``density_end`` (default: the topology
+    window), so that it reaches ``final_density`` exactly at the last update.
+    """
+    cfg = config
+    interval = cfg.update_interval
+    step = u * interval
+    t_end = math.floor(cfg.topology_end * (total_steps or 0) + 1e-9)
+    if cfg.schedule_clock == "step":
+        zeta = zeta_at_step(step, t_end, cfg.zeta, cfg.zeta_schedule)
+        temperature = temperature_at_step(step, t_end, cfg.temperature_start, cfg.temperature_end)
+    else:
+        zeta = zeta_at(u, total_updates, cfg.zeta, cfg.zeta_schedule)
+        temperature = temperature_at(u, total_updates, cfg.temperature_start, cfg.temperature_end)
+    if cfg.density_schedule == "em_s":
+        extra = em_s_extra(step, t_end, interval, cfg.em_s_boost)
+        before = (
+            cfg.initial_density
+            if u <= 1
+            else cfg.final_density + em_s_extra(step - interval, t_end, interval, cfg.em_s_boost)
+        )
+        density = min(1.0, cfg.final_density + extra)
+        return UpdateSchedule(density, 1.0 - cfg.final_density / before, temperature, cfg.final_density)
+    if cfg.density_end is None:
+        density_updates = total_updates
+    else:
+        density_updates = num_updates(total_steps or 0, interval, cfg.density_end)
+    density = density_at(
+        u, density_updates, cfg.initial_density, cfg.final_density, cfg.density_schedule, cfg.sigmoid_k
+    )
+    return UpdateSchedule(density, zeta, temperature, None)
