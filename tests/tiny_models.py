@@ -19,19 +19,33 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 96) -> LlamaForCausalLM:
-    """LLaMA with grouped-query attention (4 query heads, 2 key/value heads)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
+def llama_config(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int | None = None,
+    vocab: int = VOCAB,
+    max_positions: int = 256,
+    **extra,
+) -> LlamaConfig:
+    """The one LLaMA config factory of tests and bench (``extra``: other LlamaConfig fields)."""
+    return LlamaConfig(
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
+        **extra,
     )
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 96) -> LlamaForCausalLM:
+    """LLaMA with grouped-query attention (4 query heads, 2 key/value heads)."""
+    torch.manual_seed(seed)
+    cfg = llama_config(hidden, intermediate, layers, heads=4, kv_heads=2, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
