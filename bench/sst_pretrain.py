@@ -255,15 +255,17 @@ def cost_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ (b) quality
+# LLaMA hidden 64, FFN 172, 2 layers, 4 heads: the model of the quick and cpu quality presets
+TINY_QUALITY_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
 QUALITY_PRESETS = {
     # tokens per run = steps * batch * seq
     "quick": {
-        "model": {
-            "hidden_size": 64,
-            "intermediate_size": 172,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
+        "model": TINY_QUALITY_MODEL,
         "rank": 8,
         "steps": 8,
         "batch": 4,
@@ -275,12 +277,7 @@ QUALITY_PRESETS = {
     },
     # what a shared 2-core CPU finishes in ~15 min for the three methods (a smoke-scale comparison)
     "cpu": {
-        "model": {
-            "hidden_size": 64,
-            "intermediate_size": 172,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
+        "model": TINY_QUALITY_MODEL,
         "rank": 8,
         "steps": 150,
         "batch": 4,

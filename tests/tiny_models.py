@@ -102,19 +102,24 @@ def tiny_gpt2(seed: int = 0, layers: int = 2) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_bert_config(layers: int = 2, **extra) -> BertConfig:
+    """BERT hidden 64, FFN 128, 4 heads, no dropout (``extra``: other BertConfig fields)."""
+    fields = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    return BertConfig(**{**fields, **extra})
+
+
 def tiny_bert(seed: int = 0, layers: int = 2) -> BertModel:
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertModel(cfg).eval()
+    return BertModel(tiny_bert_config(layers)).eval()
 
 
 ALL_CAUSAL = {"llama": tiny_llama, "qwen2": tiny_qwen2, "opt": tiny_opt, "gpt2": tiny_gpt2}
