@@ -4,7 +4,7 @@
   seconds-long CPU variant the smoke tests run) and ``--output`` (where the result JSON goes);
   ``output_path(args, name)`` resolves the default ``bench/results/<name>[_quick].json``.
 - ``environment(device)``: the machine and versions recorded with every result.
-- ``sync`` / ``timed`` / ``median_ms``: device-synchronised wall-clock timing.
+- ``sync`` / ``timed``: device-synchronised wall-clock timing.
 - ``PeakRSS``: peak resident memory of this process over a block.
 - ``print_table``: the plain-text table a script prints last.
 - ``write_json``: atomic write of a result (a stopped run never leaves half a file).
@@ -22,11 +22,10 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -48,7 +47,6 @@ __all__ = [
     "command_line",
     "environment",
     "llama_config",
-    "median_ms",
     "output_path",
     "parser",
     "print_table",
@@ -144,16 +142,6 @@ def timed(device: torch.device | str = "cpu") -> Iterator[_Elapsed]:
     finally:
         sync(device)
         elapsed.seconds = time.perf_counter() - start
-
-
-def median_ms(fn: Callable[[], object], repeats: int, device: torch.device | str = "cpu") -> float:
-    """Median milliseconds of ``repeats`` synchronised calls of ``fn``."""
-    times = []
-    for _ in range(repeats):
-        with timed(device) as t:
-            fn()
-        times.append(t.ms)
-    return statistics.median(times)
 
 
 class PeakRSS:
