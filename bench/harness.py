@@ -187,11 +187,8 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
 
 
 def write_json(path: Path | str, payload: dict, indent: int = 2) -> Path:
-    """Write ``payload`` to ``path`` atomically (temporary file, then rename); a bare name (no
-    suffix, no folder) means ``bench/results/<name>.json``. Returns the path written."""
+    """Write ``payload`` to ``path`` atomically (temporary file, then rename); returns ``path``."""
     path = Path(path)
-    if path.suffix == "" and path.parent == Path("."):
-        path = RESULTS / f"{path}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(payload, indent=indent, default=str))

@@ -9,7 +9,7 @@ python bench/mpifa_cost.py --quick         # a tiny LLaMA, seconds (CI smoke tes
 from __future__ import annotations
 
 import torch
-from harness import PeakRSS, environment, llama_config, print_table, timed, write_json
+from harness import RESULTS, PeakRSS, environment, llama_config, print_table, timed, write_json
 from harness import parser as harness_parser
 
 from leanformers.pifa import MPIFAConfig, mpifa_compress
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     payload = {"env": environment(), "row": row, "report": report.to_dict()}
     name = "mpifa_cost" + ("_quick" if args.quick else "_llama7b" if args.llama7b else "")
-    path = write_json(args.output or name, payload)
+    path = write_json(args.output or RESULTS / f"{name}.json", payload)
     print(f"(JSON: {path})")
     print_table([row], list(row))
     return payload
