@@ -13,20 +13,15 @@ Rows of other labels already in the output JSON are kept (before/after of a chan
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
-import time
 from pathlib import Path
 
 import torch
+from chtss_train import SparseSubset
+from harness import command_line, environment, output_path, parser, timed, write_json
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment  # noqa: E402
-from chtss_train import SparseSubset  # noqa: E402
-
-import leanformers  # noqa: E402
-from leanformers.chts import CHTssConfig, CHTssScheduler  # noqa: E402
+import leanformers
+from leanformers.chts import CHTssConfig, CHTssScheduler
 
 SHAPES = {  # hidden, intermediate, blocks, heads, kv heads
     "quick": (256, 688, 2, 4, 4),
@@ -84,14 +79,10 @@ def measure(shape: str, dtype: torch.dtype, device: str, repeats: int) -> dict:
     weights = sum(layer.mask.numel() for layer in sched.layers)
     held = mask_bytes(sched)
     sched.apply_masks_()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    start = time.perf_counter()
-    for _ in range(repeats):
-        sched.apply_masks_()
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-    remask_ms = (time.perf_counter() - start) * 1000.0 / repeats
+    with timed(device) as elapsed:
+        for _ in range(repeats):
+            sched.apply_masks_()
+    remask_ms = elapsed.ms / repeats
     return {
         "shape": shape,
         "dtype": str(dtype).replace("torch.", ""),
@@ -104,29 +95,21 @@ def measure(shape: str, dtype: torch.dtype, device: str, repeats: int) -> dict:
 
 
 def main(argv=None) -> dict:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="2 small LLaMA-like blocks (CPU, CI)")
+    ap = parser(__doc__.split("\n\n")[0], "2 small LLaMA-like blocks (CPU, CI)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtypes", default="float32,bfloat16")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--label", default="current", help="row label, e.g. before / after")
     ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument(
-        "--output", default=None, help="JSON path (default bench/results/chtss_mask_memory[_quick].json)"
-    )
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     shape = "quick" if args.quick else "llama130m"
-    out = (
-        Path(args.output)
-        if args.output
-        else RESULTS / f"chtss_mask_memory{'_quick' if args.quick else ''}.json"
-    )
+    out = output_path(args, "chtss_mask_memory")
     rows = []
     if out.is_file():
         rows = [r for r in json.loads(out.read_text()).get("rows", []) if r.get("label") != args.label]
-    command = "python bench/chtss_mask_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("chtss_mask_memory", argv)
     for name in args.dtypes.split(","):
         row = measure(shape, getattr(torch, name), args.device, args.repeats)
         row["label"] = args.label
@@ -136,10 +119,7 @@ def main(argv=None) -> dict:
         print(json.dumps({k: v for k, v in row.items() if k != "environment"}), flush=True)
         rows.append(row)
     payload = {"rows": rows}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(payload, indent=2))
-    tmp.replace(out)
+    write_json(out, payload)
     return payload
 
 

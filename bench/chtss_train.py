@@ -1,6 +1,7 @@
 """BENCHMARKS.md §5 — CHTss: topology-update cost, training overhead, quality (MLP on MNIST, small LLaMA).
 
-Parts (each writes bench/results/chtss_<part>[_quick].json; ``--report`` prints every table):
+Parts (each writes chtss_<part>[_quick].json into the ``--output`` folder, default bench/results/;
+``--report`` prints every table):
 
 - cost:     one topology update (predictor + sampling + mask bookkeeping) of the LLaMA-130M sparse
             subset (q/k/v/o/gate/up/down of 12 blocks, 84.9M weights) at 30 % density, and of
@@ -19,31 +20,29 @@ Parts (each writes bench/results/chtss_<part>[_quick].json; ``--report`` prints 
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import statistics
-import sys
-import time
 from pathlib import Path
 
 import torch
+from harness import (
+    REPO_ROOT,
+    RESULTS,
+    command_line,
+    environment,
+    llama_config,
+    parser,
+    timed,
+    write_json,
+)
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment  # noqa: E402
+from leanformers.chts import CHTssConfig, CHTssScheduler
+from leanformers.chts.predictors import l3n_scores
 
-from leanformers.chts import CHTssConfig, CHTssScheduler  # noqa: E402
-from leanformers.chts.predictors import l3n_scores  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
 METHODS = ("dense", "static", "set", "rigl", "cht", "chts", "chtss")
 TARGETS = {"cost_130m_ms": 50.0, "cost_7b_ms": 2000.0, "overhead_pct": 3.0}
-
-
-def sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
 
 
 # --------------------------------------------------------------------------------------------- cost
@@ -103,18 +102,15 @@ def bench_cost(name: str, device: str, repeats: int, log) -> dict:
 
     def per_matrix():
         # The reference approach: one predictor call per matrix, no batching, no chunking.
-        start = time.perf_counter()
-        for m in masks:
-            l3n_scores(m, "CH2", chunk=1 << 30, allow_tf32=cfg.allow_tf32)
-        sync(device)
-        return (time.perf_counter() - start) * 1000.0
+        with timed(device) as elapsed:
+            for m in masks:
+                l3n_scores(m, "CH2", chunk=1 << 30, allow_tf32=cfg.allow_tf32)
+        return elapsed.ms
 
     def full_update(u):
-        sync(device)
-        start = time.perf_counter()
-        sched.update(u)
-        sync(device)
-        return (time.perf_counter() - start) * 1000.0
+        with timed(device) as elapsed:
+            sched.update(u)
+        return elapsed.ms
 
     if device.startswith("cuda"):
         batched(), per_matrix()  # warm-up (kernels, allocator)
@@ -139,39 +135,23 @@ def bench_cost(name: str, device: str, repeats: int, log) -> dict:
 
 # ----------------------------------------------------------------------------------- data for llama
 def shakespeare_bytes() -> torch.Tensor:
-    path = ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
+    path = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
     if not path.is_file():
         raise FileNotFoundError(f"{path} not found (see ../shared/data/DATA.md)")
     return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
 
 
 def llama_model(size: str, device: str):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    dims = {
-        "tiny": dict(
-            hidden_size=64,
-            intermediate_size=172,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        ),
-        "small": dict(
-            hidden_size=128,
-            intermediate_size=344,
-            num_hidden_layers=4,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-        ),
-        "llama130m": dict(
-            hidden_size=768,
-            intermediate_size=2048,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            num_key_value_heads=12,
-        ),
+    hidden, intermediate, layers, heads = {  # key/value heads = heads
+        "tiny": (64, 172, 2, 4),
+        "small": (128, 344, 4, 4),
+        "llama130m": (768, 2048, 12, 12),
     }[size]
-    cfg = LlamaConfig(vocab_size=256, max_position_embeddings=1024, tie_word_embeddings=False, **dims)
+    cfg = llama_config(
+        hidden, intermediate, layers, heads, vocab=256, max_positions=1024, tie_word_embeddings=False
+    )
     return LlamaForCausalLM(cfg).to(device)
 
 
@@ -203,24 +183,22 @@ def train_llama(
         if device.startswith("cuda")
         else torch.autocast("cpu", enabled=False)
     )
-    sync(device)
-    start = time.perf_counter()
-    for step in range(steps):
-        starts = torch.randint(0, train.numel() - seqlen - 1, (batch,), generator=gen)
-        ids = torch.stack([train[s : s + seqlen] for s in starts]).to(device)
-        with autocast:
-            loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        if sched is not None:
-            sched.step()
-        lr_sched.step()
-        opt.zero_grad(set_to_none=True)
-        if log and (step + 1) % max(1, steps // 4) == 0:
-            log(f"llama {method} step {step + 1}/{steps} loss {loss.item():.3f}")
-    sync(device)
-    seconds = time.perf_counter() - start
+    with timed(device) as elapsed:
+        for step in range(steps):
+            starts = torch.randint(0, train.numel() - seqlen - 1, (batch,), generator=gen)
+            ids = torch.stack([train[s : s + seqlen] for s in starts]).to(device)
+            with autocast:
+                loss = model(input_ids=ids, labels=ids).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            if sched is not None:
+                sched.step()
+            lr_sched.step()
+            opt.zero_grad(set_to_none=True)
+            if log and (step + 1) % max(1, steps // 4) == 0:
+                log(f"llama {method} step {step + 1}/{steps} loss {loss.item():.3f}")
+    seconds = elapsed.seconds
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad(), autocast:
@@ -283,10 +261,10 @@ def mean_std(values):
     return f"{statistics.mean(values):.4g} ± {statistics.stdev(values):.2g}"
 
 
-def report(suffix: str) -> str:
+def report(suffix: str, folder: Path = RESULTS) -> str:
     parts = []
     for part in ("cost", "overhead", "mlp", "llama"):
-        path = RESULTS / f"chtss_{part}{suffix}.json"
+        path = Path(folder) / f"chtss_{part}{suffix}.json"
         if not path.is_file():
             continue
         res = json.loads(path.read_text())
@@ -422,14 +400,18 @@ def plot_schedule(path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def _previous_rows(part: str, suffix: str) -> list:
-    path = RESULTS / f"chtss_{part}{suffix}.json"
+def _previous_rows(part: str, suffix: str, folder: Path) -> list:
+    path = folder / f"chtss_{part}{suffix}.json"
     return json.loads(path.read_text())["rows"] if path.is_file() else []
 
 
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small shapes and runs (CPU, CI)")
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the parts; returns {part: the payload written to chtss_<part>[_quick].json}."""
+    ap = parser(
+        __doc__.split("\n\n")[0],
+        "small shapes and runs (CPU, CI)",
+        "FOLDER for chtss_<part>[_quick].json (default bench/results/)",
+    )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--parts", default="cost,overhead,mlp,llama")
     ap.add_argument("--methods", default=",".join(METHODS))
@@ -446,16 +428,17 @@ def main(argv=None) -> int:
     ap.add_argument("--report", action="store_true", help="print the tables of saved results and exit")
     args = ap.parse_args(argv)
     suffix = "_quick" if args.quick else ""
+    folder = Path(args.output) if args.output is not None else RESULTS
     if args.plot:
         plot_schedule(args.plot)
-        return 0
+        return {}
     if args.report:
-        print(report(suffix))
-        return 0
-    RESULTS.mkdir(parents=True, exist_ok=True)
+        print(report(suffix, folder))
+        return {}
     if args.threads:
         torch.set_num_threads(args.threads)
-    command = "python bench/chtss_train.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = command_line("chtss_train", argv)
+    saved: dict[str, dict] = {}
     methods = args.methods.split(",")
     cuda = args.device.startswith("cuda")
 
@@ -463,8 +446,8 @@ def main(argv=None) -> int:
         print(msg, flush=True)
 
     def save(part, rows, **extra):
-        payload = {"environment": environment(), "command": command, "rows": rows, **extra}
-        (RESULTS / f"chtss_{part}{suffix}.json").write_text(json.dumps(payload, indent=2))
+        saved[part] = {"environment": environment(), "command": command, "rows": rows, **extra}
+        write_json(folder / f"chtss_{part}{suffix}.json", saved[part])
 
     parts = args.parts.split(",")
     if "cost" in parts:
@@ -484,7 +467,7 @@ def main(argv=None) -> int:
         seeds = args.seeds or (1 if args.quick else 3)
         epochs = args.mlp_epochs or (1 if args.quick else (100 if cuda else 3))
         sizes = (784, 256, 256, 256, 10) if args.quick else (784, 1568, 1568, 1568, 10)
-        rows = _previous_rows("mlp", suffix) if args.first_seed else []
+        rows = _previous_rows("mlp", suffix, folder) if args.first_seed else []
         for seed in range(args.first_seed, args.first_seed + seeds):
             for m in methods:
                 # The 1568 x 10 classifier stays dense (1 % of it would be 157 links for 10 classes).
@@ -515,7 +498,7 @@ def main(argv=None) -> int:
         size = args.llama_size or size
         batch = args.llama_batch or batch
         interval = args.llama_interval or interval
-        rows = _previous_rows("llama", suffix) if args.first_seed else []
+        rows = _previous_rows("llama", suffix, folder) if args.first_seed else []
         for seed in range(args.first_seed, args.first_seed + (args.seeds or 1)):
             for m in methods:
                 rows.append(train_llama(m, size, steps, batch, seqlen, interval, args.device, seed, log))
@@ -529,9 +512,9 @@ def main(argv=None) -> int:
                     seqlen=seqlen,
                     update_interval=interval,
                 )
-    print(report(suffix))
-    return 0
+    print(report(suffix, folder))
+    return saved
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -8,31 +8,17 @@ python bench/mpifa_cost.py --quick         # a tiny LLaMA, seconds (CI smoke tes
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
-
 import torch
+from harness import RESULTS, PeakRSS, environment, llama_config, print_table, timed, write_json
+from harness import parser as harness_parser
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import PeakRSS, environment, print_table, write_json  # noqa: E402
-
-from leanformers.pifa import MPIFAConfig, mpifa_compress  # noqa: E402
+from leanformers.pifa import MPIFAConfig, mpifa_compress
 
 
 def _random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, dtype):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
-    cfg = LlamaConfig(
-        hidden_size=hidden,
-        intermediate_size=intermediate,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=kv_heads,
-        vocab_size=vocab,
-        max_position_embeddings=4096,
-    )
+    cfg = llama_config(hidden, intermediate, layers, heads, kv_heads, vocab, max_positions=4096)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     model.to_empty(device="cpu")
@@ -46,11 +32,12 @@ def _random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, dtype):
     return model.to(dtype).eval()
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+def main(argv: list[str] | None = None) -> dict:
+    parser = harness_parser(
+        __doc__,
+        "tiny random LLaMA (CI smoke test)",
+        "result JSON (default bench/results/mpifa_cost[_quick|_llama7b].json)",
     )
-    parser.add_argument("--quick", action="store_true", help="tiny random LLaMA (CI smoke test)")
     parser.add_argument("--llama7b", action="store_true", help="LLaMA-7B shapes on the GPU")
     parser.add_argument("--nsamples", type=int, default=None)
     parser.add_argument("--seqlen", type=int, default=None)
@@ -87,10 +74,9 @@ def main(argv=None) -> int:
     config = MPIFAConfig(density=args.density, nsamples=nsamples, seqlen=seqlen, batch_size=8)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss:
-        t0 = time.perf_counter()
+    with PeakRSS() as rss, timed() as elapsed:
         report = mpifa_compress(model, tokenizer, config, calibration=calibration)
-        seconds = time.perf_counter() - t0
+    seconds = elapsed.seconds
     row = {
         "model": name,
         "device": str(
@@ -113,14 +99,13 @@ def main(argv=None) -> int:
         if target_s
         else "-",
     }
-    path = write_json(
-        "mpifa_cost" + ("_quick" if args.quick else "_llama7b" if args.llama7b else ""),
-        {"env": environment(), "row": row, "report": report.to_dict()},
-    )
+    payload = {"env": environment(), "row": row, "report": report.to_dict()}
+    name = "mpifa_cost" + ("_quick" if args.quick else "_llama7b" if args.llama7b else "")
+    path = write_json(args.output or RESULTS / f"{name}.json", payload)
     print(f"(JSON: {path})")
     print_table([row], list(row))
-    return 0
+    return payload
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -29,24 +29,20 @@ long grid can be filled in several runs. The table and the plot are built from t
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
 import re
-import sys
 import time
 from pathlib import Path
 
 import torch
+from _baselines import asvd_compress, wanda_2_4_prune
+from harness import environment, output_path, parser, print_table, tiny_bert, tiny_llama, write_json
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _baselines import asvd_compress, wanda_2_4_prune  # noqa: E402
-from _common import RESULTS, environment, print_table  # noqa: E402
-
-from leanformers.eval import perplexity  # noqa: E402
-from leanformers.pifa import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress  # noqa: E402
+from leanformers.eval import perplexity
+from leanformers.pifa import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
 
 # name -> (label, MPIFAConfig overrides or None for a bench baseline)
 ROWS: dict[str, tuple[str, dict | None]] = {
@@ -70,40 +66,6 @@ JSON_NAME = "mpifa_quality"
 # ---------------------------------------------------------------------------------------------
 # models and data
 # ---------------------------------------------------------------------------------------------
-def _tiny_llama() -> nn.Module:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
-    )
-    return LlamaForCausalLM(cfg).eval()
-
-
-def _tiny_bert() -> nn.Module:
-    from transformers import BertConfig, BertModel
-
-    torch.manual_seed(0)
-    cfg = BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertModel(cfg).eval()
-
-
 def _read_shared(name: str) -> str | None:
     from leanformers.data import load_text, shared_data_path
 
@@ -262,7 +224,7 @@ def _embeddings(model: nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor
 def minilm_rows(args) -> list[dict]:
     """all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings, dense vs compressed, held-back sentences."""
     if args.quick:
-        base = _tiny_bert()
+        base = tiny_bert()
         valid = _read_shared("wikitext-2-v1-valid.txt")
         calibration = _byte_ids(valid, args.minilm_nsamples * 32, 1).view(args.minilm_nsamples, 32)
         ids = _byte_ids(_read_shared("wikitext-2-raw-test.txt"), 64 * 24, 2).view(64, 24)
@@ -428,7 +390,7 @@ def _causal_lm_and_data(args) -> tuple[nn.Module, str, torch.Tensor, torch.Tenso
         valid_ids = _byte_ids(_read_shared("wikitext-2-v1-valid.txt"), 200_000, 1)
         test_ids = _byte_ids(_read_shared("wikitext-2-raw-test.txt"), args.eval_tokens, 2)
         return (
-            _tiny_llama(),
+            tiny_llama(),
             "tiny LLaMA-GQA (random weights), byte-level ids of the WikiText files",
             valid_ids,
             test_ids,
@@ -475,60 +437,50 @@ class ResultStore:
             payload = {k: old.get(k, []) for k in _KEYS}
             payload[kind] = _merge(payload[kind], entries, _KEYS[kind])
             payload = {"env": environment(), **payload, "targets": targets(payload["cells"])}
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(payload, indent=2, default=str))
-            tmp.replace(self.path)
+            write_json(self.path, payload)
         return payload
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--quick", action="store_true", help="tiny random LLaMA + tiny data (CI smoke test)")
-    parser.add_argument("--densities", type=float, nargs="+", default=None)
-    parser.add_argument(
-        "--rows", nargs="*", default=None, choices=list(ROWS), help="rows to run (default all)"
-    )
-    parser.add_argument("--eval-tokens", type=int, default=None, help="first N tokens of the test text")
-    parser.add_argument("--context", type=int, default=None, help="evaluation window (default 2048)")
-    parser.add_argument("--nsamples", type=int, default=None)
-    parser.add_argument("--seqlen", type=int, default=None)
-    parser.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
-    parser.add_argument(
-        "--eval-batch-size", type=int, default=None, help="evaluation windows per forward pass"
-    )
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the rows; returns the merged results JSON (cells, conversion, minilm, targets)."""
+    ap = parser(__doc__, "tiny random LLaMA + tiny data (CI smoke test)")
+    ap.add_argument("--densities", type=float, nargs="+", default=None)
+    ap.add_argument("--rows", nargs="*", default=None, choices=list(ROWS), help="rows to run (default all)")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="first N tokens of the test text")
+    ap.add_argument("--context", type=int, default=None, help="evaluation window (default 2048)")
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    ap.add_argument("--eval-batch-size", type=int, default=None, help="evaluation windows per forward pass")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
         "--conversion", action="store_true", help="low-rank -> PIFA perplexity check in bf16/fp16"
     )
-    parser.add_argument(
-        "--conversion-row", default="svdllm_whiten", choices=["svd", "svdllm_whiten", "svdllm_u"]
-    )
-    parser.add_argument("--conversion-density", type=float, default=None)
-    parser.add_argument(
+    ap.add_argument("--conversion-row", default="svdllm_whiten", choices=["svd", "svdllm_whiten", "svdllm_u"])
+    ap.add_argument("--conversion-density", type=float, default=None)
+    ap.add_argument(
         "--conversion-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"]
     )
-    parser.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 embedding cosine rows")
-    parser.add_argument("--minilm-densities", type=float, nargs="+", default=None)
-    parser.add_argument(
+    ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 embedding cosine rows")
+    ap.add_argument("--minilm-densities", type=float, nargs="+", default=None)
+    ap.add_argument(
         "--minilm-rows",
         nargs="+",
         default=["svd", "svdllm_whiten", "mpifa"],
         choices=["svd", "svdllm_whiten", "svdllm_u", "pifa_only", "mpifa"],
     )
-    parser.add_argument("--minilm-nsamples", type=int, default=64)
-    parser.add_argument("--minilm-sentences", type=int, default=512)
-    parser.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
-    parser.add_argument("--json", type=Path, default=None, help="output JSON (default bench/results/...)")
-    parser.add_argument("--plot", type=Path, default=None, help="PNG of perplexity vs density")
-    parser.add_argument(
+    ap.add_argument("--minilm-nsamples", type=int, default=64)
+    ap.add_argument("--minilm-sentences", type=int, default=512)
+    ap.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
+    ap.add_argument("--json", dest="output", type=Path, help="the same as --output (older name)")
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of perplexity vs density")
+    ap.add_argument(
         "--also-json",
         nargs="*",
         default=[],
         help="other results JSONs whose conversion/MiniLM rows are shown too",
     )
-    args = parser.parse_args(argv)
+    args = ap.parse_args(argv)
 
     q = args.quick
     args.densities = args.densities or ([0.5, 0.8] if q else [0.5, 0.6, 0.7, 0.8])
@@ -544,7 +496,7 @@ def main(argv=None) -> int:
         args.conversion = args.minilm = True
         args.conversion_dtypes = ["bfloat16", "float32"]
         args.minilm_nsamples = 8
-    json_path = args.json or RESULTS / f"{JSON_NAME}{'_quick' if q else ''}.json"
+    json_path = output_path(args, JSON_NAME)
     torch.manual_seed(args.seed)
 
     # ---- model and data (tokenised once; skipped when only the MiniLM rows run) ----
@@ -643,8 +595,8 @@ def main(argv=None) -> int:
         print_table(table, columns)
     else:
         print("(no perplexity cell yet)")
-    return 0
+    return payload
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

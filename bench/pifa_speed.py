@@ -20,17 +20,15 @@ Prints a table last and writes JSON to bench/results/.
 
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import transformers
+from harness import environment as harness_environment
+from harness import llama_config as make_llama_config
+from harness import output_path, parser, sync, write_json
 from torch import nn
 
 from leanformers.pifa.layer import LowRankLinear, PIFALinear, auto_form, emit_in_order_
@@ -83,18 +81,13 @@ def random_lowrank(m: int, n: int, r: int, dtype, device) -> LowRankLinear:
     return layer
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 @torch.no_grad()
 def time_module(module: nn.Module, x: torch.Tensor, graphs: bool, reps: int, warmup: int = 3) -> float:
     """Median microseconds per call; with ``graphs`` the call is captured once in a CUDA graph."""
     device = x.device
     for _ in range(warmup):
         module(x)
-    _sync(device)
+    sync(device)
     if device.type == "cuda":
         fn = lambda: module(x)  # noqa: E731
         if graphs:
@@ -208,27 +201,9 @@ def summarise_layers(results: list[dict]) -> list[dict]:
 
 # -- end-to-end -------------------------------------------------------------------------------------
 def llama_config(quick: bool):
-    from transformers import LlamaConfig
-
     if quick:
-        return LlamaConfig(
-            vocab_size=512,
-            hidden_size=256,
-            intermediate_size=688,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=4,
-            max_position_embeddings=1024,
-        )
-    return LlamaConfig(  # LLaMA-7B shapes
-        vocab_size=32000,
-        hidden_size=4096,
-        intermediate_size=11008,
-        num_hidden_layers=32,
-        num_attention_heads=32,
-        num_key_value_heads=32,
-        max_position_embeddings=8192,
-    )
+        return make_llama_config(256, 688, 2, 4, vocab=512, max_positions=1024)
+    return make_llama_config(4096, 11008, 32, 32, vocab=32000, max_positions=8192)  # LLaMA-7B shapes
 
 
 @torch.no_grad()
@@ -269,10 +244,10 @@ def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: in
     _peak_reset(device)
     times = []
     for _ in range(reps + 1):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         model(input_ids=ids, use_cache=False, logits_to_keep=1)
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     prefill_s = statistics.median(times[1:])
     out = {"prefill_tok_s": prefill_tokens / prefill_s, "peak_prefill_gib": _peak(device)}
@@ -291,13 +266,13 @@ def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: in
     _peak_reset(device)
     totals, firsts = [], []
     for _ in range(reps):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         model.generate(prompt, **{**kwargs, "min_new_tokens": 1, "max_new_tokens": 1})
-        _sync(device)
+        sync(device)
         t1 = time.perf_counter()
         model.generate(prompt, **kwargs)
-        _sync(device)
+        sync(device)
         t2 = time.perf_counter()
         firsts.append(t1 - t0)
         totals.append(t2 - t1)
@@ -336,18 +311,9 @@ def bench_end_to_end(quick: bool, dtype, device, reps: int) -> dict:
 
 
 def environment(device, dtypes) -> dict:
-    env = {
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "dtypes": [str(d).removeprefix("torch.") for d in dtypes],
-        "machine": platform.machine(),
-        "threads": torch.get_num_threads(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
-    env["device"] = (
-        torch.cuda.get_device_name() if device.type == "cuda" else f"CPU ({platform.processor() or 'cpu'})"
-    )
+    env = harness_environment(device)
+    env["dtypes"] = [str(d).removeprefix("torch.") for d in dtypes]
+    env["threads"] = torch.get_num_threads()
     return env
 
 
@@ -391,25 +357,19 @@ def format_table(env, summary, e2e) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument(
-        "--quick", action="store_true", help="small CPU variant (fp32, small shapes, seconds)"
-    )
-    parser.add_argument(
+    ap = parser(__doc__.split("\n")[0], "small CPU variant (fp32, small shapes, seconds)")
+    ap.add_argument(
         "--device", default=None, help="cuda or cpu (default: cuda when available, cpu with --quick)"
     )
-    parser.add_argument(
+    ap.add_argument(
         "--dtypes", default=None, help="comma list, default float16,bfloat16 (float32 with --quick)"
     )
-    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")
-    parser.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
-    parser.add_argument("--shapes", default=None, help="comma list of OUTxIN, e.g. 4096x4096,11008x4096")
-    parser.add_argument("--reps", type=int, default=None)
-    parser.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; default 1)")
-    parser.add_argument(
-        "--output", default=None, help="JSON path (default bench/results/pifa_speed[_quick].json)"
-    )
-    args = parser.parse_args(argv)
+    ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")
+    ap.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
+    ap.add_argument("--shapes", default=None, help="comma list of OUTxIN, e.g. 4096x4096,11008x4096")
+    ap.add_argument("--reps", type=int, default=None)
+    ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; default 1)")
+    args = ap.parse_args(argv)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -440,15 +400,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         torch.set_num_threads(threads)
     result = {"environment": env, "layers": raw, "summary": summary, "end_to_end": e2e}
-    out = (
-        Path(args.output)
-        if args.output
-        else Path(__file__).parent
-        / "results"
-        / ("pifa_speed_quick.json" if args.quick else "pifa_speed.json")
-    )
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
+    out = write_json(output_path(args, "pifa_speed"), result, indent=1)
     print(format_table(env, summary, e2e))
     print(f"JSON: {out}", file=sys.stderr)
     return result

@@ -20,26 +20,16 @@ and to ``merged`` (float32 rounding of the merge).
 
 from __future__ import annotations
 
-import argparse
 import copy
-import json
 import statistics
-import sys
 import time
-from pathlib import Path
 
 import torch
+from harness import environment, llama_config, output_path, parser, print_table, write_json
+from peft import get_peft_model
+from transformers import LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT))
-
-import peft  # noqa: E402
-from peft import get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from bench._common import environment, print_table, write_json  # noqa: E402
-from leanformers.sst import SSTConfig, SSTLinear  # noqa: E402
+from leanformers.sst import SSTConfig, SSTLinear
 
 PRESETS = {
     "quick": {
@@ -67,14 +57,13 @@ PRESETS = {
 
 def build(p: dict, seed: int = 0) -> dict[str, torch.nn.Module]:
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=p["vocab"],
-        hidden_size=p["hidden"],
-        intermediate_size=p["ffn"],
-        num_hidden_layers=p["layers"],
-        num_attention_heads=p["heads"],
-        num_key_value_heads=p["heads"],
-        max_position_embeddings=512,
+    cfg = llama_config(
+        p["hidden"],
+        p["ffn"],
+        p["layers"],
+        p["heads"],
+        vocab=p["vocab"],
+        max_positions=512,
         tie_word_embeddings=False,
     )
     sst = get_peft_model(LlamaForCausalLM(cfg), SSTConfig(r=p["r"])).eval()
@@ -101,15 +90,11 @@ def _generate(model, ids, new: int) -> tuple[torch.Tensor, float, float]:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="tiny model, few repeats (seconds)")
-    parser.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
-    parser.add_argument("--batch", type=int, default=1)
-    parser.add_argument("--new-tokens", type=int, default=None)
-    parser.add_argument(
-        "--output", type=str, default=None, help="JSON path (default bench/results/sst_generate.json)"
-    )
-    args = parser.parse_args(argv)
+    ap = parser(__doc__.splitlines()[0], "tiny model, few repeats (seconds)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed rounds (default 7, quick 3)")
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--new-tokens", type=int, default=None)
+    args = ap.parse_args(argv)
     p = dict(PRESETS["quick" if args.quick else "default"])
     if args.new_tokens:
         p["new"] = args.new_tokens
@@ -164,7 +149,7 @@ def main(argv: list[str] | None = None) -> dict:
         "max_logit_diff_sst_vs_uncached": float((logits["sst"] - logits["sst_uncached"]).abs().max()),
         "max_logit_diff_sst_vs_merged": float((logits["sst"] - logits["merged"]).abs().max()),
         "tokens_identical": all(torch.equal(outputs[n], outputs["merged"]) for n in names),
-        "environment": {**environment(), "peft": peft.__version__},
+        "environment": environment(),
     }
     print_table(
         rows, ["variant", "median_s", "vs_merged", "median_cpu_s", "cpu_vs_merged", "tokens_equal_merged"]
@@ -175,14 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"(uncached {result['ratio_uncached_vs_merged']:.3f}x / {result['cpu_ratio_uncached_vs_merged']:.3f}x; "
         "target <= 1.2x)"
     )
-    if args.output:
-        path = Path(args.output)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(path.suffix + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2, default=str))
-        tmp.replace(path)  # atomic
-    else:
-        path = write_json("sst_generate", result)
+    path = write_json(output_path(args, "sst_generate"), result)
     print(f"wrote {path}")
     return result
 

@@ -22,25 +22,16 @@ Prints a table last and writes JSON under bench/results/.
 
 from __future__ import annotations
 
-import argparse
 import gc
-import json
-import platform
 import sys
 import time
-from pathlib import Path
 
 import torch
+from harness import environment, output_path, parser, sync, write_json
+from peft import LoraConfig, get_peft_model
+from transformers import LlamaConfig, LlamaForCausalLM
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "src"))
-
-import peft  # noqa: E402
-import transformers  # noqa: E402
-from peft import LoraConfig, get_peft_model  # noqa: E402
-from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from leanformers.sst import SSTConfig, SSTController  # noqa: E402
+from leanformers.sst import SSTConfig, SSTController
 
 SIZES = {
     # the paper's LLaMA-130M and LLaMA-1.3B (vocab 32000, as with the T5 tokenizer they use)
@@ -61,19 +52,6 @@ SIZES = {
 }
 METHODS = ("full", "lora", "galore", "sst", "sst-bf16")
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def _environment(device: torch.device) -> dict:
-    return {
-        "device": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "python": platform.python_version(),
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-    }
 
 
 def llama(size: str | dict, vocab: int, seq: int, seed: int = 0) -> LlamaForCausalLM:
@@ -144,11 +122,6 @@ def optimizer_state_bytes(optimizer) -> int:
     return tensor_bytes(tensors)
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 # ------------------------------------------------------------------------------------------ (a) cost
 def run_cost(size, method, *, rank, batch, seq, steps, warmup_steps, device, vocab) -> dict:
     row = {"size": size, "method": method, "rank": rank}
@@ -178,7 +151,7 @@ def run_cost(size, method, *, rank, batch, seq, steps, warmup_steps, device, voc
     t0 = None
     for step in range(warmup_steps + steps):
         if step == warmup_steps:
-            _sync(device)
+            sync(device)
             t0 = time.perf_counter()
         with autocast:
             loss = model(input_ids=ids, labels=ids).loss
@@ -189,24 +162,13 @@ def run_cost(size, method, *, rank, batch, seq, steps, warmup_steps, device, voc
         optimizer.zero_grad(set_to_none=True)
         if controller is not None:
             controller.step(optimizer)
-    _sync(device)
+    sync(device)
     elapsed = time.perf_counter() - t0
     weights = tensor_bytes(list(model.parameters()) + list(model.buffers()))
     opt = optimizer_state_bytes(optimizer)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row.update(
-        {
-            "dense_parameters": n_dense,
-            "trainable_parameters": trainable,
-            "trainable_share": trainable / n_dense,
-            "weights_GB": weights / 1e9,
-            "grads_GB": grads_bytes / 1e9,
-            "optimizer_GB": opt / 1e9,
-            "model_state_GB": (weights + grads_bytes + opt) / 1e9,
-            "tokens_per_s": batch * seq * steps / elapsed,
-            "loss": float(loss.detach()),
-        }
-    )
+    row.update(_state(n_dense, trainable, weights, grads_bytes, opt))
+    row.update({"tokens_per_s": batch * seq * steps / elapsed, "loss": float(loss.detach())})
     if device.type == "cuda":
         row["peak_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
     del model, optimizer, controller
@@ -234,18 +196,27 @@ def count_model_state(size, method, *, rank, vocab) -> dict:
         if t.is_floating_point()
     )
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    row.update(
-        {
-            "dense_parameters": n_dense,
-            "trainable_parameters": trainable,
-            "trainable_share": trainable / n_dense,
-            "weights_GB": weights / 1e9,
-            "grads_GB": trainable * 4 / 1e9,
-            "optimizer_GB": trainable * 8 / 1e9,
-            "model_state_GB": (weights + trainable * 12) / 1e9,
-        }
-    )
+    row.update(_state(n_dense, trainable, weights, trainable * 4, trainable * 8))
     return row
+
+
+def _state(n_dense: int, trainable: int, weights: int, grads: int, optimizer: int) -> dict:
+    """The model-state columns of a cost row (bytes in, GB out)."""
+    return {
+        "dense_parameters": n_dense,
+        "trainable_parameters": trainable,
+        "trainable_share": trainable / n_dense,
+        "weights_GB": weights / 1e9,
+        "grads_GB": grads / 1e9,
+        "optimizer_GB": optimizer / 1e9,
+        "model_state_GB": (weights + grads + optimizer) / 1e9,
+    }
+
+
+def _rank_and_vocab(size: str, rank: int | None) -> tuple[int, int]:
+    """Default rank per size (the paper's 64 at 130m, 128 at 1.3b) and the vocabulary of the size."""
+    rank = rank or {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16)
+    return rank, 32000 if size in ("130m", "1.3b") else 4096
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -284,15 +255,17 @@ def cost_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ (b) quality
+# LLaMA hidden 64, FFN 172, 2 layers, 4 heads: the model of the quick and cpu quality presets
+TINY_QUALITY_MODEL = {
+    "hidden_size": 64,
+    "intermediate_size": 172,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+}
 QUALITY_PRESETS = {
     # tokens per run = steps * batch * seq
     "quick": {
-        "model": {
-            "hidden_size": 64,
-            "intermediate_size": 172,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
+        "model": TINY_QUALITY_MODEL,
         "rank": 8,
         "steps": 8,
         "batch": 4,
@@ -304,12 +277,7 @@ QUALITY_PRESETS = {
     },
     # what a shared 2-core CPU finishes in ~15 min for the three methods (a smoke-scale comparison)
     "cpu": {
-        "model": {
-            "hidden_size": 64,
-            "intermediate_size": 172,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-        },
+        "model": TINY_QUALITY_MODEL,
         "rank": 8,
         "steps": 150,
         "batch": 4,
@@ -417,20 +385,19 @@ def quality_table(rows: list[dict]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ main
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="CPU smoke test: tiny shapes, few steps")
-    parser.add_argument("--part", choices=["cost", "quality", "both"], default="both")
-    parser.add_argument("--sizes", nargs="+", default=["130m", "1.3b"], choices=list(SIZES))
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument(
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser(__doc__.split("\n\n")[0], "CPU smoke test: tiny shapes, few steps")
+    ap.add_argument("--part", choices=["cost", "quality", "both"], default="both")
+    ap.add_argument("--sizes", nargs="+", default=["130m", "1.3b"], choices=list(SIZES))
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    ap.add_argument(
         "--rank", type=int, default=None, help="LoRA / GaLore / SST rank (64 at 130m, 128 at 1.3b)"
     )
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--seq", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=10)
-    parser.add_argument("--preset", choices=list(QUALITY_PRESETS), default="gpu")
-    parser.add_argument(
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--preset", choices=list(QUALITY_PRESETS), default="gpu")
+    ap.add_argument(
         "--count-only",
         nargs="*",
         default=[],
@@ -438,19 +405,17 @@ def main(argv=None) -> int:
         metavar="SIZE",
         help="sizes whose model-state memory is only counted on the meta device (e.g. 1.3b on a CPU)",
     )
-    parser.add_argument("--output", default=str(ROOT / "bench" / "results" / "sst_pretrain.json"))
-    args = parser.parse_args(argv)
+    args = ap.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if args.quick:
         args.sizes, args.batch, args.seq, args.steps, args.preset = ["tiny"], 2, 64, 3, "quick"
-    report = {"environment": _environment(device), "args": vars(args)}
+    report = {"environment": environment(device), "args": vars(args)}
     text = []
     if args.part in ("cost", "both"):
         rows = []
         for size in args.sizes:
-            rank = args.rank or {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16)
-            vocab = 32000 if size in ("130m", "1.3b") else 4096
+            rank, vocab = _rank_and_vocab(size, args.rank)
             for method in args.methods:
                 print(f"cost: {size} {method} ...", file=sys.stderr, flush=True)
                 rows.append(
@@ -467,8 +432,7 @@ def main(argv=None) -> int:
                     )
                 )
         for size in args.count_only:
-            rank = args.rank or {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16)
-            vocab = 32000 if size in ("130m", "1.3b") else 4096
+            rank, vocab = _rank_and_vocab(size, args.rank)
             for method in args.methods:
                 rows.append(count_model_state(size, method, rank=rank, vocab=vocab))
         add_ratios(rows)
@@ -499,14 +463,12 @@ def main(argv=None) -> int:
             f"stdlib source ({train_ids.numel():,} train tokens, {eval_ids.numel():,} held-out tokens, context {preset['seq']})\n"
         )
         text.append(quality_table(rows))
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    out = write_json(output_path(args, "sst_pretrain"), report)
     print(f"\n{report['environment']}\n")
     print("\n".join(text))
     print(f"\nJSON: {out}")
-    return 0
+    return report
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

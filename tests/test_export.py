@@ -10,7 +10,7 @@ from peft import get_peft_model
 
 from leanformers.export import choose_rank, save_sst_as_pifa, sst_spectra, sst_to_dense, sst_to_lowrank
 from leanformers.sst import SSTConfig, SSTController
-from tests.sst.helpers import run_fresh
+from tests.helpers import run_fresh
 from tests.tiny_models import random_ids, tiny_gpt2, tiny_llama
 
 

@@ -19,19 +19,33 @@ from transformers import (
 VOCAB = 128
 
 
-def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 96) -> LlamaForCausalLM:
-    """LLaMA with grouped-query attention (4 query heads, 2 key/value heads)."""
-    torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=VOCAB,
+def llama_config(
+    hidden: int,
+    intermediate: int,
+    layers: int,
+    heads: int,
+    kv_heads: int | None = None,
+    vocab: int = VOCAB,
+    max_positions: int = 256,
+    **extra,
+) -> LlamaConfig:
+    """The one LLaMA config factory of tests and bench (``extra``: other LlamaConfig fields)."""
+    return LlamaConfig(
+        vocab_size=vocab,
         hidden_size=hidden,
         intermediate_size=intermediate,
         num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=256,
-        tie_word_embeddings=False,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads or heads,
+        max_position_embeddings=max_positions,
+        **extra,
     )
+
+
+def tiny_llama(seed: int = 0, layers: int = 2, hidden: int = 64, intermediate: int = 96) -> LlamaForCausalLM:
+    """LLaMA with grouped-query attention (4 query heads, 2 key/value heads)."""
+    torch.manual_seed(seed)
+    cfg = llama_config(hidden, intermediate, layers, heads=4, kv_heads=2, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
@@ -88,19 +102,24 @@ def tiny_gpt2(seed: int = 0, layers: int = 2) -> GPT2LMHeadModel:
     return GPT2LMHeadModel(cfg).eval()
 
 
+def tiny_bert_config(layers: int = 2, **extra) -> BertConfig:
+    """BERT hidden 64, FFN 128, 4 heads, no dropout (``extra``: other BertConfig fields)."""
+    fields = {
+        "vocab_size": VOCAB,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": layers,
+        "num_attention_heads": 4,
+        "max_position_embeddings": 256,
+        "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0,
+    }
+    return BertConfig(**{**fields, **extra})
+
+
 def tiny_bert(seed: int = 0, layers: int = 2) -> BertModel:
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        max_position_embeddings=256,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return BertModel(cfg).eval()
+    return BertModel(tiny_bert_config(layers)).eval()
 
 
 ALL_CAUSAL = {"llama": tiny_llama, "qwen2": tiny_qwen2, "opt": tiny_opt, "gpt2": tiny_gpt2}

@@ -12,16 +12,8 @@ from leanformers.chts import CHTssCallback, CHTssConfig, apply_masks, load_masks
 from leanformers.chts.mlp import MLPClassifier, mnist_split
 from leanformers.chts.topology import link_count
 from leanformers.training import load_state
-from tests.tiny_models import random_ids, tiny_llama
-
-
-class TokenData(Dataset):
-    def __len__(self):
-        return 48
-
-    def __getitem__(self, i):
-        ids = random_ids(1, 16, seed=i)[0]
-        return {"input_ids": ids, "labels": ids}
+from tests.helpers import SeededTokens
+from tests.tiny_models import tiny_llama
 
 
 class TensorData(Dataset):
@@ -54,7 +46,7 @@ def train(
         optim=optim,
     )
     callback = CHTssCallback(cfg)
-    trainer = Trainer(model=model, args=args, train_dataset=data or TokenData(), callbacks=[callback])
+    trainer = Trainer(model=model, args=args, train_dataset=data or SeededTokens(), callbacks=[callback])
     trainer.train(resume_from_checkpoint=resume)
     return trainer, callback
 
@@ -156,7 +148,7 @@ def test_resume_from_a_checkpoint_without_chtss_state_fails_clearly(tmp_path):
         report_to=[],
         use_cpu=True,
     )
-    Trainer(model=tiny_llama(), args=args, train_dataset=TokenData()).train()
+    Trainer(model=tiny_llama(), args=args, train_dataset=SeededTokens()).train()
     with pytest.raises(FileNotFoundError, match="holds no CHTss state"):
         train(
             tiny_llama(),

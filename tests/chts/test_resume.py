@@ -15,7 +15,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 from leanformers.chts import CHTssCallback, CHTssConfig
 from leanformers.chts.masks import pack_mask, unpack_mask
 from leanformers.training import load_state, save_state
-from tests.chts.test_callback import TokenData
+from tests.helpers import SeededTokens
 from tests.tiny_models import tiny_llama
 
 CFG = dict(final_density=0.3, update_interval=2, zeta=0.2)  # 12 steps: updates after steps 2, 4, 6, 8
@@ -49,7 +49,7 @@ def run(model, out, resume=None):
     )
     chtss = CHTssCallback(CHTssConfig(**CFG))
     recorder = MaskRecorder(chtss)
-    Trainer(model=model, args=args, train_dataset=TokenData(), callbacks=[chtss, recorder]).train(
+    Trainer(model=model, args=args, train_dataset=SeededTokens(), callbacks=[chtss, recorder]).train(
         resume_from_checkpoint=resume
     )
     return chtss, recorder

@@ -3,33 +3,26 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
 from leanformers.pifa.cli import main
+from tests.helpers import run_python
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def tiny_lm_folder(tmp_path_factory, smollm2_path):
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from tests.tiny_models import llama_config
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     torch.manual_seed(0)
-    cfg = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-    )
+    cfg = llama_config(64, 128, 2, 4, kv_heads=2, vocab=len(tokenizer), max_positions=512)
     folder = tmp_path_factory.mktemp("tiny-lm")
     LlamaForCausalLM(cfg).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
@@ -96,7 +89,8 @@ def test_cli_writes_a_reloadable_safetensors_folder(tiny_lm_folder, shared_data,
         res = leanformers.perplexity(model, text=ids, seqlen=128, max_tokens=1024, progress=False)
         print(json.dumps({{"ppl": res.ppl, "cls": type(model.model.layers[0].mlp.down_proj).__name__}}))
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    proc = run_python(script)
+    assert proc.returncode == 0, proc.stderr[-3000:]
     fresh = json.loads(proc.stdout.strip().splitlines()[-1])
     assert fresh["cls"] == "PIFALinear"
     assert fresh["ppl"] == pytest.approx(data["perplexity"]["after"]["ppl"], rel=1e-5)

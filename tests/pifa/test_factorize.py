@@ -11,10 +11,7 @@ from leanformers.pifa.factorize import (
     pivot_indices,
 )
 from leanformers.pifa.rank import pifa_num_params
-
-
-def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
+from tests.helpers import rel_error
 
 
 @st.composite
@@ -34,7 +31,7 @@ def test_pifa_from_factors_is_exact_in_fp32(shape, form, seed):
     f = pifa_from_factors(U, V, form=form)
     W = U.double() @ V.double()
     assert f.shape == (m, n) and f.rank == r and f.form == form
-    assert _rel(pifa_to_dense(f), W) <= 1e-5  # acceptance #5
+    assert rel_error(pifa_to_dense(f), W) <= 1e-5  # acceptance #5
     # stored count r(m + n) - r^2; indices int32, sorted, a partition of the rows/columns
     assert f.pivot_weight.numel() + f.coeff.numel() == pifa_num_params(m, n, r)
     d = m if form == "row" else n
@@ -55,7 +52,7 @@ def test_scipy_and_torch_pivoting_agree(m, n, r):
         a = pifa_from_factors(U, V, form, method="scipy")
         b = pifa_from_factors(U, V, form, method="torch")
         assert torch.equal(a.pivots, b.pivots)
-        assert _rel(pifa_to_dense(b), U.double() @ V.double()) <= 1e-5
+        assert rel_error(pifa_to_dense(b), U.double() @ V.double()) <= 1e-5
 
 
 def test_pivots_avoid_dependent_rows():
@@ -74,7 +71,7 @@ def test_full_rank_stores_the_weight_itself():
     W = torch.randn(16, 40, generator=g)
     f = pifa_from_weight(W, 16, form="row")
     assert torch.equal(f.pivots, torch.arange(16, dtype=torch.int32)) and f.coeff.shape == (0, 16)
-    assert _rel(f.pivot_weight, W) < 1e-6
+    assert rel_error(f.pivot_weight, W) < 1e-6
     fc = pifa_from_weight(W.T.contiguous(), 16, form="column")
     assert torch.equal(fc.pivots, torch.arange(16, dtype=torch.int32)) and fc.coeff.shape == (16, 0)
 
@@ -85,7 +82,7 @@ def test_pifa_from_weight_is_the_truncated_svd():
     f = pifa_from_weight(W, 10, form="column")
     u, s, vh = torch.linalg.svd(W)
     best = (u[:, :10] * s[:10]) @ vh[:10]
-    assert _rel(pifa_to_dense(f), best) < 1e-10
+    assert rel_error(pifa_to_dense(f), best) < 1e-10
 
 
 def test_dtype_follows_the_factors():

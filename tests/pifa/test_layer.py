@@ -4,11 +4,8 @@ from torch import nn
 
 from leanformers.pifa.layer import LowRankLinear, PIFALinear, auto_form, emit_in_order_, module_from_spec
 from leanformers.pifa.rank import pifa_num_params
+from tests.helpers import rel_error
 from tests.tiny_models import random_ids, tiny_llama
-
-
-def _rel(a, b) -> float:
-    return float((a.double() - b.double()).norm() / b.double().norm())
 
 
 def _factors(m, n, r, seed=0, dtype=torch.float32):
@@ -29,8 +26,8 @@ def test_forward_equals_dense_and_adds_bias(form, m, n, r):
     ref = x.double() @ (U.double() @ V.double()).T + b.double()
     y = layer(x)
     assert y.shape == (3, 5, m)
-    assert _rel(y, ref) < 1e-5
-    assert _rel(layer.to_dense()(x), ref) < 1e-5
+    assert rel_error(y, ref) < 1e-5
+    assert rel_error(layer.to_dense()(x), ref) < 1e-5
     no_bias = PIFALinear.from_factors(U, V, None, form=form)
     assert torch.allclose(y - no_bias(x), b.expand_as(y), atol=1e-4)  # the bias really is added
     assert layer.num_parameters == pifa_num_params(m, n, r)
@@ -79,7 +76,7 @@ def test_half_precision_forward(dtype, form):
     assert half.weight.dtype == dtype and half._index.dtype == torch.int32
     x = torch.randn(7, 48)
     tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
-    assert _rel(half(x.to(dtype)), ref(x)) < tol
+    assert rel_error(half(x.to(dtype)), ref(x)) < tol
 
 
 @pytest.mark.parametrize("form", ["row", "column"])
@@ -129,10 +126,10 @@ def test_scatter_free_mlp_with_contiguous_slices(producer_kind):
         emit_in_order_([gate, up], down)
         after = mlp(x)
     assert down.input_permuted and down.spec()["input_permuted"] is True
-    assert _rel(after, before) < 1e-5
+    assert rel_error(after, before) < 1e-5
     # the contiguous-slice layer still knows its dense equivalent (w.r.t. its permuted input)
     perm_in = nn.functional.silu(gate(x)) * up(x)
-    assert _rel(down.to_dense()(perm_in), after) < 1e-5
+    assert rel_error(down.to_dense()(perm_in), after) < 1e-5
     with pytest.raises(ValueError, match="applied twice"):
         emit_in_order_([gate, up], down)
 
@@ -155,7 +152,7 @@ def test_pifa_and_lowrank_logits_agree_on_a_compressed_tiny_model():
             setattr(m.get_submodule(parent), child, new)
         with torch.no_grad():
             logits[kind] = m(ids).logits
-    assert _rel(logits["pifa"], logits["lowrank"]) < 1e-4
+    assert rel_error(logits["pifa"], logits["lowrank"]) < 1e-4
 
 
 def test_constructor_and_spec_errors():
@@ -207,7 +204,7 @@ def test_cuda_graph_and_compile(form):
     compiled = torch.compile(layer, mode="reduce-overhead", fullgraph=True)
     for _ in range(3):
         out = compiled(x)
-    assert _rel(out.float(), eager.float()) < 1e-3
+    assert rel_error(out.float(), eager.float()) < 1e-3
     static_x = x.clone()
     graph = torch.cuda.CUDAGraph()
     s = torch.cuda.Stream()
@@ -219,4 +216,4 @@ def test_cuda_graph_and_compile(form):
         static_y = layer(static_x)
     static_x.copy_(torch.randn_like(x))
     graph.replay()
-    assert _rel(static_y.float(), layer(static_x).float()) < 1e-3
+    assert rel_error(static_y.float(), layer(static_x).float()) < 1e-3

@@ -2,11 +2,6 @@
 ``import leanformers``."""
 
 import json
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,9 +19,9 @@ from leanformers.pifa.quantizer import (
     replace_with_pifa_layers,
     save_compressed,
 )
+from tests.helpers import run_python
 from tests.tiny_models import random_ids, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
 
-REPO = Path(__file__).resolve().parents[2]
 FAMILIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "opt": tiny_opt, "gpt2": tiny_gpt2, "bert": tiny_bert}
 KINDS = ("column", "row", "lowrank")
 
@@ -80,18 +75,6 @@ def saved(tmp_path_factory):
     return root
 
 
-def _run(code: str, timeout: int = 240) -> subprocess.CompletedProcess:
-    path = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONPATH": path}
-    return subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        env=env,
-    )
-
-
 @pytest.mark.integration
 def test_fresh_process_reload_is_exact_for_every_family(saved):
     """Acceptance #6 / exact reload: a fresh interpreter that imports leanformers gets identical outputs."""
@@ -112,7 +95,7 @@ def test_fresh_process_reload_is_exact_for_every_family(saved):
             result[family] = [bool(torch.equal(out, refs[family])), kinds]
         print("RESULT" + json.dumps(result))
     """
-    proc = _run(code)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     for family, (equal, kinds) in result.items():
@@ -136,7 +119,7 @@ def test_guard_without_import_never_returns_random_weights(saved):
                 result[family] = type(exc).__name__ + ": " + str(exc)
         print("RESULT" + json.dumps(result))
     """
-    proc = _run(code)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     for family, outcome in result.items():

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from leanformers.pifa import MPIFAConfig, mpifa_compress, save_compressed
+from tests.helpers import run_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _run(script: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(script)], capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")
@@ -70,7 +64,7 @@ def test_smollm2_density_budget_and_files(smollm2_compressed):
 def test_smollm2_fresh_process_reload_is_exact(smollm2_compressed, tmp_path):
     _, _, out, ids, logits = smollm2_compressed
     result = tmp_path / "logits.safetensors"
-    proc = _run(f"""
+    proc = run_python(f"""
         import torch, leanformers
         from safetensors.torch import save_file
         from transformers import AutoModelForCausalLM
@@ -87,7 +81,7 @@ def test_smollm2_fresh_process_reload_is_exact(smollm2_compressed, tmp_path):
 
 def test_smollm2_without_import_never_gives_random_weights(smollm2_compressed):
     _, _, out, ids, logits = smollm2_compressed
-    proc = _run(f"""
+    proc = run_python(f"""
         import torch
         from transformers import AutoModelForCausalLM
         model = AutoModelForCausalLM.from_pretrained({str(out)!r}).eval()

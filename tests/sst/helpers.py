@@ -1,68 +1,23 @@
-"""Shared helpers of the SST tests: fresh-process runs and a tiny Trainer set-up."""
+"""SST test helpers: a tiny classifier set-up (fresh-process runs and token data: tests/helpers.py)."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import textwrap
-from pathlib import Path
-
 import torch
 
-REPO = Path(__file__).resolve().parents[2]
+from tests.helpers import REPO_ROOT, RandomTokens, run_fresh
 
-
-def run_fresh(code: str, timeout: int = 240) -> str:
-    """Run ``code`` in a new Python process (repo root and tests/ importable); return its stdout."""
-    env = dict(os.environ)
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "tests"), str(REPO / "src"), env.get("PYTHONPATH", "")])
-    env.setdefault("HF_HUB_OFFLINE", "1")
-    proc = subprocess.run(
-        [sys.executable, "-c", textwrap.dedent(code)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-    if proc.returncode != 0:
-        raise AssertionError(
-            f"fresh process failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
-        )
-    return proc.stdout
-
-
-class RandomTokens(torch.utils.data.Dataset):
-    """Fixed random token sequences with labels (a causal-LM dataset for Trainer tests)."""
-
-    def __init__(self, n: int = 64, seqlen: int = 16, vocab: int = 128, seed: int = 0):
-        g = torch.Generator().manual_seed(seed)
-        self.ids = torch.randint(0, vocab, (n, seqlen), generator=g)
-
-    def __len__(self) -> int:
-        return len(self.ids)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+REPO = REPO_ROOT
+__all__ = ["REPO", "RandomClassification", "RandomTokens", "run_fresh", "tiny_bert_classifier"]
 
 
 def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
     """BertForSequenceClassification from config (the head ``classifier`` is a Linear(64, num_labels))."""
-    from transformers import BertConfig, BertForSequenceClassification
+    from transformers import BertForSequenceClassification
+
+    from tests.tiny_models import tiny_bert_config
 
     torch.manual_seed(seed)
-    cfg = BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-        num_labels=num_labels,
-    )
+    cfg = tiny_bert_config(max_position_embeddings=64, num_labels=num_labels)
     return BertForSequenceClassification(cfg).eval()
 
 

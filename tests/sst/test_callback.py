@@ -8,7 +8,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from leanformers.sst import SSTCallback, SSTConfig, SSTController, SSTLinear
-from tests.sst.helpers import RandomTokens
+from tests.helpers import RandomTokens
 from tests.tiny_models import random_ids, tiny_llama
 
 CONFIG = {"r": 8, "steps_per_iteration": 3, "warmup_steps_per_iteration": 2, "iterations_per_round": 2}

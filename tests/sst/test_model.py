@@ -7,13 +7,13 @@ import json
 import pytest
 import torch
 from peft import PeftModel, get_peft_model
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 import leanformers
 from leanformers.sst import SSTConfig, SSTController, SSTLinear
 from leanformers.sst.model import non_sst_trainable_names
-from tests.sst.helpers import run_fresh
-from tests.tiny_models import random_ids, tiny_bert, tiny_gpt2, tiny_llama
+from tests.helpers import run_fresh
+from tests.tiny_models import llama_config, random_ids, tiny_bert, tiny_gpt2, tiny_llama
 
 TRAIN_AND_SAVE = """
 import json, sys, torch
@@ -150,14 +150,7 @@ def test_llama_1b_on_meta_counts_18_7_percent(monkeypatch):
     import leanformers.sst.layer as layer_mod
 
     monkeypatch.setattr(layer_mod, "thin_svd", lambda w: (_ for _ in ()).throw(AssertionError("SVD on meta")))
-    cfg = LlamaConfig(
-        vocab_size=32000,
-        hidden_size=2048,
-        intermediate_size=5461,
-        num_hidden_layers=24,
-        num_attention_heads=32,
-        tie_word_embeddings=False,
-    )
+    cfg = llama_config(2048, 5461, 24, 32, vocab=32000, max_positions=2048, tie_word_embeddings=False)
     with torch.device("meta"):
         model = LlamaForCausalLM(cfg)
     n_dense = sum(p.numel() for p in model.parameters())

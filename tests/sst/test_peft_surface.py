@@ -11,7 +11,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from leanformers.sst import SSTCallback, SSTConfig, SSTLinear
-from tests.sst.helpers import RandomClassification, run_fresh, tiny_bert_classifier
+from tests.helpers import run_fresh
+from tests.sst.helpers import RandomClassification, tiny_bert_classifier
 from tests.tiny_models import random_ids, tiny_llama
 
 RELOAD_CLASSIFIER = """

@@ -11,7 +11,7 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from leanformers.sst import SSTCallback, SSTConfig, SSTController
-from tests.sst.helpers import RandomTokens, run_fresh
+from tests.helpers import RandomTokens, run_fresh
 from tests.tiny_models import random_ids, tiny_llama
 
 NO_CONTROLLER = "no SSTController / SSTCallback drives the SST schedule"

@@ -1,38 +1,25 @@
 """bench/mpifa_quality.py: the --quick smoke run (every row, conversion, MiniLM) and its baselines."""
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.bench.conftest import load_bench
 from tests.tiny_models import random_ids, tiny_gpt2, tiny_llama
-
-BENCH = Path(__file__).resolve().parents[2] / "bench"
-
-
-def _load(name: str):
-    if str(BENCH) not in sys.path:
-        sys.path.insert(0, str(BENCH))
-    spec = importlib.util.spec_from_file_location(name, BENCH / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
 def baselines():
-    return _load("_baselines")
+    return load_bench("_baselines")
 
 
 @pytest.mark.slow
-def test_quick_run_writes_every_row_and_prints_the_table_last(tmp_path, capsys):
-    bench = _load("mpifa_quality")
-    out, png = tmp_path / "quality.json", tmp_path / "ppl.png"
-    assert bench.main(["--quick", "--json", str(out), "--plot", str(png)]) == 0
+def test_quick_run_writes_every_row_and_prints_the_table_last(run_bench, tmp_path, capsys):
+    png = tmp_path / "ppl.png"
+    result, out = run_bench("mpifa_quality", "--plot", str(png))
     saved = json.loads(out.read_text())
+    assert result["cells"] == saved["cells"]  # main returns what it wrote
     cells = {(c["row"], c["density"]) for c in saved["cells"]}
     low = ["svd", "asvd", "svdllm_whiten", "svdllm_u", "pifa_only", "mpifa"]
     expected = {("dense", 1.0), ("wanda24", 0.5)} | {(r, d) for r in low for d in (0.5, 0.8)}
@@ -55,7 +42,7 @@ def test_quick_run_writes_every_row_and_prints_the_table_last(tmp_path, capsys):
 
 
 def test_merge_keeps_cells_that_were_not_rerun(baselines):
-    bench = _load("mpifa_quality")
+    bench = load_bench("mpifa_quality")
     old = [{"row": "svd", "density": 0.8, "ppl": 3.0}, {"row": "mpifa", "density": 0.8, "ppl": 2.0}]
     new = [{"row": "mpifa", "density": 0.8, "ppl": 1.5}, {"row": "mpifa", "density": 0.5, "ppl": 4.0}]
     merged = bench._merge(old, new, lambda c: (c["row"], c["density"]))
@@ -109,7 +96,7 @@ def test_asvd_factors_errors_name_the_problem(baselines):
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
 def test_wanda_2_4_prunes_exactly_half_in_2_of_4_groups(baselines, make):
     model = make()
-    layout_paths = _load("mpifa_quality").targeted_paths(model)
+    layout_paths = load_bench("mpifa_quality").targeted_paths(model)
     stats = baselines.wanda_2_4_prune(model, random_ids(4, 16), batch_size=2)
     assert stats["targeted_after"] * 2 == stats["targeted_before"]
     for path in layout_paths:

@@ -1,21 +1,13 @@
 """Smoke test of bench/pifa_speed.py --quick (the CPU variant CI can afford)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[2] / "bench" / "pifa_speed.py"
-
 
 @pytest.mark.slow
-def test_pifa_speed_quick_writes_json_and_ratios(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("pifa_speed", BENCH)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    out = tmp_path / "speed.json"
-    result = bench.main(["--quick", "--reps", "2", "--output", str(out)])
+def test_pifa_speed_quick_writes_json_and_ratios(run_bench, capsys):
+    result, out = run_bench("pifa_speed", "--reps", "2")
     saved = json.loads(out.read_text())
     assert saved["environment"]["quick"] is True
     rows = {r["row"] for r in saved["layers"]}

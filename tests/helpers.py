@@ -1,0 +1,83 @@
+"""Helpers shared by the test folders: relative error, fresh-process runs, token datasets.
+
+(Fixtures stay in conftest.py files; this module holds plain functions and classes that tests import.)
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
+    """||a - b|| / ||b|| in float64 (Frobenius norm over all elements)."""
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+# ---- fresh processes -----------------------------------------------------------------------------
+def fresh_env(**extra: str) -> dict[str, str]:
+    """This environment, offline, with ``src/`` and the repository root importable first and ``tests/``
+    last (so that ``import sst.helpers`` works, without its folders shadowing installed modules)."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    env.update(extra)
+    paths = [str(REPO_ROOT / "src"), str(REPO_ROOT), env.get("PYTHONPATH", ""), str(REPO_ROOT / "tests")]
+    env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
+    return env
+
+
+def run_command(cmd: Sequence[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
+    """Run ``cmd`` from the repository root in ``fresh_env(**env)``; the caller checks the result."""
+    return subprocess.run(
+        list(cmd), cwd=REPO_ROOT, env=fresh_env(**env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def run_python(code: str, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Run ``code`` (dedented) in a new Python interpreter; the caller checks the result."""
+    return run_command([sys.executable, "-c", textwrap.dedent(code)], timeout=timeout)
+
+
+def run_fresh(code: str, timeout: int = 240) -> str:
+    """Run ``code`` in a new Python interpreter and return its stdout; a failure raises with stderr."""
+    proc = run_python(code, timeout=timeout)
+    if proc.returncode != 0:
+        raise AssertionError(
+            f"fresh process failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr[-4000:]}"
+        )
+    return proc.stdout
+
+
+# ---- token datasets ------------------------------------------------------------------------------
+class RandomTokens(torch.utils.data.Dataset):
+    """Fixed random token sequences with labels (a causal-LM dataset for Trainer tests)."""
+
+    def __init__(self, n: int = 64, seqlen: int = 16, vocab: int = 128, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seqlen), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+class SeededTokens(torch.utils.data.Dataset):
+    """48 causal-LM rows of 16 tokens, row ``i`` drawn from seed ``i`` (``tests.tiny_models.random_ids``)."""
+
+    def __len__(self) -> int:
+        return 48
+
+    def __getitem__(self, i):
+        from tests.tiny_models import random_ids
+
+        ids = random_ids(1, 16, seed=i)[0]
+        return {"input_ids": ids, "labels": ids}
