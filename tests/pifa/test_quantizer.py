@@ -128,7 +128,7 @@ def test_automodel_reloads_a_causal_lm_folder_exactly_in_a_fresh_process(saved):
             result[family] = [type(model).__name__, bool(torch.equal(out, refs[family + "_hidden"])), n, names]
         print("RESULT" + json.dumps(result))
     """
-    proc = _run(code)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.split("RESULT", 1)[1])
     for family, (cls, equal, n, names) in result.items():
@@ -206,7 +206,7 @@ def test_ignore_mismatched_sizes_without_import_is_pinned_and_loud_in_the_log(sa
             out = model(input_ids=refs["ids"]).logits
         print("RESULT" + json.dumps(before + [bool(torch.equal(out, refs["llama"]))]))
     """
-    proc = _run(code)
+    proc = run_python(code)
     assert proc.returncode == 0, proc.stderr[-3000:]
     equal_without, method, cls, equal_with = json.loads(proc.stdout.split("RESULT", 1)[1])
     assert not equal_without and method == "mpifa" and cls == "Linear"  # the documented limit
