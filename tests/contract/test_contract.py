@@ -179,6 +179,9 @@ def test_ddp_row(row: Row, ddp_reports):
         if "error" in report:
             raise Recorded(report["error"], report["message"])
         assert report["global_step"] == 6
+        assert report["wrapper"] == "DistributedDataParallel", (
+            f"the Trainer did not use DDP: {report['wrapper']}"
+        )
         assert report["state_entries"] > 0
         assert report["state_changed"] == row.method.rewires
         assert report["params_identical"], "parameters differ across ranks"
