@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanformers.chts import CHTssConfig, CHTssScheduler
+from leanformers.chts import DEFAULT_TARGETS, CHTssConfig, CHTssScheduler
 from leanformers.chts.masks import find_sparse_layers
 from leanformers.chts.mlp import MLP_TARGETS, MLPClassifier
 from leanformers.chts.schedules import density_at, num_updates
@@ -268,3 +268,63 @@ def test_gpt2_conv1d_layers_train_sparse():
         assert int(layer.mask.sum()) == link_count(layer.shape, 0.3)
         assert (layer.weight.data.T[~layer.mask] == 0).all()  # Conv1D weight is (in, out)
         assert (opt.state[layer.weight]["exp_avg"].T[~layer.mask] == 0).all()
+
+
+def _held_tensors(obj, seen=None):
+    """Tensors an object holds through its attributes, dicts and lists (model modules excluded)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, (torch.nn.Module, torch.optim.Optimizer)):
+        return []
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    children = (
+        obj.values()
+        if isinstance(obj, dict)
+        else obj
+        if isinstance(obj, (list, tuple))
+        else vars(obj).values()
+        if hasattr(obj, "__dict__")
+        else ()
+    )
+    return [t for child in children for t in _held_tensors(child, seen)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("model_kind", ["llama", "gpt2"])
+def test_one_compact_mask_per_matrix_and_no_copy_in_the_weight_dtype(dtype, model_kind):
+    # Issue 7: a bool mask plus a float copy was 5 bytes per weight at fp32 (~6 GB at 1B parameters).
+    from tests.tiny_models import tiny_gpt2
+
+    model = (tiny_llama() if model_kind == "llama" else tiny_gpt2()).to(dtype)
+    targets = DEFAULT_TARGETS if model_kind == "llama" else (r"(c_attn|c_fc|c_proj)$",)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    cfg = CHTssConfig(final_density=0.3, initial_density=0.5, targets=targets, update_interval=2)
+    sched = CHTssScheduler(model, opt, cfg, total_steps=8)
+    run_loop(model, opt, sched, 0, 3)  # one update, moments exist
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    for layer in sched.layers:
+        held = {
+            t.untyped_storage().data_ptr(): t
+            for t in _held_tensors(layer)
+            if t.untyped_storage().data_ptr() not in params
+        }
+        assert len(held) == 1, (layer.name, [(t.dtype, tuple(t.shape)) for t in held.values()])
+        (mask,) = held.values()
+        assert mask.dtype == torch.bool and mask.untyped_storage().nbytes() == layer.weight.numel()
+        assert layer.mask.data_ptr() == mask.data_ptr()  # the logical view shares it
+    held_by_scheduler = {
+        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+        for t in _held_tensors(sched)
+        if t.untyped_storage().data_ptr() not in params
+    }
+    n_weights = sum(layer.weight.numel() for layer in sched.layers)
+    assert sum(held_by_scheduler.values()) == n_weights  # 1 byte per sparse weight, nothing else
+    # Masking still holds exactly with the bool mask: weights, gradients and moments.
+    model(**llama_batch(9)).loss.backward()
+    for layer in sched.layers:
+        off = ~layer.mask_param
+        assert layer.weight.grad.dtype == dtype and (layer.weight.grad[off] == 0).all()
+        assert (layer.weight.data[off] == 0).all()
+        assert (opt.state[layer.weight]["exp_avg"][off] == 0).all()
+        assert (opt.state[layer.weight]["exp_avg_sq"][off] == 0).all()

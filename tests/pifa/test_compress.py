@@ -213,3 +213,51 @@ def test_plain_svd_needs_no_calibration():
     assert torch.allclose(got, best, atol=1e-5)
     with pytest.raises(ValueError, match="MPIFA needs calibration data"):
         mpifa_compress(tiny_llama(), None, MPIFAConfig(), calibration=None, progress=False)
+
+
+def _precision_flags() -> tuple:
+    cuda = torch.backends.cuda.matmul
+    return (
+        torch.get_float32_matmul_precision(),
+        cuda.fp32_precision,
+        torch.backends.mkldnn.matmul.fp32_precision,
+    )
+
+
+@pytest.mark.parametrize("user", ["high", "medium"])
+def test_gram_products_run_in_full_precision_and_user_settings_come_back(user):
+    """Issue 7: with TF32 ("high") or bf16 ("medium") matmuls enabled by the user, the forwards that feed
+    G, K, S and the reconstruction must still run in full precision; the settings return afterwards.
+    (CPU has no TF32: the test reads the flags in force inside the pipeline, from a forward hook.)"""
+    before = _precision_flags()
+    torch.set_float32_matmul_precision(user)
+    try:
+        user_flags = _precision_flags()
+        assert user_flags[0] == user and torch.backends.cuda.matmul.allow_tf32
+        model = tiny_llama(seed=3, layers=2)
+        seen = []
+        hooks = [
+            model.model.layers[i].mlp.down_proj.register_forward_pre_hook(
+                lambda m, a: seen.append(_precision_flags())
+            )
+            for i in range(2)
+        ]
+        mpifa_compress(
+            model, None, MPIFAConfig(density=0.5, device="cpu"), calibration=random_ids(4, 16), progress=False
+        )
+        for h in hooks:
+            h.remove()
+        assert seen and all(flags == ("highest", "ieee", "ieee") for flags in seen), set(seen)
+        assert _precision_flags() == user_flags and torch.backends.cuda.matmul.allow_tf32
+        # restored on error too
+        from leanformers.pifa.compress import full_precision_matmul
+
+        with pytest.raises(KeyError), full_precision_matmul():
+            assert _precision_flags() == ("highest", "ieee", "ieee")
+            raise KeyError("boom")
+        assert _precision_flags() == user_flags
+    finally:
+        torch.set_float32_matmul_precision(before[0])
+        torch.backends.cuda.matmul.fp32_precision = before[1]
+        torch.backends.mkldnn.matmul.fp32_precision = before[2]
+    assert _precision_flags() == before

@@ -28,8 +28,11 @@ def main(out: str) -> None:
         SSTConfig(r=8, steps_per_iteration=2, warmup_steps_per_iteration=1, iterations_per_round=2),
     )
     torch.manual_seed(1000 + rank)  # ranks' global RNGs differ: sampling must not depend on them
-    # broadcast_buffers=False: SST must keep U, Vh and the indices identical by construction
-    ddp = torch.nn.parallel.DistributedDataParallel(model, broadcast_buffers=False)
+    # DDP's default broadcast_buffers=True: SST puts U, Vh, indices and counters on DDP's ignore list (they
+    # are identical by construction), so they must not be re-broadcast before every forward
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    sst_buffers = {id(b) for n, b in model.named_buffers() if ".sst_" in n}
+    sst_buffers_broadcast = sum(id(b) in sst_buffers for b in ddp.modules_buffers)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     controller = SSTController(ddp, optimizer)
     layers = [m for m in model.modules() if isinstance(m, SSTLinear)]
@@ -55,6 +58,8 @@ def main(out: str) -> None:
             "indices_changed": not torch.equal(start_idx, idx),
             "rounds": int(layers[0].sst_counters["default"][1]),
             "world_size": dist.get_world_size(),
+            "sst_buffers": len(sst_buffers),
+            "sst_buffers_broadcast": sst_buffers_broadcast,
         }
         Path(out).write_text(json.dumps(report))
     dist.barrier()

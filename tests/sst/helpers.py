@@ -45,3 +45,37 @@ class RandomTokens(torch.utils.data.Dataset):
 
     def __getitem__(self, i):
         return {"input_ids": self.ids[i], "labels": self.ids[i]}
+
+
+def tiny_bert_classifier(seed: int = 0, num_labels: int = 3):
+    """BertForSequenceClassification from config (the head ``classifier`` is a Linear(64, num_labels))."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+class RandomClassification(torch.utils.data.Dataset):
+    """Random token sequences labelled by their first token (learnable, so the head must move)."""
+
+    def __init__(self, n: int = 32, seqlen: int = 12, vocab: int = 128, num_labels: int = 3, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(0, vocab, (n, seqlen), generator=g)
+        self.labels = self.ids[:, 0] % num_labels
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.ids[i], "labels": self.labels[i]}

@@ -33,6 +33,7 @@ def test_two_processes_agree_after_rounds(tmp_path):
     assert report["indices_changed"]
     assert report["indices_identical"]
     assert report["params_identical"]
+    assert report["sst_buffers"] > 0 and report["sst_buffers_broadcast"] == 0  # issue 7: no U/Vh re-broadcast
 
 
 @pytest.mark.distributed

@@ -15,8 +15,9 @@ class CHTssCallback(TrainerCallback):
     """Dynamic sparse training inside ``transformers.Trainer``.
 
     - ``on_train_begin``: builds the scheduler on the Trainer's model and optimizer with
-      ``total_steps = state.max_steps``; on resume, loads the masks and counters of the checkpoint
-      and re-applies them before the first forward.
+      ``total_steps = state.max_steps``; on resume, loads the masks and counters from the folder the
+      Trainer resumed from (wherever it lies) and re-applies them before the first forward. A resumed
+      folder without CHTss state, or with masks that do not fit the resumed weights, is an error.
     - ``on_optimizer_step`` (after ``optimizer.step()``, before ``zero_grad``): re-masks weights and
       moments, rewires every ``update_interval`` steps.
     - ``on_save``: masks + scheduler state into ``checkpoint-N/leanformers/chtss.safetensors``.
@@ -47,13 +48,16 @@ class CHTssCallback(TrainerCallback):
             loaded = load_state(folder, STATE_NAME)
             if loaded is None:
                 raise FileNotFoundError(
-                    f"resuming from {folder} but it holds no CHTss state (leanformers/{STATE_NAME}.safetensors): "
-                    "it was not written by a run with CHTssCallback; start a fresh run instead."
+                    f"the Trainer resumes from {folder} but it holds no CHTss state "
+                    f"(leanformers/{STATE_NAME}.safetensors): the masks cannot be recovered from the weights. "
+                    "Resume from a complete checkpoint folder written by a run with CHTssCallback (copy it with "
+                    "its leanformers/ subfolder), or start a fresh run."
                 )
-            self.scheduler.load_state_dict(*loaded)
+            self.scheduler.load_state_dict(*loaded, check_weights=True)
             if self.scheduler.step_count != state.global_step:
                 raise ValueError(
-                    f"CHTss state is at step {self.scheduler.step_count} but the Trainer resumes at {state.global_step}"
+                    f"CHTss state in {folder} is at step {self.scheduler.step_count} but the Trainer resumes at "
+                    f"step {state.global_step}: the masks belong to another checkpoint."
                 )
         return control
 

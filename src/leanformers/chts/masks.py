@@ -49,8 +49,9 @@ class SparseLayer:
     role: str | None = None  # q/k/v/o/gate/up/down for decoder projections
     groups: int = 1  # head groups for per-head balance
     group_dim: int = 0  # 0: groups of rows (q/k/v), 1: groups of columns (o)
-    mask: torch.Tensor | None = None
-    _mask_param: torch.Tensor | None = field(default=None, repr=False)
+    # The one mask of this matrix: bool, in the parameter's own layout (1 byte per weight). No copy in
+    # the weight dtype is kept: weights, gradients and moments are multiplied by the bool mask directly.
+    _mask: torch.Tensor | None = field(default=None, repr=False)
 
     @property
     def weight(self) -> nn.Parameter:
@@ -69,17 +70,30 @@ class SparseLayer:
         """A parameter-shaped tensor in (out, in) orientation (a view)."""
         return tensor.T if self.transposed else tensor
 
+    @property
+    def mask(self) -> torch.Tensor | None:
+        """The (out, in) bool mask (a view of :attr:`mask_param` for ``Conv1D``)."""
+        return None if self._mask is None else self.logical(self._mask)
+
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Install a new (out, in) bool mask and its parameter-shaped float copy used by the hooks."""
+        """Install a new (out, in) bool mask, stored once in the parameter's layout."""
         w = self.module.weight
-        self.mask = mask.to(device=w.device, dtype=torch.bool)
-        m = self.mask.T if self.transposed else self.mask
-        self._mask_param = m.to(w.dtype).contiguous()
+        mask = mask.to(device=w.device, dtype=torch.bool)
+        self._mask = (mask.T if self.transposed else mask).contiguous()
 
     @property
     def mask_param(self) -> torch.Tensor:
-        """The mask in the parameter's shape and dtype."""
-        return self._mask_param
+        """The bool mask in the parameter's shape."""
+        return self._mask
+
+    @property
+    def multiplier(self) -> torch.Tensor:
+        """The mask as 0/1 ``uint8`` in the parameter's shape: a zero-copy view of the bool mask.
+
+        Multiplying a float tensor by it promotes on the fly (no copy in the weight dtype); on CPU it
+        is about 2x faster than multiplying by the bool tensor itself.
+        """
+        return self._mask.view(torch.uint8)
 
     def to_groups(self, tensor: torch.Tensor) -> torch.Tensor:
         """(out, in) -> (groups, n): one row per attention head (or a single row)."""

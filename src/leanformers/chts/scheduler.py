@@ -174,7 +174,7 @@ class CHTssScheduler:
                     self._dense_grads[idx] += dense
                 else:
                     self._dense_grads[idx] = dense.clone()
-            return grad * layer.mask_param.to(grad.dtype)
+            return grad * layer.multiplier  # 0/1 uint8 view of the bool mask: no float copy kept
 
         return hook
 
@@ -193,9 +193,8 @@ class CHTssScheduler:
     def apply_masks_(self) -> None:
         """Zero masked weights and their optimizer moments."""
         for layer in self.layers:
-            layer.weight.data.mul_(layer.mask_param)
+            layer.weight.data.mul_(layer.multiplier)  # in place, by the 0/1 view of the bool mask
             if self.optimizer is not None:
-                # The float mask in the parameter's dtype: multiplying by it is the whole re-masking.
                 mask_state_(self.optimizer, layer.weight, layer.mask_param)
 
     def step(self) -> dict[str, float] | None:
@@ -369,7 +368,7 @@ class CHTssScheduler:
     def _install(self, layer: SparseLayer, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
         """New mask on the layer; removed and new links at weight 0 with zero optimizer moments."""
         layer.set_mask(new_mask)
-        layer.weight.data.mul_(layer.mask_param)
+        layer.weight.data.mul_(layer.multiplier)
         if self.optimizer is not None:
             keep_state = new_mask & ~grown
             mask_state_(self.optimizer, layer.weight, keep_state.T if layer.transposed else keep_state)
@@ -419,15 +418,38 @@ class CHTssScheduler:
         return tensors, meta
 
     @torch.no_grad()
-    def load_state_dict(self, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-        """Restore masks and counters and re-apply the masks (call before the first forward)."""
+    def load_state_dict(
+        self, tensors: dict[str, torch.Tensor], meta: dict, check_weights: bool = False
+    ) -> None:
+        """Restore masks and counters and re-apply the masks (call before the first forward).
+
+        Args:
+            check_weights: the weights were loaded from the same checkpoint (Trainer resume): they are
+                exactly zero outside its masks, so a non-zero weight outside the loaded masks means the
+                masks belong to another run or step; raise instead of zeroing trained weights.
+        """
         missing = [layer.name for layer in self.layers if layer.name not in tensors]
         if missing:
             raise ValueError(
                 f"checkpoint has no CHTss mask for {missing[:5]}: was it written with other targets?"
             )
-        for layer in self.layers:
-            layer.set_mask(unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])))
+        masks = [unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])) for layer in self.layers]
+        if check_weights:
+            outside = {
+                layer.name: int(
+                    ((layer.logical(layer.weight.data) != 0) & ~mask.to(layer.weight.device)).sum()
+                )
+                for layer, mask in zip(self.layers, masks)
+            }
+            bad = {name: n for name, n in outside.items() if n}
+            if bad:
+                raise ValueError(
+                    f"the resumed weights have non-zero entries outside the checkpoint's CHTss masks "
+                    f"({sum(bad.values())} in {len(bad)} matrices, e.g. {dict(list(bad.items())[:3])}): the masks "
+                    "were written by another run or step than the weights. Resume from one complete checkpoint folder."
+                )
+        for layer, mask in zip(self.layers, masks):
+            layer.set_mask(mask)
         self.step_count = int(meta["step_count"])
         if meta.get("total_steps") is not None and self.total_steps is None:
             self.total_steps = int(meta["total_steps"])

@@ -32,7 +32,7 @@ from leanformers.pifa.calibration import (
 from leanformers.pifa.layer import LowRankLinear, PIFALinear, emit_in_order_
 from leanformers.pifa.reconstruct import cholesky_with_damping, reconstruct
 
-__all__ = ["CompressionReport", "MPIFAConfig", "ModuleReport", "mpifa_compress"]
+__all__ = ["CompressionReport", "MPIFAConfig", "ModuleReport", "full_precision_matmul", "mpifa_compress"]
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,41 @@ def _single_threaded_linalg(device: torch.device):
         torch.set_num_threads(threads)
 
 
+def _matmul_precision_state() -> tuple[str | None, str | None, str | None]:
+    """(legacy global precision or None when unreadable, CUDA matmul fp32 precision, oneDNN matmul fp32
+    precision); the last two are None on torch versions without the per-backend API."""
+    try:
+        legacy = torch.get_float32_matmul_precision()
+    except RuntimeError:  # torch refuses to read it after a mix of the legacy and per-backend APIs
+        legacy = None
+    cuda = getattr(getattr(torch.backends.cuda, "matmul", None), "fp32_precision", None)
+    mkldnn = getattr(getattr(torch.backends.mkldnn, "matmul", None), "fp32_precision", None)
+    return legacy, cuda, mkldnn
+
+
+@contextlib.contextmanager
+def full_precision_matmul():
+    """Run float32 matmuls in full IEEE precision inside, whatever the user enabled outside.
+
+    ``torch.backends.cuda.matmul.allow_tf32 = True`` or ``set_float32_matmul_precision("high")``
+    (TF32, ~10-bit mantissa) or ``"medium"`` (bf16 on oneDNN) would otherwise reach the activations and
+    the Gram products G, K, S: a 1e-3 relative error in S = X X^T breaks the whitening of small
+    singular directions. The user's settings (legacy and per-backend) are restored on exit.
+    """
+    legacy, cuda, mkldnn = _matmul_precision_state()
+    torch.set_float32_matmul_precision("highest")
+    try:
+        yield
+    finally:
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)
+        # Per-backend values last: restores states that mixed both APIs (where legacy is unreadable).
+        if cuda is not None:
+            torch.backends.cuda.matmul.fp32_precision = cuda
+        if mkldnn is not None:
+            torch.backends.mkldnn.matmul.fp32_precision = mkldnn
+
+
 def _resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -303,6 +338,12 @@ def mpifa_compress(
         listing every module's spec, so ``save_compressed`` / ``save_pretrained`` write a checkpoint that
         ``from_pretrained`` reloads after ``import leanformers``.
     """
+    # Forwards, Gram products and reconstruction all in full fp32/fp64 precision (no TF32 / bf16 matmul).
+    with full_precision_matmul():
+        return _mpifa_compress(model, tokenizer, config, calibration, progress=progress)
+
+
+def _mpifa_compress(model, tokenizer, config, calibration, *, progress):
     from leanformers.pifa.quantizer import MPIFAQuantizationConfig
 
     config = config or MPIFAConfig()

@@ -44,6 +44,7 @@ __all__ = [
     "enable_peft_lora",
     "register",
     "replace_with_pifa_layers",
+    "resolve_module_names",
     "save_compressed",
 ]
 
@@ -127,17 +128,46 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
         return {name: int(spec["rank"]) for name, spec in self.modules.items()}
 
 
-def replace_with_pifa_layers(model: nn.Module, modules: dict[str, dict]) -> nn.Module:
-    """Swap each named nn.Linear / Conv1D of ``model`` for an empty layer built from its spec, on the
-    module's own device and dtype (works on meta). Modules already of the right layout are kept."""
+def _has_module(model: nn.Module, name: str) -> bool:
+    try:
+        model.get_submodule(name)
+    except AttributeError:
+        return False
+    return True
+
+
+def resolve_module_names(model: nn.Module, modules: dict[str, dict]) -> dict[str, dict]:
+    """``modules`` keyed by names that exist in ``model``.
+
+    A checkpoint written from a model with a head (``LlamaForCausalLM``: ``model.layers.0...``) may be
+    loaded into its base model (``AutoModel`` -> ``LlamaModel``: ``layers.0...``) and the other way
+    round; transformers maps the weight names with ``base_model_prefix``, so the spec names are mapped
+    the same way. A name that resolves neither way is an error naming the module.
+    """
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    resolved: dict[str, dict] = {}
     for name, spec in modules.items():
-        try:
-            old = model.get_submodule(name)
-        except AttributeError:
+        candidates = [name]
+        if prefix and name.startswith(prefix + "."):
+            candidates.append(name[len(prefix) + 1 :])  # head checkpoint -> base model
+        if prefix and hasattr(model, prefix):
+            candidates.append(f"{prefix}.{name}")  # base checkpoint -> model with a head
+        found = next((c for c in candidates if _has_module(model, c)), None)
+        if found is None:
             raise ValueError(
                 f"the model has no module {name!r} listed in quantization_config.modules: the checkpoint "
                 f"was written for another architecture than {type(model).__name__}"
-            ) from None
+            )
+        resolved[found] = spec
+    return resolved
+
+
+def replace_with_pifa_layers(model: nn.Module, modules: dict[str, dict]) -> nn.Module:
+    """Swap each named nn.Linear / Conv1D of ``model`` for an empty layer built from its spec, on the
+    module's own device and dtype (works on meta). Modules already of the right layout are kept.
+    Names are resolved with ``resolve_module_names`` (head <-> base model prefix)."""
+    for name, spec in resolve_module_names(model, modules).items():
+        old = model.get_submodule(name)
         if isinstance(old, COMPRESSED_TYPES):
             if old.spec() != module_from_spec(spec, device="meta").spec():
                 raise ValueError(f"module {name!r} is {old.spec()} but the config asks for {spec}")
@@ -250,6 +280,9 @@ class MPIFAHfQuantizer(HfQuantizer):
             raise ValueError(
                 f"MPIFA checkpoints are read from safetensors only, found {pickled}: re-save with save_compressed()"
             )
+        # The config then lists the names of this model (e.g. without "model." under AutoModel), so a
+        # later save_compressed of the loaded model agrees with its modules.
+        self.quantization_config.modules = resolve_module_names(model, self.quantization_config.modules)
         replace_with_pifa_layers(model, self.quantization_config.modules)
         return model
 

@@ -26,6 +26,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from leanformers.sst.layer import SSTLayer
+from leanformers.sst.model import exclude_sst_buffers_from_ddp
 from leanformers.sst.spectral import effective_rank, orthogonality_error
 from leanformers.training import (
     LRRewarmup,
@@ -37,6 +38,7 @@ from leanformers.training import (
     save_state,
     unwrap_optimizer,
 )
+from leanformers.training.distributed import broadcast_, is_distributed
 
 __all__ = ["SSTCallback", "SSTController"]
 
@@ -69,6 +71,8 @@ class SSTController:
                 "the model holds no SST layer: wrap it with peft.get_peft_model(model, leanformers.SSTConfig(...)) "
                 "before creating an SSTController / SSTCallback"
             )
+        for layer in self.layers.values():
+            layer._sst_watch.controlled = True  # silences the "trained without a controller" warning
         first = next(iter(self.layers.values()))
         self.adapter = first.active_adapters[0]
         settings = first.sst_settings[self.adapter]
@@ -79,8 +83,30 @@ class SSTController:
         self.rewarmup: LRRewarmup | None = None
         self.last_round_metrics: dict[str, float] | None = None
         self._pending_rewarmup: dict | None = None
+        self._sync_from_rank0()
         if optimizer is not None:
             self.attach(optimizer)
+
+    @torch.no_grad()
+    def _sync_from_rank0(self) -> None:
+        """Rank 0's SST state on every rank (no-op in one process).
+
+        SST's buffers are on DDP's ignore list (see ``exclude_sst_buffers_from_ddp``), so DDP's start-up sync
+        does not cover them; one broadcast here makes ranks agree even if they built the model differently.
+        """
+        if not is_distributed():
+            return
+        for layer in self.layers.values():
+            for name in (
+                "sst_U",
+                "sst_Vh",
+                "sst_S",
+                "sst_U_active",
+                "sst_Vh_active",
+                "sst_index",
+                "sst_counters",
+            ):
+                broadcast_(getattr(layer, name)[self.adapter])
 
     # ----------------------------------------------------------------------------- optimizer
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
@@ -208,6 +234,13 @@ class SSTCallback(TrainerCallback):
     def __init__(self):
         self.controller: SSTController | None = None
         self._pending_logs: dict[str, float] = {}
+
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        # The Trainer has already built its DDP settings from args.ddp_broadcast_buffers at this point (in
+        # Trainer.__init__, before on_init_end), so setting that flag here would change nothing; instead SST's
+        # buffers go on DDP's ignore list of the model the Trainer will wrap (at train()).
+        if model is not None:
+            exclude_sst_buffers_from_ddp(model)
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         self.controller = SSTController(model)

@@ -41,6 +41,9 @@ class SSTConfig(PeftConfig):
             is saved with the adapter; ``"finetune"``: PEFT's usual freezing, plus ``train_modules``.
         train_modules: in ``finetune`` mode, module names (or name suffixes) whose parameters stay
             trainable in place and are saved with the adapter (no ``modules_to_save`` copies).
+        modules_to_save: PEFT's usual meaning: these modules (e.g. a classification head) get a trainable
+            copy that is saved with the adapter; ``task_type="SEQ_CLS"`` adds ``classifier`` / ``score`` (as
+            for LoRA). Prefer ``train_modules`` for large modules such as embeddings (no copy).
         seed: seed of the index sampling (combined with layer name and iteration, so every rank and a
             resumed run draw the same indices).
         frozen_factor_dtype: storage dtype of the frozen U and Vh buffers (``"float32"``, ``"bfloat16"``,
@@ -77,6 +80,9 @@ class SSTConfig(PeftConfig):
     )
     train_modules: list[str] | None = field(
         default=None, metadata={"help": "finetune mode: extra modules trained in place and saved."}
+    )
+    modules_to_save: list[str] | None = field(
+        default=None, metadata={"help": "Modules copied, trained and saved with the adapter (e.g. a head)."}
     )
     seed: int = field(default=0, metadata={"help": "Seed of the index sampling."})
     frozen_factor_dtype: Literal["float32", "bfloat16", "float16"] = field(

@@ -26,6 +26,8 @@ from torch import nn
 from leanformers._compat import is_conv1d
 from leanformers.sst.spectral import (
     effective_weight,
+    inference_weight,
+    linear_with_weight,
     orthogonality_error,
     sample_indices,
     spectral_linear,
@@ -33,7 +35,26 @@ from leanformers.sst.spectral import (
 )
 from leanformers.training.distributed import broadcast_, seeded_generator
 
-__all__ = ["SSTLayer", "SSTLinear"]
+__all__ = ["SSTLayer", "SSTLinear", "TrainingWatch"]
+
+NO_CONTROLLER_MESSAGE = (
+    "SST layers are being trained (their singular values S changed between two training forwards) but no "
+    "SSTController / SSTCallback drives the SST schedule: the active singular vectors are never re-sampled, "
+    "S is not clamped, the vectors are not renormalised and no re-SVD happens, so only {r} fixed directions "
+    "per layer ever train. Fix: Trainer(..., callbacks=[leanformers.SSTCallback()]), or in a custom loop "
+    "create controller = leanformers.SSTController(model) and call controller.step(optimizer) after every "
+    "optimizer.step()."
+)
+
+
+class TrainingWatch:
+    """State shared by all SST layers of one model: is a controller attached, was the user warned."""
+
+    def __init__(self) -> None:
+        self.controlled = False
+        self.sentinel: int | None = None  # id() of the one layer that compares its S between forwards
+        self.warned_no_controller = False
+        self.warned_merged_training = False
 
 
 class SSTLayer(BaseTunerLayer):
@@ -56,6 +77,9 @@ class SSTLayer(BaseTunerLayer):
         self._sst_unloaded: set[str] = set()  # adapters whose factors still await a state dict
         self._disable_adapters = False
         self.merged_adapters = []
+        self._sst_watch = TrainingWatch()  # replaced by the SSTModel's shared one
+        self._sst_seen_S: torch.Tensor | None = None  # S at the last training forward (one layer per model)
+        self._sst_cache: tuple[tuple, torch.Tensor] | None = None
         self.kwargs = kwargs
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -236,7 +260,16 @@ class SSTLayer(BaseTunerLayer):
 
 
 class SSTLinear(nn.Module, SSTLayer):
-    """SST replacement of an ``nn.Linear`` or GPT-2 ``Conv1D``: y = U_eff diag(S) Vh_eff x + b."""
+    """SST replacement of an ``nn.Linear`` or GPT-2 ``Conv1D``: y = U_eff diag(S) Vh_eff x + b.
+
+    Without gradients for the factors (``torch.no_grad()``, eval, generation, a frozen reloaded adapter) the
+    dense weight U_eff diag(S) Vh_eff is built once and cached until a factor changes (checked by tensor
+    version counter and storage pointer: optimizer steps, re-sampling, re-SVD, ``load_state_dict`` and
+    ``.to()`` all invalidate it); a forward with gradients drops it. Set ``inference_cache = False`` on a
+    layer to trade speed for memory (the cache holds one dense (out, in) weight per layer).
+    """
+
+    inference_cache: bool = True
 
     def __init__(
         self, base_layer: nn.Module, adapter_name: str, r: int, config, layer_key: str, **kwargs
@@ -254,6 +287,8 @@ class SSTLinear(nn.Module, SSTLayer):
             names = ("sst_U", "sst_Vh", "sst_S", "sst_U_active", "sst_Vh_active", "sst_index")
             if all(f"{prefix}{name}.{adapter}" in state_dict for name in names):
                 self._sst_unloaded.discard(adapter)
+        self._sst_seen_S = None  # a load is not a training step
+        self._sst_cache = None
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
@@ -295,21 +330,92 @@ class SSTLinear(nn.Module, SSTLayer):
                 "or set init_weights=True to start from the base weights"
             )
 
+    def _active_sst_adapter(self) -> str:
+        active = [a for a in self.active_adapters if a in self.sst_S]
+        if not active:
+            raise RuntimeError(
+                f"no active SST adapter in this layer (active: {list(self.active_adapters)}, available: "
+                f"{list(self.sst_S.keys())}); the SST adapter holds this layer's weight: call "
+                f"set_adapter({next(iter(self.sst_S.keys()), 'default')!r}) or reload the adapter with "
+                "PeftModel.from_pretrained"
+            )
+        return active[0]
+
+    def _watch_training(self, adapter: str, S: torch.Tensor) -> None:
+        """Warn once per model when S changes between training forwards with no controller attached.
+
+        Values are compared, not version counters: fused optimizers (``AdamW(fused=True)``, the Trainer's
+        default on recent transformers) update parameters without bumping them. One layer per model (the
+        first to train) keeps a copy of its S (k numbers); once a controller is attached nothing is checked.
+        """
+        watch = self._sst_watch
+        if watch.controlled or watch.warned_no_controller:
+            return
+        if watch.sentinel is None:
+            watch.sentinel = id(self)
+        if watch.sentinel != id(self):
+            return
+        seen = self._sst_seen_S
+        if seen is not None and (seen.shape != S.shape or not torch.equal(seen, S.detach())):
+            watch.warned_no_controller = True
+            self._sst_seen_S = None
+            warnings.warn(
+                NO_CONTROLLER_MESSAGE.format(r=self.sst_settings[adapter]["r"]), UserWarning, stacklevel=3
+            )
+            return
+        self._sst_seen_S = S.detach().clone()
+
+    def _cached_weight(self, U, S, Vh, idx, Ua, Vha, x: torch.Tensor) -> torch.Tensor:
+        """The inference weight, rebuilt only when a factor changed (in place: version; replaced: pointer)."""
+        key = tuple((t.data_ptr(), t._version, t.device) for t in (U, S, Vh, idx, Ua, Vha))
+        key += (
+            x.dtype,
+            x.device,
+            torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type),
+        )
+        if self._sst_cache is not None and self._sst_cache[0] == key:
+            return self._sst_cache[1]
+        weight = inference_weight(U, S, Vh, idx, Ua, Vha, x)
+        self._sst_cache = (key, weight)
+        return weight
+
+    def clear_inference_cache(self) -> None:
+        """Free the cached inference weight (it is rebuilt on the next no-gradient forward)."""
+        self._sst_cache = None
+
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.disable_adapters:
             raise RuntimeError(
                 "SST adapters cannot be disabled: SST replaced the base weight by its SVD factors and freed it, "
                 "so there is no original layer to fall back to"
             )
+        adapter = self._active_sst_adapter()
         if self.merged:
+            if self.training and torch.is_grad_enabled() and not self._sst_watch.warned_merged_training:
+                self._sst_watch.warned_merged_training = True
+                warnings.warn(
+                    "the SST adapter is merged: the forward uses the merged dense copy, so the SST factors would not "
+                    "train; call unmerge_adapter() before training (or merge_and_unload() for inference only)",
+                    UserWarning,
+                    stacklevel=2,
+                )
             return self.base_layer(x, *args, **kwargs)
-        adapter = self.active_adapters[0]
         self._check_loaded(adapter)
         U, S, Vh, idx, Ua, Vha = self._factors(adapter)
         bias = self.get_base_layer().bias
-        return spectral_linear(
-            x, S, Ua, Vha, bias, U, Vh, idx, enhanced=self.sst_settings[adapter]["enhanced_gradient"]
-        )
+        if torch.is_grad_enabled() and (S.requires_grad or Ua.requires_grad or Vha.requires_grad):
+            self._sst_cache = None  # the factors are about to change: free the inference copy
+            if self.training:
+                self._watch_training(adapter, S)
+            return spectral_linear(
+                x, S, Ua, Vha, bias, U, Vh, idx, enhanced=self.sst_settings[adapter]["enhanced_gradient"]
+            )
+        if not self.inference_cache:
+            weight = inference_weight(U, S, Vh, idx, Ua, Vha, x)
+        else:
+            weight = self._cached_weight(U, S, Vh, idx, Ua, Vha, x)
+        # Frozen factors: y = x W^T + b with a constant W; x and the bias still get gradients if they need them.
+        return linear_with_weight(x, weight, bias)
 
     def __repr__(self) -> str:
         return "sst." + super().__repr__()

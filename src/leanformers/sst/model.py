@@ -19,9 +19,15 @@ from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from leanformers._compat import is_conv1d
-from leanformers.sst.layer import SSTLayer, SSTLinear
+from leanformers.sst.layer import SSTLayer, SSTLinear, TrainingWatch
 
-__all__ = ["SSTModel", "non_sst_trainable_names"]
+__all__ = [
+    "SSTModel",
+    "exclude_sst_buffers_from_ddp",
+    "non_sst_trainable_names",
+    "sst_buffer_names",
+    "sst_parameter_counts",
+]
 
 _SST_ATTRS = ("sst_S", "sst_U_active", "sst_Vh_active", "sst_U", "sst_Vh", "sst_index", "sst_counters")
 
@@ -43,6 +49,8 @@ def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
         owner = name.rsplit(".", 1)[0] if "." in name else ""
         if any(f".{attr}." in f".{name}" for attr in _SST_ATTRS):
             continue
+        if ".original_module." in f".{name}" or ".modules_to_save." in f".{name}":
+            continue  # modules_to_save: PEFT trains (and saves) the copy, the original stays frozen
         if name.endswith("base_layer.weight") and owner.removesuffix(".base_layer") in layers:
             continue  # the freed dense weight (or a merged copy)
         if config.mode == "pretrain":
@@ -53,6 +61,64 @@ def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
                     names.append(name)
                     break
     return names
+
+
+_SST_BUFFERS = ("sst_U", "sst_Vh", "sst_index", "sst_counters")
+
+
+def sst_buffer_names(model: nn.Module) -> list[str]:
+    """Names (relative to ``model``) of the SST buffers: U, Vh, indices, counters."""
+    return [n for n, _ in model.named_buffers() if any(f".{b}." in f".{n}" for b in _SST_BUFFERS)]
+
+
+def exclude_sst_buffers_from_ddp(model: nn.Module, prefixes: tuple[str, ...] = ("",)) -> list[str]:
+    """Keep DistributedDataParallel from broadcasting SST's buffers before every forward.
+
+    DDP's default ``broadcast_buffers=True`` re-sends every buffer from rank 0 at each forward; SST's U / Vh
+    are buffers about 1.4x the size of the model. They are identical on every rank by construction (seeded
+    sampling, re-SVD broadcast from rank 0; the controller broadcasts them once at start), so they are put on
+    DDP's ignore list (``module._ddp_params_and_buffers_to_ignore``, read when DDP wraps ``model``), whatever
+    ``ddp_broadcast_buffers`` says. Other buffers keep DDP's behaviour. Returns the names added.
+    """
+    names = [p + n for n in sst_buffer_names(model) for p in prefixes]
+    existing = list(model.__dict__.get("_ddp_params_and_buffers_to_ignore", []) or [])
+    model._ddp_params_and_buffers_to_ignore = sorted(set(existing) | set(names))
+    return names
+
+
+def _numel(param: torch.Tensor) -> int:
+    n = param.numel()
+    return getattr(param, "ds_numel", n) if n == 0 else n  # DeepSpeed ZeRO-3 keeps empty placeholders
+
+
+def sst_parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """``(trainable, all)`` parameter counts of an SST model, relative to the dense model it came from.
+
+    - ``all``: the parameter count of the dense model: every SST layer counts as its dense weight
+      ``out * in`` (+ bias), whether that weight is freed or merged; the SST factors themselves and PEFT's
+      ``modules_to_save`` copies are not counted (the original module is, once).
+    - ``trainable``: every parameter that receives gradients, i.e. per SST layer ``S`` (k) and the r active
+      pairs ``U_active`` (m, r) / ``Vh_active`` (r, n), plus the other trained parameters (embeddings,
+      norms, head and biases in ``pretrain`` mode, ``train_modules``, ``modules_to_save`` copies). The frozen
+      ``U`` / ``Vh`` are buffers and never count as trainable.
+
+    ``print_trainable_parameters()`` prints these numbers for an SST PeftModel.
+    """
+    layers = _sst_layer_names(model)
+    freed = {id(layer.get_base_layer().weight) for layer in layers.values()}
+    dense = sum(layer.out_features * layer.in_features for layer in layers.values())
+    trainable = 0
+    for name, param in model.named_parameters():
+        n = _numel(param)
+        if param.requires_grad:
+            trainable += n
+        dotted = f".{name}"
+        if id(param) in freed or any(f".{attr}." in dotted for attr in _SST_ATTRS):
+            continue
+        if ".modules_to_save." in dotted:
+            continue
+        dense += n
+    return trainable, dense
 
 
 class SSTModel(BaseTuner):
@@ -68,8 +134,6 @@ class SSTModel(BaseTuner):
                 "SST supports one adapter per model: it replaces the weights instead of adding to them. "
                 "Train one SST adapter; merge_and_unload() it before adding another method."
             )
-        if getattr(config, "modules_to_save", None):
-            raise ValueError("SSTConfig does not use modules_to_save: use mode='pretrain' or train_modules")
 
     def _prepare_adapter_config(self, peft_config, model_config):
         if peft_config.target_modules is None:
@@ -91,7 +155,16 @@ class SSTModel(BaseTuner):
             )
         r = sst_config.rank_for(current_key)
         new_module = SSTLinear(target, adapter_name, r=r, config=sst_config, layer_key=current_key)
+        if getattr(self, "_sst_watch", None) is None:
+            self._sst_watch = TrainingWatch()
+        new_module._sst_watch = self._sst_watch  # one "no controller" warning per model, not per layer
         self._replace_module(parent, target_name, new_module, target)
+
+    def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # DDP wraps the PeftModel (names "base_model.model...."), which forwards this attribute to the tuner;
+        # both spellings are listed so that wrapping either of them works.
+        exclude_sst_buffers_from_ddp(self, prefixes=("", "base_model."))
 
     def _mark_only_adapters_as_trainable(self, model: nn.Module) -> None:
         super()._mark_only_adapters_as_trainable(model)
@@ -149,6 +222,20 @@ class SSTModel(BaseTuner):
             "SST adapters cannot be disabled: the original dense weights were replaced and freed. "
             "Keep a copy of the base model if you need it."
         )
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"Adapter {adapter_name} does not exist")
+        raise RuntimeError(
+            f"the SST adapter {adapter_name!r} holds the weights of every targeted layer (SST replaced the dense "
+            "weights by their SVD factors and freed them), so deleting it would leave those layers without "
+            "weights; use merge_and_unload() to get a plain model with the trained weights, or rebuild the base "
+            "model if you want it without SST"
+        )
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        """(trainable, all) relative to the DENSE model; see :func:`sst_parameter_counts`."""
+        return sst_parameter_counts(self.model)
 
     def sst_layers(self) -> dict[str, SSTLayer]:
         """{module name: SST layer} of this model."""

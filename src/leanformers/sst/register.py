@@ -38,12 +38,37 @@ def ensure_peft_type():
     return _add_enum_member(PeftType, SST_PEFT_TYPE, SST_PEFT_TYPE)
 
 
+def _patch_parameter_count() -> None:
+    """Let ``PeftModel.get_nb_trainable_parameters`` (and so ``print_trainable_parameters``) ask an SST tuner.
+
+    PEFT counts ``named_parameters()``; for SST that misses the dense weights SST replaced (freed, so "all"
+    shrinks) and so over-states the trainable share. Only models whose tuner defines
+    ``get_nb_trainable_parameters`` (SST) are affected; every other PEFT model keeps PEFT's count.
+    """
+    from peft import PeftModel
+
+    original = PeftModel.get_nb_trainable_parameters
+    if getattr(original, "_leanformers_sst", False):
+        return
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        tuner_count = getattr(type(self.base_model), "get_nb_trainable_parameters", None)
+        if tuner_count is not None and getattr(type(self.base_model), "prefix", None) == "sst_":
+            return self.base_model.get_nb_trainable_parameters()
+        return original(self)
+
+    get_nb_trainable_parameters.__doc__ = original.__doc__
+    get_nb_trainable_parameters._leanformers_sst = True
+    PeftModel.get_nb_trainable_parameters = get_nb_trainable_parameters
+
+
 def register_sst() -> None:
     """Make ``get_peft_model(model, SSTConfig(...))`` and ``PeftModel.from_pretrained`` know SST."""
     from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
 
     peft_type = ensure_peft_type()
     assert peft_types.PeftType.SST is peft_type
+    _patch_parameter_count()
     if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
         return
     from peft.utils import register_peft_method

@@ -15,9 +15,12 @@ __all__ = [
     "SpectralLinearFunction",
     "effective_rank",
     "effective_weight",
+    "inference_weight",
+    "linear_with_weight",
     "orthogonality_error",
     "sample_indices",
     "sampling_probabilities",
+    "spectral_dtypes",
     "spectral_linear",
     "thin_svd",
 ]
@@ -228,6 +231,34 @@ def spectral_linear(
         return SpectralLinearFunction.apply(
             x, S, U_active, Vh_active, bias, U, Vh, idx, enhanced, compute_dtype
         )
+
+
+def spectral_dtypes(x: torch.Tensor, S: torch.Tensor) -> tuple[torch.dtype | None, torch.dtype, torch.dtype]:
+    """(autocast dtype or None, token-matmul dtype, weight-product dtype) of :func:`spectral_linear` for x."""
+    device_type = x.device.type
+    compute_dtype = None
+    if torch.is_autocast_enabled(device_type):
+        compute_dtype = torch.get_autocast_dtype(device_type)
+    dtype = compute_dtype if compute_dtype is not None else x.dtype
+    return compute_dtype, dtype, _matmul_dtype(S, compute_dtype)
+
+
+def inference_weight(U, S, Vh, idx, U_active, Vh_active, x: torch.Tensor) -> torch.Tensor:
+    """The (m, n) weight :func:`spectral_linear` multiplies ``x`` with, already in the token dtype.
+
+    Computed exactly as inside :class:`SpectralLinearFunction`, so that ``linear_with_weight`` on it gives
+    bit-identical outputs; meant to be cached while the factors do not change (no gradients).
+    """
+    _, dtype, mm = spectral_dtypes(x, S)
+    with torch.no_grad():
+        return _weight(U, S, Vh, idx, U_active, Vh_active, mm).to(dtype)
+
+
+def linear_with_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y = x W^T + b in W's dtype, autocast off (the no-gradient twin of :func:`spectral_linear`)."""
+    dtype = weight.dtype
+    with torch.autocast(device_type=x.device.type, enabled=False):
+        return torch.nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
 
 
 def effective_rank(S: torch.Tensor) -> float:

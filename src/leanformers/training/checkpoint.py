@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -15,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from leanformers.training.distributed import is_main_process
 
-__all__ = ["checkpoint_folder", "load_state", "resume_folder", "save_state"]
+__all__ = ["checkpoint_folder", "load_state", "resume_folder", "save_state", "trainer_resume_argument"]
 
 STATE_DIRNAME = "leanformers"
 
@@ -25,15 +26,50 @@ def checkpoint_folder(args, state) -> Path:
     return Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
 
-def resume_folder(args, state) -> Path | None:
-    """In ``on_train_begin``: the checkpoint the Trainer resumed from, or None for a fresh run.
+def trainer_resume_argument() -> tuple[bool, str | None]:
+    """``(found, resume_from_checkpoint)`` of the ``transformers.Trainer`` whose loop is running.
 
-    The Trainer restores ``state.global_step`` from the checkpoint before ``on_train_begin``.
+    Callbacks are not told which folder ``Trainer.train(resume_from_checkpoint=...)`` loaded (the
+    path may be anywhere: a copied or moved checkpoint, another run's folder). The Trainer passes it,
+    already resolved (``True`` becomes the last checkpoint of ``output_dir``, ``False`` becomes
+    None), to ``Trainer._inner_training_loop``, which calls ``on_train_begin``; it is read from that
+    frame's arguments. ``found`` is False when no Trainer loop is on the call stack.
     """
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    try:
+        while frame is not None:
+            if frame.f_code.co_name == "_inner_training_loop" and isinstance(
+                frame.f_locals.get("self"), Trainer
+            ):
+                local = frame.f_locals
+                if "resume_from_checkpoint" in local:
+                    value = local["resume_from_checkpoint"]
+                    return True, (None if value is None or value is False else os.fspath(value))
+            frame = frame.f_back
+        return False, None
+    finally:
+        del frame
+
+
+def resume_folder(args, state) -> Path | None:
+    """In ``on_train_begin``: the checkpoint folder the Trainer resumed from, or None for a fresh run.
+
+    It is the folder given to ``Trainer.train(resume_from_checkpoint=...)`` wherever it lies, never a
+    guess from ``output_dir``. Raises when training resumes (``state.global_step > 0``) but the folder
+    cannot be known (the callback was not called from a ``transformers.Trainer`` loop).
+    """
+    found, path = trainer_resume_argument()
+    if found:
+        return Path(path) if path is not None else None
     if state.global_step <= 0:
         return None
-    folder = checkpoint_folder(args, state)
-    return folder if folder.is_dir() else None
+    raise RuntimeError(
+        f"training resumes at step {state.global_step} but the checkpoint folder it resumed from is unknown: "
+        "on_train_begin was not called from transformers.Trainer._inner_training_loop. Call the controller's "
+        "load/load_state_dict with that folder yourself."
+    )
 
 
 def save_state(

@@ -74,7 +74,9 @@ def mask_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, mask: tor
     state = _state_of(optimizer, param)
     if not state:
         return
+    # A bool mask multiplies through its zero-copy 0/1 uint8 view: no copy in the moment's dtype.
+    factor = mask.view(torch.uint8) if mask.dtype == torch.bool else mask
     for key in MOMENT_KEYS:
         buf = state.get(key)
         if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
-            buf.mul_(mask.to(device=buf.device, dtype=buf.dtype))
+            buf.mul_(factor.to(device=buf.device))
