@@ -84,9 +84,8 @@ def wrap(row: Row, seed: int = 0, **overrides):
 
         from leanformers import SSTCallback, SSTConfig
 
-        options = dict(row.method.options, **overrides)
-        if options.get("mode") == "finetune":
-            options.setdefault("task_type", row.family.peft_task_type)
+        # task_type as a PEFT user passes it: for a classifier it puts the head in modules_to_save
+        options = dict(row.method.options, task_type=row.family.peft_task_type, **overrides)
         return get_peft_model(model, SSTConfig(**options)), [SSTCallback()]
     if kind == "dst":
         from leanformers import CHTssCallback
@@ -464,9 +463,7 @@ def check_add_set_adapter(row: Row, tmp_path: Path) -> None:
     model, _ = _trained_sst(row, tmp_path)
     inputs = inputs_for(row.family.task)
     first = logits_of(model, inputs)
-    options = dict(row.method.options, r=2)
-    if options.get("mode") == "finetune":
-        options.setdefault("task_type", row.family.peft_task_type)
+    options = dict(row.method.options, r=2, task_type=row.family.peft_task_type)
     model.add_adapter("second", SSTConfig(**options))
     model.set_adapter("second")
     assert model.active_adapter == "second"

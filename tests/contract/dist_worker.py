@@ -54,6 +54,10 @@ def run_row(row, out_dir: Path) -> dict:
     trainer.train()
     state = method_state(model, callbacks)
     wrapped = trainer.model_wrapped
+    sst = {id(b) for n, b in model.named_buffers() if ".sst_" in n}
+    per_forward = (
+        list(getattr(wrapped, "modules_buffers", [])) if getattr(wrapped, "broadcast_buffers", False) else []
+    )
     return {
         "global_step": trainer.state.global_step,
         "params_identical": _same_on_all_ranks(_flat(params_of(model))),
@@ -62,7 +66,8 @@ def run_row(row, out_dir: Path) -> dict:
         "state_entries": len(state),
         "state_changed": not torch.equal(start["state"], _flat(state)),
         "wrapper": type(wrapped).__name__,
-        "broadcast_buffers": getattr(wrapped, "broadcast_buffers", None),
+        "sst_buffers": len(sst),
+        "sst_buffers_broadcast": sum(id(b) in sst for b in per_forward),
     }
 
 

@@ -19,6 +19,47 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 
+class _Capture:
+    """What a user sees while loading: warnings, transformers' log records, stdout/stderr."""
+
+    def __enter__(self):
+        import contextlib
+        import io
+        import logging
+        import warnings
+
+        self.buf = io.StringIO()
+        self.records: list[str] = []
+        outer = self
+
+        class Handler(logging.Handler):
+            def emit(self, record):
+                outer.records.append(record.getMessage())
+
+        self.handler = Handler(level=logging.INFO)
+        logging.getLogger("transformers").addHandler(self.handler)
+        self.warn = warnings.catch_warnings(record=True)
+        self.caught = self.warn.__enter__()
+        warnings.simplefilter("always")
+        self.stack = contextlib.ExitStack()
+        self.stack.enter_context(contextlib.redirect_stdout(self.buf))
+        self.stack.enter_context(contextlib.redirect_stderr(self.buf))
+        return self
+
+    def __exit__(self, *exc):
+        import logging
+
+        self.stack.close()
+        self.warn.__exit__(*exc)
+        logging.getLogger("transformers").removeHandler(self.handler)
+        return False
+
+    def text(self) -> str:
+        if not hasattr(self, "buf"):
+            return ""
+        return "\n".join([self.buf.getvalue(), *self.records, *(str(w.message) for w in self.caught)])
+
+
 def _outputs(model, inputs):
     model.eval()
     with torch.no_grad():
@@ -53,15 +94,17 @@ def main(manifest: str, results_path: str) -> None:
     for entry in entries:
         if not entry["import_leanformers"]:
             assert "leanformers" not in sys.modules, "a no-import row ran after leanformers was imported"
+        log = _Capture()
         try:
-            model = _load(entry)
+            with log:
+                model = _load(entry)
             out = _outputs(model, load_file(entry["inputs"]))
             path = str(Path(entry["folder"]).parent / f"{Path(entry['folder']).name}.reloaded.safetensors")
             save_file({"out": out.contiguous()}, path)
-            results[entry["key"]] = {"ok": path}
+            results[entry["key"]] = {"ok": path, "log": log.text()}
         except Exception as exc:  # recorded and judged by the row's expectation
             names = [c.__name__ for c in type(exc).__mro__]
-            results[entry["key"]] = {"error": names, "message": f"{exc}"}
+            results[entry["key"]] = {"error": names, "message": f"{exc}", "log": log.text()}
     Path(results_path).write_text(json.dumps(results))
 
 

@@ -134,7 +134,7 @@ METHODS: dict[str, Method] = {
             "sst",
             "sst",
             dict(_SST, mode="pretrain"),
-            trains=".*",
+            trains=r"^(?!.*\.original_module\.)",  # a modules_to_save head trains its copy
             operations=TRAINER_OPS + ("persist", "persist_merged") + RESUME_OPS + SST_ONLY_OPS + (DDP_OP,),
         ),
         # SST fine-tuning: only S, the active vectors and the task head (classifier / score) train;
@@ -188,16 +188,15 @@ _MPIFA_NO_BART = {
 # refuse and point to merge_and_unload. One SST adapter per model: a second one refuses.
 _SST_FREED = {"refuses": ("RuntimeError", "freed")}
 _SST_ONE_ADAPTER = {"refuses": ("ValueError", "SST supports one adapter per model")}
+# The adapter holds the only copy of the targeted weights: deleting it refuses, naming merge_and_unload.
+_SST_NO_DELETE = {"refuses": ("RuntimeError", "merge_and_unload")}
 
 QUIRKS: dict[tuple[str, str, str], dict] = {
     **{("mpifa", "bart", op): _MPIFA_NO_BART for op in METHODS["mpifa"].operations},
-    # A process that never imported leanformers cannot build PIFA layers; with
-    # ignore_mismatched_sizes=True transformers would fill them with random weights. It must fail
-    # loudly and say to `import leanformers`.
-    ("mpifa", "llama", "persist_noimport"): {"refuses": ("Exception", "import leanformers")},
     ("sst_ft", "*", "disable_adapter"): _SST_FREED,
     ("sst_ft", "*", "unload"): _SST_FREED,
     ("sst_ft", "*", "add_set_adapter"): _SST_ONE_ADAPTER,
+    ("sst_ft", "*", "delete_adapter"): _SST_NO_DELETE,
 }
 
 
