@@ -370,7 +370,9 @@ def check_resume(row: Row, tmp_path: Path) -> None:
     for step in (4, 5, 6):
         want, got = rec.steps[step], rec2.steps[step]
         assert want.keys() == got.keys()
-        diff = [k for k in want if not torch.equal(want[k], got[k])]
+        # PEFT's frozen original_module of a modules_to_save head is never used by SST (it cannot be
+        # disabled) and is not part of the checkpoint: it keeps the second model's init
+        diff = [k for k in want if not torch.equal(want[k], got[k]) and ".original_module." not in k]
         assert not diff, f"step {step}: resumed run differs in {diff[:6]}"
 
 
