@@ -135,7 +135,11 @@ METHODS: dict[str, Method] = {
             "sst",
             dict(_SST, mode="pretrain"),
             trains=r"^(?!.*\.original_module\.)",  # a modules_to_save head trains its copy
-            operations=TRAINER_OPS + ("persist", "persist_merged") + RESUME_OPS + SST_ONLY_OPS + (DDP_OP,),
+            operations=TRAINER_OPS
+            + ("persist", "persist_merged", "count", "merge_and_unload")
+            + RESUME_OPS
+            + SST_ONLY_OPS
+            + (DDP_OP,),
         ),
         # SST fine-tuning: only S, the active vectors and the task head (classifier / score) train;
         # the frozen base comes from the same seed on reload.
