@@ -25,3 +25,18 @@ def test_bench_quick_cost_rows(tmp_path):
     # the counted LLaMA-1.3B rows: 18.7 % trainable, as in the paper
     assert round(100 * rows[("1.3b", "sst")]["trainable_share"], 1) == 18.7
     assert rows[("1.3b", "sst")]["model_state_vs_full"] < 0.6
+
+
+@pytest.mark.slow
+def test_generate_bench_quick_reports_ratio_and_identical_outputs(tmp_path):
+    """bench/sst_generate.py --quick: side-by-side ratio present, outputs unchanged by the cache."""
+    sys.path.insert(0, str(REPO_ROOT))
+    from bench.sst_generate import main
+
+    out = tmp_path / "gen.json"
+    result = main(["--quick", "--repeats", "1", "--output", str(out)])
+    assert json.loads(out.read_text())["ratio_sst_vs_merged"] == result["ratio_sst_vs_merged"] > 0
+    assert result["tokens_identical"]
+    assert result["max_logit_diff_sst_vs_uncached"] == 0.0
+    assert result["max_logit_diff_sst_vs_merged"] <= 1e-5
+    assert {r["variant"] for r in result["rows"]} == {"merged", "sst", "sst_uncached"}

@@ -97,8 +97,8 @@ def test_backward_without_optimizer_step_does_not_warn():
 
 DDP_BUFFERS = """
 import json, os, tempfile, torch, torch.distributed as dist
-os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29547")
-dist.init_process_group("gloo", rank=0, world_size=1)
+store = os.path.join(tempfile.mkdtemp(), "store")  # a file store: no TCP port to collide on
+dist.init_process_group("gloo", init_method="file://" + store, rank=0, world_size=1)
 from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 import leanformers

@@ -74,6 +74,16 @@ class SSTLayer(BaseTunerLayer):
         self.sst_index = BufferDict({}, persistent=True)
         self.sst_counters = BufferDict({}, persistent=True)
         self.sst_settings: dict[str, dict] = {}
+        # The containers' own dicts (never replaced; .to() and load_state_dict update them in place): item
+        # access through ParameterDict / Module.__getattr__ costs more than a decoding step's small matmul.
+        self._sst_dicts = (
+            self.sst_U._buffers,
+            self.sst_S._parameters,
+            self.sst_Vh._buffers,
+            self.sst_index._buffers,
+            self.sst_U_active._parameters,
+            self.sst_Vh_active._parameters,
+        )
         self._sst_unloaded: set[str] = set()  # adapters whose factors still await a state dict
         self._disable_adapters = False
         self.merged_adapters = []
@@ -331,6 +341,11 @@ class SSTLinear(nn.Module, SSTLayer):
             )
 
     def _active_sst_adapter(self) -> str:
+        active = self._active_adapter
+        if isinstance(active, list) and len(active) == 1:
+            active = active[0]
+        if isinstance(active, str) and active in self._sst_dicts[1]:  # the common case, fast
+            return active
         active = [a for a in self.active_adapters if a in self.sst_S]
         if not active:
             raise RuntimeError(
@@ -367,12 +382,13 @@ class SSTLinear(nn.Module, SSTLayer):
 
     def _cached_weight(self, U, S, Vh, idx, Ua, Vha, x: torch.Tensor) -> torch.Tensor:
         """The inference weight, rebuilt only when a factor changed (in place: version; replaced: pointer)."""
-        key = tuple((t.data_ptr(), t._version, t.device) for t in (U, S, Vh, idx, Ua, Vha))
-        key += (
-            x.dtype,
-            x.device,
-            torch.is_autocast_enabled(x.device.type) and torch.get_autocast_dtype(x.device.type),
-        )
+        device_type = x.device.type
+        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+        key = (
+            U.data_ptr(), U._version, S.data_ptr(), S._version, Vh.data_ptr(), Vh._version,
+            idx.data_ptr(), idx._version, Ua.data_ptr(), Ua._version, Vha.data_ptr(), Vha._version,
+            x.dtype, x.device, autocast,
+        )  # fmt: skip
         if self._sst_cache is not None and self._sst_cache[0] == key:
             return self._sst_cache[1]
         weight = inference_weight(U, S, Vh, idx, Ua, Vha, x)
@@ -384,13 +400,13 @@ class SSTLinear(nn.Module, SSTLayer):
         self._sst_cache = None
 
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self.disable_adapters:
+        if self._disable_adapters:
             raise RuntimeError(
                 "SST adapters cannot be disabled: SST replaced the base weight by its SVD factors and freed it, "
                 "so there is no original layer to fall back to"
             )
         adapter = self._active_sst_adapter()
-        if self.merged:
+        if self.merged_adapters:
             if self.training and torch.is_grad_enabled() and not self._sst_watch.warned_merged_training:
                 self._sst_watch.warned_merged_training = True
                 warnings.warn(
@@ -400,9 +416,12 @@ class SSTLinear(nn.Module, SSTLayer):
                     stacklevel=2,
                 )
             return self.base_layer(x, *args, **kwargs)
-        self._check_loaded(adapter)
-        U, S, Vh, idx, Ua, Vha = self._factors(adapter)
-        bias = self.get_base_layer().bias
+        if self._sst_unloaded:
+            self._check_loaded(adapter)
+        # Direct container access: this runs for every layer and every decoded token (ParameterDict and
+        # BufferDict item access go through Module.__getattr__ and cost more than a small matmul).
+        U, S, Vh, idx, Ua, Vha = (d[adapter] for d in self._sst_dicts)
+        bias = self.base_layer.bias  # SST layers never nest (one adapter per model)
         if torch.is_grad_enabled() and (S.requires_grad or Ua.requires_grad or Vha.requires_grad):
             self._sst_cache = None  # the factors are about to change: free the inference copy
             if self.training:
@@ -410,10 +429,10 @@ class SSTLinear(nn.Module, SSTLayer):
             return spectral_linear(
                 x, S, Ua, Vha, bias, U, Vh, idx, enhanced=self.sst_settings[adapter]["enhanced_gradient"]
             )
-        if not self.inference_cache:
-            weight = inference_weight(U, S, Vh, idx, Ua, Vha, x)
-        else:
+        if self.inference_cache:
             weight = self._cached_weight(U, S, Vh, idx, Ua, Vha, x)
+        else:
+            weight = inference_weight(U, S, Vh, idx, Ua, Vha, x)
         # Frozen factors: y = x W^T + b with a constant W; x and the bias still get gradients if they need them.
         return linear_with_weight(x, weight, bias)
 

@@ -2,12 +2,14 @@
 
 What differs from an additive adapter such as LoRA:
 
-- the base weight is replaced, not added to: ``merge_and_unload()`` works, ``unload()`` and
-  ``disable_adapter()`` cannot (the original dense weight is freed);
+- the base weight is replaced, not added to: ``merge_and_unload()`` and ``merge_adapter()`` work,
+  ``unload()``, ``disable_adapter()`` and ``delete_adapter()`` raise (the original dense weight is freed);
 - one SST adapter per model;
 - the adapter state dict also carries the biases of targeted layers and the non-SST trainable
   parameters (all of them in ``pretrain`` mode, ``train_modules`` in ``finetune`` mode), trained in
-  place: no ``modules_to_save`` deep copies of embeddings.
+  place; ``modules_to_save`` (e.g. a classification head, added by ``task_type="SEQ_CLS"``) keeps PEFT's
+  meaning (a trained copy saved with the adapter);
+- parameter counts are relative to the dense model (:func:`sst_parameter_counts`).
 """
 
 from __future__ import annotations

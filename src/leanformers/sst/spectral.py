@@ -257,8 +257,12 @@ def inference_weight(U, S, Vh, idx, U_active, Vh_active, x: torch.Tensor) -> tor
 def linear_with_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """y = x W^T + b in W's dtype, autocast off (the no-gradient twin of :func:`spectral_linear`)."""
     dtype = weight.dtype
-    with torch.autocast(device_type=x.device.type, enabled=False):
-        return torch.nn.functional.linear(x.to(dtype), weight, None if bias is None else bias.to(dtype))
+    b = bias if bias is None or bias.dtype == dtype else bias.to(dtype)
+    x = x if x.dtype == dtype else x.to(dtype)
+    if torch.is_autocast_enabled(x.device.type):  # entering the context costs more than a small matmul
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return torch.nn.functional.linear(x, weight, b)
+    return torch.nn.functional.linear(x, weight, b)
 
 
 def effective_rank(S: torch.Tensor) -> float:
