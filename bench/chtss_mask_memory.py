@@ -25,6 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import RESULTS, environment  # noqa: E402
 from chtss_train import SparseSubset  # noqa: E402
 
+import leanformers  # noqa: E402
 from leanformers.chts import CHTssConfig, CHTssScheduler  # noqa: E402
 
 SHAPES = {  # hidden, intermediate, blocks, heads, kv heads
@@ -125,14 +126,16 @@ def main(argv=None) -> dict:
     rows = []
     if out.is_file():
         rows = [r for r in json.loads(out.read_text()).get("rows", []) if r.get("label") != args.label]
+    command = "python bench/chtss_mask_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
     for name in args.dtypes.split(","):
         row = measure(shape, getattr(torch, name), args.device, args.repeats)
         row["label"] = args.label
+        row["command"] = command
+        row["leanformers_source"] = str(Path(leanformers.__file__).resolve().parents[1])  # which checkout ran
         row["environment"] = environment()
         print(json.dumps({k: v for k, v in row.items() if k != "environment"}), flush=True)
         rows.append(row)
-    command = "python bench/chtss_mask_memory.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    payload = {"command": command, "rows": rows}
+    payload = {"rows": rows}
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(payload, indent=2))

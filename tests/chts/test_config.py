@@ -52,3 +52,31 @@ def test_presets():
     assert CHTssConfig.for_method("static", final_density=0.1, update_interval=5).update_interval == 0
     with pytest.raises(ValueError, match="unknown method 'foo'"):
         CHTssConfig.for_method("foo")
+
+
+@pytest.mark.parametrize("method", ["chts", "cht", "set", "rigl", "static"])
+def test_method_field_applies_its_preset(method):
+    # Issue 7: CHTssConfig(method="rigl") was accepted and ignored (it ran CHTss).
+    direct = CHTssConfig(method=method, final_density=0.1)
+    assert direct.to_dict() == CHTssConfig.for_method(method, final_density=0.1).to_dict()
+    assert direct.initial_density == 0.1 and not direct.is_chtss  # every non-CHTss preset is fixed density
+    if method == "rigl":
+        assert direct.regrowth == "gradient" and direct.regrowth_sampling == "hard"
+
+
+def test_method_field_keeps_explicit_fields_and_round_trips():
+    cfg = CHTssConfig(method="RigL", final_density=0.1, regrowth_sampling="soft", initial_density=0.2)
+    assert cfg.method == "rigl" and cfg.regrowth == "gradient"
+    assert cfg.regrowth_sampling == "soft" and cfg.initial_density == 0.2  # explicit fields win
+    assert CHTssConfig(**cfg.to_dict()).to_dict() == cfg.to_dict()
+    assert CHTssConfig(method="chtss").to_dict() == CHTssConfig().to_dict()
+
+
+def test_unknown_method_is_refused():
+    with pytest.raises(ValueError, match=r"method='foo' is not a known method; choose one of"):
+        CHTssConfig(method="foo")
+
+
+def test_mest_lambda_default_is_the_official_value():
+    # Issue 7: the default was 1.0, 100x the official --factor 0.01 (Cannistraci-Hebb-training).
+    assert CHTssConfig().mest_lambda == 0.01

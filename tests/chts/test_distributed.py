@@ -31,8 +31,11 @@ def _train(rank: int, method: str, out_dir: str) -> None:
     torch.manual_seed(100 + rank)  # the global RNG differs per rank: masks must not depend on it
     ddp = DDP(model)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05, momentum=0.9)
+    # "mest": CHTs with MEST removal (|w| + lambda |dense grad|); lambda 1 so the gradient decides.
+    extra = {"removal": "mest", "mest_lambda": 1.0} if method == "mest" else {}
     cfg = CHTssConfig.for_method(
-        method,
+        "chts" if method == "mest" else method,
+        **extra,
         final_density=0.1,
         targets=MLP_TARGETS,
         exclude=(),
@@ -41,7 +44,7 @@ def _train(rank: int, method: str, out_dir: str) -> None:
         chain_removal=True,
     )
     sched = CHTssScheduler(ddp, opt, cfg, total_steps=16)
-    g = torch.Generator().manual_seed(rank)  # each rank sees different data (RigL's local gradients differ)
+    g = torch.Generator().manual_seed(rank)  # each rank sees different data (local gradients differ)
     for _ in range(16):
         x = torch.randn(8, 64, generator=g)
         y = torch.randint(0, 10, (8,), generator=g)
@@ -70,3 +73,16 @@ def test_two_gloo_processes_hold_identical_masks(tmp_path):
             assert torch.equal(r0["masks"][name], r1["masks"][name]), (method, name)
         for p0, p1 in zip(r0["params"], r1["params"]):
             assert torch.equal(p0, p1)
+
+
+@pytest.mark.distributed
+def test_mest_under_ddp_scores_with_the_reduced_gradient_on_every_rank(tmp_path):
+    # Issue 7: each rank scored MEST removal with its own un-reduced gradient and kept different
+    # links; rank 0's broadcast mask then made the ranks zero different moments (parameters diverged).
+    mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), ("mest",)), nprocs=2, join=True)
+    r0 = torch.load(tmp_path / "mest_rank0.pt")
+    r1 = torch.load(tmp_path / "mest_rank1.pt")
+    for name in r0["masks"]:
+        assert torch.equal(r0["masks"][name], r1["masks"][name]), name
+    for p0, p1 in zip(r0["params"], r1["params"]):
+        assert torch.equal(p0, p1)

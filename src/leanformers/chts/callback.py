@@ -5,7 +5,7 @@ from __future__ import annotations
 from transformers import TrainerCallback
 
 from leanformers.chts.config import CHTssConfig
-from leanformers.chts.scheduler import STATE_NAME, CHTssScheduler
+from leanformers.chts.scheduler import STATE_NAME, CHTssScheduler, check_unsharded
 from leanformers.training import checkpoint_folder, load_state, resume_folder, save_state
 
 __all__ = ["CHTssCallback"]
@@ -14,6 +14,8 @@ __all__ = ["CHTssCallback"]
 class CHTssCallback(TrainerCallback):
     """Dynamic sparse training inside ``transformers.Trainer``.
 
+    - ``on_init_end`` / ``on_train_begin``: refuse FSDP and DeepSpeed ZeRO (issue 12), whose sharded
+      weights and fp32 master copies the masks would not reach.
     - ``on_train_begin``: builds the scheduler on the Trainer's model and optimizer with
       ``total_steps = state.max_steps``; on resume, loads the masks and counters from the folder the
       Trainer resumed from (wherever it lies) and re-applies them before the first forward. A resumed
@@ -34,9 +36,14 @@ class CHTssCallback(TrainerCallback):
         self.scheduler: CHTssScheduler | None = None
         self._pending: dict[str, float] = {}
 
+    def on_init_end(self, args, state, control, model=None, **kwargs):
+        check_unsharded(args=args, model=model)  # FSDP / DeepSpeed: refuse before any training
+        return control
+
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
         if model is None or optimizer is None:
             raise ValueError("CHTssCallback needs the Trainer's model and optimizer in on_train_begin")
+        check_unsharded(args=args, model=model, optimizer=optimizer)
         folder = resume_folder(args, state)
         if self.scheduler is not None:  # a second train() call: drop the old hooks first
             self.scheduler.remove()

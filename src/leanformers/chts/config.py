@@ -73,7 +73,8 @@ class CHTssConfig:
             gradient (RigL).
         regrowth_sampling: "soft" samples proportional to the score, "hard" takes the top-k.
         removal: link score for removal: "weight" (|w|), "ri" (relative importance), "mest"
-            (|w| + mest_lambda |grad|).
+            (|w| + mest_lambda |grad|, the gradient averaged over data-parallel ranks).
+        mest_lambda: MEST's gradient weight; 0.01 as in the official code (its ``--factor``).
         removal_sampling: "soft" keeps links sampled proportional to score**T, "hard" keeps the top-k.
         zeta: fraction of active links removed at the first update; decays to 0 at topology_end
             with ``zeta_schedule`` (0.3 for MLPs, 0.1 for LLMs in the references).
@@ -91,6 +92,9 @@ class CHTssConfig:
         predictor_batch: at most this many same-shape matrices per batched predictor call (memory).
         allow_tf32: let the L3n GEMMs use TF32 on CUDA (never bf16/fp16).
         seed: seed of every random draw (initial masks, sampling); all ranks agree through it.
+        method: a named preset (``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``): the fields
+            of :data:`METHOD_PRESETS` that are not passed explicitly take the preset's values, so
+            ``CHTssConfig(method="rigl")`` is RigL (same as ``CHTssConfig.for_method("rigl")``).
     """
 
     final_density: float = 0.3
@@ -104,7 +108,7 @@ class CHTssConfig:
     regrowth_sampling: str = "soft"
     removal: str = "weight"
     removal_sampling: str = "soft"
-    mest_lambda: float = 1.0
+    mest_lambda: float = 0.01
     zeta: float = 0.1
     zeta_schedule: str = "cosine"
     temperature_start: float = 1.0
@@ -125,7 +129,16 @@ class CHTssConfig:
     seed: int = 0
     method: str = field(default="chtss")
 
+    def __new__(cls, *args, **kwargs):
+        # Remember which fields the caller gave, so that ``method`` fills only the others with its
+        # preset (a dataclass cannot tell an explicit value from a default once __init__ has run).
+        self = super().__new__(cls)
+        names = [f.name for f in dataclasses.fields(cls)]
+        object.__setattr__(self, "_explicit_fields", frozenset(names[: len(args)]) | frozenset(kwargs))
+        return self
+
     def __post_init__(self) -> None:
+        self._apply_method_preset()
         if isinstance(self.targets, str):
             self.targets = (self.targets,)
         if isinstance(self.exclude, str):
@@ -135,6 +148,26 @@ class CHTssConfig:
         if self.initial_density is None:
             self.initial_density = self.final_density
         self.validate()
+
+    def _apply_method_preset(self) -> None:
+        """``method`` names a preset of :data:`METHOD_PRESETS`: fields not given explicitly take its values.
+
+        ``CHTssConfig(method="rigl", final_density=0.1)`` equals ``CHTssConfig.for_method("rigl",
+        final_density=0.1)``; explicitly given fields win over the preset, as in ``for_method``.
+        """
+        key = str(self.method).lower()
+        if key not in METHOD_PRESETS:
+            raise ValueError(
+                f"method={self.method!r} is not a known method; choose one of {sorted(METHOD_PRESETS)} "
+                "(the preset's fields are applied, fields you pass override them)."
+            )
+        self.method = key
+        explicit = getattr(self, "_explicit_fields", frozenset())
+        for name, value in METHOD_PRESETS[key].items():
+            if name not in explicit:
+                setattr(self, name, value)
+        if key == "static":  # static sparse never rewires, whatever interval a shared recipe sets
+            self.update_interval = 0
 
     @property
     def is_chtss(self) -> bool:

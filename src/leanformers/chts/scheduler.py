@@ -35,18 +35,45 @@ from leanformers.chts.sampling import select_mask
 from leanformers.chts.topology import brf_mask, erk_densities, link_count, sparse_init_
 from leanformers.training import (
     LRRewarmup,
+    all_reduce_mean_,
     broadcast_,
     check_optimizer,
     is_distributed,
     mask_state_,
     seeded_generator,
+    sharded_training_backend,
     unwrap_optimizer,
 )
 
-__all__ = ["CHTssScheduler"]
+__all__ = ["CHTssScheduler", "check_unsharded"]
 
 logger = logging.getLogger(__name__)
 STATE_NAME = "chtss"
+
+
+_SHARDING_PROBLEM = {
+    "DeepSpeed": "ZeRO keeps fp32 master weights and partitioned optimizer state that the masking never sees "
+    "(stage 3 also partitions the weights), so removed links would keep training",
+    "FSDP": "FSDP shards and flattens the parameters, while the per-matrix masks, gradient hooks and moment "
+    "surgery need whole weights",
+    "DTensor": "the parameters are DTensor shards, while the per-matrix masks need whole weights",
+}
+
+
+def check_unsharded(args=None, model: nn.Module | None = None, optimizer=None) -> None:
+    """Refuse FSDP, DeepSpeed ZeRO and DTensor-sharded training with an error naming the problem.
+
+    Args:
+        args: ``transformers.TrainingArguments`` (``fsdp`` / ``deepspeed`` settings), optional.
+        model, optimizer: as the training loop holds them (wrappers included), optional.
+    """
+    backend = sharded_training_backend(args, model, optimizer)
+    if backend is not None:
+        raise ValueError(
+            f"CHTss does not support {backend} training yet: {_SHARDING_PROBLEM[backend]}. Train with plain "
+            "DDP (torchrun, or accelerate launch without an FSDP/DeepSpeed config) or on one device; FSDP and "
+            "DeepSpeed ZeRO support is tracked by issue 12."
+        )
 
 
 def _unwrap_model(model: nn.Module) -> nn.Module:
@@ -78,6 +105,7 @@ class CHTssScheduler:
     ):
         self.config = config or CHTssConfig()
         self.config.validate()
+        check_unsharded(model=model, optimizer=optimizer)
         self.model = _unwrap_model(model)
         self.layers: list[SparseLayer] = find_sparse_layers(
             self.model, self.config.targets, self.config.exclude, self.config.balance_heads
@@ -103,6 +131,7 @@ class CHTssScheduler:
     # ------------------------------------------------------------------ setup
     def attach_optimizer(self, optimizer: torch.optim.Optimizer) -> None:
         """Use ``optimizer`` for moment surgery and LR re-warm-up (refuses unsupported optimizers)."""
+        check_unsharded(optimizer=optimizer)  # before check_optimizer: ZeRO wraps a plain AdamW
         check_optimizer(optimizer)
         self.optimizer = unwrap_optimizer(optimizer)
         if self.config.rewarmup_steps > 0 and self.rewarmup is None:
@@ -250,6 +279,22 @@ class CHTssScheduler:
             timer[0] += (time.perf_counter() - start) * 1000.0
             yield list(zip(idxs, scores))
 
+    def _reduce_dense_grads(self) -> None:
+        """Average the collected dense gradients over ranks (MEST removal, RigL regrowth).
+
+        The hook sees each rank's local gradient, before DDP's reduction (and DDP reduces only the
+        masked one): without this every rank would score with its own data. The mean of the signed
+        gradients is the gradient of the global batch, the quantity gradient accumulation gives on
+        one rank (the official code averages |grad| per rank; both make the ranks agree). Every
+        layer is reduced, zeros where a rank saw no gradient, so that all ranks issue the same calls.
+        """
+        for idx, layer in enumerate(self.layers):
+            grad = self._dense_grads.get(idx)
+            if grad is None:
+                grad = torch.zeros(layer.shape, dtype=torch.float32, device=layer.weight.device)
+                self._dense_grads[idx] = grad
+            all_reduce_mean_(grad)
+
     def _removal_scores(self, idx: int, layer: SparseLayer, mask: torch.Tensor) -> torch.Tensor:
         w = layer.logical(layer.weight.data)
         if self.config.removal == "ri":
@@ -270,6 +315,8 @@ class CHTssScheduler:
         zeta = schedules.zeta_at(u, total, cfg.zeta, cfg.zeta_schedule)
         temperature = schedules.temperature_at(u, total, cfg.temperature_start, cfg.temperature_end)
         targets = self._target_counts(density)
+        if self._collect_grads and is_distributed():
+            self._reduce_dense_grads()
         kept: list[torch.Tensor] = []
         removed: list[torch.Tensor] = []
         for idx, (layer, target) in enumerate(zip(self.layers, targets)):
@@ -304,6 +351,11 @@ class CHTssScheduler:
             chained = chain_removal(kept, self.layers)
             n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
             kept = chained
+        if is_distributed():
+            # Inputs agree across ranks (seeded draws, reduced gradients): a guard, so that removal,
+            # regrowth and the moment surgery below all start from rank 0's kept links.
+            for keep in kept:
+                broadcast_(keep)
         # 3. Regrowth to exactly the target count among non-links.
         timer = [0.0]
         n_filled = n_overlap = n_grown = 0
@@ -316,7 +368,7 @@ class CHTssScheduler:
                     layer, score, n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
                 )
                 new_mask = kept[idx] | grown
-                if is_distributed():  # rank 0's masks win (RigL's local gradients may differ)
+                if is_distributed():  # guard: rank 0's masks win
                     broadcast_(new_mask)
                     grown = new_mask & ~kept[idx]
                 n_filled += filled

@@ -2,11 +2,13 @@
 
 from leanformers.training.checkpoint import checkpoint_folder, load_state, resume_folder, save_state
 from leanformers.training.distributed import (
+    all_reduce_mean_,
     broadcast_,
     broadcast_object,
     is_distributed,
     is_main_process,
     seeded_generator,
+    sharded_training_backend,
     world_size,
 )
 from leanformers.training.lr import LRRewarmup
@@ -19,6 +21,7 @@ from leanformers.training.optim import (
 
 __all__ = [
     "LRRewarmup",
+    "all_reduce_mean_",
     "broadcast_",
     "broadcast_object",
     "check_optimizer",
@@ -31,6 +34,7 @@ __all__ = [
     "resume_folder",
     "save_state",
     "seeded_generator",
+    "sharded_training_backend",
     "unwrap_optimizer",
     "world_size",
 ]
