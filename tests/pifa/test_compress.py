@@ -130,7 +130,7 @@ def test_bad_inputs_fail_clearly():
             self.config = type("C", (), {"model_type": "mystery"})()
             self.lin = nn.Linear(4, 4)
 
-    with pytest.raises(ValueError, match="architecture 'mystery' .* is not supported by MPIFA.*blocks_path"):
+    with pytest.raises(ValueError, match="could not find the repeated blocks of Mystery.*--blocks-path"):
         mpifa_compress(Mystery(), None, MPIFAConfig(), CALIB, progress=False)
 
     model = tiny_llama()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["module_ranks", "outlier_ratio", "owl_densities", "solve_mlp_density"]
+__all__ = ["default_rank_multiple", "module_ranks", "outlier_ratio", "owl_densities", "solve_mlp_density"]
 
 
 def solve_mlp_density(
@@ -63,14 +63,23 @@ def module_ranks(
     densities: dict[str, float],
     *,
     kind: str = "pifa",
-    rank_multiple: int = 1,
+    rank_multiple: int | None = None,
+    device: torch.device | str = "cpu",
 ) -> dict[str, int]:
     """Largest rank per module whose stored parameters stay within density * m * n.
 
     Rounding to ``rank_multiple`` goes down, so the budget is never exceeded (the reference rounds up
-    after M and overshoots).
+    after M and overshoots). ``rank_multiple=None`` picks ``default_rank_multiple(device)``: 8 on a GPU,
+    where an odd rank misaligns the tensor-core operands of both GEMMs, 1 on the CPU.
     """
     from leanformers.pifa.rank import lowrank_rank, pifa_rank
 
+    if rank_multiple is None:
+        rank_multiple = default_rank_multiple(device)
     fn = pifa_rank if kind == "pifa" else lowrank_rank
     return {name: fn(m, n, densities[name], round_to=rank_multiple) for name, (m, n) in shapes.items()}
+
+
+def default_rank_multiple(device: torch.device | str) -> int:
+    """8 for CUDA devices (fp16/bf16 tensor cores want K and N multiples of 8), 1 elsewhere."""
+    return 8 if torch.device(device).type == "cuda" else 1

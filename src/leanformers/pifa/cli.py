@@ -35,7 +35,14 @@ OPTIONS: dict[str, tuple] = {
     "steps": (int, 2, "closed-form alternating steps of M (0 = whitening only)"),
     "init": (str, "whiten", "initialisation: whiten (SVD-LLM) or svd"),
     "lowrank": (bool, False, "write low-rank U V layers instead of PIFA (baseline)"),
-    "rank_multiple": (int, 1, "round ranks down to a multiple of this"),
+    "rank_multiple": (int, None, "round ranks down to a multiple of this (default: 8 on GPU, 1 on CPU)"),
+    "blocks_path": (str, None, "layout override: path of the ModuleList of blocks (default: inferred)"),
+    "groups": (
+        str,
+        None,
+        "layout override: linears inside a block, ',' within a group sharing one input, ';' between "
+        "groups in order, e.g. 'attn.q,attn.k,attn.v;attn.o;mlp.up;mlp.down' (default: inferred)",
+    ),
     "batch_size": (int, 8, "calibration windows per forward pass"),
     "dtype": (str, "auto", "dtype to load and save the model in: auto, float32, bfloat16, float16"),
     "device": (str, "auto", "compute device: auto (CUDA when present), cpu, cuda, cuda:N"),
@@ -115,11 +122,29 @@ def _dtype(name: str):
     return table[name]
 
 
+def parse_groups(value) -> list[list[str]] | None:
+    """--groups 'a,b,c;d;e,f;g' (or a YAML list of lists) -> [[a, b, c], [d], [e, f], [g]]."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        groups = [[n.strip() for n in g.split(",") if n.strip()] for g in value.split(";")]
+    elif isinstance(value, (list, tuple)):
+        groups = [[str(n) for n in ([g] if isinstance(g, str) else g)] for g in value]
+    else:
+        raise ValueError(
+            f"--groups must be a string like 'q,k,v;o;up;down' or a list of lists, got {value!r}"
+        )
+    groups = [g for g in groups if g]
+    if not groups:
+        raise ValueError(f"--groups {value!r} names no module")
+    return groups
+
+
 def run(opts: argparse.Namespace) -> dict:
     """Do the work of the CLI; returns the summary dict (also printed)."""
     from leanformers.eval import perplexity
     from leanformers.hub import load_causal_lm, model_card, push_folder_to_hub
-    from leanformers.pifa.compress import MPIFAConfig, mpifa_compress
+    from leanformers.pifa.compress import MPIFAConfig, mpifa_compress, resolve_layout
     from leanformers.pifa.quantizer import save_compressed
 
     # Cheap checks first: a bad density or an occupied output must not cost a model load.
@@ -137,6 +162,8 @@ def run(opts: argparse.Namespace) -> dict:
         batch_size=opts.batch_size,
         device=opts.device,
         seed=opts.seed,
+        blocks_path=opts.blocks_path,
+        groups=parse_groups(opts.groups),
     )
     output = Path(opts.output).expanduser()
     _check_output(output, bool(opts.overwrite))
@@ -146,6 +173,9 @@ def run(opts: argparse.Namespace) -> dict:
     print(f"loading {opts.source} ...", file=sys.stderr)
     model, tokenizer = load_causal_lm(opts.source, gguf_file=opts.gguf_file, dtype=dtype)
     load_seconds = time.perf_counter() - t0
+    # The layout (blocks, groups) is resolved now, before any evaluation or calibration pass: an
+    # unsupported or already compressed model fails in seconds.
+    resolve_layout(model, config)
 
     eval_before = eval_after = None
     eval_ids = None

@@ -18,7 +18,13 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanformers.pifa.allocation import module_ranks, outlier_ratio, owl_densities, solve_mlp_density
+from leanformers.pifa.allocation import (
+    default_rank_multiple,
+    module_ranks,
+    outlier_ratio,
+    owl_densities,
+    solve_mlp_density,
+)
 from leanformers.pifa.calibration import (
     _input_of,
     capture_block_inputs,
@@ -32,7 +38,14 @@ from leanformers.pifa.calibration import (
 from leanformers.pifa.layer import LowRankLinear, PIFALinear, emit_in_order_
 from leanformers.pifa.reconstruct import cholesky_with_damping, reconstruct
 
-__all__ = ["CompressionReport", "MPIFAConfig", "ModuleReport", "full_precision_matmul", "mpifa_compress"]
+__all__ = [
+    "CompressionReport",
+    "MPIFAConfig",
+    "ModuleReport",
+    "full_precision_matmul",
+    "mpifa_compress",
+    "resolve_layout",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -57,13 +70,15 @@ class MPIFAConfig:
             that it reads contiguous slices without any gather (function-preserving reordering).
         damping: relative damping of the V-step normal equations.
         rank_multiple: round ranks DOWN to a multiple of this (kernel-friendly; never over budget).
+            None: 8 when compressing on a GPU (tensor-core aligned operands), 1 on the CPU.
         targets: fnmatch patterns of module paths inside a block (None: every linear of the layout).
         nsamples, seqlen: calibration windows drawn from text calibration sources.
         batch_size: calibration windows per forward pass.
         device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
         offload_streams: keep the two activation streams on the CPU (saves GPU memory).
         seed: seed of the calibration window sampling.
-        blocks_path, groups, attention: layout overrides for architectures not in the built-in table.
+        blocks_path, groups, attention: layout overrides (default: the built-in table for LLaMA, Qwen2,
+            OPT, GPT-2, BERT, inferred for any other model by ``calibration.infer_layout``).
     """
 
     density: float = 0.5
@@ -78,7 +93,7 @@ class MPIFAConfig:
     form: str = "auto"
     scatter_free_mlp: bool = True
     damping: float = 1e-2
-    rank_multiple: int = 1
+    rank_multiple: int | None = None
     targets: list[str] | None = None
     nsamples: int = 128
     seqlen: int = 2048
@@ -111,7 +126,12 @@ class MPIFAConfig:
             raise ValueError(f"output must be 'pifa' or 'lowrank', got {self.output!r}")
         if self.form not in ("auto", "row", "col", "column"):
             raise ValueError(f"form must be 'auto', 'row' or 'column', got {self.form!r}")
-        if self.rank_multiple < 1 or self.nsamples < 1 or self.seqlen < 2 or self.batch_size < 1:
+        if (
+            (self.rank_multiple is not None and self.rank_multiple < 1)
+            or self.nsamples < 1
+            or self.seqlen < 2
+            or self.batch_size < 1
+        ):
             raise ValueError("rank_multiple, nsamples, batch_size must be >= 1 and seqlen >= 2")
 
     def to_dict(self) -> dict:
@@ -249,6 +269,14 @@ def _resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def resolve_layout(model: nn.Module, config: MPIFAConfig):
+    """The block layout ``mpifa_compress`` will use (overrides, table or inference) with ``targets``
+    applied. Cheap (at most one 8-token forward): call it before any expensive step to fail early on an
+    unsupported or already compressed model. Returns (BlockLayout, blocks ModuleList)."""
+    layout, blocks = find_layout(model, config.blocks_path, config.groups, config.attention)
+    return select_modules(layout, config.targets), blocks
+
+
 def _calibration_windows(calibration, tokenizer, config: MPIFAConfig) -> tuple[torch.Tensor, str]:
     """(nsamples, seqlen) ids from a tensor, a list of tensors, or text / a file / a dataset name."""
     from leanformers.data.text import calibration_windows, load_text, tokenize_text
@@ -350,8 +378,7 @@ def _mpifa_compress(model, tokenizer, config, calibration, *, progress):
     start = time.perf_counter()
     device = _resolve_device(config.device)
     stream_device = torch.device("cpu") if config.offload_streams else device
-    layout, blocks = find_layout(model, config.blocks_path, config.groups, config.attention)
-    layout = select_modules(layout, config.targets)
+    layout, blocks = resolve_layout(model, config)
     # Plain SVD without M needs no data: skip every forward pass.
     need_stats = config.init == "whiten" or config.steps > 0 or config.owl
     if need_stats:
@@ -396,7 +423,9 @@ def _mpifa_compress(model, tokenizer, config, calibration, *, progress):
         per_block = _owl_block_densities(blocks, layout, hidden, calls, config, device)
         densities = {k: per_block[int(k.split(".", 1)[0])] for k in shapes}
         block_density = dict(enumerate(per_block))
-    ranks = module_ranks(shapes, densities, kind=config.output, rank_multiple=config.rank_multiple)
+    ranks = module_ranks(
+        shapes, densities, kind=config.output, rank_multiple=config.rank_multiple, device=device
+    )
     layer_cls = PIFALinear if config.output == "pifa" else LowRankLinear
 
     dense_states, comp_states = hidden, list(hidden)
@@ -546,6 +575,7 @@ def _mpifa_compress(model, tokenizer, config, calibration, *, progress):
             "attn_density": config.attn_density,
             "owl": config.owl,
             "block_densities": block_density or None,
+            "rank_multiple": config.rank_multiple or default_rank_multiple(device),
             "achieved_density": report.achieved_density,
         },
     )
