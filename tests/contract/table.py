@@ -182,11 +182,6 @@ METHODS: dict[str, Method] = {
 
 # ----------------------------------------------------------------------------- quirks
 
-_MPIFA_NO_BART = {
-    # MPIFA knows no encoder-decoder block layout; it refuses and names the override to pass.
-    "refuses": ("ValueError", "is not supported by MPIFA"),
-}
-
 # SST replaces each targeted weight by its SVD factors and frees the dense weight (that is where its
 # memory saving comes from), so the untouched base model no longer exists: disable_adapter / unload
 # refuse and point to merge_and_unload. One SST adapter per model: a second one refuses.
@@ -196,7 +191,6 @@ _SST_ONE_ADAPTER = {"refuses": ("ValueError", "SST supports one adapter per mode
 _SST_NO_DELETE = {"refuses": ("RuntimeError", "merge_and_unload")}
 
 QUIRKS: dict[tuple[str, str, str], dict] = {
-    **{("mpifa", "bart", op): _MPIFA_NO_BART for op in METHODS["mpifa"].operations},
     ("sst_ft", "*", "disable_adapter"): _SST_FREED,
     ("sst_ft", "*", "unload"): _SST_FREED,
     ("sst_ft", "*", "add_set_adapter"): _SST_ONE_ADAPTER,
