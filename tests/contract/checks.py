@@ -64,15 +64,10 @@ def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
 
 def dst_config(row: Row, **overrides):
     from leanformers import CHTssConfig
-    from leanformers.chts.config import METHOD_PRESETS
 
     options = dict(row.method.options, targets=row.family.dst_targets, exclude=())
     options.update(overrides)
-    name = row.method.name
-    if name == "mest" and "mest" not in METHOD_PRESETS:
-        # MEST = SET's random regrowth with the |w| + lambda |grad| removal score
-        return CHTssConfig.for_method("set", removal="mest", **options)
-    return CHTssConfig.for_method(name, **options)
+    return CHTssConfig.for_method(options.pop("preset", row.method.name), **options)
 
 
 def wrap(row: Row, seed: int = 0, **overrides):

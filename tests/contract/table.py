@@ -126,6 +126,7 @@ class Method:
 _SST = dict(r=4, steps_per_iteration=2, warmup_steps_per_iteration=0, iterations_per_round=2)
 # DST methods: update_interval 2 so that a 6-step run rewires at steps 2, 4, 6.
 _DST = dict(update_interval=2, topology_end=1.0, zeta=0.3)
+_MEST = dict(preset="set", removal="mest")  # "preset": the for_method() name, when not the method's
 
 METHODS: dict[str, Method] = {
     m.name: m
@@ -163,7 +164,8 @@ METHODS: dict[str, Method] = {
             Method(
                 preset,
                 "dst",
-                dict(_DST, final_density=0.5),
+                # MEST has no preset: SET's random regrowth with the |w| + lambda |grad| removal score
+                dict(_DST, final_density=0.5, **(_MEST if preset == "mest" else {})),
                 operations=("train_step", "grad_accum", "resume", "config_method", DDP_OP),
                 families=("llama", "gpt2"),
                 rewires=preset != "static",
@@ -205,9 +207,7 @@ def _applies(method: Method, family: Family, op: str) -> bool:
         return False  # method-level properties: one family is enough
     if op in PEFT_OPS and family.name not in ("llama", "gpt2", "bert_cls"):
         return False
-    if op == "persist_noimport" and family.name != "llama":
-        return False
-    return not (op == "persist_merged" and family.task == "seq2seq")
+    return not (op == "persist_noimport" and family.name != "llama")  # one family shows the guard
 
 
 @dataclass(frozen=True)
