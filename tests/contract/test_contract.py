@@ -204,3 +204,39 @@ def test_ddp_row(row: Row, ddp_reports):
             )
 
     expect(row, check)
+
+
+# ----------------------------------------------------------------------------- the table itself
+
+# Issue 7's silent failures, each pinned to the rows that catch it: dropping one is a test failure.
+ISSUE_7_ROWS = {
+    "SST classifier head trains and is saved": ["sst_ft-bert_cls-train_step", "sst_ft-bert_cls-persist"],
+    "SST parameter counts relative to the dense model": ["sst-llama-count", "sst_ft-bert_cls-count"],
+    "SST without its controller warns": ["sst-llama-no_controller_warns"],
+    "SST inference cache never stale": ["sst-llama-eval", "sst-llama-generate", "sst-bart-generate"],
+    "SST under DDP: no per-forward U/Vh broadcast": ["sst-llama-ddp"],
+    "delete_adapter: a clear error": ["sst_ft-llama-delete_adapter"],
+    "CHTss resume from a moved checkpoint": [
+        f"{m}-llama-resume" for m in ("chtss", "chts", "set", "rigl", "mest")
+    ],
+    "CHTssConfig(method=...) applied or refused": [
+        f"{m}-llama-config_method" for m in ("chtss", "chts", "set", "rigl", "mest", "static")
+    ],
+    "MEST under DDP": ["mest-llama-ddp"],
+    "MPIFA AutoModel on a task folder": ["mpifa-llama-persist_base", "mpifa-bert_cls-persist_base"],
+    "MPIFA without import leanformers is loud": ["mpifa-llama-persist_noimport"],
+}
+
+
+def test_table_keeps_every_issue_row_and_every_family():
+    from tests.contract.table import FAMILIES, METHODS
+
+    ids = {row.id for row in ROWS}
+    missing = {bullet: [r for r in rows if r not in ids] for bullet, rows in ISSUE_7_ROWS.items()}
+    assert not {k: v for k, v in missing.items() if v}, missing
+    for method in METHODS.values():
+        families = method.families or tuple(FAMILIES)
+        covered = {row.family.name for row in ROWS if row.method is method}
+        assert covered == set(families), (method.name, set(families) - covered)
+    batched = set(PERSIST_OPS) | {DDP_OP}
+    assert all(row.op in CHECKS or row.op in batched for row in ROWS)
