@@ -145,3 +145,17 @@ def test_frozen_factors_still_pass_gradients_to_inputs_and_bias():
     q = model.base_model.model.model.layers[0].self_attn.q_proj
     assert q.base_layer.bias.grad is not None and q.base_layer.bias.grad.abs().sum() > 0
     assert model.base_model.model.model.embed_tokens.weight.grad.abs().sum() > 0
+
+
+def test_autocast_gets_its_own_cached_weight():
+    """bf16 autocast and fp32 forwards never share a cached weight; each equals the uncached path."""
+    model = get_peft_model(tiny_llama(), SSTConfig(r=4))
+    ids = random_ids()
+    fp32 = _cached(model, ids)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16 = _cached(model, ids)
+        assert torch.equal(bf16, _uncached(model, ids))
+        assert _layers(model)[0]._sst_cache[1].dtype == torch.bfloat16
+    assert not torch.equal(bf16.float(), fp32)
+    assert torch.equal(_cached(model, ids), fp32)
+    assert _layers(model)[0]._sst_cache[1].dtype == torch.float32
