@@ -54,7 +54,11 @@ def _train(rank: int, method: str, out_dir: str) -> None:
         opt.zero_grad()
     assert len(sched.history) == 6
     torch.save(
-        {"masks": sched.masks, "params": [p.detach().clone() for p in model.parameters()]},
+        {
+            "masks": sched.masks,
+            "params": [p.detach().clone() for p in model.parameters()],
+            "disagreement": [h["chtss/rank_disagreement"] for h in sched.history],
+        },
         os.path.join(out_dir, f"{method}_rank{rank}.pt"),
     )
 
@@ -73,6 +77,7 @@ def test_two_gloo_processes_hold_identical_masks(tmp_path):
             assert torch.equal(r0["masks"][name], r1["masks"][name]), (method, name)
         for p0, p1 in zip(r0["params"], r1["params"]):
             assert torch.equal(p0, p1)
+        assert r1["disagreement"] == [0.0] * 6, method  # RigL: reduced gradients, no broadcast needed
 
 
 @pytest.mark.distributed
@@ -82,6 +87,8 @@ def test_mest_under_ddp_scores_with_the_reduced_gradient_on_every_rank(tmp_path)
     mp.spawn(_worker, args=(2, str(tmp_path / "init"), str(tmp_path), ("mest",)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "mest_rank0.pt")
     r1 = torch.load(tmp_path / "mest_rank1.pt")
+    # Every rank chose the same links itself (reduced gradients), not only after rank 0's broadcast.
+    assert r1["disagreement"] == [0.0] * 6
     for name in r0["masks"]:
         assert torch.equal(r0["masks"][name], r1["masks"][name]), name
     for p0, p1 in zip(r0["params"], r1["params"]):

@@ -351,11 +351,15 @@ class CHTssScheduler:
             chained = chain_removal(kept, self.layers)
             n_chain = sum(int(a.sum() - b.sum()) for a, b in zip(kept, chained))
             kept = chained
+        n_disagree = 0
         if is_distributed():
             # Inputs agree across ranks (seeded draws, reduced gradients): a guard, so that removal,
-            # regrowth and the moment surgery below all start from rank 0's kept links.
+            # regrowth and the moment surgery below all start from rank 0's kept links. Differences
+            # are counted (chtss/rank_disagreement): they mean the ranks' inputs differed.
             for keep in kept:
+                local = keep.clone()
                 broadcast_(keep)
+                n_disagree += int((local != keep).sum())
         # 3. Regrowth to exactly the target count among non-links.
         timer = [0.0]
         n_filled = n_overlap = n_grown = 0
@@ -369,7 +373,9 @@ class CHTssScheduler:
                 )
                 new_mask = kept[idx] | grown
                 if is_distributed():  # guard: rank 0's masks win
+                    local = new_mask.clone()
                     broadcast_(new_mask)
+                    n_disagree += int((local != new_mask).sum())
                     grown = new_mask & ~kept[idx]
                 n_filled += filled
                 n_overlap += int((grown & removed[idx]).sum())
@@ -379,6 +385,13 @@ class CHTssScheduler:
         if n_filled:
             logger.info(
                 "CHTss update %d: %d regrown links filled uniformly (too few positive scores)", u, n_filled
+            )
+        if n_disagree:
+            logger.warning(
+                "CHTss update %d: this rank chose %d links differently from rank 0 (rank 0's masks are used): "
+                "the update's inputs differ across ranks",
+                u,
+                n_disagree,
             )
         if self.rewarmup is not None:
             self.rewarmup.restart(cfg.rewarmup_steps)
@@ -393,6 +406,7 @@ class CHTssScheduler:
                 "chtss/chain_removed": float(n_chain),
                 "chtss/removed_regrown_overlap": n_overlap / max(1, n_grown),
                 "chtss/filled_uniform": float(n_filled),
+                "chtss/rank_disagreement": float(n_disagree),
                 "chtss/predictor_ms": predictor_ms,
                 "chtss/update_ms": (time.perf_counter() - start) * 1000.0,
             }
