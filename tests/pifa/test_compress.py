@@ -261,3 +261,51 @@ def test_gram_products_run_in_full_precision_and_user_settings_come_back(user):
         torch.backends.cuda.matmul.fp32_precision = before[1]
         torch.backends.mkldnn.matmul.fp32_precision = before[2]
     assert _precision_flags() == before
+
+
+def test_non_finite_inputs_of_a_group_are_caught_from_the_gram_diagonal():
+    """The activation check moved from every token to the Gram diagonals: still exact for inf and NaN."""
+    from leanformers.pifa.calibration import BlockCall, group_input_stats
+
+    block = nn.Sequential(nn.Linear(6, 6))
+    call = BlockCall((), {})
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        states = torch.randn(2, 5, 6)
+        states[1, 3, 4] = bad
+        clean = [torch.randn(10, 6)]
+        with pytest.raises(FloatingPointError, match="non-finite activations at the input of 0"):
+            group_input_stats(
+                clean,
+                block,
+                "0",
+                [states],
+                [call],
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                need_cross=True,
+                need_dense=True,
+            )
+        with pytest.raises(FloatingPointError, match="non-finite activations at the input of 0"):
+            group_input_stats(
+                [states],
+                block,
+                "0",
+                [torch.randn(2, 5, 6)],
+                [call],
+                device=torch.device("cpu"),
+                dtype=torch.float32,
+                need_cross=True,
+                need_dense=True,
+            )
+    stats = group_input_stats(
+        [torch.randn(2, 5, 6)],
+        block,
+        "0",
+        [torch.randn(2, 5, 6)],
+        [call],
+        device=torch.device("cpu"),
+        dtype=torch.float32,
+        need_cross=True,
+        need_dense=True,
+    )
+    assert stats.tokens == 10 and torch.isfinite(stats.G).all()

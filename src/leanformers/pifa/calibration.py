@@ -566,8 +566,6 @@ def group_input_stats(
     for xd, xc_states, call in zip(dense_inputs, compressed_states, calls):
         xc = _input_of(compressed_block, comp_module, xc_states, call, device, dtype)
         xc = xc.reshape(-1, xc.shape[-1]).float()
-        if not torch.isfinite(xc).all():
-            raise FloatingPointError(f"non-finite activations at the input of {module_path}")
         g = (xc.T @ xc).double()
         G = g if G is None else G.add_(g)
         if need_cross or need_dense:
@@ -579,4 +577,10 @@ def group_input_stats(
                 s = (xd.T @ xd).double()
                 S = s if S is None else S.add_(s)
         tokens += xc.shape[0]
+    # An inf/NaN anywhere in feature j of X makes the diagonal entry sum_t x_tj^2 non-finite, so checking
+    # the diagonals of G and S is as strict as checking every activation, at O(n) instead of O(t n)
+    # (isfinite over the activations cost ~4 % of the compression time).
+    for gram in (G, S):
+        if gram is not None and not torch.isfinite(gram.diagonal()).all():
+            raise FloatingPointError(f"non-finite activations at the input of {module_path}")
     return GramStats(G, K, S, tokens)
