@@ -98,8 +98,38 @@ def wrap(row: Row, seed: int = 0, **overrides):
     raise ValueError(f"unknown method kind {kind!r}")
 
 
+def controller_of(callback):
+    """What a leanformers callback drives once training began (``.controller``; ``.scheduler`` in
+    older CHTss versions). Never None: a check that silently found nothing would assert nothing."""
+    for attr in ("controller", "scheduler"):
+        found = getattr(callback, attr, None)
+        if found is not None:
+            return found
+    raise AssertionError(f"{type(callback).__name__} exposes no controller after training began")
+
+
+def steps_counted(controller) -> int:
+    for attr in ("step_count", "global_step"):
+        if isinstance(getattr(controller, attr, None), int):
+            return getattr(controller, attr)
+    raise AssertionError(f"{type(controller).__name__} exposes no optimizer-step counter")
+
+
+def dst_masks(callbacks) -> dict[str, torch.Tensor]:
+    """{module name: (out, in) mask} of every DST callback; each must have masks."""
+    from leanformers import CHTssCallback
+
+    masks = {}
+    for cb in callbacks:
+        if isinstance(cb, CHTssCallback):
+            found = controller_of(cb).masks
+            assert found, "a CHTss run without masks"
+            masks.update(found)
+    return masks
+
+
 def method_state(model, callbacks) -> dict[str, torch.Tensor]:
-    """The method's own state: SST sampled indices / counters, DST masks."""
+    """The method's own state: SST sampled indices, DST masks."""
     from leanformers.sst.layer import SSTLayer
 
     state = {}
@@ -107,10 +137,7 @@ def method_state(model, callbacks) -> dict[str, torch.Tensor]:
         if isinstance(module, SSTLayer):
             for adapter, idx in module.sst_index.items():
                 state[f"{name}.index.{adapter}"] = idx.clone()
-    for cb in callbacks:
-        sched = getattr(cb, "scheduler", None)
-        if sched is not None:
-            state.update({f"mask.{k}": v.clone() for k, v in sched.masks.items()})
+    state.update({f"mask.{k}": v.clone() for k, v in dst_masks(callbacks).items()})
     return state
 
 
@@ -126,15 +153,11 @@ def buffers_of(model) -> dict[str, torch.Tensor]:
 def assert_masks_hold(model, callbacks) -> None:
     from leanformers._compat import is_conv1d
 
-    for cb in callbacks:
-        sched = getattr(cb, "scheduler", None)
-        if sched is None:
-            continue
-        for name, mask in sched.masks.items():
-            module = model.get_submodule(name)
-            mask = mask.to(torch.bool)  # (out, in); Conv1D stores its weight (in, out)
-            w = module.weight.T if is_conv1d(module) else module.weight
-            assert (w[~mask] == 0).all(), f"{name}: weights outside the mask are not zero"
+    for name, mask in dst_masks(callbacks).items():
+        module = model.get_submodule(name)
+        mask = mask.to(torch.bool)  # (out, in); Conv1D stores its weight (in, out)
+        w = module.weight.T if is_conv1d(module) else module.weight
+        assert (w[~mask] == 0).all(), f"{name}: weights outside the mask are not zero"
 
 
 # ----------------------------------------------------------------------------- Trainer
@@ -219,10 +242,8 @@ def check_grad_accum(row: Row, tmp_path: Path) -> None:
     for k in s1:
         assert torch.equal(s1[k], s2[k]), f"{k} differs between accumulation 1 and 2"
     for cb in cb1:  # the schedule counts optimizer steps, never micro-batches
-        sched = getattr(cb, "scheduler", None) or getattr(cb, "controller", None)
-        count = getattr(sched, "step_count", None) or getattr(sched, "global_step", None)
-        if count is not None:
-            assert count == 2, f"{type(cb).__name__} counted {count} steps for 2 optimizer steps"
+        count = steps_counted(controller_of(cb))
+        assert count == 2, f"{type(cb).__name__} counted {count} steps for 2 optimizer steps"
 
 
 def check_bf16(row: Row, tmp_path: Path) -> None:
