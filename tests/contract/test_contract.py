@@ -30,7 +30,8 @@ class Recorded(Exception):
 def _subprocess_env() -> dict:
     env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO / "src"), str(REPO), env.get("PYTHONPATH", "")])
+    # the caller's PYTHONPATH first: the subprocesses must run the same leanformers as this process
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (env.get("PYTHONPATH"), str(REPO / "src"), str(REPO)) if p)
     return env
 
 
