@@ -1,17 +1,27 @@
-"""Shared fixtures: tiny models from config, the shared data folder, GPU skipping."""
+"""Shared fixtures: tiny models from config, the shared data folder, GPU skipping, thread settings."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-import pytest
-import torch
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One compute thread per process unless LEANFORMERS_TEST_THREADS says otherwise. The tests run tiny
+# models, and on a busy 2-core machine OpenMP pools that spin-wait for cores held by another job
+# make every op many times slower (a notebook cell ran past 1200 s that takes minutes alone). Set
+# before torch is imported so that this process, its subprocesses (torchrun workers, fresh-process
+# reloads) and the notebook kernels all inherit it.
+TEST_THREADS = int(os.environ.setdefault("LEANFORMERS_TEST_THREADS", "1"))
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+    os.environ.setdefault(_var, str(TEST_THREADS))
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.set_num_threads(TEST_THREADS)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"

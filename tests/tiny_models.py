@@ -127,3 +127,49 @@ ALL_CAUSAL = {"llama": tiny_llama, "qwen2": tiny_qwen2, "opt": tiny_opt, "gpt2":
 
 def random_ids(batch: int = 2, seqlen: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, VOCAB, (batch, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+def tiny_bert_cls(seed: int = 0, layers: int = 2, num_labels: int = 3):
+    """BERT with a sequence-classification head (pooler + classifier); the head is what fine-tuning trains."""
+    from transformers import BertForSequenceClassification
+
+    torch.manual_seed(seed)
+    cfg = BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        max_position_embeddings=256,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=num_labels,
+    )
+    return BertForSequenceClassification(cfg).eval()
+
+
+def tiny_bart(seed: int = 0, layers: int = 2):
+    """BART encoder-decoder (seq2seq LM head tied to the shared embedding), no dropout."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(seed)
+    cfg = BartConfig(
+        vocab_size=VOCAB,
+        d_model=64,
+        encoder_layers=layers,
+        decoder_layers=layers,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=96,
+        decoder_ffn_dim=96,
+        max_position_embeddings=256,
+        dropout=0.0,
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+        decoder_start_token_id=2,
+        forced_eos_token_id=None,
+    )
+    return BartForConditionalGeneration(cfg).eval()

@@ -1,0 +1,550 @@
+"""Generic checks of the contract table: one function per operation, the same for every method.
+
+Each ``check_<op>(row, tmp_path)`` builds what it needs through ``wrap`` (the only place that
+knows how a method is applied) and asserts the property that matters for the user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import re
+import shutil
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import Trainer, TrainingArguments
+
+from tests.contract.table import METHODS, Row
+from tests.tiny_models import VOCAB
+
+SEQLEN = 12
+N_TRAIN = 16
+
+# ----------------------------------------------------------------------------- data
+
+
+class Tokens(torch.utils.data.Dataset):
+    """Fixed random sequences with the labels of the family's task."""
+
+    def __init__(self, task: str, n: int = N_TRAIN, seqlen: int = SEQLEN, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.ids = torch.randint(3, VOCAB, (n, seqlen), generator=g)  # 0..2 are BART's special ids
+        self.task = task
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, i):
+        label = torch.tensor(i % 3) if self.task == "seq_cls" else self.ids[i]
+        return {"input_ids": self.ids[i], "labels": label}
+
+
+def inputs_for(task: str, batch: int = 2, seed: int = 7) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, VOCAB, (batch, SEQLEN), generator=g)
+    out = {"input_ids": ids}
+    if task == "seq2seq":
+        out["decoder_input_ids"] = torch.randint(3, VOCAB, (batch, 6), generator=g)
+    return out
+
+
+def logits_of(model, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        out = model(**inputs)
+    return out.logits if hasattr(out, "logits") else out.last_hidden_state
+
+
+# ----------------------------------------------------------------------------- methods
+
+
+def dst_config(row: Row, **overrides):
+    from leanformers import CHTssConfig
+
+    options = dict(row.method.options, targets=row.family.dst_targets, exclude=())
+    options.update(overrides)
+    return CHTssConfig.for_method(options.pop("preset", row.method.name), **options)
+
+
+def wrap(row: Row, seed: int = 0, **overrides):
+    """(model, callbacks) of ``row``'s method applied to a fresh tiny model of ``row``'s family."""
+    model = row.family.build(seed=seed)
+    kind = row.method.kind
+    if kind == "sst":
+        from peft import get_peft_model
+
+        from leanformers import SSTCallback, SSTConfig
+
+        # task_type as a PEFT user passes it: for a classifier it puts the head in modules_to_save
+        options = dict(row.method.options, task_type=row.family.peft_task_type, **overrides)
+        return get_peft_model(model, SSTConfig(**options)), [SSTCallback()]
+    if kind == "dst":
+        from leanformers import CHTssCallback
+
+        return model, [CHTssCallback(dst_config(row, **overrides))]
+    if kind == "mpifa":
+        from leanformers import MPIFAConfig, mpifa_compress
+
+        cfg = MPIFAConfig(**dict(row.method.options, device="cpu"))
+        calib = torch.randint(
+            3, VOCAB, (cfg.nsamples, cfg.seqlen), generator=torch.Generator().manual_seed(3)
+        )
+        mpifa_compress(model, None, cfg, calibration=calib, progress=False)
+        return model, []
+    raise ValueError(f"unknown method kind {kind!r}")
+
+
+def controller_of(callback):
+    """What a leanformers callback drives once training began (``.controller``; ``.scheduler`` in
+    older CHTss versions). Never None: a check that silently found nothing would assert nothing."""
+    for attr in ("controller", "scheduler"):
+        found = getattr(callback, attr, None)
+        if found is not None:
+            return found
+    raise AssertionError(f"{type(callback).__name__} exposes no controller after training began")
+
+
+def steps_counted(controller) -> int:
+    for attr in ("step_count", "global_step"):
+        if isinstance(getattr(controller, attr, None), int):
+            return getattr(controller, attr)
+    raise AssertionError(f"{type(controller).__name__} exposes no optimizer-step counter")
+
+
+def dst_masks(callbacks) -> dict[str, torch.Tensor]:
+    """{module name: (out, in) mask} of every DST callback; each must have masks."""
+    from leanformers import CHTssCallback
+
+    masks = {}
+    for cb in callbacks:
+        if isinstance(cb, CHTssCallback):
+            found = controller_of(cb).masks
+            assert found, "a CHTss run without masks"
+            masks.update(found)
+    return masks
+
+
+def method_state(model, callbacks) -> dict[str, torch.Tensor]:
+    """The method's own state: SST sampled indices, DST masks."""
+    from leanformers.sst.layer import SSTLayer
+
+    state = {}
+    for name, module in model.named_modules():
+        if isinstance(module, SSTLayer):
+            for adapter, idx in module.sst_index.items():
+                state[f"{name}.index.{adapter}"] = idx.clone()
+    state.update({f"mask.{k}": v.clone() for k, v in dst_masks(callbacks).items()})
+    return state
+
+
+def params_of(model) -> dict[str, torch.Tensor]:
+    """Every parameter that holds numbers (SST frees the dense weight to an empty tensor)."""
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.numel()}
+
+
+def buffers_of(model) -> dict[str, torch.Tensor]:
+    return {n: b.detach().clone() for n, b in model.named_buffers()}
+
+
+def assert_masks_hold(model, callbacks) -> None:
+    from leanformers._compat import is_conv1d
+
+    for name, mask in dst_masks(callbacks).items():
+        module = model.get_submodule(name)
+        mask = mask.to(torch.bool)  # (out, in); Conv1D stores its weight (in, out)
+        w = module.weight.T if is_conv1d(module) else module.weight
+        assert (w[~mask] == 0).all(), f"{name}: weights outside the mask are not zero"
+
+
+# ----------------------------------------------------------------------------- Trainer
+
+
+def make_trainer(model, callbacks, row: Row, out: Path, **args) -> Trainer:
+    defaults = dict(
+        output_dir=str(out),
+        per_device_train_batch_size=2,
+        per_device_eval_batch_size=4,
+        max_steps=1,
+        learning_rate=1e-2,
+        lr_scheduler_type="constant",
+        warmup_steps=0,
+        weight_decay=0.0,
+        save_strategy="no",
+        logging_steps=1,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        dataloader_num_workers=0,
+    )
+    defaults.update(args)
+    return Trainer(
+        model=model,
+        args=TrainingArguments(**defaults),
+        train_dataset=Tokens(row.family.task),
+        eval_dataset=Tokens(row.family.task, n=8, seed=1),
+        callbacks=list(callbacks),
+    )
+
+
+def _changed(before: dict, after: dict) -> set[str]:
+    return {n for n in before if not torch.equal(before[n], after[n])}
+
+
+def _steps(row: Row) -> int:
+    # a decaying-density DST run needs one topology update inside its window
+    return 2 if row.method.kind == "dst" else 1
+
+
+def check_train_step(row: Row, tmp_path: Path) -> None:
+    """One real optimizer step changes exactly the parameters that should train, and nothing else."""
+    model, callbacks = wrap(row)
+    params, buffers = params_of(model), buffers_of(model)
+    make_trainer(model, callbacks, row, tmp_path, max_steps=_steps(row)).train()
+    should = {n for n in params if re.search(row.method.trains, n)}
+    assert should, f"the table's trains={row.method.trains!r} matches no parameter"
+    changed = _changed(params, params_of(model))
+    assert changed == should, (
+        f"did not train: {sorted(should - changed)[:8]}; trained but should not: {sorted(changed - should)[:8]}"
+    )
+    # buffers (SST's frozen U/Vh) do not move inside an iteration; counters and indices may
+    moved = {n for n in _changed(buffers, buffers_of(model)) if not re.search(r"sst_(counters|index)", n)}
+    assert not moved, f"buffers changed by one step: {sorted(moved)[:8]}"
+    assert_masks_hold(model, callbacks)
+
+
+def check_grad_accum(row: Row, tmp_path: Path) -> None:
+    """Batch 2 x accumulation 2 equals batch 4 (same examples per optimizer step, counters on optimizer steps)."""
+    results = []
+    for i, (bs, accum) in enumerate(((4, 1), (2, 2))):
+        model, callbacks = wrap(row)
+        trainer = make_trainer(
+            model,
+            callbacks,
+            row,
+            tmp_path / str(i),
+            max_steps=2,
+            per_device_train_batch_size=bs,
+            gradient_accumulation_steps=accum,
+        )
+        trainer.train()
+        assert trainer.state.global_step == 2
+        results.append((params_of(model), method_state(model, callbacks), callbacks))
+    (p1, s1, cb1), (p2, s2, _) = results
+    for n in p1:
+        torch.testing.assert_close(p2[n], p1[n], atol=1e-4, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+    assert s1.keys() == s2.keys()
+    for k in s1:
+        assert torch.equal(s1[k], s2[k]), f"{k} differs between accumulation 1 and 2"
+    for cb in cb1:  # the schedule counts optimizer steps, never micro-batches
+        count = steps_counted(controller_of(cb))
+        assert count == 2, f"{type(cb).__name__} counted {count} steps for 2 optimizer steps"
+
+
+def check_bf16(row: Row, tmp_path: Path) -> None:
+    """bf16 autocast: a finite loss, the right parameters move, float32 master weights stay float32."""
+    model, callbacks = wrap(row)
+    params = params_of(model)
+    trainer = make_trainer(model, callbacks, row, tmp_path, max_steps=_steps(row), bf16=True)
+    out = trainer.train()
+    assert torch.isfinite(torch.tensor(out.training_loss))
+    after = params_of(model)
+    assert all(after[n].dtype == params[n].dtype for n in params), "bf16 autocast changed parameter dtypes"
+    should = {n for n in params if re.search(row.method.trains, n)}
+    assert _changed(params, after) == should
+    assert_masks_hold(model, callbacks)
+
+
+def check_grad_ckpt(row: Row, tmp_path: Path) -> None:
+    """Gradient checkpointing gives the same step as without (recomputation is exact on CPU)."""
+    results = []
+    for i, ckpt in enumerate((False, True)):
+        model, callbacks = wrap(row)
+        params = params_of(model)
+        make_trainer(
+            model, callbacks, row, tmp_path / str(i), max_steps=_steps(row), gradient_checkpointing=ckpt
+        ).train()
+        results.append((params, params_of(model)))
+    (b0, a0), (b1, a1) = results
+    should = {n for n in b0 if re.search(row.method.trains, n)}
+    assert _changed(b1, a1) == should, "with gradient checkpointing the trained set differs"
+    for n in a0:
+        torch.testing.assert_close(a1[n], a0[n], atol=1e-5, rtol=1e-4, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def dense_twin(model):
+    """A plain dense copy computing what ``model`` computes (SST merged, MPIFA densified)."""
+    import copy
+
+    from leanformers import dequantize_model
+    from leanformers.pifa.quantizer import compressed_modules
+
+    twin = copy.deepcopy(model)
+    if hasattr(twin, "merge_and_unload"):
+        return twin.merge_and_unload()
+    if compressed_modules(twin):
+        return dequantize_model(twin)
+    return twin
+
+
+def check_eval(row: Row, tmp_path: Path) -> None:
+    """Trainer.evaluate equals the same evaluation of a plain dense twin, leaves the model untouched,
+    and follows training (a stale inference cache would show on the second evaluation)."""
+    model, callbacks = wrap(row)
+    trainable = any(p.requires_grad for p in model.parameters()) and callbacks
+    trainer = make_trainer(model, callbacks, row, tmp_path, max_steps=_steps(row))
+    for _ in range(2 if trainable else 1):
+        params, buffers = params_of(model), buffers_of(model)
+        loss = trainer.evaluate()["eval_loss"]
+        assert not _changed(params, params_of(model)) and not _changed(buffers, buffers_of(model)), (
+            "evaluate() changed the model"
+        )
+        twin = make_trainer(dense_twin(model), [], row, tmp_path / "twin")
+        ref = twin.evaluate()["eval_loss"]
+        assert abs(loss - ref) <= 1e-5 * max(1.0, abs(ref)), f"eval_loss {loss} != dense twin's {ref}"
+        if trainable:
+            trainer.train()
+            trainer.args.max_steps = trainer.state.global_step + _steps(row)
+
+
+def _greedy_reference(model, inputs: dict, generated: torch.Tensor, task: str) -> torch.Tensor:
+    """Token-by-token argmax with full recomputation (gradients on: no inference cache)."""
+    model.eval()
+    with torch.enable_grad():
+        if task == "seq2seq":
+            dec = generated[:, :1]
+            for _ in range(generated.shape[1] - 1):
+                logits = model(input_ids=inputs["input_ids"], decoder_input_ids=dec).logits
+                dec = torch.cat([dec, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+            return dec
+        ids = inputs["input_ids"]
+        for _ in range(generated.shape[1] - ids.shape[1]):
+            logits = model(input_ids=ids).logits
+            ids = torch.cat([ids, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+        return ids
+
+
+def check_generate(row: Row, tmp_path: Path) -> None:
+    """Greedy generate (KV cache) equals token-by-token recomputation, before and after training."""
+    model, callbacks = wrap(row)
+    inputs = {"input_ids": inputs_for(row.family.task, batch=1)["input_ids"]}
+    rounds = 2 if callbacks else 1
+    for i in range(rounds):
+        model.eval()
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+        ref = _greedy_reference(model, inputs, out, row.family.task)
+        assert torch.equal(out, ref), f"generate {out.tolist()} != recomputed {ref.tolist()}"
+        if i + 1 < rounds:  # train, then generate again: no stale weights
+            make_trainer(model, callbacks, row, tmp_path, max_steps=_steps(row)).train()
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+class _Record:
+    """Trainer callback: snapshot of parameters and method state after every optimizer step."""
+
+    def __init__(self, model, callbacks):
+        from transformers import TrainerCallback
+
+        record = self
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                snap = params_of(model)
+                snap.update(method_state(model, callbacks))
+                record.steps[state.global_step] = snap
+
+        self.steps: dict[int, dict] = {}
+        self.callback = CB()
+
+
+def check_resume(row: Row, tmp_path: Path) -> None:
+    """Resume from a checkpoint folder moved elsewhere: bit-identical to the uninterrupted run."""
+    model, callbacks = wrap(row)
+    rec = _Record(model, callbacks)
+    first = tmp_path / "run"
+    make_trainer(
+        model, [*callbacks, rec.callback], row, first, max_steps=6, save_strategy="steps", save_steps=3
+    ).train()
+    moved = tmp_path / "elsewhere" / "copied-ckpt"
+    shutil.copytree(first / "checkpoint-3", moved)
+    shutil.rmtree(first)  # nothing left where the first run wrote
+
+    model2, callbacks2 = wrap(row, seed=5)  # different init: everything must come from the checkpoint
+    rec2 = _Record(model2, callbacks2)
+    make_trainer(model2, [*callbacks2, rec2.callback], row, tmp_path / "second", max_steps=6).train(
+        resume_from_checkpoint=str(moved)
+    )
+    assert sorted(rec2.steps) == [4, 5, 6]
+    for step in (4, 5, 6):
+        want, got = rec.steps[step], rec2.steps[step]
+        assert want.keys() == got.keys()
+        # PEFT's frozen original_module of a modules_to_save head is never used by SST (it cannot be
+        # disabled) and is not part of the checkpoint: it keeps the second model's init
+        diff = [k for k in want if not torch.equal(want[k], got[k]) and ".original_module." not in k]
+        assert not diff, f"step {step}: resumed run differs in {diff[:6]}"
+
+
+# ----------------------------------------------------------------------------- PEFT surface (SST)
+
+
+def _trained_sst(row: Row, tmp_path: Path):
+    model, callbacks = wrap(row)
+    base_logits = logits_of(row.family.build(seed=0), inputs_for(row.family.task))
+    make_trainer(model, callbacks, row, tmp_path, max_steps=2).train()
+    return model, base_logits
+
+
+def _dense_count(row: Row) -> int:
+    return sum(p.numel() for p in row.family.build().parameters())
+
+
+def check_count(row: Row, tmp_path: Path) -> None:
+    """get_nb_trainable_parameters / print_trainable_parameters tell the truth, relative to the dense model."""
+    model, _ = wrap(row)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    dense = _dense_count(row)
+    got_trainable, got_all = model.get_nb_trainable_parameters()
+    assert got_trainable == trainable, f"trainable {got_trainable} != direct count {trainable}"
+    assert abs(got_all - dense) <= 1e-3 * dense, f"all params {got_all} != dense model {dense}"
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        model.print_trainable_parameters()
+    pct = float(re.search(r"trainable%:\s*([\d.]+)", buf.getvalue()).group(1))
+    assert abs(pct - 100 * trainable / dense) <= 0.1, f"printed {pct}% != {100 * trainable / dense:.4f}%"
+
+
+def check_merge_and_unload(row: Row, tmp_path: Path) -> None:
+    from leanformers.sst.layer import SSTLayer
+
+    model, _ = _trained_sst(row, tmp_path)
+    inputs = inputs_for(row.family.task)
+    want = logits_of(model, inputs)
+    merged = model.merge_and_unload()
+    assert not any(isinstance(m, SSTLayer) for m in merged.modules())
+    torch.testing.assert_close(logits_of(merged, inputs), want, atol=1e-5, rtol=1e-4)
+
+
+def check_merge_unmerge(row: Row, tmp_path: Path) -> None:
+    model, _ = _trained_sst(row, tmp_path)
+    inputs = inputs_for(row.family.task)
+    want = logits_of(model, inputs)
+    model.merge_adapter()
+    torch.testing.assert_close(logits_of(model, inputs), want, atol=1e-5, rtol=1e-4)
+    model.unmerge_adapter()
+    torch.testing.assert_close(logits_of(model, inputs), want, atol=1e-5, rtol=1e-4)
+
+
+def check_disable_adapter(row: Row, tmp_path: Path) -> None:
+    model, base_logits = _trained_sst(row, tmp_path)
+    inputs = inputs_for(row.family.task)
+    want = logits_of(model, inputs)
+    assert not torch.allclose(want, base_logits, atol=1e-4), "training did not move the model"
+    with model.disable_adapter():
+        torch.testing.assert_close(logits_of(model, inputs), base_logits, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(logits_of(model, inputs), want, atol=1e-6, rtol=0)
+
+
+def check_unload(row: Row, tmp_path: Path) -> None:
+    from leanformers.sst.layer import SSTLayer
+
+    model, base_logits = _trained_sst(row, tmp_path)
+    base = model.unload()
+    assert not any(isinstance(m, SSTLayer) for m in base.modules())
+    torch.testing.assert_close(
+        logits_of(base, inputs_for(row.family.task)), base_logits, atol=1e-5, rtol=1e-4
+    )
+
+
+def check_delete_adapter(row: Row, tmp_path: Path) -> None:
+    """Deleting the adapter leaves a model that works without it (or refuses clearly)."""
+    from leanformers.sst.layer import SSTLayer
+
+    model, _ = _trained_sst(row, tmp_path)
+    model.delete_adapter("default")
+    logits_of(model, inputs_for(row.family.task))  # must not raise a bare KeyError
+    assert all(not m.active_adapters for m in model.modules() if isinstance(m, SSTLayer)) or not any(
+        isinstance(m, SSTLayer) for m in model.modules()
+    )
+
+
+def check_add_set_adapter(row: Row, tmp_path: Path) -> None:
+    from leanformers import SSTConfig
+
+    model, _ = _trained_sst(row, tmp_path)
+    inputs = inputs_for(row.family.task)
+    first = logits_of(model, inputs)
+    options = dict(row.method.options, r=2, task_type=row.family.peft_task_type)
+    model.add_adapter("second", SSTConfig(**options))
+    model.set_adapter("second")
+    assert model.active_adapter == "second"
+    second = logits_of(model, inputs)
+    model.set_adapter("default")
+    torch.testing.assert_close(logits_of(model, inputs), first, atol=1e-6, rtol=0)
+    assert not torch.allclose(first, second, atol=1e-4), "set_adapter('second') changed nothing"
+
+
+# ----------------------------------------------------------------------------- method-specific
+
+
+def check_no_controller_warns(row: Row, tmp_path: Path) -> None:
+    """SST trained without SSTCallback never resamples: the user is told, once."""
+    model, _ = wrap(row, steps_per_iteration=1)
+    records: list[str] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    handler = Catch(level=logging.WARNING)
+    logging.getLogger("leanformers").addHandler(handler)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            make_trainer(model, [], row, tmp_path, max_steps=3).train()
+    finally:
+        logging.getLogger("leanformers").removeHandler(handler)
+    messages = [str(w.message) for w in caught] + records
+    hits = [m for m in messages if "SSTCallback" in m or "SSTController" in m]
+    assert len(hits) == 1, f"expected one warning naming SSTCallback, got {hits}"
+
+
+def check_config_method(row: Row, tmp_path: Path) -> None:
+    """CHTssConfig(method=name) is CHTssConfig.for_method(name) (or refuses like it): never accepted and ignored."""
+    from leanformers import CHTssConfig
+
+    name = row.method.name
+    try:
+        want = CHTssConfig.for_method(name).to_dict()
+    except ValueError as exc:  # no such preset: the constructor must refuse the name too
+        with pytest.raises(ValueError, match=name):
+            CHTssConfig(method=name)
+        assert "unknown method" in str(exc)
+        return
+    got = CHTssConfig(method=name).to_dict()
+    wrong = {k: (got[k], v) for k, v in want.items() if got[k] != v}
+    assert not wrong, (
+        f"CHTssConfig(method={name!r}) differs from for_method({name!r}) in (got, want): {wrong}"
+    )
+
+
+CHECKS = {
+    name[len("check_") :]: fn
+    for name, fn in dict(globals()).items()
+    if name.startswith("check_") and callable(fn)
+}
+
+assert set(CHECKS) >= {op for m in METHODS.values() for op in m.operations} - {
+    "persist",
+    "persist_merged",
+    "persist_base",
+    "persist_noimport",
+    "ddp",
+}, "an operation of the table has no check"
