@@ -176,3 +176,14 @@ def _model_folder_error(path: str | os.PathLike) -> str | None:
         f"{path} is not a model folder (no config.json); pass a folder written by save_pretrained, "
         "mpifa-compress or leanformers-train (its final/ subfolder)"
     )
+
+
+def before_after_rows(before: dict[str, dict], after: dict[str, dict]) -> dict[str, str]:
+    """Summary lines ``{"arc_easy acc (n=100)": "0.4310 -> 0.4100", ...}`` from two accuracy tables."""
+    rows = {}
+    for task, row in before.items():
+        for metric in ("acc", "acc_norm", "perplexity"):
+            if metric in row and metric in after.get(task, {}):
+                key = f"{task} {metric} (n={row.get('n', '?')})"
+                rows[key] = f"{row[metric]:.4f} -> {after[task][metric]:.4f}"
+    return rows
