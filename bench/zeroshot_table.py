@@ -164,17 +164,16 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "command": "python bench/zeroshot_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    # Compress every row first (four 135M models fit in memory), then fill the table task by task,
-    # so that an interrupted run leaves whole columns that compare all rows.
-    models = {}
-    for row in args.rows:
-        todo = [t for t in args.tasks if t not in payload["rows"].get(row, {}).get("tasks", {})]
-        if todo:
-            models[row] = build_row(row, args, payload)
+    # Task-major order, each row's model built (compressed) when first needed and then kept (four
+    # 135M models fit in memory): an interrupted run leaves whole columns that compare the rows.
+    models: dict = {}
     for task in args.tasks:
-        for row, (model, tokenizer) in models.items():
-            if task not in payload["rows"][row]["tasks"]:
-                evaluate_cell(row, task, model, tokenizer, args, payload, out)
+        for row in args.rows:
+            if task in payload["rows"].get(row, {}).get("tasks", {}):
+                continue
+            if row not in models:
+                models[row] = build_row(row, args, payload)
+            evaluate_cell(row, task, *models[row], args, payload, out)
     _write(out, payload)
     print_table(table_rows(payload), ["row", *args.tasks])
     print(f"wrote {out}", file=sys.stderr)
