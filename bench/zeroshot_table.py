@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -91,21 +92,55 @@ def build_row(row: str, args, payload: dict):
     return model, tokenizer
 
 
-def evaluate_cell(row: str, task: str, model, tokenizer, args, payload: dict, out: Path) -> None:
+def split_size(task: str, data_dir: Path) -> int:
+    """Documents in the split lm-eval evaluates (the local file's records)."""
+    from leanformers.eval.tasks import LOCAL_TASKS
+
+    files = LOCAL_TASKS[task]["files"]
+    name = files.get("test") or files["validation"]
+    return sum(1 for line in (data_dir / name).read_text(encoding="utf-8").splitlines() if line.strip())
+
+
+def combine(chunks: list[dict]) -> dict:
+    """One cell from chunks of consecutive documents: metric means weighted by documents (exact for
+    lm-eval's mean metrics); perplexity = exp(weighted mean of log perplexity), exact because lm-eval
+    aggregates it as exp(-mean log-likelihood)."""
+    n = sum(c["n"] for c in chunks)
+    cell = {"n": n, "wall_s": round(sum(c["wall_s"] for c in chunks), 1)}
+    for metric in ("acc", "acc_norm"):
+        if all(metric in c for c in chunks):
+            cell[metric] = sum(c[metric] * c["n"] for c in chunks) / n
+    if all("perplexity" in c for c in chunks):
+        cell["perplexity"] = math.exp(sum(math.log(c["perplexity"]) * c["n"] for c in chunks) / n)
+    return cell
+
+
+def evaluate_chunk(row: str, task: str, start: int, stop: int, model, tokenizer, args, payload, out) -> None:
     from leanformers.eval.zeroshot import accuracy_table, zero_shot
 
     t0 = time.perf_counter()
     results = zero_shot(
-        model, tokenizer, [task], limit=args.limit, batch_size=args.batch_size, data_dir=args.data_dir
+        model,
+        tokenizer,
+        [task],
+        batch_size=args.batch_size,
+        data_dir=args.data_dir,
+        samples={task: list(range(start, stop))},
     )
-    cell = accuracy_table(results)[task]
-    cell["wall_s"] = round(time.perf_counter() - t0, 1)
-    config = results["configs"][task]
-    cell["split"] = config.get("test_split") or config.get("validation_split")
-    payload["rows"][row]["tasks"][task] = cell
+    chunk = accuracy_table(results)[task]
+    if chunk["n"] != stop - start:
+        raise RuntimeError(f"{row} {task}: asked for documents {start}-{stop}, lm-eval scored {chunk['n']}")
+    chunk.update(start=start, wall_s=round(time.perf_counter() - t0, 1))
+    cells = payload["rows"][row]
+    cells.setdefault("chunks", {}).setdefault(task, []).append(chunk)
+    cells["tasks"][task] = {**combine(cells["chunks"][task]), "of": payload["split_sizes"][task]}
     payload["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     _write(out, payload)
-    print(f"{row} {task}: {cell}", file=sys.stderr)
+    print(f"{row} {task} [{start}:{stop}]: {cells['tasks'][task]}", file=sys.stderr)
+
+
+def _done(payload: dict, row: str, task: str) -> int:
+    return sum(c["n"] for c in payload["rows"].get(row, {}).get("chunks", {}).get(task, []))
 
 
 def _write(path: Path, payload: dict) -> None:
@@ -122,6 +157,8 @@ def table_rows(payload: dict) -> list[dict]:
         for task, cell in row["tasks"].items():
             metric = "acc_norm" if "acc_norm" in cell else "acc"
             line[task] = f"{cell['acc']:.4f}" + (f" / {cell['acc_norm']:.4f}" if metric == "acc_norm" else "")
+            if cell.get("n") != cell.get("of"):
+                line[task] += f" ({cell.get('n')}/{cell.get('of')} docs)"
         rows.append(line)
     return rows
 
@@ -134,6 +171,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--tasks", nargs="*", default=TASKS)
     parser.add_argument("--limit", type=int, default=None, help="documents per task (default: all)")
     parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--chunk", type=int, default=200, help="documents per saved chunk of a cell")
     parser.add_argument("--nsamples", type=int, default=64)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--threads", type=int, default=2)
@@ -164,16 +202,31 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": args.threads,
         "command": "python bench/zeroshot_table.py " + " ".join(argv if argv is not None else sys.argv[1:]),
     }
-    # Task-major order, each row's model built (compressed) when first needed and then kept (four
-    # 135M models fit in memory): an interrupted run leaves whole columns that compare the rows.
+    # Task-major order in chunks of --chunk documents, every row on a chunk before the next chunk,
+    # each row's model built (compressed) when first needed and then kept (four 135M models fit in
+    # memory). An interrupted run leaves columns that compare all rows on the same documents;
+    # --merge resumes at the first document not yet scored.
+    from leanformers.eval.tasks import resolve_data_dir
+
+    data_dir = resolve_data_dir(args.data_dir, args.tasks)
+    payload["split_sizes"] = {t: split_size(t, data_dir) for t in args.tasks}
     models: dict = {}
     for task in args.tasks:
-        for row in args.rows:
-            if task in payload["rows"].get(row, {}).get("tasks", {}):
-                continue
-            if row not in models:
-                models[row] = build_row(row, args, payload)
-            evaluate_cell(row, task, *models[row], args, payload, out)
+        total = (
+            payload["split_sizes"][task]
+            if args.limit is None
+            else min(args.limit, payload["split_sizes"][task])
+        )
+        while any(_done(payload, row, task) < total for row in args.rows):
+            for row in args.rows:
+                start = _done(payload, row, task)
+                if start >= total:
+                    continue
+                if row not in models:
+                    payload["rows"].setdefault(row, {"label": ROWS[row][0], "tasks": {}})
+                    models[row] = build_row(row, args, payload)
+                stop = min(total, start + args.chunk)
+                evaluate_chunk(row, task, start, stop, *models[row], args, payload, out)
     _write(out, payload)
     print_table(table_rows(payload), ["row", *args.tasks])
     print(f"wrote {out}", file=sys.stderr)
