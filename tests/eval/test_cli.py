@@ -18,6 +18,7 @@ from leanformers.eval.zeroshot import accuracy_table, zero_shot  # noqa: E402
 from tests.eval.conftest import tiny_lm  # noqa: E402
 
 LIMIT = 6
+pytestmark = pytest.mark.slow  # each CLI call indexes lm-eval's task files (seconds)
 
 
 def _cli(tmp_path, model_args: str, tasks: str, *extra: str) -> dict:
