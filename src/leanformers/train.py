@@ -523,6 +523,9 @@ def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) ->
     if trainer.is_world_process_zero():
         out = Path(args.output_dir)
         trainer.save_model(str(out / "final"))
+        if task == "causal_lm" and not isinstance(tokenizer, ByteTokenizer):
+            # final/ then loads by itself in lm-eval / leanformers-eval (pretrained=out/final)
+            tokenizer.save_pretrained(str(out / "final"))
         (out / "results.json").write_text(json.dumps(metrics, indent=2))
     return {"metrics": metrics, "trainer": trainer, "model": model}
 
