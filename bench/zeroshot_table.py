@@ -163,6 +163,30 @@ def table_rows(payload: dict) -> list[dict]:
     return rows
 
 
+def markdown(payload: dict) -> str:
+    """The docs/benchmarks.md table: acc / acc_norm (lambada: acc, perplexity), docs scored, wall time."""
+    tasks = [t for t in TASKS if any(t in r["tasks"] for r in payload["rows"].values())]
+    head = "| row | compression | " + " | ".join(tasks) + " |"
+    lines = [head, "|" + "---|" * (len(tasks) + 2)]
+    for row in payload["rows"].values():
+        comp = (
+            f"{row['achieved_density']} density, {row['compression_s']} s" if "compression_s" in row else "-"
+        )
+        cells = []
+        for task in tasks:
+            c = row["tasks"].get(task)
+            if c is None:
+                cells.append("not run")
+                continue
+            value = f"{c['acc']:.4f}"
+            value += f" / {c['acc_norm']:.4f}" if "acc_norm" in c else ""
+            value += f" / ppl {c['perplexity']:.2f}" if "perplexity" in c else ""
+            done = "all" if c["n"] == c["of"] else "first"
+            cells.append(f"{value} ({done} {c['n']} of {c['of']}, {c['wall_s']:.0f} s)")
+        lines.append(f"| {row['label']} | {comp} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -179,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--merge", action="store_true", help="keep the finished cells of --output")
     parser.add_argument("--quick", action="store_true", help="tiny random LLaMA, 4 documents per task")
     parser.add_argument("--output", default=None, help="JSON (default bench/results/zeroshot_table.json)")
+    parser.add_argument("--markdown", action="store_true", help="print the table of --output and exit")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.quick:
@@ -189,6 +214,10 @@ def main(argv: list[str] | None = None) -> dict:
         if args.output
         else RESULTS / ("zeroshot_table_quick.json" if args.quick else "zeroshot_table.json")
     )
+    if args.markdown:
+        payload = json.loads(out.read_text())
+        print(markdown(payload))
+        return payload
     payload = json.loads(out.read_text()) if args.merge and out.is_file() else {"rows": {}}
     payload["environment"] = environment()
     payload["setting"] = {
