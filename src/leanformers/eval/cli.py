@@ -97,6 +97,8 @@ def prepare(argv: list[str]) -> list[str]:
             "add --data-dir none to use only your --include_path, or put your YAMLs next to lm-eval's"
         )
     include = write_local_tasks(folder)
+    local = [t for t in tasks if t in LOCAL_TASKS] or list(LOCAL_TASKS)
+    print(f"leanformers-eval: {', '.join(local)} read local files from {folder}", file=sys.stderr)
     import atexit
     import shutil
 
