@@ -30,12 +30,31 @@ from _common import RESULTS, environment, print_table  # noqa: E402
 # Smallest first, so that an interrupted run has the most finished columns.
 TASKS = ["winogrande", "piqa", "arc_challenge", "lambada_openai", "arc_easy"]
 # row -> (label, density or None, MPIFAConfig overrides)
+# (cheapest first: plain SVD needs no calibration pass)
 ROWS: dict[str, tuple[str, float | None, dict]] = {
     "dense": ("dense", None, {}),
+    "svd_0.8": ("plain SVD 0.8 (low-rank)", 0.8, {"init": "svd", "steps": 0, "output": "lowrank"}),
     "mpifa_0.8": ("MPIFA 0.8", 0.8, {}),
     "mpifa_0.6": ("MPIFA 0.6", 0.6, {}),
-    "svd_0.8": ("plain SVD 0.8 (low-rank)", 0.8, {"init": "svd", "steps": 0, "output": "lowrank"}),
 }
+
+
+def calibration(tokenizer, args) -> torch.Tensor:
+    """The windows mpifa_compress would draw from the file (same tokenize_text + calibration_windows),
+    tokenised once per process and cached on disk: one tokenizer call on the 1.1 MB file takes
+    minutes of CPU with SmolLM2's tokenizer."""
+    from leanformers.data import calibration_windows, load_text, shared_data_path, tokenize_text
+    from leanformers.hub import cache_dir
+
+    cache = cache_dir() / "bench" / f"wikitext-2-v1-valid.{type(tokenizer).__name__}.{len(tokenizer)}.pt"
+    if cache.is_file():
+        ids = torch.load(cache)
+    else:
+        ids = tokenize_text(load_text(shared_data_path("wikitext-2-v1-valid.txt")), tokenizer)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ids, cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+    return calibration_windows(ids, args.nsamples, args.seqlen, seed=0)
 
 
 def _load(quick: bool):
@@ -66,7 +85,6 @@ def _load(quick: bool):
 
 def build_row(row: str, args, payload: dict):
     """The model of one row: loaded, and compressed with the package when the row has a density."""
-    from leanformers.data import shared_data_path
     from leanformers.pifa import MPIFAConfig, mpifa_compress
 
     label, density, overrides = ROWS[row]
@@ -82,13 +100,35 @@ def build_row(row: str, args, payload: dict):
             seed=0,
             **overrides,
         )
+        # Compressed rows are saved (save_compressed) so that a resumed run reloads them.
+        from leanformers.hub import cache_dir
+        from leanformers.pifa import save_compressed
+
+        saved = (
+            cache_dir()
+            / "bench"
+            / f"zeroshot-{'quick-' if args.quick else ''}{row}-{args.nsamples}x{args.seqlen}"
+        )
+        if (saved / "config.json").is_file() and "compression_s" in cells:
+            from transformers import AutoModelForCausalLM
+
+            model = AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+            print(f"{row}: reloaded the compressed model from {saved}", file=sys.stderr)
+            return model, tokenizer
+        plain_svd = cfg.init == "svd" and cfg.steps == 0  # needs no calibration pass
         t0 = time.perf_counter()
-        calib = str(shared_data_path("wikitext-2-v1-valid.txt"))
-        report = mpifa_compress(model, tokenizer, cfg, calibration=calib, progress=False)
+        report = mpifa_compress(
+            model,
+            tokenizer,
+            cfg,
+            calibration=None if plain_svd else calibration(tokenizer, args),
+            progress=False,
+        )
         cells["compression_s"] = round(time.perf_counter() - t0, 1)
         cells["achieved_density"] = round(report.achieved_density, 4)
         cells["config"] = {k: v for k, v in cfg.to_dict().items() if k not in ("groups", "attention")}
         print(f"{row}: compressed in {cells['compression_s']} s", file=sys.stderr)
+        save_compressed(model, tokenizer, saved, model.config.quantization_config, overwrite=True)
     return model, tokenizer
 
 
