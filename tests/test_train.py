@@ -145,3 +145,65 @@ def test_stdlib_source_splits_are_disjoint():
     assert len(eval_text) > 10_000 and len(train_text) > 10 * len(eval_text)
     with pytest.raises(ValueError, match="must be 'train' or 'eval'"):
         train.load_source("stdlib:test")
+
+
+# ------------------------------------------------------------------ evaluate metrics (translation / classification)
+def test_translation_recipe_reports_bleu_and_chrf_of_its_own_generations(tmp_path, shared_data):
+    """eval_bleu / eval_chrf are sacrebleu's scores of the model's greedy generations vs the raw targets."""
+    pytest.importorskip("evaluate")
+    import sacrebleu
+
+    out = train.run(
+        REPO_ROOT / "recipes" / "translation_tiny_cpu.yaml",
+        [f"training.output_dir={tmp_path}", "training.max_steps=4", "data.max_eval_examples=8"],
+    )
+    trainer, metrics = out["trainer"], out["metrics"]
+    assert {"eval_bleu", "eval_chrf", "eval_loss"} <= set(metrics)
+    evaluated = trainer.evaluate()
+    assert evaluated["eval_bleu"] == pytest.approx(metrics["eval_bleu"])
+    # recompute from the model's own generations, outside the Trainer
+    tok, model = trainer.processing_class, trainer.model.eval()
+    batch = trainer.data_collator([trainer.eval_dataset[i] for i in range(len(trainer.eval_dataset))])
+    with torch.no_grad():
+        gen = model.generate(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], max_length=16, num_beams=1
+        )
+    hyps = [s.strip() for s in tok.batch_decode(gen, skip_special_tokens=True)]
+    refs = [
+        line.strip() for line in (shared_data / "translation/multi30k/val.de").read_text().splitlines()[:8]
+    ]
+    assert metrics["eval_bleu"] == pytest.approx(sacrebleu.corpus_bleu(hyps, [refs]).score, abs=1e-6)
+    assert metrics["eval_chrf"] == pytest.approx(sacrebleu.corpus_chrf(hyps, [refs]).score, abs=1e-6)
+    assert 0 < metrics["eval_chrf"] <= 100
+
+
+def test_classification_recipe_reports_accuracy_and_f1(tmp_path, shared_data):
+    pytest.importorskip("evaluate")
+    from sklearn.metrics import f1_score
+
+    out = train.run(
+        REPO_ROOT / "recipes" / "classification_tiny_cpu.yaml",
+        [f"training.output_dir={tmp_path}", "training.max_steps=8"],
+    )
+    trainer, metrics = out["trainer"], out["metrics"]
+    assert {"eval_accuracy", "eval_f1"} <= set(metrics) and "eval_perplexity" not in metrics
+    pred = trainer.predict(trainer.eval_dataset)
+    labels, guess = pred.label_ids, pred.predictions.argmax(-1)
+    assert len(labels) == 64
+    assert metrics["eval_accuracy"] == pytest.approx((guess == labels).mean())
+    assert metrics["eval_f1"] == pytest.approx(f1_score(labels, guess))
+    assert trainer.model.config.id2label == {0: "0", 1: "1"}
+
+
+def test_supervised_recipe_errors(tmp_path, shared_data):
+    recipe = train.load_recipe(REPO_ROOT / "recipes" / "translation_tiny_cpu.yaml")
+    recipe["training"]["output_dir"] = str(tmp_path)
+    with pytest.raises(ValueError, match="unknown task 'summarise'"):
+        train.run({**recipe, "task": "summarise"})
+    with pytest.raises(ValueError, match="needs a transformers tokenizer"):
+        train.run({**recipe, "tokenizer": "bytes"})
+    bad = {**recipe, "data": {**recipe["data"], "eval": "shared:translation/multi30k/val.de"}}
+    with pytest.raises(ValueError, match=r"must be \{source: file, target: file\}"):
+        train.run(bad)
+    with pytest.raises(ValueError, match="metrics apply to task: translation or classification"):
+        train.run({**TINY, "metrics": ["sacrebleu"]})

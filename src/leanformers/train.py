@@ -13,6 +13,19 @@ A recipe (YAML) has five sections::
     method:    {name: sst, sst: {r: 64, ...}}                         # dense | lora | sst | ...
     training:  {output_dir: out/, max_steps: 1000, ...}               # transformers.TrainingArguments
 
+Two optional sections make it a supervised recipe with ``evaluate`` metrics in ``trainer.evaluate()``
+(``compute_metrics``; metric modules load offline, see :mod:`leanformers.eval.metrics`)::
+
+    task:      causal_lm (default) | translation | classification
+    metrics:   [sacrebleu, chrf]   (translation default; reported as eval_bleu, eval_chrf)
+               [accuracy, f1]      (classification default; eval_accuracy, eval_f1)
+
+``translation`` builds an encoder-decoder from ``model.config`` (e.g. marian, bart) and trains it with
+Seq2SeqTrainer and ``predict_with_generate``; ``data.train`` / ``data.eval`` are
+``{source: file, target: file}`` of aligned lines. ``classification`` builds a sequence classifier
+(``num_labels`` in the config) on a TSV/CSV/JSONL file with ``text_field`` / ``label_field``.
+See recipes/translation_tiny_cpu.yaml and recipes/classification_tiny_cpu.yaml.
+
 ``--set key.sub=value`` overrides any entry (values parsed as YAML), e.g.
 ``--set training.max_steps=10 method.sst.r=8``.
 
@@ -91,6 +104,13 @@ def _sst(model: torch.nn.Module, options: dict) -> tuple[torch.nn.Module, list[T
 
 METHODS: dict[str, MethodBuilder] = {"dense": _dense, "lora": _lora, "sst": _sst}
 
+# recipe task -> transformers Auto class of its model
+TASKS: dict[str, str] = {
+    "causal_lm": "AutoModelForCausalLM",
+    "translation": "AutoModelForSeq2SeqLM",
+    "classification": "AutoModelForSequenceClassification",
+}
+
 
 def _sparse_method(name: str) -> MethodBuilder:
     """CHTss family (chtss, chts, set, rigl): options are CHTssConfig fields on top of the preset."""
@@ -131,9 +151,13 @@ def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | None = No
             raise ValueError(f"--set expects key.sub=value, got {item!r}")
         key, _, raw = item.partition("=")
         _set_path(recipe, key.strip(), yaml.safe_load(raw))
-    unknown = sorted(set(recipe) - {"model", "tokenizer", "data", "method", "training"})
+    unknown = sorted(set(recipe) - {"model", "tokenizer", "data", "method", "training", "task", "metrics"})
     if unknown:
-        raise ValueError(f"unknown recipe sections {unknown}; use model, tokenizer, data, method, training")
+        raise ValueError(
+            f"unknown recipe sections {unknown}; use model, tokenizer, data, method, training, task, metrics"
+        )
+    if recipe.get("task", "causal_lm") not in TASKS:
+        raise ValueError(f"unknown task {recipe['task']!r}; known: {', '.join(TASKS)}")
     for section in ("model", "data", "training"):
         if section not in recipe:
             raise ValueError(f"the recipe has no '{section}' section")
@@ -168,13 +192,21 @@ def build_tokenizer(spec: str | None):
     return AutoTokenizer.from_pretrained(spec)
 
 
-def build_model(spec: dict, vocab_size: int | None = None) -> torch.nn.Module:
-    """A causal LM from ``{config: {...}}`` (random init, ``seed`` optional) or ``{pretrained: ...}``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def build_model(
+    spec: dict, vocab_size: int | None = None, task: str = "causal_lm", defaults: dict | None = None
+) -> torch.nn.Module:
+    """A model from ``{config: {...}}`` (random init, ``seed`` optional) or ``{pretrained: ...}``.
 
+    ``task`` picks the Auto class (causal LM, seq2seq LM, sequence classification); ``defaults``
+    fill config entries the recipe leaves out (e.g. the tokenizer's pad id).
+    """
+    import transformers
+    from transformers import AutoConfig
+
+    auto = getattr(transformers, TASKS[task])
     dtype = getattr(torch, spec.get("dtype", "float32"))
     if "pretrained" in spec:
-        return AutoModelForCausalLM.from_pretrained(spec["pretrained"], dtype=dtype)
+        return auto.from_pretrained(spec["pretrained"], dtype=dtype)
     if "config" not in spec:
         raise ValueError("model: give either 'config: {model_type: ..., ...}' or 'pretrained: path-or-id'")
     cfg = dict(spec["config"])
@@ -183,9 +215,12 @@ def build_model(spec: dict, vocab_size: int | None = None) -> torch.nn.Module:
         raise ValueError("model.config needs a model_type (e.g. llama)")
     if vocab_size is not None:
         cfg.setdefault("vocab_size", vocab_size)
+    for key, value in (defaults or {}).items():
+        if value is not None:
+            cfg.setdefault(key, value)
     config = AutoConfig.for_model(model_type, **cfg)
     torch.manual_seed(int(spec.get("seed", 0)))
-    return AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return auto.from_config(config, dtype=dtype)
 
 
 class PackedBlocks(torch.utils.data.Dataset):
@@ -262,6 +297,184 @@ def build_dataset(spec: dict, tokenizer) -> tuple[PackedBlocks, PackedBlocks | N
     return PackedBlocks(_pack(ids, block_size)), eval_ds
 
 
+# ------------------------------------------------------------------------------------------ supervised
+def _source_path(source: str) -> Path:
+    from leanformers.data import shared_data_path
+
+    source = str(source)
+    path = shared_data_path(source.removeprefix("shared:")) if source.startswith("shared:") else Path(source)
+    if not path.is_file():
+        raise FileNotFoundError(f"data file {path} does not exist")
+    return path
+
+
+def _lines(source: str) -> list[str]:
+    """Lines of a text file (aligned corpora: one sentence a line, blank lines kept for alignment)."""
+    return _source_path(source).read_text(encoding="utf-8").splitlines()
+
+
+class Examples(torch.utils.data.Dataset):
+    """Tokenised examples (dicts of id lists) for a padding data collator."""
+
+    def __init__(self, rows: list[dict]):
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        return self.rows[i]
+
+
+def _with_eos(ids: list[int], eos: int | None) -> list[int]:
+    # causal-LM tokenisers (e.g. SmolLM2's) add no EOS; a seq2seq model must learn to stop
+    return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
+
+
+def build_translation_dataset(spec: dict, tokenizer) -> tuple[Examples, Examples, list[str]]:
+    """``data.train`` / ``data.eval`` = ``{source: file, target: file}`` of aligned lines.
+
+    Returns (train, eval, raw eval targets, the BLEU/chrF references).
+    """
+    max_src = int(spec.get("max_source_length", 128))
+    max_tgt = int(spec.get("max_target_length", 128))
+    eos = tokenizer.eos_token_id
+
+    def split(name: str, limit_key: str) -> tuple[Examples, list[str]]:
+        part = spec.get(name)
+        if not isinstance(part, dict) or not {"source", "target"} <= set(part):
+            raise ValueError(f"data.{name} of a translation recipe must be {{source: file, target: file}}")
+        src, tgt = _lines(part["source"]), _lines(part["target"])
+        if len(src) != len(tgt):
+            raise ValueError(f"data.{name}: {len(src)} source lines but {len(tgt)} target lines")
+        pairs = [(a.strip(), b.strip()) for a, b in zip(src, tgt) if a.strip() and b.strip()]
+        if spec.get(limit_key):
+            pairs = pairs[: int(spec[limit_key])]
+        rows = []
+        for a, b in pairs:
+            ids = tokenizer(a, truncation=True, max_length=max_src - 1)["input_ids"]
+            labels = tokenizer(text_target=b, truncation=True, max_length=max_tgt - 1)["input_ids"]
+            rows.append({"input_ids": _with_eos(ids, eos), "labels": _with_eos(labels, eos)})
+        return Examples(rows), [b for _, b in pairs]
+
+    train, _ = split("train", "max_train_examples")
+    evaluation, references = split("eval", "max_eval_examples")
+    return train, evaluation, references
+
+
+def _table_rows(path: Path) -> list[dict]:
+    import csv
+
+    if path.suffix in (".jsonl", ".json"):
+        return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    delimiter = "\t" if path.suffix in (".tsv", ".tab") else ","
+    with path.open(encoding="utf-8", newline="") as f:
+        return list(csv.DictReader(f, delimiter=delimiter, quoting=csv.QUOTE_NONE))
+
+
+def build_classification_dataset(spec: dict, tokenizer) -> tuple[Examples, Examples, list]:
+    """Rows of a TSV/CSV/JSONL file (``text_field``, ``label_field``) split into train / eval.
+
+    ``data.eval`` names a separate file; otherwise ``eval_fraction`` of the rows, after a shuffle
+    with ``seed``, is held out. Returns (train, eval, label names in id order).
+    """
+    import random
+
+    text_field, label_field = spec.get("text_field", "text"), spec.get("label_field", "label")
+    max_length = int(spec.get("max_length", 128))
+
+    def read(source: str) -> list[dict]:
+        rows = _table_rows(_source_path(source))
+        for key in (text_field, label_field):
+            if rows and key not in rows[0]:
+                raise ValueError(f"{source} has no column {key!r} (columns: {sorted(rows[0])})")
+        return rows
+
+    if "train" not in spec:
+        raise ValueError("data needs a 'train' file")
+    train_rows = read(spec["train"])
+    if spec.get("eval"):
+        eval_rows = read(spec["eval"])
+    else:
+        fraction = float(spec.get("eval_fraction", 0.2))
+        random.Random(int(spec.get("seed", 0))).shuffle(train_rows)
+        cut = len(train_rows) - max(1, int(len(train_rows) * fraction))
+        train_rows, eval_rows = train_rows[:cut], train_rows[cut:]
+    if spec.get("max_train_examples"):
+        train_rows = train_rows[: int(spec["max_train_examples"])]
+    if spec.get("max_eval_examples"):
+        eval_rows = eval_rows[: int(spec["max_eval_examples"])]
+    labels = sorted({str(r[label_field]) for r in train_rows + eval_rows})
+    index = {name: i for i, name in enumerate(labels)}
+
+    def encode(rows: list[dict]) -> Examples:
+        out = []
+        for r in rows:
+            enc = tokenizer(str(r[text_field]).strip(), truncation=True, max_length=max_length)
+            out.append({"input_ids": enc["input_ids"], "labels": index[str(r[label_field])]})
+        return Examples(out)
+
+    return encode(train_rows), encode(eval_rows), labels
+
+
+def _supervised(recipe: dict, tokenizer, task: str) -> dict:
+    """Model, datasets, Trainer class, arguments and compute_metrics of a translation/classification recipe."""
+    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding
+
+    from leanformers.eval.metrics import classification_metrics, translation_metrics
+
+    if isinstance(tokenizer, ByteTokenizer):
+        raise ValueError(
+            f"a {task} recipe needs a transformers tokenizer (e.g. tokenizer: smollm2), not bytes"
+        )
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    defaults = {"pad_token_id": tokenizer.pad_token_id}
+    if task == "translation":
+        from transformers import Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+        train_ds, eval_ds, references = build_translation_dataset(recipe["data"], tokenizer)
+        defaults.update(
+            eos_token_id=tokenizer.eos_token_id,
+            decoder_start_token_id=tokenizer.pad_token_id,
+            forced_eos_token_id=tokenizer.eos_token_id,
+        )
+        model = build_model(recipe["model"], len(tokenizer), task, defaults)
+        names = recipe.get("metrics") or ["sacrebleu", "chrf"]
+        training = dict(recipe["training"])
+        training.setdefault("predict_with_generate", True)
+        training.setdefault("generation_max_length", int(recipe["data"].get("max_target_length", 128)))
+        return {
+            "model": model,
+            "train": train_ds,
+            "eval": eval_ds,
+            "trainer_class": Seq2SeqTrainer,
+            "args": Seq2SeqTrainingArguments,
+            "training": training,
+            "collator": DataCollatorForSeq2Seq(tokenizer, model=model),
+            "compute_metrics": translation_metrics(tokenizer, references, names),
+        }
+    train_ds, eval_ds, labels = build_classification_dataset(recipe["data"], tokenizer)
+    defaults.update(num_labels=len(labels))
+    model = build_model(recipe["model"], len(tokenizer), task, defaults)
+    if model.config.num_labels != len(labels):
+        raise ValueError(
+            f"model.config.num_labels is {model.config.num_labels} but the data have labels {labels}"
+        )
+    model.config.id2label = dict(enumerate(labels))
+    model.config.label2id = {name: i for i, name in enumerate(labels)}
+    return {
+        "model": model,
+        "train": train_ds,
+        "eval": eval_ds,
+        "trainer_class": Trainer,
+        "args": TrainingArguments,
+        "training": dict(recipe["training"]),
+        "collator": DataCollatorWithPadding(tokenizer),
+        "compute_metrics": classification_metrics(len(labels), recipe.get("metrics") or ["accuracy", "f1"]),
+    }
+
+
 # ------------------------------------------------------------------------------------------ run
 def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) -> dict:
     """Train as the recipe says; returns (and writes to ``output_dir/results.json``) the metrics."""
@@ -270,20 +483,34 @@ def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) ->
     name = method.get("name", "dense")
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; known: {sorted(METHODS)}")
+    task = recipe.get("task", "causal_lm")
     tokenizer = build_tokenizer(recipe.get("tokenizer"))
-    train_ds, eval_ds = build_dataset(recipe["data"], tokenizer)
-    vocab = getattr(tokenizer, "vocab_size", None)
-    if vocab is not None and hasattr(tokenizer, "__len__"):
-        vocab = len(tokenizer)
-    model = build_model(recipe["model"], vocab_size=vocab)
+    extra: dict[str, Any] = {}
+    if task == "causal_lm":
+        if recipe.get("metrics"):
+            raise ValueError("metrics apply to task: translation or classification recipes")
+        train_ds, eval_ds = build_dataset(recipe["data"], tokenizer)
+        vocab = getattr(tokenizer, "vocab_size", None)
+        if vocab is not None and hasattr(tokenizer, "__len__"):
+            vocab = len(tokenizer)
+        model = build_model(recipe["model"], vocab_size=vocab)
+        trainer_class, args_class, training = Trainer, TrainingArguments, dict(recipe["training"])
+    else:
+        parts = _supervised(recipe, tokenizer, task)
+        model, train_ds, eval_ds = parts["model"], parts["train"], parts["eval"]
+        trainer_class, args_class, training = parts["trainer_class"], parts["args"], parts["training"]
+        extra = {
+            "data_collator": parts["collator"],
+            "compute_metrics": parts["compute_metrics"],
+            "processing_class": tokenizer,
+        }
     n_params = sum(p.numel() for p in model.parameters())
     model, callbacks = METHODS[name](model, dict(method.get(name) or {}))
-    training = dict(recipe["training"])
     training.setdefault("report_to", "none")
     training.setdefault("save_strategy", "no")
-    args = TrainingArguments(**training)
-    trainer = Trainer(
-        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks
+    args = args_class(**training)
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, **extra
     )
     result = trainer.train(resume_from_checkpoint=recipe.get("resume_from_checkpoint"))
     metrics = {"method": name, "world_size": args.world_size, "model_parameters": n_params, **result.metrics}
@@ -291,11 +518,14 @@ def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) ->
     if eval_ds is not None:
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
-        if "eval_loss" in eval_metrics:
+        if "eval_loss" in eval_metrics and task == "causal_lm":
             metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
     if trainer.is_world_process_zero():
         out = Path(args.output_dir)
         trainer.save_model(str(out / "final"))
+        if task == "causal_lm" and not isinstance(tokenizer, ByteTokenizer):
+            # final/ then loads by itself in lm-eval / leanformers-eval (pretrained=out/final)
+            tokenizer.save_pretrained(str(out / "final"))
         (out / "results.json").write_text(json.dumps(metrics, indent=2))
     return {"metrics": metrics, "trainer": trainer, "model": model}
 

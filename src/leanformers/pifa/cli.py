@@ -51,6 +51,8 @@ OPTIONS: dict[str, tuple] = {
     "eval": (str, None, "text file (or dataset) to measure perplexity on before and after"),
     "eval_seqlen": (int, 2048, "context length of the perplexity evaluation"),
     "eval_tokens": (int, None, "evaluate on the first N tokens only"),
+    "tasks": (str, None, "lm-eval zero-shot tasks to score before and after, e.g. arc_easy,piqa"),
+    "tasks_limit": (int, None, "documents per zero-shot task (default: all)"),
     "push_to_hub": (str, None, "publish the output folder to this Hub repo (org/name)"),
     "private": (bool, False, "make the Hub repo private"),
     "overwrite": (bool, False, "replace an existing non-empty output folder"),
@@ -168,6 +170,11 @@ def run(opts: argparse.Namespace) -> dict:
     output = Path(opts.output).expanduser()
     _check_output(output, bool(opts.overwrite))
     dtype = _dtype(opts.dtype)
+    tasks = [t.strip() for t in (opts.tasks or "").split(",") if t.strip()]
+    if tasks:  # unknown task names and missing data files fail here, before any model work
+        from leanformers.eval.zeroshot import task_manager
+
+        task_manager(tasks)
 
     t0 = time.perf_counter()
     print(f"loading {opts.source} ...", file=sys.stderr)
@@ -186,7 +193,9 @@ def run(opts: argparse.Namespace) -> dict:
         eval_before = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
         print(f"perplexity before: {eval_before}", file=sys.stderr)
 
+    zero_shot_before = _zero_shot(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
     report = mpifa_compress(model, tokenizer, config, calibration=opts.calib)
+    zero_shot_after = _zero_shot(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
 
     if eval_ids is not None:
         eval_after = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
@@ -218,6 +227,12 @@ def run(opts: argparse.Namespace) -> dict:
                 "ppl after": f"{eval_after.ppl:.3f}",
             }
         )
+    if zero_shot_before is not None:
+        from leanformers.eval.zeroshot import before_after_rows
+
+        rows = before_after_rows(zero_shot_before, zero_shot_after)
+        summary.update({f"zero-shot {k}": v for k, v in rows.items()})
+        evaluation = {**(evaluation or {}), **{f"zero-shot (lm-eval) {k}": v for k, v in rows.items()}}
     card = model_card(
         base_model=str(opts.source),
         method="MPIFA",
@@ -245,8 +260,19 @@ def run(opts: argparse.Namespace) -> dict:
         full = {"summary": summary, "report": report.to_dict(), "config": config.to_dict()}
         if eval_before is not None:
             full["perplexity"] = {"before": eval_before.__dict__, "after": eval_after.__dict__}
+        if zero_shot_before is not None:
+            full["zero_shot"] = {"before": zero_shot_before, "after": zero_shot_after}
         Path(opts.report).write_text(json.dumps(full, indent=2, default=str))
     return summary
+
+
+def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None) -> dict:
+    """lm-eval zero-shot accuracy table of the in-memory model (local task files when present)."""
+    from leanformers.eval.zeroshot import accuracy_table, format_accuracy_table, zero_shot
+
+    table = accuracy_table(zero_shot(model, tokenizer, tasks, limit=limit))
+    print("zero-shot: " + "; ".join(format_accuracy_table(table)), file=sys.stderr)
+    return table
 
 
 def main(argv: list[str] | None = None) -> int:

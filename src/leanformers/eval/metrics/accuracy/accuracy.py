@@ -1,0 +1,40 @@
+"""``evaluate`` metric module "accuracy": scikit-learn's ``accuracy_score``.
+
+Shipped with leanformers so that ``evaluate.load`` works offline (see leanformers.eval.metrics).
+"""
+
+import datasets
+import evaluate
+from sklearn.metrics import accuracy_score
+
+_DESCRIPTION = "Fraction of predictions equal to their reference (sklearn.metrics.accuracy_score)."
+_KWARGS = """
+Args:
+    predictions: list of int labels. references: list of int labels.
+    normalize (True): fraction, else count. sample_weight: optional weights.
+Returns:
+    accuracy.
+"""
+
+
+@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
+class Accuracy(evaluate.Metric):
+    def _info(self):
+        return evaluate.MetricInfo(
+            description=_DESCRIPTION,
+            citation="scikit-learn: Machine Learning in Python, Pedregosa et al., JMLR 12, 2011",
+            inputs_description=_KWARGS,
+            features=datasets.Features(
+                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
+            ),
+            reference_urls=[
+                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"
+            ],
+        )
+
+    def _compute(self, predictions, references, normalize=True, sample_weight=None):
+        return {
+            "accuracy": float(
+                accuracy_score(references, predictions, normalize=normalize, sample_weight=sample_weight)
+            )
+        }
