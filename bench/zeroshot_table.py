@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import RESULTS, environment, print_table  # noqa: E402
+from harness import RESULTS, environment, print_table  # noqa: E402
 
 # Smallest first, so that an interrupted run has the most finished columns.
 TASKS = ["winogrande", "piqa", "arc_challenge", "lambada_openai", "arc_easy"]
