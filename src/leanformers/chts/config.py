@@ -349,17 +349,21 @@ class CHTssConfig:
             raise ValueError(f"total_steps={self.total_steps} must be a positive number of optimizer steps.")
         if self.predictor_chunk <= 0 or self.predictor_batch <= 0:
             raise ValueError("predictor_chunk and predictor_batch must be > 0.")
-        if self.density_schedule == "em_s":
-            if not (self.em_s_boost > 0.0 and self.final_density + self.em_s_boost <= 1.0):
-                raise ValueError(
-                    f"em_s_boost={self.em_s_boost} must be > 0 with final_density + em_s_boost <= 1."
-                )
-            if self.layer_density == "erk" or self.init_topology == "erk":
-                raise ValueError("density_schedule='em_s' works per matrix: use layer_density='uniform'.")
+        self._validate_em_s()
         if self.density_end is not None and not (0.0 < self.density_end <= 1.0):
             raise ValueError(f"density_end={self.density_end} must be in (0, 1] (fraction of training).")
         if not self.targets:
             raise ValueError("targets is empty: give at least one module-name pattern, e.g. r'\\.fc\\d$'.")
+
+    def _validate_em_s(self) -> None:
+        if self.density_schedule != "em_s":
+            return
+        if not (self.em_s_boost > 0.0 and self.final_density + self.em_s_boost <= 1.0):
+            raise ValueError(
+                f"em_s_boost={self.em_s_boost} must be > 0 with final_density + em_s_boost <= 1."
+            )
+        if self.layer_density == "erk" or self.init_topology == "erk":
+            raise ValueError("density_schedule='em_s' works per matrix: use layer_density='uniform'.")
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> CHTssConfig:
