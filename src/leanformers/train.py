@@ -29,11 +29,12 @@ See recipes/translation_tiny_cpu.yaml and recipes/classification_tiny_cpu.yaml.
 ``--set key.sub=value`` overrides any entry (values parsed as YAML), e.g.
 ``--set training.max_steps=10 method.sst.r=8``.
 
-Adding a training method (e.g. CHTss) is one entry in :data:`METHODS`::
+:data:`METHODS` holds dense, lora, sst and every preset of :data:`leanformers.chts.config.METHOD_PRESETS`
+(chtss, chts, cht, set, rigl, static and the official ones). Adding a training method is one entry::
 
-    def _chtss(model, options):        # options = recipe["method"].get("chtss", {})
-        return model, [CHTssCallback(CHTssConfig(**options))]
-    METHODS["chtss"] = _chtss
+    def _mine(model, options):        # options = recipe["method"].get("mine", {})
+        return model, [MyCallback(**options)]
+    METHODS["mine"] = _mine
 
 A method builder takes the model and its options dict and returns (model to train, Trainer callbacks).
 """
@@ -41,7 +42,6 @@ A method builder takes the model and its options dict and returns (model to trai
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os
@@ -50,8 +50,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from leanformers import recipes
+from leanformers.chts.config import METHOD_PRESETS
 
 __all__ = ["METHODS", "build_dataset", "build_model", "load_recipe", "load_source", "main", "run"]
 
@@ -113,7 +115,7 @@ TASKS: dict[str, str] = {
 
 
 def _sparse_method(name: str) -> MethodBuilder:
-    """CHTss family (chtss, chts, set, rigl): options are CHTssConfig fields on top of the preset."""
+    """A CHTss preset (chtss, chts, set, rigl, ...): options are CHTssConfig fields on top of the preset."""
 
     def build(model: torch.nn.Module, options: dict) -> tuple[torch.nn.Module, list[TrainerCallback]]:
         from leanformers.chts import CHTssCallback, CHTssConfig
@@ -123,44 +125,19 @@ def _sparse_method(name: str) -> MethodBuilder:
     return build
 
 
-METHODS.update({name: _sparse_method(name) for name in ("chtss", "chts", "set", "rigl")})
+# every preset of CHTssConfig (incl. the official ones) is a method; the table lives once, in chts/config.py
+METHODS.update({name: _sparse_method(name) for name in METHOD_PRESETS})
 
 
 # ------------------------------------------------------------------------------------------ recipe
-def _set_path(recipe: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = recipe
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ValueError(f"--set {dotted}: {key!r} is not a section of the recipe")
-    node[keys[-1]] = value
+SECTIONS = ("model", "tokenizer", "data", "method", "training", "task", "metrics")
 
 
 def load_recipe(path: str | os.PathLike | dict, overrides: list[str] | None = None) -> dict:
-    """Read a recipe (YAML path or dict) and apply ``key.sub=value`` overrides."""
-    if isinstance(path, dict):
-        recipe = copy.deepcopy(path)
-    else:
-        path = Path(path)
-        if not path.is_file():
-            raise FileNotFoundError(f"recipe {path} does not exist")
-        recipe = yaml.safe_load(path.read_text()) or {}
-    for item in overrides or []:
-        if "=" not in item:
-            raise ValueError(f"--set expects key.sub=value, got {item!r}")
-        key, _, raw = item.partition("=")
-        _set_path(recipe, key.strip(), yaml.safe_load(raw))
-    unknown = sorted(set(recipe) - {"model", "tokenizer", "data", "method", "training", "task", "metrics"})
-    if unknown:
-        raise ValueError(
-            f"unknown recipe sections {unknown}; use model, tokenizer, data, method, training, task, metrics"
-        )
+    """Read a recipe (YAML path or dict) and apply ``key.sub=value`` overrides (see :mod:`leanformers.recipes`)."""
+    recipe = recipes.load_recipe(path, overrides, sections=SECTIONS, required=("model", "data", "training"))
     if recipe.get("task", "causal_lm") not in TASKS:
         raise ValueError(f"unknown task {recipe['task']!r}; known: {', '.join(TASKS)}")
-    for section in ("model", "data", "training"):
-        if section not in recipe:
-            raise ValueError(f"the recipe has no '{section}' section")
     return recipe
 
 

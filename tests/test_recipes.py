@@ -1,0 +1,58 @@
+"""The shared recipe layer (leanformers.recipes) and what the entry points derive from it."""
+
+from __future__ import annotations
+
+import pytest
+
+from leanformers import recipes
+
+
+def test_overrides_are_typed_dotted_and_applied_in_order(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {sizes: [784, 10]}\ntraining: {epochs: 3}\n")
+    recipe = recipes.load_recipe(
+        path,
+        [
+            "training.epochs=5",
+            "training.lr=0.1",
+            "model.sizes=[784, 48, 10]",
+            "method.chts.x=null",
+            "training.epochs=7",
+        ],
+    )
+    assert recipe == {
+        "model": {"sizes": [784, 48, 10]},
+        "training": {"epochs": 7, "lr": 0.1},
+        "method": {"chts": {"x": None}},
+    }
+
+
+def test_a_dict_source_is_copied_not_changed():
+    source = {"training": {"epochs": 1}}
+    recipes.load_recipe(source, ["training.epochs=2"])
+    assert source == {"training": {"epochs": 1}}
+
+
+def test_errors_name_the_problem(tmp_path):
+    with pytest.raises(ValueError, match=r"unknown recipe sections \['extra'\]; use model, method, training"):
+        recipes.load_recipe({"model": {}, "extra": 1}, sections=("model", "method", "training"))
+    with pytest.raises(ValueError, match="the recipe has no 'training' section"):
+        recipes.load_recipe({"model": {}}, required=("model", "training"))
+    with pytest.raises(ValueError, match="--set expects key.sub=value, got 'training.epochs'"):
+        recipes.load_recipe({}, ["training.epochs"])
+    with pytest.raises(ValueError, match="'epochs' is not a section"):
+        recipes.load_recipe({"training": {"epochs": 1}}, ["training.epochs.x=2"])
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        recipes.load_recipe(tmp_path / "nope.yaml")
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    with pytest.raises(ValueError, match="must be a YAML mapping"):
+        recipes.load_recipe(listing)
+
+
+def test_train_methods_are_the_chtss_presets_plus_dense_lora_sst():
+    from leanformers.chts.config import METHOD_PRESETS
+    from leanformers.train import METHODS
+
+    assert set(METHODS) == set(METHOD_PRESETS) | {"dense", "lora", "sst"}
+    assert {"chtss_official_llm", "chts_official_mlp", "cht_official", "static"} <= set(METHODS)
