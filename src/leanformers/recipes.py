@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-__all__ = ["apply_overrides", "check_keys", "load_recipe", "read_yaml", "set_dotted"]
+__all__ = ["apply_overrides", "check_keys", "field_docs", "load_recipe", "read_yaml", "set_dotted"]
 
 
 def read_yaml(source: str | os.PathLike | dict) -> dict:
@@ -81,3 +81,36 @@ def load_recipe(
         if section not in recipe:
             raise ValueError(f"the recipe has no '{section}' section")
     return recipe
+
+
+def field_docs(cls: type) -> dict[str, str]:
+    """Per-field help from a dataclass docstring's ``Attributes:`` section (Google style).
+
+    ``name: text`` lines, continuation lines indented deeper; ``a, b: text`` documents both ``a`` and ``b``.
+    Returns ``{field name: one-line text}``; fields without an entry are absent.
+    """
+    lines = (cls.__doc__ or "").expandtabs().splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Attributes:") + 1
+    except StopIteration:
+        return {}
+    docs: dict[str, str] = {}
+    names: list[str] = []
+    indent = None
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        depth = len(line) - len(line.lstrip())
+        if indent is None:
+            indent = depth
+        if depth < indent:
+            break
+        head, sep, text = line.strip().partition(":")
+        if depth == indent and sep:
+            names = [n.strip() for n in head.split(",")]
+            for name in names:
+                docs[name] = text.strip()
+        else:  # a continuation of the entry above
+            for name in names:
+                docs[name] = f"{docs[name]} {line.strip()}"
+    return docs

@@ -166,3 +166,81 @@ def test_bad_inputs(tiny_lm_folder, shared_data, tmp_path, capsys):
     with pytest.raises(SystemExit):
         main([str(tiny_lm_folder)])  # --output missing: argparse usage error
     assert "--output is required" in capsys.readouterr().err
+
+
+# Every flag the CLI had before its compression flags were generated from MPIFAConfig.
+LEGACY_FLAGS = [
+    "output",
+    "density",
+    "attn-density",
+    "owl",
+    "calib",
+    "nsamples",
+    "seqlen",
+    "alpha",
+    "steps",
+    "init",
+    "lowrank",
+    "rank-multiple",
+    "blocks-path",
+    "groups",
+    "batch-size",
+    "dtype",
+    "device",
+    "seed",
+    "gguf-file",
+    "eval",
+    "eval-seqlen",
+    "eval-tokens",
+    "tasks",
+    "tasks-limit",
+    "push-to-hub",
+    "private",
+    "overwrite",
+    "report",
+]
+
+
+def test_flags_come_from_mpifa_config_with_its_defaults_and_docs():
+    import dataclasses
+
+    from leanformers.pifa import MPIFAConfig
+    from leanformers.pifa.cli import build_config, build_parser, resolve_options
+
+    parser = build_parser()
+    flags = {s for a in parser._actions for s in a.option_strings}
+    assert {f"--{name}" for name in LEGACY_FLAGS} <= flags
+    helps = {a.dest: a.help for a in parser._actions}
+    for f in dataclasses.fields(MPIFAConfig):
+        if f.name not in ("output", "targets", "attention"):
+            assert f"--{f.name.replace('_', '-')}" in flags, f.name
+            assert helps[f.name] and len(helps[f.name]) > 15, f.name  # the field's docstring entry
+    # no flag given: the config is MPIFAConfig's own defaults (defaults live in one place)
+    assert build_config(resolve_options(["src", "--output", "o"])) == MPIFAConfig()
+    opts = resolve_options(
+        [
+            "src",
+            "--output",
+            "o",
+            "--lowrank",
+            "--no-scatter-free-mlp",
+            "--groups",
+            "a,b;c",
+            "--owl-lambda",
+            "0.1",
+        ]
+    )
+    assert build_config(opts) == MPIFAConfig(
+        output="lowrank", scatter_free_mlp=False, groups=[["a", "b"], ["c"]], owl_lambda=0.1
+    )
+
+
+def test_unknown_config_key_names_the_valid_ones(tmp_path, capsys):
+    from leanformers.pifa.cli import resolve_options
+
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("density: 0.3\ndensty: 0.4\n")
+    with pytest.raises(SystemExit):
+        resolve_options(["src", "--output", "o", "--config", str(cfg)])
+    err = capsys.readouterr().err
+    assert "unknown keys in" in err and "['densty']" in err and "density" in err.split("use", 1)[1]

@@ -8,45 +8,27 @@ SOURCE is a Hub id, a local folder, or a ``.gguf`` file. The output is a normal 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
 import time
 from pathlib import Path
 
-# name: (type, default, help). One table drives argparse, the YAML --config and the defaults.
-OPTIONS: dict[str, tuple] = {
+from leanformers import recipes
+from leanformers.pifa import MPIFAConfig
+
+# CLI-only options: name -> (type, default, help). The compression settings are not listed here:
+# their flags are generated from MPIFAConfig's fields (CONFIG_FLAGS), so their defaults live once.
+CLI_OPTIONS: dict[str, tuple] = {
     "output": (str, None, "output folder (required)"),
-    "density": (float, 0.5, "kept fraction of the targeted linears' parameters, in (0, 1]"),
-    "attn_density": (float, None, "attention density; the MLP density is solved to keep the budget"),
-    "owl": (
-        bool,
-        False,
-        "layer-wise densities from the OWL outlier share (computed on the calibration data)",
-    ),
     "calib": (
         str,
         "wikitext:wikitext-2-raw-v1@train",
         "calibration text: a local .txt/.json/.parquet file or a datasets name[:config][@split]",
     ),
-    "nsamples": (int, 128, "calibration windows"),
-    "seqlen": (int, 2048, "tokens per calibration window"),
-    "alpha": (float, 0.25, "weight of the dense target in M, in [0, 1]"),
-    "steps": (int, 2, "closed-form alternating steps of M (0 = whitening only)"),
-    "init": (str, "whiten", "initialisation: whiten (SVD-LLM) or svd"),
     "lowrank": (bool, False, "write low-rank U V layers instead of PIFA (baseline)"),
-    "rank_multiple": (int, None, "round ranks down to a multiple of this (default: 8 on GPU, 1 on CPU)"),
-    "blocks_path": (str, None, "layout override: path of the ModuleList of blocks (default: inferred)"),
-    "groups": (
-        str,
-        None,
-        "layout override: linears inside a block, ',' within a group sharing one input, ';' between "
-        "groups in order, e.g. 'attn.q,attn.k,attn.v;attn.o;mlp.up;mlp.down' (default: inferred)",
-    ),
-    "batch_size": (int, 8, "calibration windows per forward pass"),
     "dtype": (str, "auto", "dtype to load and save the model in: auto, float32, bfloat16, float16"),
-    "device": (str, "auto", "compute device: auto (CUDA when present), cpu, cuda, cuda:N"),
-    "seed": (int, 0, "seed of the calibration sampling"),
     "gguf_file": (str, None, "GGUF file name inside SOURCE (when SOURCE is a folder or Hub id)"),
     "eval": (str, None, "text file (or dataset) to measure perplexity on before and after"),
     "eval_seqlen": (int, 2048, "context length of the perplexity evaluation"),
@@ -59,6 +41,47 @@ OPTIONS: dict[str, tuple] = {
     "report": (str, None, "also write the summary as JSON to this file"),
 }
 
+# MPIFAConfig fields that get no flag: ``output`` is the folder on the command line (--lowrank picks the
+# layer kind) and the lists ``targets`` / ``attention`` are Python-API settings.
+_NO_FLAG = {"output", "targets", "attention"}
+# The command line's own spelling of a field (a string that parse_groups splits), or a field whose
+# docstring entry is shared with another one and says too little on its own.
+_CLI_FIELDS: dict[str, tuple] = {
+    "seqlen": (int, "tokens per calibration window"),
+    "blocks_path": (str, "layout override: path of the ModuleList of blocks (default: inferred)"),
+    "groups": (
+        str,
+        "layout override: linears inside a block, ',' within a group sharing one input, ';' between "
+        "groups in order, e.g. 'attn.q,attn.k,attn.v;attn.o;mlp.up;mlp.down' (default: inferred)",
+    ),
+}
+_SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
+
+
+def _config_flags() -> dict[str, tuple]:
+    """name -> (type, default, help) for every scalar MPIFAConfig field (help from its docstring)."""
+    docs = recipes.field_docs(MPIFAConfig)
+    flags = {}
+    for f in dataclasses.fields(MPIFAConfig):
+        if f.name in _NO_FLAG:
+            continue
+        if f.name in _CLI_FIELDS:
+            typ, help_text = _CLI_FIELDS[f.name]
+        else:
+            base = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+            if base not in _SCALARS:
+                raise TypeError(
+                    f"MPIFAConfig.{f.name}: {f.type} has no command-line form; add it to _NO_FLAG"
+                )
+            typ, help_text = _SCALARS[base], docs.get(f.name, "")
+        flags[f.name] = (typ, f.default, help_text)
+    return flags
+
+
+CONFIG_FLAGS: dict[str, tuple] = _config_flags()
+# every option of the command line and of --config: CLI-only ones and the MPIFAConfig fields
+OPTIONS: dict[str, tuple] = {**CLI_OPTIONS, **CONFIG_FLAGS}
+
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
@@ -69,7 +92,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", help="YAML file with any of the options below (flags override it)")
     for name, (typ, default, help_text) in OPTIONS.items():
         flag = "--" + name.replace("_", "-")
-        if typ is bool:
+        help_text = help_text.replace("``", "").replace("%", "%%")
+        if typ is bool and default:  # on by default: --no-<flag> turns it off
+            parser.add_argument(
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text + " (default: on)"
+            )
+        elif typ is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)
         else:
             shown = f" (default: {default})" if default is not None else ""
@@ -84,20 +112,25 @@ def resolve_options(argv: list[str] | None = None) -> argparse.Namespace:
     merged = {name: spec[1] for name, spec in OPTIONS.items()}
     merged["source"] = None
     if args.config:
-        import yaml
-
-        with open(args.config, encoding="utf-8") as f:
-            data = yaml.safe_load(f) or {}
-        unknown = [k for k in data if k.replace("-", "_") not in merged]
-        if unknown:
-            parser.error(f"unknown keys in {args.config}: {', '.join(unknown)}")
-        merged.update({k.replace("-", "_"): v for k, v in data.items()})
+        try:
+            data = {k.replace("-", "_"): v for k, v in recipes.read_yaml(args.config).items()}
+            recipes.check_keys(data, merged, what=f"keys in {args.config}:")
+        except (OSError, ValueError) as exc:
+            parser.error(str(exc))
+        merged.update(data)
     merged.update({k: v for k, v in vars(args).items() if v is not None and k != "config"})
     if not merged["source"]:
         parser.error("give the model to compress (a Hub id, a local folder or a .gguf file)")
     if not merged["output"]:
         parser.error("--output is required")
     return argparse.Namespace(**merged)
+
+
+def build_config(opts: argparse.Namespace) -> MPIFAConfig:
+    """The MPIFAConfig of the resolved options (--lowrank -> output="lowrank", --groups parsed)."""
+    values = {name: getattr(opts, name) for name in CONFIG_FLAGS}
+    values["groups"] = parse_groups(values["groups"])
+    return MPIFAConfig(**values, output="lowrank" if opts.lowrank else "pifa")
 
 
 def _check_output(path: Path, overwrite: bool) -> None:
@@ -146,27 +179,11 @@ def run(opts: argparse.Namespace) -> dict:
     """Do the work of the CLI; returns the summary dict (also printed)."""
     from leanformers.eval import perplexity
     from leanformers.hub import load_causal_lm, model_card, push_folder_to_hub
-    from leanformers.pifa.compress import MPIFAConfig, mpifa_compress, resolve_layout
+    from leanformers.pifa.compress import mpifa_compress, resolve_layout
     from leanformers.pifa.quantizer import save_compressed
 
     # Cheap checks first: a bad density or an occupied output must not cost a model load.
-    config = MPIFAConfig(
-        density=opts.density,
-        attn_density=opts.attn_density,
-        owl=bool(opts.owl),
-        alpha=opts.alpha,
-        steps=opts.steps,
-        init=opts.init,
-        output="lowrank" if opts.lowrank else "pifa",
-        rank_multiple=opts.rank_multiple,
-        nsamples=opts.nsamples,
-        seqlen=opts.seqlen,
-        batch_size=opts.batch_size,
-        device=opts.device,
-        seed=opts.seed,
-        blocks_path=opts.blocks_path,
-        groups=parse_groups(opts.groups),
-    )
+    config = build_config(opts)
     output = Path(opts.output).expanduser()
     _check_output(output, bool(opts.overwrite))
     dtype = _dtype(opts.dtype)
