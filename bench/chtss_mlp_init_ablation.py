@@ -14,8 +14,7 @@ import sys
 from pathlib import Path
 
 import torch
-
-from leanformers.chts.mlp import train_mlp
+from mlp_mnist import train_mlp
 
 
 def main(argv: list[str] | None = None) -> int:

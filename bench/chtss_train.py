@@ -462,7 +462,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         save("overhead", [bench_overhead(size, steps, batch, seqlen, args.device, log)])
     if "mlp" in parts:
-        from leanformers.chts.mlp import train_mlp
+        from mlp_mnist import train_mlp
 
         seeds = args.seeds or (1 if args.quick else 3)
         epochs = args.mlp_epochs or (1 if args.quick else (100 if cuda else 3))

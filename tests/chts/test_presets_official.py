@@ -18,7 +18,7 @@ from transformers import Trainer, TrainingArguments
 
 from leanformers.chts import CHTssCallback, CHTssConfig, CHTssScheduler
 from leanformers.chts.config import METHOD_PRESETS, OFFICIAL_PRESETS
-from leanformers.chts.mlp import MLPClassifier, mnist_split, train_mlp
+from leanformers.chts.mlp import MLPClassifier, mnist_split
 from leanformers.chts.predictors import l3n_scores, l3p_scores
 from leanformers.chts.schedules import num_updates, update_schedule
 from leanformers.chts.topology import (
@@ -466,19 +466,7 @@ def test_tiny_run_of_the_official_mlp_presets_reaches_the_final_density(shared_d
         assert len(sched.history) == 6
         for layer in sched.layers:
             assert int(layer.mask.sum()) == link_count(layer.shape, 0.05)
-    # The plain-loop MLP trainer accepts the presets (correlated init from its own training pixels).
-    out = train_mlp(
-        "chts_official_mlp",
-        sizes=(784, 64, 64, 10),
-        epochs=2,
-        n_train=320,
-        final_density=0.05,
-        lr_end_factor=0.01,
-    )
-    assert out["density_sparse_subset"] == pytest.approx(
-        (link_count((64, 784), 0.05) + link_count((64, 64), 0.05) + link_count((10, 64), 0.05))
-        / (64 * 784 + 64 * 64 + 10 * 64)
-    )
+    # The plain-loop MLP trainer (bench/mlp_mnist.py) is tested in tests/bench/test_mlp_mnist.py.
 
 
 # ----------------------------------------------------------------------------- official recipes
@@ -524,25 +512,3 @@ def test_tiny_version_of_the_official_llm_recipe_trains(tmp_path, shared_data):
     for layer in cb.scheduler.layers:
         assert int(layer.mask.sum()) == link_count(layer.shape, final)
     assert math.isfinite(out["metrics"]["eval_loss"])
-
-
-@pytest.mark.parametrize("recipe", ["chts_official_mlp_mnist.yaml", "cht_official_mlp_mnist.yaml"])
-def test_tiny_version_of_the_official_mlp_recipes_reaches_the_final_density(shared_data, recipe):
-    from leanformers.chts.mlp import run_recipe
-    from tests.conftest import REPO_ROOT
-
-    name = recipe.replace("_mlp_mnist.yaml", "").replace("chts_official", "chts_official_mlp")
-    out = run_recipe(
-        str(REPO_ROOT / "recipes" / recipe),
-        [
-            "model.sizes=[784, 48, 10]",
-            f"method.{name}.final_density=0.05",
-            f"method.{name}.targets=['^layers\\.0$']",
-            "training.epochs=3",
-            "training.n_train=256",
-            "training.device=cpu",
-        ],
-    )
-    assert out["method"] == name and out["updates"] == 2
-    assert len(out["active_hidden_neurons"]) == 1  # the sparse hidden layer, classifier dense
-    assert out["density_sparse_subset"] == link_count((48, 784), 0.05) / (48 * 784)

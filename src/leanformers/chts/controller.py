@@ -238,7 +238,7 @@ class CHTssController(Controller):
         if self.input_correlation is None:
             raise ValueError(
                 "init_topology='correlated' needs the input correlation: pass input_correlation="
-                "leanformers.chts.topology.input_correlation(x_train) to CHTssController (train_mlp does)."
+                "leanformers.chts.topology.input_correlation(x_train) to CHTssController (bench/mlp_mnist.py's train_mlp does)."
             )
         if layer.groups != 1:
             raise ValueError(
