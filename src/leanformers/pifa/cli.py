@@ -58,6 +58,14 @@ _CLI_FIELDS: dict[str, tuple] = {
 _SCALARS = {"bool": bool, "int": int, "float": float, "str": str}
 
 
+def _scalar_name(annotation) -> str:
+    """'float' for float, 'float | None', Optional[float] or their string forms (postponed annotations)."""
+    if isinstance(annotation, type):
+        return annotation.__name__
+    text = str(annotation).replace("typing.", "").replace(" | None", "").replace("None | ", "")
+    return text.removeprefix("Optional[").removesuffix("]") if text.startswith("Optional[") else text
+
+
 def _config_flags() -> dict[str, tuple]:
     """name -> (type, default, help) for every scalar MPIFAConfig field (help from its docstring)."""
     docs = recipes.field_docs(MPIFAConfig)
@@ -68,13 +76,14 @@ def _config_flags() -> dict[str, tuple]:
         if f.name in _CLI_FIELDS:
             typ, help_text = _CLI_FIELDS[f.name]
         else:
-            base = str(f.type).replace(" | None", "").replace("Optional[", "").rstrip("]")
+            base = _scalar_name(f.type)
             if base not in _SCALARS:
                 raise TypeError(
                     f"MPIFAConfig.{f.name}: {f.type} has no command-line form; add it to _NO_FLAG"
                 )
             typ, help_text = _SCALARS[base], docs.get(f.name, "")
-        flags[f.name] = (typ, f.default, help_text)
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        flags[f.name] = (typ, default, help_text)
     return flags
 
 
