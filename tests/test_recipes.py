@@ -56,3 +56,26 @@ def test_train_methods_are_the_chtss_presets_plus_dense_lora_sst():
 
     assert set(METHODS) == set(METHOD_PRESETS) | {"dense", "lora", "sst"}
     assert {"chtss_official_llm", "chts_official_mlp", "cht_official", "static"} <= set(METHODS)
+
+
+def test_field_docs_reads_the_attributes_section():
+    class Settings:
+        """Some settings.
+
+        Attributes:
+            rate: the rate, in (0, 1].
+            width, height: size of the
+                window in pixels.
+            mode: "a" or "b".
+
+        Notes:
+            ignored: not an attribute.
+        """
+
+    assert recipes.field_docs(Settings) == {
+        "rate": "the rate, in (0, 1].",
+        "width": "size of the window in pixels.",
+        "height": "size of the window in pixels.",
+        "mode": '"a" or "b".',
+    }
+    assert recipes.field_docs(type("NoDoc", (), {})) == {}
