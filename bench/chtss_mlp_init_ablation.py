@@ -1,4 +1,4 @@
-"""Ablation of docs/benchmarks.md §6: the official MLP presets with ER instead of correlated init.
+"""Ablation of docs/benchmarks.md §8: the official MLP presets with ER instead of correlated init.
 
 Same sizes, epochs, updates and seeds as the §6 rows (784-1568-1568-1568-10, 1 %, 3 epochs, 2 updates
 per epoch, seeds 0-2, classifier dense); only ``init_topology="er"`` differs. Writes the rows to the

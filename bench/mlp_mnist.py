@@ -1,6 +1,6 @@
 """The CHT / CHTs MLP on the offline MNIST 5k split, trained in a plain SGD loop from a recipe.
 
-The training loop of the MLP experiments (docs/benchmarks.md §6, docs/chtss.md): an experiment, not
+The training loop of the MLP experiments (docs/benchmarks.md §8, docs/chtss.md): an experiment, not
 library code. The library keeps the model and the data (``leanformers.chts.mlp``: ``MLPClassifier``,
 ``mnist_split``, ``MLP_TARGETS``); the sparse training is the library's ``CHTssController``.
 
