@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import transformers
 
-    import leanformers
+    from leanformers._version import __version__
     from leanformers.data import load_text, tokenize_text
     from leanformers.eval import perplexity
     from leanformers.hub import smollm2_135m
@@ -84,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.manual_seed(0)
     print(
-        f"leanformers {leanformers.__version__} | torch {torch.__version__} | transformers "
+        f"leanformers {__version__} | torch {torch.__version__} | transformers "
         f"{transformers.__version__} | {platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
     )
     calib = (

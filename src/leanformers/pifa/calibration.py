@@ -174,6 +174,20 @@ def find_blocks(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return best[1], best[2]
 
 
+def _blocks_at(model: nn.Module, blocks_path: str | None) -> tuple[str, nn.ModuleList]:
+    """(path, blocks): the ModuleList at ``blocks_path`` when given (an error naming the paths tried
+    when there is none), else the repeated blocks ``find_blocks`` finds."""
+    if not blocks_path:
+        return find_blocks(model)
+    blocks, candidates = _resolve_blocks(model, blocks_path)
+    if blocks is None:
+        raise ValueError(
+            f"could not find the blocks of {type(model).__name__}: no non-empty ModuleList at "
+            f"{' or '.join(candidates)}; check blocks_path (--blocks-path)"
+        )
+    return blocks_path, blocks
+
+
 def _probe_input(model: nn.Module) -> torch.Tensor:
     config = getattr(model, "config", None)
     vocab = getattr(config, "vocab_size", None)
@@ -300,16 +314,7 @@ def infer_layout(model: nn.Module, blocks_path: str | None = None) -> tuple[Bloc
     the last group's single linear and the group before it, when permuting their shared channels is
     verified to leave block 0's output unchanged.
     """
-    if blocks_path:
-        blocks, candidates = _resolve_blocks(model, blocks_path)
-        if blocks is None:
-            raise ValueError(
-                f"could not find the blocks of {type(model).__name__}: no non-empty ModuleList at "
-                f"{' or '.join(candidates)}; check blocks_path (--blocks-path)"
-            )
-        path = blocks_path
-    else:
-        path, blocks = find_blocks(model)
+    path, blocks = _blocks_at(model, blocks_path)
     was_training = model.training
     model.eval()  # no dropout: the probe and the permutation check must be deterministic
     try:
@@ -351,15 +356,7 @@ def find_layout(
     table = ARCHITECTURES.get(model_type) if model_type else None
     layout = blocks = None
     if groups is not None:
-        if blocks_path:
-            blocks, candidates = _resolve_blocks(model, blocks_path)
-            if blocks is None:
-                raise ValueError(
-                    f"could not find the blocks of {type(model).__name__}: no non-empty ModuleList at "
-                    f"{' or '.join(candidates)}; check blocks_path (--blocks-path)"
-                )
-        else:
-            blocks_path, blocks = find_blocks(model)
+        blocks_path, blocks = _blocks_at(model, blocks_path)
         attn = attention if attention is not None else [n for g in groups for n in g if is_attention_path(n)]
         layout = BlockLayout(blocks_path, [list(g) for g in groups], attn, None)
     elif table is not None and blocks_path in (None, table.blocks_path):
@@ -485,7 +482,7 @@ def run_block(
 
 
 @torch.no_grad()
-def _input_of(
+def input_of(
     block: nn.Module, module: nn.Module, states: torch.Tensor, call: BlockCall, device, dtype
 ) -> torch.Tensor:
     """Input of ``module`` when ``block`` runs on ``states`` (stops the block right there)."""
@@ -564,7 +561,7 @@ def group_input_stats(
     G = K = S = None
     tokens = 0
     for xd, xc_states, call in zip(dense_inputs, compressed_states, calls):
-        xc = _input_of(compressed_block, comp_module, xc_states, call, device, dtype)
+        xc = input_of(compressed_block, comp_module, xc_states, call, device, dtype)
         xc = xc.reshape(-1, xc.shape[-1]).float()
         g = (xc.T @ xc).double()
         G = g if G is None else G.add_(g)

@@ -39,7 +39,14 @@ from leanformers.pifa.factorize import (
 )
 from leanformers.pifa.rank import lowrank_num_params, pifa_num_params
 
-__all__ = ["LowRankLinear", "PIFALinear", "auto_form", "emit_in_order_", "module_from_spec"]
+__all__ = [
+    "CompressedLinear",
+    "LowRankLinear",
+    "PIFALinear",
+    "auto_form",
+    "emit_in_order_",
+    "module_from_spec",
+]
 
 SPEC_KEYS = ("kind", "in_features", "out_features", "rank", "bias")
 
@@ -72,7 +79,155 @@ def _factory(dtype, device) -> dict:
     return {"dtype": dtype, "device": device}
 
 
-class PIFALinear(nn.Module):
+class CompressedLinear(nn.Module):
+    """What PIFALinear and LowRankLinear share: the dense surface (``in_features``, ``out_features``,
+    ``rank``, ``bias``), the spec round trip, ``to_dense``, output reordering and the repr.
+
+    A subclass sets ``kind``, creates its factors in ``_create_factors`` (which receives the layout
+    keywords of its constructor), and implements ``dense_weight`` (out, in), ``num_parameters`` and
+    ``reset_parameters``. ``weight`` is always the factor whose rows are the output channels in column
+    layouts (PIFA column form, low-rank U), so reordering outputs permutes its rows by default.
+    """
+
+    kind: str = ""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        rank: int,
+        bias: bool = True,
+        dtype: torch.dtype | None = None,
+        device: torch.device | str | None = None,
+        **layout: Any,
+    ) -> None:
+        super().__init__()
+        _check_dims(in_features, out_features, rank)
+        self.in_features, self.out_features, self._rank = int(in_features), int(out_features), int(rank)
+        self._create_factors(_factory(dtype, device), **layout)
+        # Then the bias (out,), the load-hint buffer, and a random init unless on meta.
+        self.bias = nn.Parameter(torch.empty(self.out_features, **_factory(dtype, device))) if bias else None
+        _register_load_hint(self, device)
+        if self.weight.device.type != "meta":
+            self.reset_parameters()
+
+    def _create_factors(self, kw: dict) -> None:
+        """Register the factor parameters (and buffers) on ``kw``'s dtype and device."""
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def _uniform_init_(self, input_side: nn.Parameter, rank_side: nn.Parameter) -> None:
+        """nn.Linear-like init: ``input_side`` and the bias U(-1/sqrt(in), 1/sqrt(in)), ``rank_side``
+        U(-1/sqrt(rank), 1/sqrt(rank)), drawn in that order."""
+        bound = 1.0 / math.sqrt(self.in_features)
+        input_side.uniform_(-bound, bound)
+        rank_side.uniform_(-1.0 / math.sqrt(self._rank), 1.0 / math.sqrt(self._rank))
+        if self.bias is not None:
+            self.bias.uniform_(-bound, bound)
+
+    @classmethod
+    def from_factors(
+        cls,
+        U: torch.Tensor,
+        V: torch.Tensor,
+        bias: torch.Tensor | None = None,
+        form: str = "auto",
+        dtype: torch.dtype | None = None,
+        **options: Any,
+    ):
+        """Layer computing x (U V)^T + bias. U: (out, r), V: (r, in), bias: (out,) or None; parameters
+        in ``dtype`` (default: the factors' dtype). ``form`` and ``options``: see the subclass's ``_from_uv``."""
+        return cls._from_uv(U, V, bias, form=form, dtype=dtype, **options)
+
+    @classmethod
+    def _from_uv(cls, U, V, bias, *, form: str, dtype):
+        raise NotImplementedError
+
+    @property
+    def rank(self) -> int:
+        return self._rank
+
+    # -- spec -------------------------------------------------------------------------------------
+    def _layout_spec(self) -> dict[str, Any]:
+        """Layout keys of the spec (between ``rank`` and ``bias``)."""
+        return {}
+
+    def _flag_spec(self) -> dict[str, bool]:
+        """Boolean keys of the spec after ``bias`` (shown in the repr only when True)."""
+        return {}
+
+    def spec(self) -> dict[str, Any]:
+        """JSON-able description; ``from_spec(spec)`` rebuilds an empty layer of the same layout."""
+        return {
+            "kind": self.kind,
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "rank": self._rank,
+            **self._layout_spec(),
+            "bias": self.bias is not None,
+            **self._flag_spec(),
+        }
+
+    @classmethod
+    def _kwargs_from_spec(cls, spec: dict) -> dict[str, Any]:
+        """Constructor keywords of the subclass read from a (checked) spec."""
+        return {}
+
+    @classmethod
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None):
+        """Empty layer (uninitialised on meta) of the layout ``spec`` describes."""
+        _check_spec(spec, cls.kind)
+        return cls(
+            int(spec["in_features"]),
+            int(spec["out_features"]),
+            int(spec["rank"]),
+            bias=bool(spec["bias"]),
+            **cls._kwargs_from_spec(spec),
+            dtype=dtype,
+            device=device,
+        )
+
+    def extra_repr(self) -> str:
+        flags = self._flag_spec()
+        return ", ".join(
+            f"{k}={v}" for k, v in self.spec().items() if k != "kind" and not (k in flags and not v)
+        )
+
+    # -- dense equivalent --------------------------------------------------------------------------
+    def dense_weight(self) -> torch.Tensor:
+        """W (out, in) such that forward(x) == x W^T + b."""
+        raise NotImplementedError
+
+    def to_dense(self) -> nn.Linear:
+        """An nn.Linear with the same function (weight computed with fp32 accumulation)."""
+        linear = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            dtype=self.weight.dtype,
+            device=self.weight.device,
+        )
+        with torch.no_grad():
+            linear.weight.copy_(self.dense_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
+
+    # -- channel order ---------------------------------------------------------------------------
+    def _permute_output_factor_(self, order: torch.Tensor) -> None:
+        self.weight.copy_(self.weight.index_select(0, order))
+
+    @torch.no_grad()
+    def permute_outputs_(self, order: torch.Tensor):
+        """In place: from now on the layer emits y[..., order] (order: (out,) permutation)."""
+        order = _check_perm(order, self.out_features).to(self.weight.device)
+        self._permute_output_factor_(order)
+        if self.bias is not None:
+            self.bias.copy_(self.bias.index_select(0, order))
+        return self
+
+
+class PIFALinear(CompressedLinear):
     """y = x W^T + b with W (out_features x in_features) of rank ``rank`` stored in PIFA form.
 
     Parameters: ``weight`` (pivot block; row form (r, in), column form (out, r)), ``coeff``
@@ -92,18 +247,20 @@ class PIFALinear(nn.Module):
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
-        super().__init__()
-        _check_dims(in_features, out_features, rank)
+        super().__init__(
+            in_features, out_features, rank, bias, dtype, device, form=form, input_permuted=input_permuted
+        )
+
+    def _create_factors(self, kw: dict, form: str, input_permuted: bool) -> None:
         form = normalize_form(form)
         if input_permuted and form != "column":
             raise ValueError(
                 "input_permuted=True needs form='column' (only the column form gathers its input)"
             )
-        self.in_features, self.out_features = int(in_features), int(out_features)
-        self._rank, self._form = int(rank), form
+        self._form = form
         self.input_permuted = bool(input_permuted)
         m, n, r = self.out_features, self.in_features, self._rank
-        kw = _factory(dtype, device)
+        device = kw["device"]
         if form == "row":
             self.weight = nn.Parameter(torch.empty(r, n, **kw))
             self.coeff = nn.Parameter(torch.empty(m - r, r, **kw))
@@ -112,20 +269,12 @@ class PIFALinear(nn.Module):
             self.weight = nn.Parameter(torch.empty(m, r, **kw))
             self.coeff = nn.Parameter(torch.empty(r, n - r, **kw))
             self.register_buffer("input_index", torch.empty(n, dtype=torch.int32, device=device))
-        _register_load_hint(self, device)
-        self.bias = nn.Parameter(torch.empty(m, **kw)) if bias else None
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
 
     # -- construction -------------------------------------------------------------------------
     def reset_parameters(self) -> None:
         """A valid random layer: identity pivots, uniform init scaled like nn.Linear."""
+        self._uniform_init_(self.weight, self.coeff)
         with torch.no_grad():
-            bound = 1.0 / math.sqrt(self.in_features)
-            self.weight.uniform_(-bound, bound)
-            self.coeff.uniform_(-1.0 / math.sqrt(self._rank), 1.0 / math.sqrt(self._rank))
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
             self._index.copy_(torch.arange(self._index.numel(), dtype=torch.int32))
 
     @classmethod
@@ -152,16 +301,8 @@ class PIFALinear(nn.Module):
         return layer
 
     @classmethod
-    def from_factors(
-        cls,
-        U: torch.Tensor,
-        V: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        form: str = "auto",
-        dtype: torch.dtype | None = None,
-        method: str = "auto",
-    ) -> PIFALinear:
-        """PIFA layer computing x (U V)^T + bias. U: (out, r), V: (r, in). form "auto" = ``auto_form``."""
+    def _from_uv(cls, U, V, bias, *, form: str, dtype, method: str = "auto") -> PIFALinear:
+        """``form`` "auto" = ``auto_form``; ``method``: the pivoting of ``pifa_from_factors``."""
         if form == "auto" and U.ndim == 2 and V.ndim == 2:
             form = auto_form(U.shape[0], V.shape[1])
         return cls.from_pifa(pifa_from_factors(U, V, form=form, method=method), bias=bias, dtype=dtype)
@@ -176,17 +317,19 @@ class PIFALinear(nn.Module):
         return cls.from_pifa(pifa_from_weight(w.float(), rank, form=form), bias=bias, dtype=w.dtype)
 
     # -- description ------------------------------------------------------------------------------
-    @property
-    def rank(self) -> int:
-        return self._rank
+    kind = "pifa"
 
     @property
     def form(self) -> str:
         return self._form
 
     @property
-    def _index(self) -> torch.Tensor:
+    def gather_index(self) -> torch.Tensor:
+        """The int32 permutation buffer the forward gathers with: ``output_index`` (row form) or
+        ``input_index`` (column form)."""
         return self.output_index if self._form == "row" else self.input_index
+
+    _index = gather_index
 
     @property
     def num_parameters(self) -> int:
@@ -198,33 +341,17 @@ class PIFALinear(nn.Module):
         """Bytes of the int32 permutation buffer (not a parameter)."""
         return self._index.numel() * self._index.element_size()
 
-    def spec(self) -> dict[str, Any]:
-        """JSON-able description; ``from_spec(spec)`` rebuilds an empty layer of the same layout."""
-        return {
-            "kind": "pifa",
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self._rank,
-            "form": self._form,
-            "bias": self.bias is not None,
-            "input_permuted": self.input_permuted,
-        }
+    def _layout_spec(self) -> dict[str, Any]:
+        return {"form": self._form}
+
+    def _flag_spec(self) -> dict[str, bool]:
+        return {"input_permuted": self.input_permuted}
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> PIFALinear:
-        _check_spec(spec, "pifa")
+    def _kwargs_from_spec(cls, spec: dict) -> dict[str, Any]:
         if spec.get("form") not in (*FORMS, "col"):
             raise ValueError(f"PIFA spec needs 'form' in {FORMS}, got {spec.get('form')!r}")
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            bias=bool(spec["bias"]),
-            form=spec["form"],
-            input_permuted=bool(spec.get("input_permuted", False)),
-            dtype=dtype,
-            device=device,
-        )
+        return {"form": spec["form"], "input_permuted": bool(spec.get("input_permuted", False))}
 
     def factors(self) -> PIFAFactors:
         """The PIFA this layer holds (pivots of the matrix it applies to its actual input)."""
@@ -245,40 +372,12 @@ class PIFALinear(nn.Module):
         """W (out, in) such that forward(x) == x W^T + b (w.r.t. the layer's actual input order)."""
         return pifa_to_dense(self.factors())
 
-    def to_dense(self) -> nn.Linear:
-        """An nn.Linear with the same function (weight computed with fp32 accumulation)."""
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            dtype=self.weight.dtype,
-            device=self.weight.device,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-    def extra_repr(self) -> str:
-        extra = ", input_permuted=True" if self.input_permuted else ""
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
-            f"form={self._form}, bias={self.bias is not None}{extra}"
-        )
-
     # -- channel order ---------------------------------------------------------------------------
-    @torch.no_grad()
-    def permute_outputs_(self, order: torch.Tensor) -> PIFALinear:
-        """In place: from now on the layer emits y[..., order] (order: (out,) permutation)."""
-        order = _check_perm(order, self.out_features).to(self.weight.device)
-        if self._form == "row":
+    def _permute_output_factor_(self, order: torch.Tensor) -> None:
+        if self._form == "row":  # the output gather absorbs the reorder
             self.output_index.copy_(self.output_index.index_select(0, order))
         else:
-            self.weight.copy_(self.weight.index_select(0, order))
-        if self.bias is not None:
-            self.bias.copy_(self.bias.index_select(0, order))
-        return self
+            super()._permute_output_factor_(order)
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -295,51 +394,23 @@ class PIFALinear(nn.Module):
         return F.linear(z, self.weight, self.bias).view(*lead, self.out_features)
 
 
-class LowRankLinear(nn.Module):
+class LowRankLinear(CompressedLinear):
     """y = (x V^T) U^T + b: ``weight_in`` = V (rank, in), ``weight`` = U (out, rank), ``bias`` (out,).
 
     The low-rank baseline of PIFA (same surface). U is named ``weight`` for the same load guard as
     PIFALinear: its shape differs from the dense (out, in) unless rank == in_features.
     """
 
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        rank: int,
-        bias: bool = True,
-        dtype: torch.dtype | None = None,
-        device: torch.device | str | None = None,
-    ) -> None:
-        super().__init__()
-        _check_dims(in_features, out_features, rank)
-        self.in_features, self.out_features, self._rank = int(in_features), int(out_features), int(rank)
-        kw = _factory(dtype, device)
-        self.weight_in = nn.Parameter(torch.empty(rank, in_features, **kw))
-        self.weight = nn.Parameter(torch.empty(out_features, rank, **kw))
-        self.bias = nn.Parameter(torch.empty(out_features, **kw)) if bias else None
-        _register_load_hint(self, device)
-        if self.weight.device.type != "meta":
-            self.reset_parameters()
+    def _create_factors(self, kw: dict) -> None:
+        self.weight_in = nn.Parameter(torch.empty(self._rank, self.in_features, **kw))
+        self.weight = nn.Parameter(torch.empty(self.out_features, self._rank, **kw))
 
     def reset_parameters(self) -> None:
-        with torch.no_grad():
-            bound = 1.0 / math.sqrt(self.in_features)
-            self.weight_in.uniform_(-bound, bound)
-            self.weight.uniform_(-1.0 / math.sqrt(self._rank), 1.0 / math.sqrt(self._rank))
-            if self.bias is not None:
-                self.bias.uniform_(-bound, bound)
+        self._uniform_init_(self.weight_in, self.weight)
 
     @classmethod
-    def from_factors(
-        cls,
-        U: torch.Tensor,
-        V: torch.Tensor,
-        bias: torch.Tensor | None = None,
-        form: str = "auto",
-        dtype: torch.dtype | None = None,
-    ) -> LowRankLinear:
-        """Layer computing x (U V)^T + bias. U: (out, r), V: (r, in). ``form`` is accepted and ignored."""
+    def _from_uv(cls, U, V, bias, *, form: str, dtype) -> LowRankLinear:
+        """``form`` is accepted and ignored (one layout)."""
         if U.ndim != 2 or V.ndim != 2 or U.shape[1] != V.shape[0]:
             raise ValueError(
                 f"expected U (m, r) and V (r, n) with the same r, got U {tuple(U.shape)} and V {tuple(V.shape)}"
@@ -353,9 +424,7 @@ class LowRankLinear(nn.Module):
                 layer.bias.copy_(bias)
         return layer
 
-    @property
-    def rank(self) -> int:
-        return self._rank
+    kind = "lowrank"
 
     @property
     def form(self) -> str:
@@ -366,59 +435,9 @@ class LowRankLinear(nn.Module):
         """Stored weight count r (m + n) (bias not counted)."""
         return lowrank_num_params(self.out_features, self.in_features, self._rank)
 
-    def spec(self) -> dict[str, Any]:
-        return {
-            "kind": "lowrank",
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "rank": self._rank,
-            "bias": self.bias is not None,
-        }
-
-    @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None) -> LowRankLinear:
-        _check_spec(spec, "lowrank")
-        return cls(
-            int(spec["in_features"]),
-            int(spec["out_features"]),
-            int(spec["rank"]),
-            bias=bool(spec["bias"]),
-            dtype=dtype,
-            device=device,
-        )
-
     def dense_weight(self) -> torch.Tensor:
         acc = torch.promote_types(self.weight.dtype, torch.float32)
         return (self.weight.detach().to(acc) @ self.weight_in.detach().to(acc)).to(self.weight.dtype)
-
-    def to_dense(self) -> nn.Linear:
-        linear = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            dtype=self.weight.dtype,
-            device=self.weight.device,
-        )
-        with torch.no_grad():
-            linear.weight.copy_(self.dense_weight())
-            if self.bias is not None:
-                linear.bias.copy_(self.bias)
-        return linear
-
-    @torch.no_grad()
-    def permute_outputs_(self, order: torch.Tensor) -> LowRankLinear:
-        """In place: from now on the layer emits y[..., order]."""
-        order = _check_perm(order, self.out_features).to(self.weight.device)
-        self.weight.copy_(self.weight.index_select(0, order))
-        if self.bias is not None:
-            self.bias.copy_(self.bias.index_select(0, order))
-        return self
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, rank={self._rank}, "
-            f"bias={self.bias is not None}"
-        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.linear(x, self.weight_in), self.weight, self.bias)
@@ -472,7 +491,7 @@ def emit_in_order_(producers: list[nn.Module], consumer: PIFALinear) -> None:
                 f"producer {type(producer).__name__} emits {getattr(producer, 'out_features', '?')} channels, "
                 f"the consumer reads {consumer.in_features}"
             )
-        if isinstance(producer, (PIFALinear, LowRankLinear)):
+        if isinstance(producer, CompressedLinear):
             producer.permute_outputs_(order)
         elif isinstance(producer, nn.Linear):
             producer.weight.copy_(producer.weight.index_select(0, order.to(producer.weight.device)))
