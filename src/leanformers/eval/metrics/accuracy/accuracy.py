@@ -3,9 +3,10 @@
 Shipped with leanformers so that ``evaluate.load`` works offline (see leanformers.eval.metrics).
 """
 
-import datasets
 import evaluate
 from sklearn.metrics import accuracy_score
+
+from leanformers.eval.metrics.shared import label_metric_info
 
 _DESCRIPTION = "Fraction of predictions equal to their reference (sklearn.metrics.accuracy_score)."
 _KWARGS = """
@@ -20,17 +21,7 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Accuracy(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
-            citation="scikit-learn: Machine Learning in Python, Pedregosa et al., JMLR 12, 2011",
-            inputs_description=_KWARGS,
-            features=datasets.Features(
-                {"predictions": datasets.Value("int32"), "references": datasets.Value("int32")}
-            ),
-            reference_urls=[
-                "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.accuracy_score.html"
-            ],
-        )
+        return label_metric_info(_DESCRIPTION, _KWARGS, "accuracy_score")
 
     def _compute(self, predictions, references, normalize=True, sample_weight=None):
         return {

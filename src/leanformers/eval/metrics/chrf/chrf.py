@@ -4,9 +4,10 @@ Shipped with leanformers so that ``evaluate.load`` works offline (see leanformer
 The score is ``sacrebleu.corpus_chrf``'s (CHRF class); nothing is re-implemented.
 """
 
-import datasets
 import evaluate
 from sacrebleu import CHRF
+
+from leanformers.eval.metrics.shared import references_by_position, text_metric_info
 
 _DESCRIPTION = "Corpus-level chrF (character n-gram F-score; chrF++ with word_order=2), from sacrebleu."
 _KWARGS = """
@@ -22,27 +23,11 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class ChrF(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
+        return text_metric_info(
+            _DESCRIPTION,
+            _KWARGS,
             citation="Popovic, chrF: character n-gram F-score for automatic MT evaluation, WMT 2015",
-            inputs_description=_KWARGS,
             homepage="https://github.com/mjpost/sacreBLEU#chrf--chrf",
-            features=[
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Sequence(
-                            datasets.Value("string", id="sequence"), id="references"
-                        ),
-                    }
-                ),
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Value("string", id="sequence"),
-                    }
-                ),
-            ],
         )
 
     def _compute(
@@ -56,12 +41,7 @@ class ChrF(evaluate.Metric):
         whitespace=False,
         eps_smoothing=False,
     ):
-        if references and isinstance(references[0], str):
-            references = [[ref] for ref in references]
-        counts = {len(refs) for refs in references}
-        if len(counts) != 1:
-            raise ValueError("chrF needs the same number of references for every prediction")
-        transposed = [[refs[i] for refs in references] for i in range(counts.pop())]
+        transposed = references_by_position(references, "chrF")
         chrf = CHRF(char_order, word_order, beta, lowercase, whitespace, eps_smoothing)
         result = chrf.corpus_score(predictions, transposed)
         return {

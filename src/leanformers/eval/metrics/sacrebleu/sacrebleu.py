@@ -5,9 +5,10 @@ Written against evaluate's module API; the score is ``sacrebleu.corpus_bleu``'s,
 re-implemented. Output keys follow the Hub module of the same name.
 """
 
-import datasets
 import evaluate
 import sacrebleu as scb
+
+from leanformers.eval.metrics.shared import references_by_position, text_metric_info
 
 _DESCRIPTION = "Corpus-level BLEU (sacrebleu.corpus_bleu) of detokenised predictions against references."
 _KWARGS = """
@@ -23,27 +24,11 @@ Returns:
 @evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS)
 class Sacrebleu(evaluate.Metric):
     def _info(self):
-        return evaluate.MetricInfo(
-            description=_DESCRIPTION,
+        return text_metric_info(
+            _DESCRIPTION,
+            _KWARGS,
             citation="Post, A Call for Clarity in Reporting BLEU Scores, WMT 2018",
-            inputs_description=_KWARGS,
             homepage="https://github.com/mjpost/sacreBLEU",
-            features=[
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Sequence(
-                            datasets.Value("string", id="sequence"), id="references"
-                        ),
-                    }
-                ),
-                datasets.Features(
-                    {
-                        "predictions": datasets.Value("string", id="sequence"),
-                        "references": datasets.Value("string", id="sequence"),
-                    }
-                ),
-            ],
         )
 
     def _compute(
@@ -57,12 +42,7 @@ class Sacrebleu(evaluate.Metric):
         tokenize=None,
         use_effective_order=False,
     ):
-        if references and isinstance(references[0], str):
-            references = [[ref] for ref in references]
-        counts = {len(refs) for refs in references}
-        if len(counts) != 1:
-            raise ValueError("sacrebleu needs the same number of references for every prediction")
-        transposed = [[refs[i] for refs in references] for i in range(counts.pop())]
+        transposed = references_by_position(references, "sacrebleu")
         result = scb.corpus_bleu(
             predictions,
             transposed,
