@@ -23,7 +23,8 @@ import torch  # noqa: E402
 
 torch.set_num_threads(TEST_THREADS)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO_ROOT  # noqa: E402  (one definition; kept importable from here too)
+
 SHARED_DATA = REPO_ROOT.parent / "shared" / "data"
 
 
@@ -34,6 +35,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def repo_root() -> Path:
+    """The checkout's root folder (recipes/, bench/, notebooks/ are read from it)."""
+    return REPO_ROOT
 
 
 @pytest.fixture(scope="session")

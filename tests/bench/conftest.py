@@ -35,11 +35,6 @@ def load_bench(name: str) -> ModuleType:
     return module
 
 
-@pytest.fixture(scope="session")
-def repo_root() -> Path:
-    return REPO_ROOT
-
-
 @pytest.fixture
 def run_bench(tmp_path) -> Callable[..., tuple[dict, Path]]:
     def run(name: str, *args: str) -> tuple[dict, Path]:
