@@ -81,3 +81,34 @@ class SeededTokens(torch.utils.data.Dataset):
 
         ids = random_ids(1, 16, seed=i)[0]
         return {"input_ids": ids, "labels": ids}
+
+
+def cpu_training_args(output_dir, **overrides):
+    """``TrainingArguments`` for a short, quiet, seeded CPU run; ``overrides`` replace any field."""
+    from transformers import TrainingArguments
+
+    kwargs = {
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": 4,
+        "learning_rate": 5e-3,
+        "max_steps": 4,
+        "logging_steps": 100,
+        "save_strategy": "no",
+        "report_to": "none",
+        "use_cpu": True,
+        "seed": 0,
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+    }
+    kwargs.update(overrides)
+    return TrainingArguments(**kwargs)
+
+
+def mpifa_cli_args(src, out, shared_data: Path, *extra: str) -> list[str]:
+    """``mpifa-compress`` arguments for a tiny CPU run calibrated on 4 x 64 tokens of WikiText-2 v1 valid."""
+    calib = str(shared_data / "wikitext-2-v1-valid.txt")
+    return [str(src), "--output", str(out), "--calib", calib, "--nsamples", "4", "--seqlen", "64"] + [
+        "--device",
+        "cpu",
+        *extra,
+    ]

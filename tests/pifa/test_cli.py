@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from leanformers.pifa.cli import main
-from tests.helpers import run_python
+from tests.helpers import mpifa_cli_args, run_python
 
 pytestmark = pytest.mark.slow
 
@@ -30,20 +30,7 @@ def tiny_lm_folder(tmp_path_factory, smollm2_path):
 
 
 def _args(src, out, shared_data, *extra):
-    return [
-        str(src),
-        "--output",
-        str(out),
-        "--calib",
-        str(shared_data / "wikitext-2-v1-valid.txt"),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "64",
-        "--device",
-        "cpu",
-        *extra,
-    ]
+    return mpifa_cli_args(src, out, shared_data, *extra)
 
 
 def test_cli_writes_a_reloadable_safetensors_folder(tiny_lm_folder, shared_data, tmp_path, capsys):

@@ -15,6 +15,7 @@ from torch import nn
 from leanformers.pifa.calibration import ARCHITECTURES, find_layout, infer_layout
 from leanformers.pifa.cli import main, parse_groups
 from leanformers.pifa.compress import MPIFAConfig, mpifa_compress
+from tests.helpers import mpifa_cli_args
 from tests.pifa.tiny_decoders import DECODERS
 from tests.tiny_models import random_ids, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
 
@@ -132,22 +133,7 @@ def decoder_folders(tmp_path_factory, smollm2_path):
 
 
 def _cli_args(src, out, shared_data, *extra):
-    return [
-        str(src),
-        "--output",
-        str(out),
-        "--calib",
-        str(shared_data / "wikitext-2-v1-valid.txt"),
-        "--nsamples",
-        "4",
-        "--seqlen",
-        "64",
-        "--device",
-        "cpu",
-        "--dtype",
-        "float32",
-        *extra,
-    ]
+    return mpifa_cli_args(src, out, shared_data, "--dtype", "float32", *extra)
 
 
 @pytest.mark.slow

@@ -8,28 +8,14 @@ from peft import get_peft_model
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from leanformers.sst import SSTCallback, SSTConfig, SSTController, SSTLinear
-from tests.helpers import RandomTokens
+from tests.helpers import RandomTokens, cpu_training_args
 from tests.tiny_models import random_ids, tiny_llama
 
 CONFIG = {"r": 8, "steps_per_iteration": 3, "warmup_steps_per_iteration": 2, "iterations_per_round": 2}
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 4,
-        "learning_rate": 5e-3,
-        "max_steps": 14,
-        "logging_steps": 100,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-    }
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return cpu_training_args(tmp_path, **{"max_steps": 14, **overrides})
 
 
 class InvariantChecker(TrainerCallback):

@@ -11,28 +11,14 @@ from peft import get_peft_model
 from transformers import Trainer, TrainingArguments
 
 from leanformers.sst import SSTCallback, SSTConfig, SSTController
-from tests.helpers import RandomTokens, run_fresh
+from tests.helpers import RandomTokens, cpu_training_args, run_fresh
 from tests.tiny_models import random_ids, tiny_llama
 
 NO_CONTROLLER = "no SSTController / SSTCallback drives the SST schedule"
 
 
 def _args(tmp_path, **overrides) -> TrainingArguments:
-    kwargs = {
-        "output_dir": str(tmp_path),
-        "per_device_train_batch_size": 4,
-        "learning_rate": 5e-3,
-        "max_steps": 4,
-        "logging_steps": 100,
-        "save_strategy": "no",
-        "report_to": "none",
-        "use_cpu": True,
-        "seed": 0,
-        "dataloader_num_workers": 0,
-        "disable_tqdm": True,
-    }
-    kwargs.update(overrides)
-    return TrainingArguments(**kwargs)
+    return cpu_training_args(tmp_path, **overrides)
 
 
 def _sst_warnings(record) -> list[str]:
