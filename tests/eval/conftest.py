@@ -7,19 +7,12 @@ import torch
 
 
 def tiny_lm(vocab: int, seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import llama_config
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(
-        vocab_size=vocab,
-        hidden_size=64,
-        intermediate_size=96,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        tie_word_embeddings=False,
-    )
+    cfg = llama_config(64, 96, 2, 4, kv_heads=2, vocab=vocab, max_positions=1024, tie_word_embeddings=False)
     return LlamaForCausalLM(cfg).eval()
 
 
