@@ -113,11 +113,13 @@ def run(method: str, root: Path) -> dict:
     checks = {
         "updates": len(controller.history),
         "dtensor_shard0": all(
-            isinstance(layer.weight, DTensor) and tuple(layer.weight.placements) == (Shard(0),) for layer in layers
+            isinstance(layer.weight, DTensor) and tuple(layer.weight.placements) == (Shard(0),)
+            for layer in layers
         ),
         # each rank holds only its rows of every mask, laid out like its shard of the weight
         "masks_local": all(
-            layer.mask_param.shape == local(layer.weight).shape and layer.mask_param.numel() < layer.weight.numel()
+            layer.mask_param.shape == local(layer.weight).shape
+            and layer.mask_param.numel() < layer.weight.numel()
             for layer in layers
         ),
         "state_identical": _same_on_all_ranks(
