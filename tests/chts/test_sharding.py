@@ -69,7 +69,8 @@ def test_fully_sharded_model_trains_with_masks_per_shard(tmp_path):
             fully_shard(layer)
         fully_shard(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        sched = CHTssScheduler(model, opt, CFG, total_steps=4)
+        cfg = CHTssConfig(final_density=0.3, update_interval=2, topology_end=1.0)
+        sched = CHTssScheduler(model, opt, cfg, total_steps=4)
         assert sched.sharded
         ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
         for _ in range(4):
