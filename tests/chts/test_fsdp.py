@@ -28,7 +28,7 @@ METHODS = ("chtss", "rigl")
 @pytest.fixture(scope="module")
 def reports(tmp_path_factory):
     out = tmp_path_factory.mktemp("chts_fsdp2")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29561"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29573"]
     cmd += [str(REPO_ROOT / "tests/chts/fsdp_worker.py"), str(out), *METHODS]
     proc = subprocess.run(
         cmd, cwd=REPO_ROOT, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=600

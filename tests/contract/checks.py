@@ -182,8 +182,9 @@ def make_trainer(model, callbacks, row: Row, out: Path, **args) -> Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    trainer_class = args.pop("trainer_class", Trainer)
     defaults.update(args)
-    return Trainer(
+    return trainer_class(
         model=model,
         args=TrainingArguments(**defaults),
         train_dataset=Tokens(row.family.task),
