@@ -548,4 +548,5 @@ assert set(CHECKS) >= {op for m in METHODS.values() for op in m.operations} - {
     "persist_base",
     "persist_noimport",
     "ddp",
+    "fsdp2",
 }, "an operation of the table has no check"
