@@ -87,3 +87,19 @@ def test_fully_sharded_model_trains_with_masks_per_shard(tmp_path):
         assert abs(sched.metrics()["chtss/density_sparse_subset"] - 0.3) < 0.01
     finally:
         dist.destroy_process_group()
+
+
+def test_sharding_after_the_controller_was_built_is_refused(tmp_path):
+    # Masks and gradient hooks of the unsharded parameters would miss the DTensor shards: a clear error.
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'init'}", rank=0, world_size=1)
+    try:
+        model = tiny_llama()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sched = CHTssScheduler(model, opt, CFG, total_steps=4)
+        fully_shard(model)
+        with pytest.raises(RuntimeError, match="sharded .fully_shard. after the CHTss controller was built"):
+            sched.step()
+    finally:
+        dist.destroy_process_group()

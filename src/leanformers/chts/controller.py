@@ -359,6 +359,12 @@ class CHTssController(Controller):
         """
         if optimizer is not None:
             self.attach(optimizer, lr_scheduler)
+        if self.layers[0].sharded != self.sharded:
+            raise RuntimeError(
+                "the model was sharded (fully_shard) after the CHTss controller was built: its masks and gradient "
+                "hooks belong to the unsharded parameters. Build CHTssController after fully_shard (the Trainer's "
+                "CHTssCallback does, in on_train_begin)."
+            )
         self.global_step = self.global_step + 1 if global_step is None else int(global_step)
         self.apply_masks_()
         metrics = None
