@@ -39,6 +39,11 @@ OPTIONS = {
 }
 
 
+# RigL's sharded runs accumulate 2 micro-batches of 1 per rank (same global batch): its dense
+# gradients are then summed over micro-batches from the masked .grad shards (controller._mask_sharded_grads).
+ACCUMULATE = {"rigl": 2}
+
+
 def config(method: str):
     from leanformers import CHTssConfig
 
@@ -54,8 +59,11 @@ def config(method: str):
     )
 
 
-def train(method: str, out: Path, fsdp: bool, resume_from: Path | None = None):
-    """(trainer, callback) after STEPS steps on a fixed data order (sequential sampler)."""
+def train(method: str, out: Path, fsdp: bool, resume_from: Path | None = None, accumulate: int = 1):
+    """(trainer, callback) after STEPS steps on a fixed data order (sequential sampler).
+
+    ``accumulate``: gradient accumulation steps (the global batch stays GLOBAL_BATCH).
+    """
     from transformers import Trainer, TrainingArguments
 
     from leanformers import CHTssCallback
@@ -63,7 +71,8 @@ def train(method: str, out: Path, fsdp: bool, resume_from: Path | None = None):
     world = dist.get_world_size() if dist.is_initialized() else 1
     args = TrainingArguments(
         output_dir=str(out),
-        per_device_train_batch_size=GLOBAL_BATCH // world,
+        per_device_train_batch_size=GLOBAL_BATCH // world // accumulate,
+        gradient_accumulation_steps=accumulate,
         max_steps=STEPS,
         learning_rate=1e-2,
         lr_scheduler_type="constant",
@@ -108,7 +117,8 @@ def run(method: str, root: Path) -> dict:
     from leanformers.training.fsdp import local
 
     rank = dist.get_rank()
-    trainer, callback = train(method, root / "run", fsdp=True)
+    accumulate = ACCUMULATE.get(method, 1)
+    trainer, callback = train(method, root / "run", fsdp=True, accumulate=accumulate)
     controller = callback.controller
     layers = controller.layers
     tensors, meta = controller.checkpoint_state()
@@ -140,7 +150,7 @@ def run(method: str, root: Path) -> dict:
         checks["sharded_checkpoint"] = sorted(p.name for p in ckpt.iterdir() if p.is_dir())
         shutil.copytree(ckpt, copied)
     dist.barrier()
-    trainer, callback = train(method, root / "resumed", fsdp=True, resume_from=copied)
+    trainer, callback = train(method, root / "resumed", fsdp=True, resume_from=copied, accumulate=accumulate)
     resumed = _snapshot(trainer, callback)
     return {"checks": checks, "full": full, "resumed": resumed}
 

@@ -3,7 +3,8 @@
 ONE launch of ``fsdp_worker.py`` runs both methods: an uninterrupted 8-step sharded run (topology
 updates at steps 2, 4, 6, 8; a sharded checkpoint at step 4) and a fresh run resumed from a copy of
 that checkpoint folder. The single-process reference (the same global batch of 4, sequential data
-order) runs here.
+order, no gradient accumulation) runs here; the sharded RigL run accumulates 2 micro-batches per rank.
+The model's MLP has 97 rows: the two ranks' shards of gate/up differ in size.
 
 Tolerance: masks must be EQUAL to the single-process run's, parameters within atol = rtol = 1e-4
 (observed max |diff| 3.4e-6 for CHTss, 3.4e-5 for RigL after 8 Adam steps at lr 1e-2: the 2-rank
