@@ -207,3 +207,24 @@ def test_supervised_recipe_errors(tmp_path, shared_data):
         train.run(bad)
     with pytest.raises(ValueError, match="metrics apply to task: translation or classification"):
         train.run({**TINY, "metrics": ["sacrebleu"]})
+
+
+def test_accelerate_fsdp2_config_file_serves_accelerate_and_the_trainer(tmp_path):
+    # recipes/accelerate/fsdp2.yaml: accelerate's own loader reads it as an FSDP2 launch config, and
+    # training.fsdp_config=<that file> gives TrainingArguments the same FSDP2 plugin settings.
+    from accelerate.commands.config.config_args import load_config_from_file
+    from transformers import TrainingArguments
+
+    path = str(REPO_ROOT / "recipes/accelerate/fsdp2.yaml")
+    launch = load_config_from_file(path)
+    assert launch.distributed_type == "FSDP" and launch.fsdp_config["fsdp_version"] == 2
+    training = {"output_dir": str(tmp_path), "use_cpu": True, "report_to": [], "fsdp_config": path}
+    train._fsdp_config_from_accelerate_file(training)
+    args = TrainingArguments(**training)
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
+    assert args.fsdp_plugin_args["transformer_cls_names_to_wrap"] == "LlamaDecoderLayer"
+    assert args.fsdp_plugin_args["state_dict_type"] == "SHARDED_STATE_DICT"
+    not_accelerate = tmp_path / "plain.yaml"
+    not_accelerate.write_text("fsdp_version: 2\n")
+    with pytest.raises(ValueError, match="holds no fsdp_config section"):
+        train._fsdp_config_from_accelerate_file({"fsdp_config": str(not_accelerate)})

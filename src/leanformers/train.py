@@ -130,6 +130,25 @@ METHODS.update({name: _sparse_method(name) for name in METHOD_PRESETS})
 
 
 # ------------------------------------------------------------------------------------------ recipe
+def _fsdp_config_from_accelerate_file(training: dict) -> None:
+    """``training.fsdp_config: recipes/accelerate/fsdp2.yaml``: the Trainer reads the ``fsdp_config`` of
+    an accelerate config file (the one ``accelerate launch --config_file`` takes), so that one file
+    configures both ways of launching; ``training.fsdp`` defaults to True then. In place."""
+    path = training.get("fsdp_config")
+    if not isinstance(path, str) or not path.endswith((".yaml", ".yml")):
+        return  # a dict, or a JSON file TrainingArguments reads itself
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        content = yaml.safe_load(f) or {}
+    if not isinstance(content.get("fsdp_config"), dict):
+        raise ValueError(
+            f"training.fsdp_config={path} holds no fsdp_config section (an accelerate config file)"
+        )
+    training["fsdp_config"] = dict(content["fsdp_config"])
+    training.setdefault("fsdp", True)
+
+
 SECTIONS = ("model", "tokenizer", "data", "method", "training", "task", "metrics")
 
 
@@ -485,6 +504,7 @@ def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) ->
     model, callbacks = METHODS[name](model, dict(method.get(name) or {}))
     training.setdefault("report_to", "none")
     training.setdefault("save_strategy", "no")
+    _fsdp_config_from_accelerate_file(training)
     args = args_class(**training)
     trainer = trainer_class(
         model=model, args=args, train_dataset=train_ds, eval_dataset=eval_ds, callbacks=callbacks, **extra

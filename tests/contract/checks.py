@@ -182,8 +182,9 @@ def make_trainer(model, callbacks, row: Row, out: Path, **args) -> Trainer:
         disable_tqdm=True,
         dataloader_num_workers=0,
     )
+    trainer_class = args.pop("trainer_class", Trainer)
     defaults.update(args)
-    return Trainer(
+    return trainer_class(
         model=model,
         args=TrainingArguments(**defaults),
         train_dataset=Tokens(row.family.task),
@@ -547,4 +548,5 @@ assert set(CHECKS) >= {op for m in METHODS.values() for op in m.operations} - {
     "persist_base",
     "persist_noimport",
     "ddp",
+    "fsdp2",
 }, "an operation of the table has no check"

@@ -41,7 +41,8 @@ Running
 ``pytest tests/contract`` (about 2 min of one CPU core); one row: ``-k "sst_ft-bert_cls-persist"``
 (test ids are ``method-family-operation``). Selecting any persistence row saves every persistence
 row and reloads them all in one fresh process (``fresh_reload.py``); selecting any ddp row runs all
-of them in one 2-process launch (``dist_worker.py``).
+of them in one 2-process launch (``dist_worker.py``), and likewise any fsdp2 row (FSDP2 through the
+Trainer on CPU: ``tests/fsdp_trainer.py``). A method joins the fsdp2 launch by listing ``FSDP2_OP``.
 """
 
 from __future__ import annotations
@@ -114,6 +115,8 @@ PEFT_OPS = (
 SST_ONLY_OPS = ("no_controller_warns",)
 DST_ONLY_OPS = ("config_method",)
 DDP_OP = "ddp"  # batched: one 2-process gloo launch runs every ddp row
+FSDP2_OP = "fsdp2"  # batched: one 2-process gloo launch runs every fsdp2 row (Trainer + FSDP2 on CPU)
+DIST_OPS = (DDP_OP, FSDP2_OP)
 
 # ----------------------------------------------------------------------------- methods
 
@@ -166,7 +169,7 @@ METHODS: dict[str, Method] = {
             "chtss",
             "dst",
             dict(_DST, initial_density=0.6, final_density=0.4),
-            operations=TRAINER_OPS + ("persist",) + RESUME_OPS + DST_ONLY_OPS + (DDP_OP,),
+            operations=TRAINER_OPS + ("persist",) + RESUME_OPS + DST_ONLY_OPS + (DDP_OP, FSDP2_OP),
         ),
         *(
             Method(
@@ -174,7 +177,7 @@ METHODS: dict[str, Method] = {
                 "dst",
                 # MEST has no preset: SET's random regrowth with the |w| + lambda |grad| removal score
                 dict(_DST, final_density=0.5, **(_MEST if preset == "mest" else {})),
-                operations=("train_step", "grad_accum", "resume", "config_method", DDP_OP),
+                operations=("train_step", "grad_accum", "resume", "config_method", DDP_OP, FSDP2_OP),
                 families=("llama", "gpt2"),
                 rewires=preset != "static",
             )
@@ -211,7 +214,7 @@ QUIRKS: dict[tuple[str, str, str], dict] = {
 def _applies(method: Method, family: Family, op: str) -> bool:
     if op == "generate" and family.task == "seq_cls":
         return False  # a classifier does not generate
-    if op in (DDP_OP, "config_method", "no_controller_warns") and family.name != "llama":
+    if op in (*DIST_OPS, "config_method", "no_controller_warns") and family.name != "llama":
         return False  # method-level properties: one family is enough
     if op in PEFT_OPS and family.name not in ("llama", "gpt2", "bert_cls"):
         return False

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from tests.contract.checks import CHECKS, inputs_for, logits_of, make_trainer, wrap
-from tests.contract.table import DDP_OP, PERSIST_OPS, ROWS, Row
+from tests.contract.table import DDP_OP, FSDP2_OP, PERSIST_OPS, ROWS, Row
 
 REPO = Path(__file__).resolve().parents[2]
 UNCLEAR = ("KeyError", "AttributeError", "IndexError")  # errors that name no problem and no fix
@@ -125,18 +125,27 @@ def reloaded(tmp_path_factory):
     return root, outcome
 
 
-@pytest.fixture(scope="session")
-def ddp_reports(tmp_path_factory):
-    """Every ddp row in ONE 2-process gloo launch of dist_worker.py."""
-    out = tmp_path_factory.mktemp("contract_ddp") / "reports.json"
-    ids = [row.id for row in ROWS if row.op == DDP_OP]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29547"]
+def _dist_reports(tmp_path_factory, op: str, port: int) -> dict:
+    """Every ``op`` row in ONE 2-process gloo launch of dist_worker.py."""
+    out = tmp_path_factory.mktemp(f"contract_{op}") / "reports.json"
+    ids = [row.id for row in ROWS if row.op == op]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port)]
     cmd += [str(REPO / "tests/contract/dist_worker.py"), str(out), *ids]
     proc = subprocess.run(cmd, cwd=REPO, env=_subprocess_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     reports = json.loads(out.read_text())
     assert reports["_world_size"] == 2
     return reports
+
+
+@pytest.fixture(scope="session")
+def ddp_reports(tmp_path_factory):
+    return _dist_reports(tmp_path_factory, DDP_OP, 29547)
+
+
+@pytest.fixture(scope="session")
+def fsdp2_reports(tmp_path_factory):
+    return _dist_reports(tmp_path_factory, FSDP2_OP, 29548)
 
 
 # ----------------------------------------------------------------------------- the rows
@@ -207,6 +216,29 @@ def test_ddp_row(row: Row, ddp_reports):
     expect(row, check)
 
 
+@pytest.mark.distributed
+@pytest.mark.parametrize("row", _params(FSDP2_OP))
+def test_fsdp2_row(row: Row, fsdp2_reports):
+    """2 gloo processes, Trainer + FSDP2: sharded weights, identical gathered parameters and method state."""
+
+    def check():
+        report = fsdp2_reports[row.id]
+        if "error" in report:
+            raise Recorded(report["error"], report["message"])
+        assert report["global_step"] == 6
+        assert report["wrapper"] == "FSDP2", f"the parameters are not DTensor shards: {report['wrapper']}"
+        assert report["state_entries"] > 0
+        assert report["state_changed"] == row.method.rewires
+        assert report["params_identical"], "gathered parameters differ across ranks"
+        assert report["state_identical"], "masks / sampled indices differ across ranks"
+        if row.method.kind == "dst":
+            assert report["masks_local"], "a rank holds more than its shard of a mask"
+            assert report["zero_outside_masks"], "weights or moments non-zero outside a mask shard"
+            assert report["disagreement"] == 0.0, "a rank chose other links than rank 0"
+
+    expect(row, check)
+
+
 # ----------------------------------------------------------------------------- the table itself
 
 # Issue 7's silent failures, each pinned to the rows that catch it: dropping one is a test failure.
@@ -224,6 +256,9 @@ ISSUE_7_ROWS = {
         f"{m}-llama-config_method" for m in ("chtss", "chts", "set", "rigl", "mest", "static")
     ],
     "MEST under DDP": ["mest-llama-ddp"],
+    "CHTs family under FSDP2 (issue 12)": [
+        f"{m}-llama-fsdp2" for m in ("chtss", "chts", "set", "rigl", "mest")
+    ],
     "MPIFA AutoModel on a task folder": ["mpifa-llama-persist_base", "mpifa-bert_cls-persist_base"],
     "MPIFA without import leanformers is loud": ["mpifa-llama-persist_noimport"],
 }
@@ -239,5 +274,5 @@ def test_table_keeps_every_issue_row_and_every_family():
         families = method.families or tuple(FAMILIES)
         covered = {row.family.name for row in ROWS if row.method is method}
         assert covered == set(families), (method.name, set(families) - covered)
-    batched = set(PERSIST_OPS) | {DDP_OP}
+    batched = set(PERSIST_OPS) | {DDP_OP, FSDP2_OP}
     assert all(row.op in CHECKS or row.op in batched for row in ROWS)

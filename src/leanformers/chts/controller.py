@@ -42,6 +42,14 @@ from leanformers.training.distributed import (
     seeded_generator,
     sharded_training_backend,
 )
+from leanformers.training.fsdp import (
+    gather_full,
+    is_fsdp2_model,
+    local,
+    queue_after_backward,
+    shard_like,
+    write_full_,
+)
 from leanformers.training.optim import check_optimizer, mask_state_, unwrap_optimizer
 
 __all__ = ["STATE_NAME", "CHTssController", "CHTssScheduler", "check_unsharded"]
@@ -53,25 +61,32 @@ STATE_NAME = "chtss"
 _SHARDING_PROBLEM = {
     "DeepSpeed": "ZeRO keeps fp32 master weights and partitioned optimizer state that the masking never sees "
     "(stage 3 also partitions the weights), so removed links would keep training",
-    "FSDP": "FSDP shards and flattens the parameters, while the per-matrix masks, gradient hooks and moment "
-    "surgery need whole weights",
-    "DTensor": "the parameters are DTensor shards, while the per-matrix masks need whole weights",
+    "FSDP": "FSDP1 (FullyShardedDataParallel) flattens each unit's parameters into one FlatParameter, so "
+    "a matrix, its mask and its optimizer moments have no (out, in) layout",
+    "DTensor": "the parameters are DTensor shards outside FSDP2 (e.g. tensor parallelism), whose gradients "
+    "the masking cannot reach before the optimizer step",
 }
+SUPPORTED_SHARDING = (None, "FSDP2")  # what check_unsharded lets through: one device, DDP, FSDP2
+_FSDP2_HINT = (
+    "PyTorch FSDP2 (fully_shard) is supported: TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2}) "
+    "or accelerate launch --config_file recipes/accelerate/fsdp2.yaml (docs/scaling.md); so are plain DDP "
+    "and one device"
+)
 
 
 def check_unsharded(args=None, model: nn.Module | None = None, optimizer=None) -> None:
-    """Refuse FSDP, DeepSpeed ZeRO and DTensor-sharded training with an error naming the problem.
+    """Refuse DeepSpeed ZeRO, FSDP1 and non-FSDP2 DTensor training with an error naming the problem.
+
+    FSDP2 (``fully_shard``) is accepted: masks, weights and moments are then handled per shard.
 
     Args:
         args: ``transformers.TrainingArguments`` (``fsdp`` / ``deepspeed`` settings), optional.
         model, optimizer: as the training loop holds them (wrappers included), optional.
     """
     backend = sharded_training_backend(args, model, optimizer)
-    if backend is not None:
+    if backend not in SUPPORTED_SHARDING:
         raise ValueError(
-            f"CHTss does not support {backend} training yet: {_SHARDING_PROBLEM[backend]}. Train with plain "
-            "DDP (torchrun, or accelerate launch without an FSDP/DeepSpeed config) or on one device; FSDP and "
-            "DeepSpeed ZeRO support is tracked by issue 12."
+            f"CHTss does not support {backend} training: {_SHARDING_PROBLEM[backend]}. {_FSDP2_HINT}."
         )
 
 
@@ -133,11 +148,21 @@ class CHTssController(Controller):
         self.last_metrics: dict[str, float] = {}
         self.history: list[dict[str, float]] = []
         self._collect_grads = False
+        # Dense gradients of the step that ends with an update (RigL, MEST): whole (out, in) matrices
+        # of this rank's data, or under FSDP2 local shards (param layout) of the reduced gradient.
         self._dense_grads: dict[int, torch.Tensor] = {}
         self._hooks = []
+        # FSDP2: the weights are DTensor shards; masks and moments are handled per shard, the topology
+        # update gathers one whole matrix at a time.
+        self.sharded = is_fsdp2_model(self.model)
         for idx, layer in enumerate(self.layers):
             layer.set_mask(torch.ones(layer.shape, dtype=torch.bool))
-            self._hooks.append(layer.weight.register_hook(self._make_grad_hook(idx)))
+            if not self.sharded:
+                self._hooks.append(layer.weight.register_hook(self._make_grad_hook(idx)))
+        if self.sharded:  # a gradient hook on a sharded parameter never fires: mask the reduced shards
+            self._hooks.extend(
+                queue_after_backward([layer.module for layer in self.layers], self._mask_sharded_grads)
+            )
         if optimizer is not None:
             self.attach(optimizer)
         if init_masks:
@@ -207,7 +232,7 @@ class CHTssController(Controller):
         cfg = self.config
         counts = self._target_counts(cfg.initial_density)
         for idx, (layer, k) in enumerate(zip(self.layers, counts)):
-            device = layer.weight.device
+            device = local(layer.weight).device
             gen = seeded_generator(cfg.seed, "init", idx, device=device)
             n_out, n_in = layer.shape
             if cfg.init_topology == "brf" and layer.groups == 1:
@@ -226,12 +251,16 @@ class CHTssController(Controller):
                 broadcast_(mask)
             layer.set_mask(mask)
             if cfg.sparse_init:
+                # The whole matrix is drawn on every rank (same generator); each rank keeps its shard.
+                full = gather_full(layer.weight.data) if layer.sharded else layer.weight.data
                 sparse_init_(
-                    layer.logical(layer.weight.data),
+                    layer.logical(full),
                     mask,
                     seeded_generator(cfg.seed, "sparse_init", idx, device=device),
                     cfg.sparse_init_fan,
                 )
+                if layer.sharded:
+                    write_full_(layer.weight.data, full)
         self.apply_masks_()
 
     def _correlated_mask(self, layer: SparseLayer, k: int, gen: torch.Generator) -> torch.Tensor:
@@ -261,6 +290,45 @@ class CHTssController(Controller):
 
         return hook
 
+    @torch.no_grad()
+    def _mask_sharded_grads(self) -> None:
+        """FSDP2, end of every backward: mask the reduced gradient shards (before clipping and the step).
+
+        Masking after FSDP2's reduce-scatter equals masking before it (the mask is the same on every
+        rank and the reduction is a sum). On a step that ends with a gradient-based update the dense
+        gradient (local shard, before clipping) is kept in ``_dense_grads``: ``.grad`` holds the masked
+        sum of the earlier micro-batches plus this one's dense gradient, so ``D <- D * ~mask + grad``
+        keeps the masked-out entries' running sum and the links' sum (no second buffer).
+        """
+        for idx, layer in enumerate(self.layers):
+            grad = layer.weight.grad
+            if grad is None:
+                continue
+            shard = local(grad)
+            if self._collect_grads:
+                dense = self._dense_grads.get(idx)
+                if dense is None:
+                    self._dense_grads[idx] = shard.to(torch.float32, copy=True)
+                else:
+                    dense.mul_(~layer.mask_param).add_(shard)
+            shard.mul_(layer.multiplier)
+
+    def _dense_grad(self, idx: int) -> torch.Tensor | None:
+        """The dense gradient (out, in) of layer ``idx`` for this update (whole matrix, float32), or None.
+
+        Under FSDP2 it is gathered here from the local shards, one matrix at a time (a collective:
+        every rank asks for the same layers in the same order).
+        """
+        if not self.sharded:
+            return self._dense_grads.get(idx)
+        if not self._collect_grads:
+            return None
+        layer = self.layers[idx]
+        shard = self._dense_grads.get(idx)
+        if shard is None:  # no gradient reached this layer: zeros, so that every rank gathers alike
+            shard = torch.zeros(layer.mask_param.shape, dtype=torch.float32, device=layer.mask_param.device)
+        return layer.logical(gather_full(shard, layer.weight))
+
     def _needs_gradient(self) -> bool:
         return self.config.regrowth == "gradient" or self.config.removal == "mest"
 
@@ -276,7 +344,7 @@ class CHTssController(Controller):
     def apply_masks_(self) -> None:
         """Zero masked weights and their optimizer moments."""
         for layer in self.layers:
-            layer.weight.data.mul_(layer.multiplier)  # in place, by the 0/1 view of the bool mask
+            local(layer.weight.data).mul_(layer.multiplier)  # in place, by the 0/1 view of the (local) mask
             if self.optimizer is not None:
                 mask_state_(self.optimizer, layer.weight, layer.mask_param)
 
@@ -291,6 +359,12 @@ class CHTssController(Controller):
         """
         if optimizer is not None:
             self.attach(optimizer, lr_scheduler)
+        if self.layers[0].sharded != self.sharded:
+            raise RuntimeError(
+                "the model was sharded (fully_shard) after the CHTss controller was built: its masks and gradient "
+                "hooks belong to the unsharded parameters. Build CHTssController after fully_shard (the Trainer's "
+                "CHTssCallback does, in on_train_begin)."
+            )
         self.global_step = self.global_step + 1 if global_step is None else int(global_step)
         self.apply_masks_()
         metrics = None
@@ -331,11 +405,12 @@ class CHTssController(Controller):
             elif cfg.regrowth.endswith("_L3p"):
                 scores = [predictors.l3p_scores(kept[i], cfg.regrowth[: -len("_L3p")]) for i in idxs]
             elif cfg.regrowth == "gradient":
+                dense = [self._dense_grad(i) for i in idxs]
                 scores = [
-                    predictors.gradient_scores(self._dense_grads[i], kept[i])
-                    if i in self._dense_grads
+                    predictors.gradient_scores(g, kept[i])
+                    if g is not None
                     else torch.zeros(kept[i].shape, device=kept[i].device)
-                    for i in idxs
+                    for i, g in zip(idxs, dense)
                 ]
             else:
                 scores = [predictors.random_scores(kept[i]) for i in idxs]
@@ -360,12 +435,12 @@ class CHTssController(Controller):
                 self._dense_grads[idx] = grad
             all_reduce_mean_(grad)
 
-    def _removal_scores(self, idx: int, layer: SparseLayer, mask: torch.Tensor) -> torch.Tensor:
-        w = layer.logical(layer.weight.data)
+    def _removal_scores(self, idx: int, w: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Scores (out, in) of the links to keep; ``w`` is the whole weight (out, in)."""
         if self.config.removal == "ri":
             return predictors.relative_importance(w, mask)
         if self.config.removal == "mest":
-            return predictors.mest_scores(w, self._dense_grads.get(idx), self.config.mest_lambda)
+            return predictors.mest_scores(w, self._dense_grad(idx), self.config.mest_lambda)
         return predictors.weight_scores(w)
 
     def _remove(
@@ -379,9 +454,9 @@ class CHTssController(Controller):
         kept: list[torch.Tensor] = []
         removed: list[torch.Tensor] = []
         for idx, (layer, target) in enumerate(zip(self.layers, targets)):
-            gen = seeded_generator(cfg.seed, "remove", u, idx, device=layer.weight.device)
-            mask = layer.mask
-            w = layer.logical(layer.weight.data)
+            gen = seeded_generator(cfg.seed, "remove", u, idx, device=local(layer.weight).device)
+            mask = current = layer.mask  # whole matrices, one at a time (gathered under FSDP2)
+            w = layer.full_weight()
             # 1. CHTss: hard prune to the scheduled density by relative importance (or |w|).
             if keeps is None and int(mask.sum()) > target:
                 score = (
@@ -395,7 +470,7 @@ class CHTssController(Controller):
             n_keep = n_active - int(round(zeta * n_active)) if keeps is None else min(n_active, keeps[idx])
             keep, _ = self._select(
                 layer,
-                self._removal_scores(idx, layer, mask),
+                self._removal_scores(idx, w, mask),
                 n_keep,
                 mask,
                 cfg.removal_sampling,
@@ -403,7 +478,8 @@ class CHTssController(Controller):
                 gen,
             )
             kept.append(keep)
-            removed.append(layer.mask & ~keep)
+            removed.append(current & ~keep)
+            del w
         return kept, removed
 
     def _regrow(
@@ -420,7 +496,7 @@ class CHTssController(Controller):
         for batch in self._regrowth_batches(kept, timer):
             for idx, score in batch:
                 layer, target = self.layers[idx], targets[idx]
-                gen = seeded_generator(cfg.seed, "regrow", u, idx, device=layer.weight.device)
+                gen = seeded_generator(cfg.seed, "regrow", u, idx, device=local(layer.weight).device)
                 n_grow = target - int(kept[idx].sum())
                 grown, filled = self._select(
                     layer, score, n_grow, ~kept[idx], cfg.regrowth_sampling, 1.0, gen, kept[idx]
@@ -446,7 +522,7 @@ class CHTssController(Controller):
         targets = self._target_counts(density)
         # EM_S: the removal keeps exactly the final density's links, whatever zeta says.
         keeps = None if plan.keep_density is None else self._target_counts(plan.keep_density)
-        if self._collect_grads and is_distributed():
+        if self._collect_grads and is_distributed() and not self.sharded:  # FSDP2 reduced them already
             self._reduce_dense_grads()
         kept, removed = self._remove(u, targets, zeta, temperature, keeps)
         # 5. Chain removal: links of neurons left without inputs or outputs.
@@ -514,12 +590,18 @@ class CHTssController(Controller):
 
     @torch.no_grad()
     def _install(self, layer: SparseLayer, new_mask: torch.Tensor, grown: torch.Tensor) -> None:
-        """New mask on the layer; removed and new links at weight 0 with zero optimizer moments."""
+        """New mask on the layer; removed and new links at weight 0 with zero optimizer moments.
+
+        ``new_mask`` and ``grown`` are whole (out, in) matrices; under FSDP2 each rank writes its shard.
+        """
         layer.set_mask(new_mask)
-        layer.weight.data.mul_(layer.multiplier)
+        local(layer.weight.data).mul_(layer.multiplier)
         if self.optimizer is not None:
             keep_state = new_mask & ~grown
-            mask_state_(self.optimizer, layer.weight, keep_state.T if layer.transposed else keep_state)
+            keep_param = (keep_state.T if layer.transposed else keep_state).contiguous()
+            if layer.sharded:
+                keep_param = shard_like(keep_param, layer.weight)
+            mask_state_(self.optimizer, layer.weight, keep_param)
 
     # ------------------------------------------------------------------ reporting
     def metrics(self) -> dict[str, float]:
@@ -528,11 +610,12 @@ class CHTssController(Controller):
         links = numel = 0
         active_out = []
         for layer in self.layers:
-            n = int(layer.mask.sum())
+            mask = layer.mask  # gathered once under FSDP2
+            n = int(mask.sum())
             links += n
-            numel += layer.mask.numel()
-            out[f"chtss/density/{layer.name}"] = n / layer.mask.numel()
-            a_out, a_in = active_neurons(layer.mask)
+            numel += mask.numel()
+            out[f"chtss/density/{layer.name}"] = n / mask.numel()
+            a_out, a_in = active_neurons(mask)
             out[f"chtss/active_out/{layer.name}"] = a_out
             active_out.append(a_out)
         total_params = sum(p.numel() for p in self.model.parameters())
@@ -583,10 +666,8 @@ class CHTssController(Controller):
             )
         masks = [unpack_mask(tensors[layer.name], tuple(meta["shapes"][layer.name])) for layer in self.layers]
         if check_weights:
-            outside = {
-                layer.name: int(
-                    ((layer.logical(layer.weight.data) != 0) & ~mask.to(layer.weight.device)).sum()
-                )
+            outside = {  # whole weights (gathered one at a time under FSDP2): every rank decides alike
+                layer.name: int(((layer.full_weight() != 0) & ~mask.to(local(layer.weight).device)).sum())
                 for layer, mask in zip(self.layers, masks)
             }
             bad = {name: n for name, n in outside.items() if n}

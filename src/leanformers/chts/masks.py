@@ -19,6 +19,7 @@ from torch import nn
 
 from leanformers._compat import is_conv1d
 from leanformers.training import load_state, save_state
+from leanformers.training.fsdp import gather_full, is_dtensor, local, shard_like
 
 __all__ = [
     "MASKS_STATE_NAME",
@@ -51,6 +52,7 @@ class SparseLayer:
     group_dim: int = 0  # 0: groups of rows (q/k/v), 1: groups of columns (o)
     # The one mask of this matrix: bool, in the parameter's own layout (1 byte per weight). No copy in
     # the weight dtype is kept: weights, gradients and moments are multiplied by the bool mask directly.
+    # Under FSDP2 (DTensor weight) it is this rank's shard only, laid out like the weight's shard.
     _mask: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -59,8 +61,18 @@ class SparseLayer:
 
     @property
     def shape(self) -> tuple[int, int]:
+        """The whole matrix's (out, in) shape (the global shape under FSDP2)."""
         w = self.module.weight
         return (w.shape[1], w.shape[0]) if self.transposed else (w.shape[0], w.shape[1])
+
+    @property
+    def sharded(self) -> bool:
+        """The weight is a DTensor (FSDP2): mask, weight and moments are held as local shards."""
+        return is_dtensor(self.module.weight)
+
+    def full_weight(self) -> torch.Tensor:
+        """The whole weight (out, in), identical on every rank (gathered under FSDP2: a collective)."""
+        return self.logical(gather_full(self.module.weight.data))
 
     @property
     def parent(self) -> str:
@@ -72,23 +84,29 @@ class SparseLayer:
 
     @property
     def mask(self) -> torch.Tensor | None:
-        """The (out, in) bool mask (a view of :attr:`mask_param` for ``Conv1D``)."""
-        return None if self._mask is None else self.logical(self._mask)
+        """The whole (out, in) bool mask (a view of :attr:`mask_param` for ``Conv1D``).
+
+        Under FSDP2 it is gathered from the ranks' shards: a collective, every rank must ask.
+        """
+        if self._mask is None:
+            return None
+        return self.logical(gather_full(self._mask, self.module.weight) if self.sharded else self._mask)
 
     def set_mask(self, mask: torch.Tensor) -> None:
-        """Install a new (out, in) bool mask, stored once in the parameter's layout."""
+        """Install a new whole (out, in) bool mask, stored once in the parameter's layout (local shard under FSDP2)."""
         w = self.module.weight
-        mask = mask.to(device=w.device, dtype=torch.bool)
-        self._mask = (mask.T if self.transposed else mask).contiguous()
+        mask = mask.to(device=local(w).device, dtype=torch.bool)
+        mask = (mask.T if self.transposed else mask).contiguous()
+        self._mask = shard_like(mask, w).contiguous() if self.sharded else mask
 
     @property
     def mask_param(self) -> torch.Tensor:
-        """The bool mask in the parameter's shape."""
+        """The bool mask in the parameter's shape (this rank's shard of it under FSDP2)."""
         return self._mask
 
     @property
     def multiplier(self) -> torch.Tensor:
-        """The mask as 0/1 ``uint8`` in the parameter's shape: a zero-copy view of the bool mask.
+        """The mask as 0/1 ``uint8`` in the (local) parameter's shape: a zero-copy view of the bool mask.
 
         Multiplying a float tensor by it promotes on the fly (no copy in the weight dtype); on CPU it
         is about 2x faster than multiplying by the bool tensor itself.

@@ -97,20 +97,30 @@ def _qualname(obj) -> str:
 def _backend_of_args(args) -> str | None:
     if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
         return "DeepSpeed"
-    return "FSDP" if getattr(args, "fsdp", None) else None
+    if not getattr(args, "fsdp", None):
+        return None
+    # TrainingArguments normalises fsdp_config's "fsdp_version" to "version"; both are read.
+    config = getattr(args, "fsdp_config", None) or {}
+    version = config.get("version", config.get("fsdp_version", 1))
+    return "FSDP2" if str(version) == "2" else "FSDP"
 
 
 def _backend_of_accelerate() -> str | None:
     if AcceleratorState is None:  # accelerate is optional for plain-PyTorch loops
         return None
-    kind = (AcceleratorState._shared_state or {}).get("distributed_type")
-    return {DistributedType.DEEPSPEED: "DeepSpeed", DistributedType.FSDP: "FSDP"}.get(kind)
+    shared = AcceleratorState._shared_state or {}
+    kind = shared.get("distributed_type")
+    if kind == DistributedType.FSDP:
+        return "FSDP2" if getattr(shared.get("fsdp_plugin"), "fsdp_version", 1) == 2 else "FSDP"
+    return {DistributedType.DEEPSPEED: "DeepSpeed"}.get(kind)
 
 
 def _backend_of_model(model: torch.nn.Module) -> str | None:
     for module in model.modules():
         if _qualname(module).startswith("deepspeed."):
             return "DeepSpeed"
+        if _FSDP_TYPES and isinstance(module, _FSDP_TYPES[0]):  # FSDPModule: fully_shard
+            return "FSDP2"
         if isinstance(module, _FSDP_TYPES):
             return "FSDP"
     for param in model.parameters():
@@ -138,7 +148,9 @@ def sharded_training_backend(args=None, model=None, optimizer=None) -> str | Non
     ``deepspeed``), accelerate's process state (``accelerate launch`` with an FSDP / DeepSpeed
     config), the model's modules and parameters (FSDP1 / FSDP2 wrappers, DTensor shards, ZeRO-3
     ``ds_id``), and the optimizer's wrapper chain (DeepSpeed ZeRO optimizers). Returns "DeepSpeed",
-    "FSDP" or "DTensor" (sharded parameters, e.g. tensor parallelism).
+    "FSDP" (FSDP1, ``FullyShardedDataParallel``: flat parameters), "FSDP2" (``fully_shard``:
+    DTensor parameters, or ``fsdp_version`` 2 requested) or "DTensor" (DTensor parameters outside
+    FSDP2, e.g. tensor parallelism).
     """
     return (
         (_backend_of_args(args) if args is not None else None)

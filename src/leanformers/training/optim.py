@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import torch
 
+from leanformers.training.fsdp import local
+
 __all__ = ["MOMENT_KEYS", "check_optimizer", "mask_state_", "reset_state", "unwrap_optimizer"]
 
 # Per-element state tensors of the supported optimizers (shape == param.shape).
@@ -70,7 +72,11 @@ def reset_state(
 
 @torch.no_grad()
 def mask_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, mask: torch.Tensor) -> None:
-    """Zero the moments of ``param`` wherever ``mask`` (bool, broadcastable to param) is False."""
+    """Zero the moments of ``param`` wherever ``mask`` (bool, broadcastable to param) is False.
+
+    Under FSDP2 (DTensor ``param`` and moments) ``mask`` is this rank's shard, laid out like the
+    parameter's local shard; only the local moments are touched.
+    """
     state = _state_of(optimizer, param)
     if not state:
         return
@@ -79,4 +85,5 @@ def mask_state_(optimizer: torch.optim.Optimizer, param: torch.Tensor, mask: tor
     for key in MOMENT_KEYS:
         buf = state.get(key)
         if isinstance(buf, torch.Tensor) and buf.shape == param.shape:
-            buf.mul_(factor.to(device=buf.device))
+            shard = local(buf)
+            shard.mul_(factor.to(device=shard.device))
