@@ -429,6 +429,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--llama-size", default=None, choices=["tiny", "small", "llama130m"])
     ap.add_argument("--llama-batch", type=int, default=None)
     ap.add_argument("--llama-interval", type=int, default=None)
+    ap.add_argument("--overhead-steps", type=int, default=None, help="default 200 (--quick) / 400")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
     ap.add_argument("--plot", default=None, help="write the density-schedule plot (PNG) here and exit")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results and exit")
@@ -467,6 +468,7 @@ def main(argv: list[str] | None = None) -> dict:
             if args.quick
             else (("llama130m", 400, 16, 256) if cuda else ("tiny", 400, 8, 64))
         )
+        steps = args.overhead_steps or steps
         save("overhead", [bench_overhead(size, steps, batch, seqlen, args.device, log)])
     if "mlp" in parts:
         from mlp_mnist import train_mlp
