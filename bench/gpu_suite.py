@@ -23,7 +23,7 @@ bench/README.md. The cap bounds the part whatever happens.
   pifa_layers           35    75   §2 PIFA vs low-rank vs dense layers, fp16 + bf16, 5 shapes, 8192 / 1-16 tok
   mpifa_headline        60   110   §1 / exp. 5: SmolLM2 at 0.5: dense, MPIFA, 2:4 Wanda, SVD-LLM; WikiText + Shakespeare
   chtss_cost            40    90   §5a one topology update, LLaMA-130M and LLaMA-7B sparse subsets at 30 %
-  sst_cost              45    80   §4a LLaMA-130M (all methods) and 1.3B (full, SST, SST bf16): memory, tokens/s
+  sst_cost              45    80   §4a LLaMA-130M (all methods) and 1.3B (full, SST bf16): memory, tokens/s
   sst_quality           45    80   §4b / exp. 4: full vs LoRA vs SST pretraining, LLaMA 512x8, 4.9M tokens each
   chtss_mlp             45    80   §5b / exp. 1: MLP 784-1568x3-10 at 1 %, 10 epochs, 3 seeds, 6 methods
   chtss_llama           45    80   §5b / exp. 3: LLaMA 128x4 (bytes) at 30 %, 400 steps, 3 seeds, 5 methods
@@ -227,6 +227,8 @@ def _mpifa(kind: str) -> Callable[[Ctx], dict]:
                 "65536",
                 "--batch-size",
                 "16",
+                "--eval-batch-size",
+                "8",
                 *common,
             ]
         wanted = {("dense", 1.0)}
@@ -330,9 +332,8 @@ def _sst_cost(ctx: Ctx) -> dict:
                 "16",
                 "--steps",
                 "5",
-                "--methods",
+                "--methods",  # fp32-U/Vh SST at 1.3B is counted in docs §4 (0.54x); one SVD setup less here
                 "full",
-                "sst",
                 "sst-bf16",
             ],
         ]
@@ -611,6 +612,7 @@ def prepare_carry() -> dict:
         "size": gguf.stat().st_size,
         "sha256": hashlib.sha256(gguf.read_bytes()).hexdigest(),
         "pieces": [str(p.relative_to(REPO_ROOT)) for p in pieces],
+        "commit": _git_commit(),  # the device copy of the tree may have no .git
     }
     (CARRY_B / "manifest.json").write_text(json.dumps(manifest, indent=1))
     tree = _tree_bytes()
@@ -711,6 +713,12 @@ def _git_commit() -> str | None:
         return None
 
 
+def _carried_commit() -> str | None:
+    path = CARRY_B / "manifest.json"
+    commit = json.loads(path.read_text()).get("commit") if path.is_file() else None
+    return f"{commit} (of --prepare-carry; no .git here)" if commit else None
+
+
 def _summary_markdown(payload: dict) -> str:
     lines = [
         f"# GPU suite {'(dry run, CPU, tiny sizes)' if payload['dry_run'] else ''}",
@@ -764,7 +772,7 @@ def run_suite(args) -> dict:
     payload = {
         "dry_run": dry,
         "environment": environment(device),
-        "commit": _git_commit(),
+        "commit": _git_commit() or _carried_commit(),
         "command": "python bench/gpu_suite.py " + " ".join(args.argv),
         "budget_s": budget,
         "data": os.environ.get("LEANFORMERS_DATA") or "../shared/data",

@@ -478,6 +478,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-batch-size", type=int, default=None, help="evaluation windows per forward pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--device",
+        default=None,
+        help="where the causal LM sits and runs (default cuda when available, else cpu; cpu with --quick)",
+    )
+    ap.add_argument(
         "--conversion", action="store_true", help="low-rank -> PIFA perplexity check in bf16/fp16"
     )
     ap.add_argument("--conversion-row", default="svdllm_whiten", choices=["svd", "svdllm_whiten", "svdllm_u"])
@@ -524,6 +529,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.nsamples = args.nsamples or (8 if q else 64)
     args.seqlen = args.seqlen or (64 if q else 512)
     args.conversion_density = args.conversion_density or max(args.densities)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
     args.minilm_densities = args.minilm_densities or args.densities
     if q and not args.no_extras:
         args.conversion = args.minilm = True
@@ -535,6 +541,9 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model and data (tokenised once; skipped when only the MiniLM rows run) ----
     need_lm = bool(args.rows) or args.conversion
     base, model_label, valid_ids, test_ids = _causal_lm_and_data(args) if need_lm else (None, "-", None, None)
+    if base is not None and args.device != "cpu":
+        # compression, the baselines' calibration passes and the evaluation all run where the model is
+        base.to(args.device)
     from leanformers.data import calibration_windows
 
     calibration = (
@@ -547,6 +556,7 @@ def main(argv: list[str] | None = None) -> dict:
         "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
         "evaluation": f"wikitext-2-raw-test.txt, first {eval_ids.numel():,} tokens, context {args.context}",
         "dtype": "float32",
+        "device": args.device,
     }
     if ood_ids is not None:
         setting["ood_evaluation"] = (
