@@ -225,13 +225,15 @@ def train_llama(
     return row
 
 
-def bench_overhead(size: str, steps: int, batch: int, seqlen: int, device: str, log) -> dict:
+def bench_overhead(
+    size: str, steps: int, batch: int, seqlen: int, device: str, log, interval: int = 100
+) -> dict:
     """Same loop, dense vs CHTss (update_interval 100, so steps/100 updates), alternating, best of 2."""
     times = {"dense": [], "chtss": []}
     rows = {}
     for _ in range(2):
         for method in ("dense", "chtss"):
-            row = train_llama(method, size, steps, batch, seqlen, 100, device, 0, None)
+            row = train_llama(method, size, steps, batch, seqlen, interval, device, 0, None)
             times[method].append(row["seconds"])
             rows[method] = row
     dense, sparse = min(times["dense"]), min(times["chtss"])
@@ -239,7 +241,7 @@ def bench_overhead(size: str, steps: int, batch: int, seqlen: int, device: str, 
         "model": size,
         "device": device,
         "steps": steps,
-        "update_interval": 100,
+        "update_interval": interval,
         "updates": rows["chtss"]["updates"],
         "dense_s": dense,
         "chtss_s": sparse,
@@ -430,6 +432,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--llama-batch", type=int, default=None)
     ap.add_argument("--llama-interval", type=int, default=None)
     ap.add_argument("--overhead-steps", type=int, default=None, help="default 200 (--quick) / 400")
+    ap.add_argument("--overhead-interval", type=int, default=100, help="update interval of the overhead part")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
     ap.add_argument("--plot", default=None, help="write the density-schedule plot (PNG) here and exit")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results and exit")
@@ -469,7 +472,9 @@ def main(argv: list[str] | None = None) -> dict:
             else (("llama130m", 400, 16, 256) if cuda else ("tiny", 400, 8, 64))
         )
         steps = args.overhead_steps or steps
-        save("overhead", [bench_overhead(size, steps, batch, seqlen, args.device, log)])
+        save(
+            "overhead", [bench_overhead(size, steps, batch, seqlen, args.device, log, args.overhead_interval)]
+        )
     if "mlp" in parts:
         from mlp_mnist import train_mlp
 

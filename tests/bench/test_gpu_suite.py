@@ -33,7 +33,7 @@ def test_dry_run_every_part_produces_its_result_keys(dry_run):
     assert saved["dry_run"] is True and saved["setup"]["status"] == "ok"
     for part in suite.PARTS:
         entry = saved["parts"][part.name]
-        assert entry["expected_s"] == part.expected_s and entry["cap_s"] == part.cap_s
+        assert entry["expected_s"] == part.expected_s and entry["cap_s"] == suite.DRY_CAP_S
         if entry["status"] == "skipped":  # only a missing prerequisite (lm-eval, the MT script) skips
             assert part.needs and entry["reason"], part.name
             continue
