@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from harness import (
-    REPO_ROOT,
     RESULTS,
     command_line,
     environment,
@@ -42,6 +41,9 @@ from leanformers.chts import CHTssConfig, CHTssScheduler
 from leanformers.chts.predictors import l3n_scores
 
 METHODS = ("dense", "static", "set", "rigl", "cht", "chts", "chtss")
+# The LLaMA parts run CHT with the node-based CH3-L3n predictor: the exact CH3-L3p of `cht` is O(N d^3)
+# and infeasible at 30 % density on LLM layers (docs/chtss.md).
+LLAMA_METHODS = tuple("cht_l3n" if m == "cht" else m for m in METHODS)
 TARGETS = {"cost_130m_ms": 50.0, "cost_7b_ms": 2000.0, "overhead_pct": 3.0}
 
 
@@ -135,9 +137,9 @@ def bench_cost(name: str, device: str, repeats: int, log) -> dict:
 
 # ----------------------------------------------------------------------------------- data for llama
 def shakespeare_bytes() -> torch.Tensor:
-    path = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare.txt"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (see ../shared/data/DATA.md)")
+    from leanformers.data import shared_data_path  # ../shared/data, or LEANFORMERS_DATA (GPU machine)
+
+    path = shared_data_path("tinyshakespeare.txt")
     return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8).long()
 
 
@@ -223,13 +225,15 @@ def train_llama(
     return row
 
 
-def bench_overhead(size: str, steps: int, batch: int, seqlen: int, device: str, log) -> dict:
+def bench_overhead(
+    size: str, steps: int, batch: int, seqlen: int, device: str, log, interval: int = 100
+) -> dict:
     """Same loop, dense vs CHTss (update_interval 100, so steps/100 updates), alternating, best of 2."""
     times = {"dense": [], "chtss": []}
     rows = {}
     for _ in range(2):
         for method in ("dense", "chtss"):
-            row = train_llama(method, size, steps, batch, seqlen, 100, device, 0, None)
+            row = train_llama(method, size, steps, batch, seqlen, interval, device, 0, None)
             times[method].append(row["seconds"])
             rows[method] = row
     dense, sparse = min(times["dense"]), min(times["chtss"])
@@ -237,7 +241,7 @@ def bench_overhead(size: str, steps: int, batch: int, seqlen: int, device: str, 
         "model": size,
         "device": device,
         "steps": steps,
-        "update_interval": 100,
+        "update_interval": interval,
         "updates": rows["chtss"]["updates"],
         "dense_s": dense,
         "chtss_s": sparse,
@@ -346,8 +350,8 @@ def report(suffix: str, folder: Path = RESULTS) -> str:
             for r in res["rows"]:
                 by_method.setdefault(r["method"], []).append(r)
             rows = []
-            for m in METHODS:
-                if m not in by_method:
+            for m in [*METHODS, *LLAMA_METHODS, *sorted(set(by_method) - {*METHODS, *LLAMA_METHODS})]:
+                if m not in by_method or any(row[0] == m for row in rows):
                     continue
                 rs = by_method[m]
                 dens = rs[0].get("density_sparse_subset", 1.0)
@@ -414,7 +418,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--parts", default="cost,overhead,mlp,llama")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument(
+        "--methods",
+        default=None,
+        help=f"comma list (default {','.join(METHODS)}; the llama part: {','.join(LLAMA_METHODS)})",
+    )
     ap.add_argument("--seeds", type=int, default=None)
     ap.add_argument("--first-seed", type=int, default=0, help="> 0: append rows to the part's saved JSON")
     ap.add_argument("--mlp-epochs", type=int, default=None)
@@ -423,6 +431,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--llama-size", default=None, choices=["tiny", "small", "llama130m"])
     ap.add_argument("--llama-batch", type=int, default=None)
     ap.add_argument("--llama-interval", type=int, default=None)
+    ap.add_argument("--overhead-steps", type=int, default=None, help="default 200 (--quick) / 400")
+    ap.add_argument("--overhead-interval", type=int, default=100, help="update interval of the overhead part")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
     ap.add_argument("--plot", default=None, help="write the density-schedule plot (PNG) here and exit")
     ap.add_argument("--report", action="store_true", help="print the tables of saved results and exit")
@@ -439,7 +449,8 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     command = command_line("chtss_train", argv)
     saved: dict[str, dict] = {}
-    methods = args.methods.split(",")
+    methods = args.methods.split(",") if args.methods else list(METHODS)
+    llama_methods = args.methods.split(",") if args.methods else list(LLAMA_METHODS)
     cuda = args.device.startswith("cuda")
 
     def log(msg):
@@ -460,7 +471,10 @@ def main(argv: list[str] | None = None) -> dict:
             if args.quick
             else (("llama130m", 400, 16, 256) if cuda else ("tiny", 400, 8, 64))
         )
-        save("overhead", [bench_overhead(size, steps, batch, seqlen, args.device, log)])
+        steps = args.overhead_steps or steps
+        save(
+            "overhead", [bench_overhead(size, steps, batch, seqlen, args.device, log, args.overhead_interval)]
+        )
     if "mlp" in parts:
         from mlp_mnist import train_mlp
 
@@ -500,7 +514,7 @@ def main(argv: list[str] | None = None) -> dict:
         interval = args.llama_interval or interval
         rows = _previous_rows("llama", suffix, folder) if args.first_seed else []
         for seed in range(args.first_seed, args.first_seed + (args.seeds or 1)):
-            for m in methods:
+            for m in llama_methods:
                 rows.append(train_llama(m, size, steps, batch, seqlen, interval, args.device, seed, log))
                 log(f"llama {rows[-1]}")
                 save(

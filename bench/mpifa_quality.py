@@ -328,6 +328,14 @@ def targets(cells: list[dict]) -> list[str]:
             f"density 0.5: MPIFA {mp:.3f} vs 2:4 Wanda {wa:.3f}: {'met' if mp <= wa else 'NOT met'} "
             f"(gap {mp - wa:+.3f})"
         )
+        cell = {(c["row"], c["density"]): c for c in cells}
+        mp_o = cell[("mpifa", WANDA_DENSITY)].get("ppl_ood")
+        wa_o = cell[("wanda24", WANDA_DENSITY)].get("ppl_ood")
+        if mp_o is not None and wa_o is not None:
+            lines.append(
+                f"density 0.5, out of domain: MPIFA {mp_o:.3f} vs 2:4 Wanda {wa_o:.3f}: "
+                f"{'met' if mp_o <= wa_o else 'NOT met'} (gap {mp_o - wa_o:+.3f})"
+            )
     return lines
 
 
@@ -382,6 +390,22 @@ def plot(cells: list[dict], path: Path, title: str, minilm: list[dict] | None = 
 def _merge(old: list[dict], new: list[dict], key) -> list[dict]:
     fresh = {key(c) for c in new}
     return [c for c in old if key(c) not in fresh] + new
+
+
+def _ood_ids(args) -> torch.Tensor:
+    """The first --eval-tokens ids of --ood-text (byte ids with --quick, else SmolLM2's tokenizer)."""
+    if args.quick:
+        text = _read_shared(args.ood_text)
+        if text is None:
+            raise FileNotFoundError(f"--ood-text {args.ood_text} not found in the shared data folder")
+        return _byte_ids(text, args.eval_tokens, 3)
+    from transformers import AutoTokenizer
+
+    from leanformers.data import load_text, shared_data_path, tokenize_text
+    from leanformers.hub import smollm2_135m
+
+    tok = AutoTokenizer.from_pretrained(smollm2_135m())
+    return tokenize_text(load_text(str(shared_data_path(args.ood_text))), tok)[: args.eval_tokens]
 
 
 def _causal_lm_and_data(args) -> tuple[nn.Module, str, torch.Tensor, torch.Tensor]:
@@ -454,6 +478,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--eval-batch-size", type=int, default=None, help="evaluation windows per forward pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--device",
+        default=None,
+        help="where the causal LM sits and runs (default cuda when available, else cpu; cpu with --quick)",
+    )
+    ap.add_argument(
         "--conversion", action="store_true", help="low-rank -> PIFA perplexity check in bf16/fp16"
     )
     ap.add_argument("--conversion-row", default="svdllm_whiten", choices=["svd", "svdllm_whiten", "svdllm_u"])
@@ -462,6 +491,15 @@ def main(argv: list[str] | None = None) -> dict:
         "--conversion-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"]
     )
     ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 embedding cosine rows")
+    ap.add_argument(
+        "--ood-text",
+        default=None,
+        help="also evaluate every cell on the first --eval-tokens tokens of this ../shared/data file "
+        "(another domain than the calibration, e.g. tinyshakespeare.txt): ppl_ood in each cell",
+    )
+    ap.add_argument(
+        "--no-extras", action="store_true", help="with --quick: skip the conversion and MiniLM checks"
+    )
     ap.add_argument("--minilm-densities", type=float, nargs="+", default=None)
     ap.add_argument(
         "--minilm-rows",
@@ -491,8 +529,9 @@ def main(argv: list[str] | None = None) -> dict:
     args.nsamples = args.nsamples or (8 if q else 64)
     args.seqlen = args.seqlen or (64 if q else 512)
     args.conversion_density = args.conversion_density or max(args.densities)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
     args.minilm_densities = args.minilm_densities or args.densities
-    if q:
+    if q and not args.no_extras:
         args.conversion = args.minilm = True
         args.conversion_dtypes = ["bfloat16", "float32"]
         args.minilm_nsamples = 8
@@ -502,18 +541,28 @@ def main(argv: list[str] | None = None) -> dict:
     # ---- model and data (tokenised once; skipped when only the MiniLM rows run) ----
     need_lm = bool(args.rows) or args.conversion
     base, model_label, valid_ids, test_ids = _causal_lm_and_data(args) if need_lm else (None, "-", None, None)
+    if base is not None and args.device != "cpu":
+        # compression, the baselines' calibration passes and the evaluation all run where the model is
+        base.to(args.device)
     from leanformers.data import calibration_windows
 
     calibration = (
         calibration_windows(valid_ids, args.nsamples, args.seqlen, seed=args.seed) if need_lm else None
     )
     eval_ids = test_ids[: args.eval_tokens] if need_lm else torch.empty(0)
+    ood_ids = _ood_ids(args) if need_lm and args.ood_text else None
     setting = {
         "model": model_label,
         "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
         "evaluation": f"wikitext-2-raw-test.txt, first {eval_ids.numel():,} tokens, context {args.context}",
         "dtype": "float32",
+        "device": args.device,
     }
+    if ood_ids is not None:
+        setting["ood_evaluation"] = (
+            f"{args.ood_text}, first {ood_ids.numel():,} tokens, context {args.context}"
+            + (" (byte-level ids)" if args.quick else "")
+        )
     if need_lm:
         print(json.dumps(setting, indent=1), flush=True)
 
@@ -533,6 +582,10 @@ def main(argv: list[str] | None = None) -> dict:
                 else compress_row(row, model, density, calibration, args)
             )
             info.update(evaluate(model, eval_ids, args))
+            if ood_ids is not None:
+                ood = evaluate(model, ood_ids, args)
+                info.update({"ppl_ood": ood["ppl"], "ood_predicted_tokens": ood["predicted_tokens"]})
+                info["eval_s"] = round(info["eval_s"] + ood["eval_s"], 1)
             store.add("cells", [{"row": row, "label": ROWS[row][0], "density": d, **info, **setting}])
             print(
                 f"{row} @ {d:g}: ppl {info['ppl']:.4f} (compress {info['compress_s']} s, eval {info['eval_s']} s, "

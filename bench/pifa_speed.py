@@ -251,6 +251,16 @@ def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: in
         times.append(time.perf_counter() - t0)
     prefill_s = statistics.median(times[1:])
     out = {"prefill_tok_s": prefill_tokens / prefill_s, "peak_prefill_gib": _peak(device)}
+    if decode_tokens == 0:  # prefill only
+        out.update(
+            {
+                "decode_tok_s": None,
+                "decode_mode": "not run",
+                "peak_decode_gib": None,
+                "params": sum(p.numel() for p in model.parameters()),
+            }
+        )
+        return out
 
     prompt = ids[:, :32]
     kwargs = {"do_sample": False, "min_new_tokens": decode_tokens, "max_new_tokens": decode_tokens}
@@ -288,25 +298,25 @@ def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: in
     return out
 
 
-def bench_end_to_end(quick: bool, dtype, device, reps: int) -> dict:
+def bench_end_to_end(quick: bool, dtype, device, reps: int, decode: bool = True) -> dict:
     from transformers import LlamaForCausalLM
 
     config = llama_config(quick)
     prefill = 512 if quick else 8192
-    decode = 16 if quick else 128
-    results = {"prefill_tokens": prefill, "decode_tokens": decode}
+    decode_tokens = 16 if quick else 128
+    results = {"prefill_tokens": prefill, "decode_tokens": decode_tokens if decode else 0}
     for name in ("dense", "mpifa@0.5"):
         torch.manual_seed(0)
         with torch.device(device):
             model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
         if name != "dense":
             to_mpifa_layout(model, 0.5, dtype, device)
-        results[name] = bench_model(model, prefill, decode, device, reps)
+        results[name] = bench_model(model, prefill, decode_tokens if decode else 0, device, reps)
         del model
         _peak_reset(device)
     d, p = results["dense"], results["mpifa@0.5"]
     results["prefill_speedup"] = p["prefill_tok_s"] / d["prefill_tok_s"]
-    results["decode_speedup"] = p["decode_tok_s"] / d["decode_tok_s"]
+    results["decode_speedup"] = p["decode_tok_s"] / d["decode_tok_s"] if decode else None
     return results
 
 
@@ -342,17 +352,12 @@ def format_table(env, summary, e2e) -> str:
         )
         for name in ("dense", "mpifa@0.5"):
             r = e2e[name]
-            peak = (
-                "-"
-                if r["peak_prefill_gib"] is None
-                else f"{max(r['peak_prefill_gib'], r['peak_decode_gib']):.2f}"
-            )
-            lines.append(
-                f"{name:10} {r['params']:>12,} {r['prefill_tok_s']:14.1f} {r['decode_tok_s']:13.1f} {peak:>9}"
-            )
-        lines.append(
-            f"speed-up mpifa/dense: prefill {e2e['prefill_speedup']:.2f}x, decode {e2e['decode_speedup']:.2f}x"
-        )
+            peaks = [p for p in (r["peak_prefill_gib"], r["peak_decode_gib"]) if p is not None]
+            peak = f"{max(peaks):.2f}" if peaks else "-"
+            decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+            lines.append(f"{name:10} {r['params']:>12,} {r['prefill_tok_s']:14.1f} {decode:>13} {peak:>9}")
+        decode = "not run" if e2e["decode_speedup"] is None else f"{e2e['decode_speedup']:.2f}x"
+        lines.append(f"speed-up mpifa/dense: prefill {e2e['prefill_speedup']:.2f}x, decode {decode}")
     return "\n".join(lines)
 
 
@@ -366,6 +371,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
+    ap.add_argument(
+        "--no-decode",
+        action="store_true",
+        help="end-to-end prefill only (the compiled decode costs minutes of compilation on a GPU)",
+    )
     ap.add_argument("--shapes", default=None, help="comma list of OUTxIN, e.g. 4096x4096,11008x4096")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; default 1)")
@@ -396,7 +406,11 @@ def main(argv: list[str] | None = None) -> dict:
         env["quick"] = args.quick
         raw = [] if args.no_layers else bench_layers(shapes, dtypes, prefill, decode, device, reps)
         summary = summarise_layers(raw)
-        e2e = None if args.no_e2e else bench_end_to_end(args.quick, dtypes[0], device, 3 if args.quick else 5)
+        e2e = (
+            None
+            if args.no_e2e
+            else bench_end_to_end(args.quick, dtypes[0], device, 3 if args.quick else 5, not args.no_decode)
+        )
     finally:
         torch.set_num_threads(threads)
     result = {"environment": env, "layers": raw, "summary": summary, "end_to_end": e2e}

@@ -287,6 +287,24 @@ QUALITY_PRESETS = {
         "train_chars": 1_000_000,
         "eval_tokens": 16384,
     },
+    # The same model for bench/gpu_suite.py: 300 steps x 64 x 256 = 4.9M tokens per method, an
+    # estimated ~15 s per method on an H200 (not measured yet), in the suite's 9-minute budget.
+    "suite": {
+        "model": {
+            "hidden_size": 512,
+            "intermediate_size": 1376,
+            "num_hidden_layers": 8,
+            "num_attention_heads": 8,
+        },
+        "rank": 64,
+        "steps": 300,
+        "batch": 64,
+        "seq": 256,
+        "lr": 1e-3,
+        "spi": 100,
+        "train_chars": 8_000_000,
+        "eval_tokens": 131_072,
+    },
     # LLaMA-60M-like on an H100 (about 40 min for the three runs)
     "gpu": {
         "model": {

@@ -29,6 +29,7 @@ from leanformers.chts.topology import (
     link_count,
     sparse_init_,
 )
+from tests.chts.test_predictors import brute_force_ch_l3
 from tests.tiny_models import random_ids, tiny_llama
 
 # ----------------------------------------------------------------------------- presets validate
@@ -64,7 +65,28 @@ def test_official_presets_are_registered_and_validate():
         "fixed",
         "in",
     )
-    assert own.ch31_formula == "leanformers" and CHTssConfig.for_method("cht").regrowth == "CH3_L3n"
+    assert own.ch31_formula == "leanformers"
+
+
+def test_cht_preset_regrows_by_the_exact_path_based_ch3_l3p_scores():
+    # Issue 11: `cht` is the ICLR-2024 rule, exact CH3-L3p (the reference's CH_scores_new_v2 with
+    # L3 paths and model CH3), top-k regrowth, hard |w| removal; it used the CH3-L3n approximation.
+    cht = CHTssConfig.for_method("cht", final_density=0.2)
+    assert (cht.regrowth, cht.regrowth_sampling, cht.removal_sampling) == ("CH3_L3p", "hard", "hard")
+    assert cht.initial_density == 0.2 and not cht.is_chtss
+    model = nn.Sequential(nn.Linear(14, 11))
+    cfg = CHTssConfig.for_method("cht", final_density=0.2, targets=[r"^0$"], exclude=[], update_interval=1)
+    sched = CHTssScheduler(model, None, cfg, total_steps=4)
+    mask = sched.layers[0].mask
+    ((_, scores),) = next(sched._regrowth_batches([mask], [0.0]))
+    expected = brute_force_ch_l3(mask, "CH3")  # the path enumeration of tests/chts/test_predictors.py
+    assert expected.abs().sum() > 0
+    torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
+    # ... which is not what the node-based approximation gives on this mask (the test can tell them apart)
+    assert not torch.allclose(l3n_scores(mask, "CH3").double(), expected, rtol=1e-3, atol=1e-4)
+    # The scalable approximation stays available for LLM-sized layers as its own preset.
+    l3n = CHTssConfig.for_method("cht_l3n", final_density=0.2)
+    assert (l3n.regrowth, l3n.regrowth_sampling, l3n.removal_sampling) == ("CH3_L3n", "hard", "hard")
 
 
 def test_chtss_official_llm_warns_that_it_misses_the_final_density():

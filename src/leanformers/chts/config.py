@@ -35,8 +35,17 @@ METHOD_PRESETS: dict[str, dict] = {
         "removal_sampling": "soft",
         "initial_density": None,
     },
-    # CHT (ICLR 2024): hard magnitude removal, hard top-k CH regrowth, fixed density.
+    # CHT (ICLR 2024): hard magnitude removal, hard top-k regrowth by the exact path-based CH3-L3p
+    # (the reference's CH_scores_new_v2, L3 paths, model CH3), fixed density. O(N d^3): ultra-sparse
+    # layers only (the MLP at 1 %); LLM-sized layers at 30 % use `cht_l3n`.
     "cht": {
+        "regrowth": "CH3_L3p",
+        "regrowth_sampling": "hard",
+        "removal_sampling": "hard",
+        "initial_density": None,
+    },
+    # CHT's rule with the GPU-friendly node-based CH3-L3n approximation (four GEMMs at any density).
+    "cht_l3n": {
         "regrowth": "CH3_L3n",
         "regrowth_sampling": "hard",
         "removal_sampling": "hard",
@@ -188,7 +197,7 @@ class CHTssConfig:
         predictor_batch: at most this many same-shape matrices per batched predictor call (memory).
         allow_tf32: let the L3n GEMMs use TF32 on CUDA (never bf16/fp16).
         seed: seed of every random draw (initial masks, sampling); all ranks agree through it.
-        method: a named preset (``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``): the fields
+        method: a named preset (``chtss``, ``chts``, ``cht``, ``cht_l3n``, ``set``, ``rigl``, ``static``): the fields
             of :data:`METHOD_PRESETS` that are not passed explicitly take the preset's values, so
             ``CHTssConfig(method="rigl")`` is RigL (same as ``CHTssConfig.for_method("rigl")``).
     """
@@ -367,7 +376,7 @@ class CHTssConfig:
 
     @classmethod
     def for_method(cls, method: str, **overrides) -> CHTssConfig:
-        """A config for one of ``chtss``, ``chts``, ``cht``, ``set``, ``rigl``, ``static``, or an
+        """A config for one of ``chtss``, ``chts``, ``cht``, ``cht_l3n``, ``set``, ``rigl``, ``static``, or an
         official-configuration preset (``chtss_official_llm``, ``chts_official_llm``,
         ``chts_official_mlp``, ``cht_official``; see docs/chtss.md).
 
