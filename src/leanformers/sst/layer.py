@@ -34,6 +34,7 @@ from leanformers.sst.spectral import (
     thin_svd,
 )
 from leanformers.training.distributed import broadcast_, seeded_generator
+from leanformers.training.fsdp import gather_full, gathered, is_dtensor, write_full_
 
 __all__ = ["SSTLayer", "SSTLinear", "TrainingWatch", "find_sst_layers"]
 
@@ -207,28 +208,40 @@ class SSTLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The effective weight U_eff diag(S) Vh_eff (out, in), float32. SST replaces W, it adds no delta."""
-        U, S, Vh, idx, Ua, Vha = self._factors(adapter)
+        """The effective weight U_eff diag(S) Vh_eff (out, in), float32. SST replaces W, it adds no delta.
+
+        Under FSDP2 the sharded factors are gathered first (a collective: call it on every rank).
+        """
+        U, S, Vh, idx, Ua, Vha = (gather_full(t) for t in self._factors(adapter))
         return effective_weight(U, S, Vh, idx, Ua, Vha)
 
     def effective_weight(self, adapter: str | None = None) -> torch.Tensor:
         """(out, in) float32 weight the layer computes with (no grad)."""
         return self.get_delta_weight(adapter or self.active_adapters[0])
 
+    @property
+    def sst_sharded(self) -> bool:
+        """True when the trainable factors are FSDP2 shards (``DTensor``) outside forward/backward."""
+        adapter = self.active_adapters[0] if self.active_adapters else None
+        return adapter in self.sst_S and is_dtensor(self.sst_S[adapter])
+
+    # Under FSDP2 the factor operations below gather each whole factor (gather_full), compute on it exactly as
+    # in one process (the same bits on every rank) and write every rank's shard back (write_full_). U, Vh, the
+    # indices and counters are buffers, which FSDP2 leaves whole and replicated.
     @torch.no_grad()
     def post_step_(self, adapter: str) -> None:
         """After an optimizer step: S >= 0 and unit-norm active vectors (magnitude lives in S only)."""
-        self.sst_S[adapter].clamp_(min=0)
-        Ua, Vha = self.sst_U_active[adapter], self.sst_Vh_active[adapter]
-        Ua.div_(Ua.norm(dim=0, keepdim=True).clamp_min(1e-12))
-        Vha.div_(Vha.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        self.sst_S[adapter].clamp_(min=0)  # elementwise: works on a shard as on the whole
+        with gathered(self.sst_U_active[adapter], self.sst_Vh_active[adapter]) as (Ua, Vha):
+            Ua.div_(Ua.norm(dim=0, keepdim=True).clamp_min(1e-12))
+            Vha.div_(Vha.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     @torch.no_grad()
     def write_back_(self, adapter: str) -> None:
         """Copy the active vectors into their slots of U and Vh."""
         U, _, Vh, idx, Ua, Vha = self._factors(adapter)
-        U.index_copy_(1, idx, Ua.to(U.dtype))
-        Vh.index_copy_(0, idx, Vha.to(Vh.dtype))
+        U.index_copy_(1, idx, gather_full(Ua).to(U.dtype))
+        Vh.index_copy_(0, idx, gather_full(Vha).to(Vh.dtype))
 
     @torch.no_grad()
     def resvd_(self, adapter: str) -> float:
@@ -238,14 +251,16 @@ class SSTLayer(BaseTunerLayer):
         bit-identical factors. Returns the orthogonality error before the re-SVD.
         """
         self.write_back_(adapter)
-        U, S, Vh = self.sst_U[adapter], self.sst_S[adapter], self.sst_Vh[adapter]
+        U, Vh = self.sst_U[adapter], self.sst_Vh[adapter]
         error = orthogonality_error(U, Vh)
-        U_new, S_new, Vh_new = thin_svd(U.float() @ (S.detach().float()[:, None] * Vh.float()))
-        U.copy_(U_new)
-        S.copy_(S_new)
-        Vh.copy_(Vh_new)
-        for t in (U, S, Vh):
-            broadcast_(t)
+        with gathered(self.sst_S[adapter]) as (S,):
+            U_new, S_new, Vh_new = thin_svd(U.float() @ (S.detach().float()[:, None] * Vh.float()))
+            U.copy_(U_new)
+            S.copy_(S_new)
+            Vh.copy_(Vh_new)
+            for t in (U, S, Vh):
+                broadcast_(t)
+        self._sst_cache = None
         return error
 
     @torch.no_grad()
@@ -261,11 +276,12 @@ class SSTLayer(BaseTunerLayer):
         else:
             self.write_back_(adapter)
         U, S, Vh, idx, Ua, Vha = self._factors(adapter)
-        new_idx = self._draw(adapter, S, iteration).to(idx.device)
+        new_idx = self._draw(adapter, gather_full(S), iteration).to(idx.device)
         idx.copy_(new_idx)
-        Ua.copy_(U[:, new_idx])
-        Vha.copy_(Vh[new_idx])
+        write_full_(Ua, U[:, new_idx])
+        write_full_(Vha, Vh[new_idx])
         counters[0] = iteration
+        self._sst_cache = None
         return round_end
 
 
