@@ -75,6 +75,14 @@ def main(out: str) -> None:
     report["S_placements"] = [str(p) for p in S.placements] if isinstance(S, DTensor) else None
     report["S_local_numel"] = S.to_local().numel() if isinstance(S, DTensor) else None
     report["S_numel"] = S.numel()
+    U = layer.sst_U["default"]  # frozen factors: parameters without gradient, sharded as well
+    report["U_sharded"] = (
+        isinstance(U, DTensor) and not U.requires_grad and U.to_local().numel() * 2 == U.numel()
+    )
+    # one FSDP unit (a decoder layer) holds trainable and frozen parameters side by side
+    unit = model.base_model.model.model.layers[0]
+    flags = {p.requires_grad for p in unit.parameters()}
+    report["mixed_requires_grad_unit"] = flags == {True, False}
     report["rounds"] = int(layer.sst_counters["default"][1])
     report["iterations"] = int(layer.sst_counters["default"][0])
     report["global_step"] = trainer.state.global_step

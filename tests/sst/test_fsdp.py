@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
 from leanformers import SSTCallback, SSTConfig, SSTController
+from leanformers.sst import frozen_factors_as_parameters
 from tests.helpers import REPO_ROOT, run_command
 from tests.sst.fsdp_setup import MAX_STEPS, PER_DEVICE_BATCH, build, comparable, gathered_state, training_args
 from tests.tiny_models import random_ids, tiny_llama
@@ -48,7 +49,7 @@ def test_sst_trains_under_fsdp2_through_the_trainer_and_resumes_bit_identically(
     # really sharded: FSDP2 modules, S a DTensor split on dim 0, AdamW moments sharded too
     assert report["world_size"] == 2 and report["fsdp2"]
     assert report["S_placements"] == ["S(0)"] and report["S_local_numel"] * 2 == report["S_numel"]
-    assert report["moment_sharded"]
+    assert report["moment_sharded"] and report["U_sharded"] and report["mixed_requires_grad_unit"]
     assert report["inference_cache_off"] and report["inference_follows_shards"]
     # 2 SST rounds, every rank holds the same gathered parameters and SST state
     assert report["global_step"] == MAX_STEPS and report["rounds"] == 2 and report["iterations"] == 4
@@ -112,11 +113,14 @@ def test_custom_loop_over_fully_shard_matches_the_unsharded_loop(tmp_path):
         config = SSTConfig(r=4, steps_per_iteration=1, warmup_steps_per_iteration=0, iterations_per_round=2)
         model = get_peft_model(tiny_llama(seed=0), config)
         if shard:
+            frozen_factors_as_parameters(model)  # U, Vh: frozen parameters, sharded by FSDP2
             for layer in model.base_model.model.model.layers:
                 fully_shard(layer)
             fully_shard(model)
-            assert isinstance(
-                model.base_model.model.model.layers[0].mlp.up_proj.sst_U_active["default"], DTensor
+            up_proj = model.base_model.model.model.layers[0].mlp.up_proj
+            assert isinstance(up_proj.sst_U_active["default"], DTensor)
+            assert (
+                isinstance(up_proj.sst_U["default"], DTensor) and not up_proj.sst_U["default"].requires_grad
             )
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
         controller = SSTController(model, optimizer)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import logging
 
-from leanformers.sst.controller import SSTController, check_backend
-from leanformers.sst.model import exclude_sst_buffers_from_ddp
+from leanformers.sst.controller import SSTController, check_backend, requested_fsdp_version
+from leanformers.sst.model import exclude_sst_buffers_from_ddp, frozen_factors_as_parameters
 from leanformers.training.controller import ControllerCallback
 from leanformers.training.fsdp import is_fsdp2_model
 
@@ -34,6 +34,10 @@ class SSTCallback(ControllerCallback):
         check_backend(args=args, model=model)  # DeepSpeed ZeRO / FSDP1: refuse before any training
         if model is not None:
             exclude_sst_buffers_from_ddp(model)
+            if (
+                requested_fsdp_version(args) == 2
+            ):  # the Trainer applies fully_shard at train(): U, Vh sharded too
+                frozen_factors_as_parameters(model)
         return control
 
     def build_controller(self, args, state, model, optimizer, resuming: bool) -> SSTController:

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from leanformers.sst.layer import SSTLayer, find_sst_layers
-from leanformers.sst.spectral import effective_rank, orthogonality_error
+from leanformers.sst.spectral import effective_rank
 from leanformers.training import LRRewarmup, check_optimizer, reset_state, unwrap_optimizer
 from leanformers.training.controller import Controller
 from leanformers.training.distributed import broadcast_, is_distributed, sharded_training_backend
@@ -36,7 +36,7 @@ try:  # accelerate is optional for plain-PyTorch loops
 except ImportError:  # pragma: no cover
     AcceleratorState = None
 
-__all__ = ["STATE_NAME", "SSTController", "check_backend"]
+__all__ = ["STATE_NAME", "SSTController", "check_backend", "requested_fsdp_version"]
 
 STATE_NAME = "sst_controller"
 
@@ -66,12 +66,12 @@ def check_backend(args=None, model: nn.Module | None = None, optimizer=None) -> 
         raise ValueError(DEEPSPEED_MESSAGE.format(found="DeepSpeed settings or wrappers"))
     if model is not None and is_fsdp1_model(model):
         raise ValueError(FSDP1_MESSAGE.format(found="a FullyShardedDataParallel module"))
-    version = _fsdp_version(args)
+    version = requested_fsdp_version(args)
     if version is not None and version != 2:
         raise ValueError(FSDP1_MESSAGE.format(found=f"fsdp_version={version}"))
 
 
-def _fsdp_version(args) -> int | None:
+def requested_fsdp_version(args) -> int | None:
     """The FSDP version asked for by the Trainer's arguments or accelerate's launch state, else None."""
     if args is not None and getattr(args, "fsdp", None):
         config = getattr(args, "fsdp_config", None) or {}
@@ -199,16 +199,12 @@ class SSTController(Controller):
         ranks, errors_before, errors_after = [], [], []
         for layer in self.layers.values():
             t0 = time.perf_counter()
-            U, Vh = layer.sst_U[self.adapter], layer.sst_Vh[self.adapter]
-            counters = layer.sst_counters[self.adapter]
-            round_ends = (int(counters[0]) + 1) % int(counters[2]) == 0
-            if round_ends:
-                layer.write_back_(self.adapter)
-                errors_before.append(orthogonality_error(U, Vh))
             ended = layer.start_iteration_(self.adapter)
             if ended:
                 resvd_seconds += time.perf_counter() - t0
-                errors_after.append(orthogonality_error(U, Vh))
+                before, after = layer.last_orthogonality_errors
+                errors_before.append(before)
+                errors_after.append(after)
                 ranks.append(effective_rank(gather_full(layer.sst_S[self.adapter])))
                 reset_state(self.optimizer, layer.sst_S[self.adapter])
         for param in self._active_params():
