@@ -7,6 +7,7 @@ accumulation changes nothing; see :class:`leanformers.training.ControllerCallbac
 from __future__ import annotations
 
 import logging
+import os
 
 from leanformers.sst.controller import SSTController, check_backend, requested_fsdp_version
 from leanformers.sst.model import exclude_sst_buffers_from_ddp, frozen_factors_as_parameters
@@ -42,7 +43,10 @@ class SSTCallback(ControllerCallback):
 
     def build_controller(self, args, state, model, optimizer, resuming: bool) -> SSTController:
         check_backend(args=args, model=model, optimizer=optimizer)
-        if getattr(args, "fsdp", None) and model is not None and not is_fsdp2_model(model):
+        fsdp_asked = (
+            getattr(args, "fsdp", None) or os.environ.get("ACCELERATE_USE_FSDP", "").lower() == "true"
+        )
+        if fsdp_asked and model is not None and not is_fsdp2_model(model):
             # accelerate 1.x keeps DistributedType.MULTI_CPU on CPU and drops the FSDP plugin: DDP trains.
             logger.warning(
                 "FSDP2 was requested but the model's parameters are not sharded (accelerate ignores FSDP on CPU "

@@ -316,7 +316,8 @@ class SSTLayer(BaseTunerLayer):
         factors, gathered for the forward of their FSDP unit and freed after it, and no optimizer sees them
         (the Trainer and the usual ``[p for p in model.parameters() if p.requires_grad]`` skip them). State
         dict keys do not change. Call before ``fully_shard`` (``SSTCallback`` does it when the Trainer is set
-        up for FSDP2). Idempotent.
+        up for FSDP2). The inference cache is switched off (it would hold a dense copy of every layer on every
+        rank). Idempotent.
         """
         for name in ("sst_U", "sst_Vh"):
             container = getattr(self, name)
@@ -333,6 +334,7 @@ class SSTLayer(BaseTunerLayer):
             self.sst_Vh._parameters,
             *self._sst_dicts[3:],
         )
+        self.inference_cache = False  # a dense (out, in) copy per layer on every rank would undo the sharding
         self._sst_cache = None
 
 
