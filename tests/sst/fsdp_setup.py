@@ -89,6 +89,7 @@ def cpu_fsdp2_trainer_class():
     Trainer's own ``fsdp_plugin_args``; everything after that (``fsdp2_prepare_model``, the sharded
     optimizer, DCP checkpoints, resume) is the unmodified accelerate / Trainer code a GPU run takes.
     """
+    from accelerate.state import PartialState
     from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
     from transformers import Trainer
 
@@ -97,7 +98,8 @@ def cpu_fsdp2_trainer_class():
             super().create_accelerator_and_postprocess()
             state = self.accelerator.state
             if state.distributed_type == DistributedType.MULTI_CPU and self.args.fsdp_plugin_args:
-                state.distributed_type = DistributedType.FSDP
+                # as accelerate does for GPUs: the process state too (every AcceleratorState() copies it back)
+                state.distributed_type = PartialState._shared_state["distributed_type"] = DistributedType.FSDP
                 state.fsdp_plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
                 self.is_fsdp_enabled = True
 

@@ -64,7 +64,7 @@ def main(out: str) -> None:
     from torch.distributed.tensor import DTensor
 
     from leanformers.sst import SSTLinear
-    from leanformers.training.fsdp import is_fsdp2_model
+    from leanformers.training.fsdp import is_fsdp2_model, save_full_model
 
     # --- run A: uninterrupted sharded run (saves checkpoint-5 on the way)
     trainer = train(out_dir / "a")
@@ -95,6 +95,7 @@ def main(out: str) -> None:
     report["state_identical_on_ranks"] = _same_on_all_ranks(state)
     sst_state = {k: v for k, v in state.items() if ".sst_" in k}
     report["sst_entries"] = len(sst_state)
+    save_full_model(trainer, out_dir / "final")  # what leanformers.train does at the end (collective)
 
     # inference after training (no gradients) equals the logits of the factors as they are now: the SST
     # layers' inference cache cannot serve a stale weight under FSDP2

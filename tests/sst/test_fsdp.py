@@ -66,6 +66,13 @@ def test_sst_trains_under_fsdp2_through_the_trainer_and_resumes_bit_identically(
     different = [k for k in sharded if not torch.equal(sharded[k], resumed[k])]
     assert not different, different[:5]
 
+    # the final adapter written from the sharded model reloads, unsharded, to exactly the trained state
+    from peft import PeftModel
+
+    reloaded = gathered_state(PeftModel.from_pretrained(tiny_llama(seed=0), str(tmp_path / "final")))
+    trained = {k: v for k, v in sharded.items() if not k.endswith("base_layer.weight")}  # freed: empty
+    assert all(torch.equal(reloaded[k], v) for k, v in trained.items())
+
     # 1. the same global batch in one process (no FSDP): same indices and counters; parameters and effective
     # weights as close as a change of summation order allows (see CONTROL_FACTOR)
     single = _single_process(tmp_path / "single", per_device_train_batch_size=2 * PER_DEVICE_BATCH)

@@ -22,7 +22,15 @@ except ImportError:  # pragma: no cover - torch builds without distributed suppo
     FSDPModule = FullyShardedDataParallel = DTensor = None
     distribute_tensor = None
 
-__all__ = ["gather_full", "gathered", "is_dtensor", "is_fsdp1_model", "is_fsdp2_model", "write_full_"]
+__all__ = [
+    "gather_full",
+    "gathered",
+    "is_dtensor",
+    "is_fsdp1_model",
+    "is_fsdp2_model",
+    "save_full_model",
+    "write_full_",
+]
 
 
 def is_dtensor(tensor: torch.Tensor) -> bool:
@@ -84,3 +92,24 @@ def gathered(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
     for t, f in zip(tensors, full):
         if f is not t:
             write_full_(t, f)
+
+
+def save_full_model(trainer, output_dir) -> None:
+    """``trainer.save_model(output_dir)`` that writes the whole model under FSDP2 whatever the checkpoint type.
+
+    transformers 5.x ``Trainer.save_model`` writes nothing for FSDP unless ``state_dict_type`` is
+    ``FULL_STATE_DICT``, so a run with sharded checkpoints would end without a loadable model. Under FSDP2
+    the full state dict is gathered here (``get_model_state_dict(full_state_dict=True)``: a collective, whole
+    tensors on every rank, offloaded to CPU) and the main process saves it with ``save_pretrained`` (a PEFT
+    model writes its adapter). Call it on every rank.
+    """
+    model = trainer.model
+    if not is_fsdp2_model(model):
+        trainer.save_model(str(output_dir))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.args.should_save:
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
