@@ -233,10 +233,12 @@ class SSTLayer(BaseTunerLayer):
     @torch.no_grad()
     def post_step_(self, adapter: str) -> None:
         """After an optimizer step: S >= 0 and unit-norm active vectors (magnitude lives in S only)."""
-        self.sst_S[adapter].clamp_(min=0)  # elementwise: works on a shard as on the whole
-        with gathered(self.sst_U_active[adapter], self.sst_Vh_active[adapter]) as (Ua, Vha):
-            Ua.div_(Ua.norm(dim=0, keepdim=True).clamp_min(1e-12))
-            Vha.div_(Vha.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        # Under FSDP2 these run on the DTensor shards, nothing gathered: the clamp is elementwise, and DTensor
+        # reduces the column norms of U_active across ranks (r numbers) and keeps row norms of Vh_active local.
+        self.sst_S[adapter].clamp_(min=0)
+        Ua, Vha = self.sst_U_active[adapter], self.sst_Vh_active[adapter]
+        Ua.div_(Ua.norm(dim=0, keepdim=True).clamp_min(1e-12))
+        Vha.div_(Vha.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     def _gathered_factors(self, adapter: str):
         """Context: whole (U, S, Vh, U_active, Vh_active), written back into the shards on exit."""
