@@ -54,6 +54,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from leanformers import recipes
 from leanformers.chts.config import METHOD_PRESETS
+from leanformers.training.fsdp import save_full_model
 
 __all__ = ["METHODS", "build_dataset", "build_model", "load_recipe", "load_source", "main", "run"]
 
@@ -517,9 +518,9 @@ def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) ->
         metrics.update(eval_metrics)
         if "eval_loss" in eval_metrics and task == "causal_lm":
             metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+    out = Path(args.output_dir)
+    save_full_model(trainer, out / "final")  # every rank: gathering a sharded (FSDP2) model is a collective
     if trainer.is_world_process_zero():
-        out = Path(args.output_dir)
-        trainer.save_model(str(out / "final"))
         if task == "causal_lm" and not isinstance(tokenizer, ByteTokenizer):
             # final/ then loads by itself in lm-eval / leanformers-eval (pretrained=out/final)
             tokenizer.save_pretrained(str(out / "final"))

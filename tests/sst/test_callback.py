@@ -176,22 +176,6 @@ def test_lr_rewarmup_after_iteration_boundary():
     assert optimizer.param_groups[0]["lr"] == 1.0  # the user's LR is restored after each step
 
 
-@pytest.mark.distributed
-def test_controller_refuses_fsdp(tmp_path):
-    """FSDP (fully_shard, a 1-process gloo group) is refused with a message that names the alternative."""
-    import torch.distributed as dist
-    from torch.distributed.fsdp import fully_shard
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
-    try:
-        model = get_peft_model(tiny_llama(), SSTConfig(r=4))
-        fully_shard(model.base_model.model.model.layers[0])
-        with pytest.raises(NotImplementedError, match="SST under FSDP is not supported yet.*Use DDP"):
-            SSTController(model)
-    finally:
-        dist.destroy_process_group()
-
-
 def test_controller_state_round_trip_in_a_custom_loop(tmp_path):
     model = get_peft_model(tiny_llama(), SSTConfig(r=4, steps_per_iteration=3, warmup_steps_per_iteration=2))
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)

@@ -8,7 +8,7 @@ from leanformers.sst.callback import SSTCallback  # noqa: E402
 from leanformers.sst.config import SSTConfig  # noqa: E402
 from leanformers.sst.controller import SSTController  # noqa: E402
 from leanformers.sst.layer import SSTLayer, SSTLinear, find_sst_layers  # noqa: E402
-from leanformers.sst.model import SSTModel  # noqa: E402
+from leanformers.sst.model import SSTModel, frozen_factors_as_parameters  # noqa: E402
 
 __all__ = [
     "SSTCallback",
@@ -18,5 +18,6 @@ __all__ = [
     "SSTLinear",
     "SSTModel",
     "find_sst_layers",
+    "frozen_factors_as_parameters",
     "register_sst",
 ]

@@ -25,42 +25,87 @@ import torch
 from torch import nn
 
 from leanformers.sst.layer import SSTLayer, find_sst_layers
-from leanformers.sst.spectral import effective_rank, orthogonality_error
+from leanformers.sst.spectral import effective_rank
 from leanformers.training import LRRewarmup, check_optimizer, reset_state, unwrap_optimizer
 from leanformers.training.controller import Controller
-from leanformers.training.distributed import broadcast_, is_distributed
+from leanformers.training.distributed import broadcast_, is_distributed, sharded_training_backend
+from leanformers.training.fsdp import gather_full, is_fsdp1_model, write_full_
 
-__all__ = ["STATE_NAME", "SSTController"]
+try:  # accelerate is optional for plain-PyTorch loops
+    from accelerate.state import AcceleratorState
+except ImportError:  # pragma: no cover
+    AcceleratorState = None
+
+__all__ = ["STATE_NAME", "SSTController", "check_backend", "requested_fsdp_version"]
 
 STATE_NAME = "sst_controller"
 
 
-def _refuse_fsdp(model: nn.Module) -> None:
-    for module in model.modules():
-        name = type(module).__name__
-        if name in ("FullyShardedDataParallel", "FSDPModule") or name.startswith("FSDP"):
-            raise NotImplementedError(
-                "SST under FSDP is not supported yet: the re-SVD needs each layer's full factors on every rank. "
-                "Use DDP (accelerate launch / torchrun without an FSDP config) or a single process."
-            )
+DEEPSPEED_MESSAGE = (
+    "SST does not support DeepSpeed ZeRO: ZeRO owns fp32 master copies and partitioned optimizer state that "
+    "SST's in-place re-sampling, re-SVD and optimizer-state resets never reach, so training would silently "
+    "diverge from SST. Use PyTorch FSDP2 instead: TrainingArguments(fsdp='full_shard', "
+    "fsdp_config={{'fsdp_version': 2}}) or accelerate launch --config_file recipes/accelerate/fsdp2.yaml "
+    "(or DDP / a single process). Found: {found}."
+)
+FSDP1_MESSAGE = (
+    "SST does not support FSDP1 (FullyShardedDataParallel, flattened parameters): SST needs each factor as its "
+    "own tensor. Use FSDP2: fsdp_config={{'fsdp_version': 2}} (the Trainer's default) or an accelerate config "
+    "with fsdp_version: 2 (recipes/accelerate/fsdp2.yaml). Found: {found}."
+)
+
+
+def check_backend(args=None, model: nn.Module | None = None, optimizer=None) -> None:
+    """Refuse the sharded backends SST cannot drive (DeepSpeed ZeRO, FSDP1); FSDP2 and DDP are fine.
+
+    Looks at ``TrainingArguments``, accelerate's launch state, the model's wrappers and the optimizer's
+    wrapper chain (see :func:`leanformers.training.sharded_training_backend`).
+    """
+    backend = sharded_training_backend(args, model, optimizer)
+    if backend == "DeepSpeed":
+        raise ValueError(DEEPSPEED_MESSAGE.format(found="DeepSpeed settings or wrappers"))
+    if model is not None and is_fsdp1_model(model):
+        raise ValueError(FSDP1_MESSAGE.format(found="a FullyShardedDataParallel module"))
+    version = requested_fsdp_version(args)
+    if version is not None and version != 2:
+        raise ValueError(FSDP1_MESSAGE.format(found=f"fsdp_version={version}"))
+
+
+def requested_fsdp_version(args) -> int | None:
+    """The FSDP version asked for by the Trainer's arguments or accelerate's launch state, else None."""
+    if args is not None and getattr(args, "fsdp", None):
+        config = getattr(args, "fsdp_config", None) or {}
+        return int(config.get("version", config.get("fsdp_version", 2)))
+    if AcceleratorState is not None and (AcceleratorState._shared_state or {}).get("fsdp_plugin") is not None:
+        return int(getattr(AcceleratorState._shared_state["fsdp_plugin"], "fsdp_version", 1))
+    return None
 
 
 class SSTController(Controller):
     """Drives the SST iterations/rounds of every SST layer in ``model``.
 
     Args:
-        model: a PeftModel (or any module) holding :class:`SSTLayer` modules; DDP wrappers are fine.
+        model: a PeftModel (or any module) holding :class:`SSTLayer` modules; DDP wrappers and FSDP2
+            (``fully_shard``) are fine; DeepSpeed ZeRO and FSDP1 are refused (:func:`check_backend`).
         optimizer: optional; may also be passed to :meth:`step` / :meth:`attach`. Adam, AdamW or SGD.
+
+    Under FSDP2 the sharded factors (S, active vectors) are gathered one layer at a time where a whole
+    matrix is needed (renormalisation, write-back, re-SVD, re-sampling), the result is computed identically
+    on every rank and written back into each rank's shard; the inference cache is switched off (it would
+    keep a dense copy of every layer on every rank).
     """
 
     state_name = STATE_NAME
     method_name = "SST"
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
-        _refuse_fsdp(model)
+        check_backend(model=model, optimizer=optimizer)
         self.layers: dict[str, SSTLayer] = find_sst_layers(model, required=True)
         for layer in self.layers.values():
             layer._sst_watch.controlled = True  # silences the "trained without a controller" warning
+            if layer.sst_sharded:
+                layer.inference_cache = False  # a dense (out, in) copy per layer would undo the sharding
+                layer.clear_inference_cache()
         first = next(iter(self.layers.values()))
         self.adapter = first.active_adapters[0]
         settings = first.sst_settings[self.adapter]
@@ -81,12 +126,14 @@ class SSTController(Controller):
 
         SST's buffers are on DDP's ignore list (see ``exclude_sst_buffers_from_ddp``), so DDP's start-up sync
         does not cover them; one broadcast here makes ranks agree even if they built the model differently.
+        FSDP2 shards are gathered, broadcast whole and cut again (one tensor at a time).
         """
         if not is_distributed():
             return
         for layer in self.layers.values():
             for name in SSTLayer.adapter_layer_names + SSTLayer.other_param_names:
-                broadcast_(getattr(layer, name)[self.adapter])
+                tensor = getattr(layer, name)[self.adapter]
+                write_full_(tensor, broadcast_(gather_full(tensor)))  # in place when plain
 
     # ----------------------------------------------------------------------------- optimizer
     def attach(self, optimizer: torch.optim.Optimizer, lr_scheduler=None) -> None:
@@ -152,17 +199,13 @@ class SSTController(Controller):
         ranks, errors_before, errors_after = [], [], []
         for layer in self.layers.values():
             t0 = time.perf_counter()
-            U, Vh = layer.sst_U[self.adapter], layer.sst_Vh[self.adapter]
-            counters = layer.sst_counters[self.adapter]
-            round_ends = (int(counters[0]) + 1) % int(counters[2]) == 0
-            if round_ends:
-                layer.write_back_(self.adapter)
-                errors_before.append(orthogonality_error(U, Vh))
             ended = layer.start_iteration_(self.adapter)
             if ended:
                 resvd_seconds += time.perf_counter() - t0
-                errors_after.append(orthogonality_error(U, Vh))
-                ranks.append(effective_rank(layer.sst_S[self.adapter]))
+                before, after = layer.last_orthogonality_errors
+                errors_before.append(before)
+                errors_after.append(after)
+                ranks.append(effective_rank(gather_full(layer.sst_S[self.adapter])))
                 reset_state(self.optimizer, layer.sst_S[self.adapter])
         for param in self._active_params():
             reset_state(self.optimizer, param)  # moments and step count of the swapped-in vectors

@@ -34,6 +34,7 @@ from leanformers.sst.spectral import (
     thin_svd,
 )
 from leanformers.training.distributed import broadcast_, seeded_generator
+from leanformers.training.fsdp import gather_full, gathered, is_dtensor
 
 __all__ = ["SSTLayer", "SSTLinear", "TrainingWatch", "find_sst_layers"]
 
@@ -90,6 +91,7 @@ class SSTLayer(BaseTunerLayer):
         self._sst_watch = TrainingWatch()  # replaced by the SSTModel's shared one
         self._sst_seen_S: torch.Tensor | None = None  # S at the last training forward (one layer per model)
         self._sst_cache: tuple[tuple, torch.Tensor] | None = None
+        self.last_orthogonality_errors: tuple[float, float] | None = None  # (before, after) the last re-SVD
         self.kwargs = kwargs
         base = self.get_base_layer()
         if isinstance(base, nn.Linear):
@@ -207,28 +209,66 @@ class SSTLayer(BaseTunerLayer):
 
     @torch.no_grad()
     def get_delta_weight(self, adapter: str) -> torch.Tensor:
-        """The effective weight U_eff diag(S) Vh_eff (out, in), float32. SST replaces W, it adds no delta."""
-        U, S, Vh, idx, Ua, Vha = self._factors(adapter)
+        """The effective weight U_eff diag(S) Vh_eff (out, in), float32. SST replaces W, it adds no delta.
+
+        Under FSDP2 the sharded factors are gathered first (a collective: call it on every rank).
+        """
+        U, S, Vh, idx, Ua, Vha = (gather_full(t) for t in self._factors(adapter))
         return effective_weight(U, S, Vh, idx, Ua, Vha)
 
     def effective_weight(self, adapter: str | None = None) -> torch.Tensor:
         """(out, in) float32 weight the layer computes with (no grad)."""
         return self.get_delta_weight(adapter or self.active_adapters[0])
 
+    @property
+    def sst_sharded(self) -> bool:
+        """True when the trainable factors are FSDP2 shards (``DTensor``) outside forward/backward."""
+        adapter = self.active_adapters[0] if self.active_adapters else None
+        return adapter in self.sst_S and is_dtensor(self.sst_S[adapter])
+
+    # Under FSDP2 the factor operations below gather each whole factor (gather_full), compute on it exactly as
+    # in one process (the same bits on every rank) and write every rank's shard back (write_full_). U and Vh
+    # are FSDP2 shards too once held as frozen parameters (frozen_factors_as_parameters_); the indices and
+    # counters stay buffers, which FSDP2 leaves whole and replicated.
     @torch.no_grad()
     def post_step_(self, adapter: str) -> None:
         """After an optimizer step: S >= 0 and unit-norm active vectors (magnitude lives in S only)."""
+        # Under FSDP2 these run on the DTensor shards, nothing gathered: the clamp is elementwise, and DTensor
+        # reduces the column norms of U_active across ranks (r numbers) and keeps row norms of Vh_active local.
         self.sst_S[adapter].clamp_(min=0)
         Ua, Vha = self.sst_U_active[adapter], self.sst_Vh_active[adapter]
         Ua.div_(Ua.norm(dim=0, keepdim=True).clamp_min(1e-12))
         Vha.div_(Vha.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
+    def _gathered_factors(self, adapter: str):
+        """Context: whole (U, S, Vh, U_active, Vh_active), written back into the shards on exit."""
+        return gathered(
+            self.sst_U[adapter],
+            self.sst_S[adapter],
+            self.sst_Vh[adapter],
+            self.sst_U_active[adapter],
+            self.sst_Vh_active[adapter],
+        )
+
+    @staticmethod
+    def _write_back(U, Vh, idx, Ua, Vha) -> None:
+        U.index_copy_(1, idx, Ua.to(U.dtype))
+        Vh.index_copy_(0, idx, Vha.to(Vh.dtype))
+
+    @staticmethod
+    def _resvd(U, S, Vh) -> None:
+        U_new, S_new, Vh_new = thin_svd(U.float() @ (S.detach().float()[:, None] * Vh.float()))
+        U.copy_(U_new)
+        S.copy_(S_new)
+        Vh.copy_(Vh_new)
+        for t in (U, S, Vh):  # rank 0's result everywhere: bit-identical factors whatever the LAPACK build
+            broadcast_(t)
+
     @torch.no_grad()
     def write_back_(self, adapter: str) -> None:
         """Copy the active vectors into their slots of U and Vh."""
-        U, _, Vh, idx, Ua, Vha = self._factors(adapter)
-        U.index_copy_(1, idx, Ua.to(U.dtype))
-        Vh.index_copy_(0, idx, Vha.to(Vh.dtype))
+        with self._gathered_factors(adapter) as (U, _, Vh, Ua, Vha):
+            self._write_back(U, Vh, self.sst_index[adapter], Ua, Vha)
 
     @torch.no_grad()
     def resvd_(self, adapter: str) -> float:
@@ -237,36 +277,67 @@ class SSTLayer(BaseTunerLayer):
         Restores orthogonality and re-sorts S; rank 0's result is broadcast so that every rank holds
         bit-identical factors. Returns the orthogonality error before the re-SVD.
         """
-        self.write_back_(adapter)
-        U, S, Vh = self.sst_U[adapter], self.sst_S[adapter], self.sst_Vh[adapter]
-        error = orthogonality_error(U, Vh)
-        U_new, S_new, Vh_new = thin_svd(U.float() @ (S.detach().float()[:, None] * Vh.float()))
-        U.copy_(U_new)
-        S.copy_(S_new)
-        Vh.copy_(Vh_new)
-        for t in (U, S, Vh):
-            broadcast_(t)
+        with self._gathered_factors(adapter) as (U, S, Vh, Ua, Vha):
+            self._write_back(U, Vh, self.sst_index[adapter], Ua, Vha)
+            error = orthogonality_error(U, Vh)
+            self._resvd(U, S, Vh)
+        self._sst_cache = None
         return error
 
     @torch.no_grad()
     def start_iteration_(self, adapter: str) -> bool:
         """Begin the next iteration: write back, re-SVD at a round boundary, draw new active indices and
-        copy their vectors into the active parameters in place. Returns True when a round ended."""
+        copy their vectors into the active parameters in place. Returns True when a round ended.
+
+        After a round end, ``last_orthogonality_errors`` holds the errors (before, after) the re-SVD.
+        """
         counters = self.sst_counters[adapter]
         iteration = int(counters[0]) + 1
         round_end = iteration % int(counters[2]) == 0
-        if round_end:
-            self.resvd_(adapter)
-            counters[1] += 1
-        else:
-            self.write_back_(adapter)
-        U, S, Vh, idx, Ua, Vha = self._factors(adapter)
-        new_idx = self._draw(adapter, S, iteration).to(idx.device)
-        idx.copy_(new_idx)
-        Ua.copy_(U[:, new_idx])
-        Vha.copy_(Vh[new_idx])
+        idx = self.sst_index[adapter]
+        with self._gathered_factors(adapter) as (U, S, Vh, Ua, Vha):  # one gather per factor, one write
+            self._write_back(U, Vh, idx, Ua, Vha)
+            if round_end:
+                before = orthogonality_error(U, Vh)
+                self._resvd(U, S, Vh)
+                self.last_orthogonality_errors = (before, orthogonality_error(U, Vh))
+                counters[1] += 1
+            new_idx = self._draw(adapter, S, iteration).to(idx.device)
+            idx.copy_(new_idx)
+            Ua.copy_(U[:, new_idx])
+            Vha.copy_(Vh[new_idx])
         counters[0] = iteration
+        self._sst_cache = None
         return round_end
+
+    def frozen_factors_as_parameters_(self) -> None:
+        """Hold the frozen U and Vh as parameters with ``requires_grad=False`` instead of buffers.
+
+        FSDP2 shards parameters only: as buffers, U and Vh (k(m + n) numbers per layer, about 1.4x the dense
+        weight) would stay whole on every rank. As frozen parameters they are sharded like the trainable
+        factors, gathered for the forward of their FSDP unit and freed after it, and no optimizer sees them
+        (the Trainer and the usual ``[p for p in model.parameters() if p.requires_grad]`` skip them). State
+        dict keys do not change. Call before ``fully_shard`` (``SSTCallback`` does it when the Trainer is set
+        up for FSDP2). The inference cache is switched off (it would hold a dense copy of every layer on every
+        rank). Idempotent.
+        """
+        for name in ("sst_U", "sst_Vh"):
+            container = getattr(self, name)
+            if isinstance(container, nn.ParameterDict):
+                continue
+            setattr(
+                self,
+                name,
+                nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in container.items()}),
+            )
+        self._sst_dicts = (
+            self.sst_U._parameters,
+            *self._sst_dicts[1:2],
+            self.sst_Vh._parameters,
+            *self._sst_dicts[3:],
+        )
+        self.inference_cache = False  # a dense (out, in) copy per layer on every rank would undo the sharding
+        self._sst_cache = None
 
 
 def find_sst_layers(model: nn.Module, required: bool = False) -> dict[str, SSTLayer]:

@@ -26,6 +26,7 @@ from leanformers.sst.layer import SSTLayer, SSTLinear, TrainingWatch, find_sst_l
 __all__ = [
     "SSTModel",
     "exclude_sst_buffers_from_ddp",
+    "frozen_factors_as_parameters",
     "non_sst_trainable_names",
     "sst_buffer_names",
     "sst_parameter_counts",
@@ -82,6 +83,19 @@ def exclude_sst_buffers_from_ddp(model: nn.Module, prefixes: tuple[str, ...] = (
     existing = list(model.__dict__.get("_ddp_params_and_buffers_to_ignore", []) or [])
     model._ddp_params_and_buffers_to_ignore = sorted(set(existing) | set(names))
     return names
+
+
+def frozen_factors_as_parameters(model: nn.Module) -> int:
+    """Before ``fully_shard`` (FSDP2): hold every SST layer's frozen U and Vh as ``requires_grad=False``
+    parameters, so that FSDP2 shards them (it leaves buffers whole on every rank). Returns the layer count.
+
+    See :meth:`SSTLayer.frozen_factors_as_parameters_`; ``SSTCallback`` calls this when the Trainer is set up
+    for FSDP2. State dict keys, checkpoints and saved adapters are unchanged.
+    """
+    layers = find_sst_layers(model, required=True)
+    for layer in layers.values():
+        layer.frozen_factors_as_parameters_()
+    return len(layers)
 
 
 def _numel(param: torch.Tensor) -> int:

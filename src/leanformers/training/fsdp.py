@@ -14,23 +14,27 @@ gathering functions are collectives: every rank of the mesh must call them in th
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 try:
-    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
     from torch.distributed.tensor import DTensor, distribute_tensor
 except ImportError:  # pragma: no cover - torch builds without distributed support
-    FSDPModule = DTensor = distribute_tensor = None
+    FSDPModule = FullyShardedDataParallel = DTensor = distribute_tensor = None
 
 __all__ = [
     "gather_full",
+    "gathered",
     "is_dtensor",
+    "is_fsdp1_model",
     "is_fsdp2_model",
     "local",
     "queue_after_backward",
+    "save_full_model",
     "shard_like",
     "write_full_",
 ]
@@ -44,6 +48,13 @@ def is_dtensor(tensor) -> bool:
 def is_fsdp2_model(model: nn.Module) -> bool:
     """True when ``model`` or one of its submodules was wrapped by ``fully_shard`` (FSDP2)."""
     return FSDPModule is not None and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def is_fsdp1_model(model: nn.Module) -> bool:
+    """True when ``model`` holds an FSDP1 ``FullyShardedDataParallel`` wrapper (flattened parameters)."""
+    return FullyShardedDataParallel is not None and any(
+        isinstance(m, FullyShardedDataParallel) for m in model.modules()
+    )
 
 
 def local(tensor: torch.Tensor) -> torch.Tensor:
@@ -125,3 +136,38 @@ def queue_after_backward(modules: Iterable[nn.Module], callback: Callable[[], No
             out.register_hook(on_grad)
 
     return [m.register_forward_hook(forward_hook) for m in modules]
+
+
+@contextmanager
+def gathered(*tensors: torch.Tensor) -> Iterator[list[torch.Tensor]]:
+    """Full copies of ``tensors`` to modify in place; on exit they are written back (:func:`write_full_`).
+
+    Plain tensors are yielded as they are (changes land directly). Collective for DTensors: every rank
+    enters with the same tensors in the same order.
+    """
+    full = [gather_full(t) for t in tensors]
+    yield full
+    for t, f in zip(tensors, full):
+        if f is not t:
+            write_full_(t, f)
+
+
+def save_full_model(trainer, output_dir) -> None:
+    """``trainer.save_model(output_dir)`` that writes the whole model under FSDP2 whatever the checkpoint type.
+
+    transformers 5.x ``Trainer.save_model`` writes nothing for FSDP unless ``state_dict_type`` is
+    ``FULL_STATE_DICT``, so a run with sharded checkpoints would end without a loadable model. Under FSDP2
+    the full state dict is gathered here (``get_model_state_dict(full_state_dict=True)``: a collective, whole
+    tensors on every rank, offloaded to CPU) and the main process saves it with ``save_pretrained`` (a PEFT
+    model writes its adapter). Call it on every rank.
+    """
+    model = trainer.model
+    if not is_fsdp2_model(model):
+        trainer.save_model(str(output_dir))
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state_dict = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if trainer.args.should_save:
+        unwrapped = trainer.accelerator.unwrap_model(model)
+        unwrapped.save_pretrained(str(output_dir), state_dict=state_dict, safe_serialization=True)
