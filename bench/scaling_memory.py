@@ -1,22 +1,29 @@
 """Issue 12 — memory per GPU under FSDP2 for dense, CHTss and SST LLaMA 1.3B / 7B (meta device).
 
 Nothing is trained: each model is built on the meta device (shapes only, no memory), the method is
-applied for real where it changes the parameter layout (SST through peft on the meta model), and the
-persistent bytes per GPU are counted from the resulting tensors:
+applied for real where it changes the parameter layout, and the bytes per GPU are counted from the
+resulting tensors:
 
-- FSDP2 (``fully_shard``) shards every parameter (dim 0) over the W ranks; gradients and AdamW's two
-  moments exist for trainable parameters only and are sharded like them. fp32 parameters, gradients
-  and moments (bf16 mixed precision computes in bf16 but keeps the sharded fp32 copy).
-- buffers are NOT sharded by FSDP2: each rank holds them whole (SST's frozen U / Vh factors are
-  buffers in ``src/leanformers/sst/layer.py``; making them sharded is SST's FSDP2 work, issue 12).
-- CHTss: the dense weights stay (zeros off the links) and train densely; its state is one bool per
-  sparse weight, held per shard (``SparseLayer.mask_param`` is the local shard). The density (30 %)
-  does not change the bytes. A topology update additionally holds, for its duration, the whole bool
-  kept / removed masks of every sparse matrix (2 bytes per sparse weight) plus about four float32
-  copies of the largest matrix (gathered weight, dense gradient, scores): ``update_transient``.
-Activations and FSDP2's all-gather buffers (one wrapped block's parameters at a time) are not counted.
+- FSDP2 (``fully_shard``) shards every parameter on dim 0 over the W ranks (padded to a multiple of W:
+  a rank holds ceil(rows / W) rows of each tensor). Gradients and AdamW's two moments exist for trainable
+  parameters only and are sharded like them; all fp32 (bf16 mixed precision computes in bf16 but keeps
+  the sharded fp32 copy). Buffers are not sharded: every rank holds them whole.
+- SST: applied through peft on the meta model, then ``frozen_factors_as_parameters`` turns the frozen U / Vh
+  into ``requires_grad=False`` parameters, which is what ``SSTCallback`` does when the Trainer is set up for
+  FSDP2. FSDP2 therefore shards them (no gradient, no moments), at their storage dtype
+  (``frozen_factor_dtype``: float32 or bfloat16 rows). The indices and counters stay replicated buffers.
+  Ranks: 64 and hidden / 4, hidden / 8.
+- CHTss: the dense weights stay (zeros off the links) and train densely; its state is one bool per sparse
+  weight, held per shard (``SparseLayer.mask_param`` is the local shard). The density (30 %) does not change
+  the bytes. A topology update additionally holds, for its duration, the whole bool kept / removed masks of
+  every sparse matrix (2 bytes per sparse weight) plus about four float32 copies of the largest matrix
+  (gathered weight, dense gradient, scores): ``update_transient``, which does not shrink with W.
+- ``peak_unit``: what the running FSDP unit adds while it runs: the whole parameters of the largest decoder
+  block at their storage dtype (with the recipe's bf16 mixed precision FSDP2 gathers them in bf16: about
+  half) and, for SST, one layer's dense effective weight U_eff diag(S) Vh_eff in fp32 (built one at a time).
+Activations are not counted (they depend on batch, sequence and checkpointing, as for any model).
 
-    python bench/scaling_memory.py            # LLaMA 1.3B and 7B, W = 1 and 8, SST r = 64
+    python bench/scaling_memory.py            # LLaMA 1.3B and 7B, W = 1 and 8
     python bench/scaling_memory.py --quick    # a 2-block model, seconds
 """
 
@@ -39,6 +46,7 @@ MODELS = {
 QUICK_MODELS = {"llama-tiny": (256, 688, 2, 4)}
 WORLD_SIZES = (1, 8)
 SST_RANK = 64
+FROZEN_DTYPES = ("float32", "bfloat16")
 DENSITY = 0.3
 FP32, ADAM_MOMENTS = 4, 2
 
@@ -54,81 +62,123 @@ def build(shape: tuple[int, int, int, int], vocab: int) -> torch.nn.Module:
         return LlamaForCausalLM(cfg)
 
 
-def _shard(numel: int, world: int) -> int:
-    return -(-numel // world)  # torch.chunk sizes: the largest shard
+def shard_numel(t: torch.Tensor, world: int) -> int:
+    """Elements of the largest dim-0 shard of ``t`` over ``world`` ranks (FSDP2 pads dim 0)."""
+    if t.numel() == 0:
+        return 0
+    rows = t.shape[0] if t.dim() else 1
+    return -(-rows // world) * (t.numel() // rows)
 
 
-def _layout(model: torch.nn.Module) -> dict[str, int]:
-    """Element counts: trainable / frozen parameters, buffers (bytes), of a (meta) model."""
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
-    buffer_bytes = sum(b.numel() * b.element_size() for b in model.buffers())
-    return {"trainable": trainable, "frozen": frozen, "buffer_bytes": buffer_bytes}
+def per_gpu(model: torch.nn.Module, world: int, mask_numel: int = 0) -> dict:
+    """Bytes per GPU (GiB) of parameters, gradients, AdamW moments and the method's state under FSDP2.
 
-
-def per_gpu(layout: dict[str, int], world: int, state_sharded: int = 0, state_replicated: int = 0) -> dict:
-    """Bytes per GPU (GiB) of parameters, gradients, AdamW moments and the method's state."""
-    params = _shard(layout["trainable"] + layout["frozen"], world) * FP32
-    grads = _shard(layout["trainable"], world) * FP32
-    moments = _shard(layout["trainable"], world) * FP32 * ADAM_MOMENTS
-    state = _shard(state_sharded, world) + state_replicated + layout["buffer_bytes"]
-    out = {"params": params, "grads": grads, "moments": moments, "method_state": state}
+    ``mask_numel``: CHTss bool mask elements (1 byte each), sharded like the weights they mask.
+    """
+    params = grads = 0
+    for p in model.parameters():
+        local = shard_numel(p, world)
+        params += local * p.element_size()
+        if p.requires_grad:
+            grads += local * FP32
+    buffers = sum(b.numel() * b.element_size() for b in model.buffers())  # replicated
+    out = {
+        "params": params,
+        "grads": grads,
+        "moments": grads * ADAM_MOMENTS,
+        "method_state": -(-mask_numel // world) + buffers,
+    }
     out["total"] = sum(out.values())
-    return {k: round(v / GiB, 3) for k, v in out.items()}
+    return {k: round(v / GiB, 6) for k, v in out.items()}
 
 
-def measure(name: str, shape, vocab: int, worlds, rank: int) -> list[dict]:
-    rows = []
-    model = build(shape, vocab)
-    dense = _layout(model)
-    pattern = [re.compile(p) for p in DEFAULT_TARGETS]
-    sparse = [
-        m.weight.numel()
-        for n, m in model.named_modules()
-        if isinstance(m, torch.nn.Linear) and any(p.search(n) for p in pattern)
-    ]
-    n_sparse, largest = sum(sparse), max(sparse)
-    for world in worlds:
-        base = {
-            "model": name,
-            "parameters_M": round((dense["trainable"] + dense["frozen"]) / 1e6, 1),
-            "world": world,
-        }
-        rows.append({**base, "method": "dense", **per_gpu(dense, world)})
-        chtss = per_gpu(dense, world, state_sharded=n_sparse)  # 1 bool per sparse weight, per shard
-        transient = 2 * n_sparse + 4 * FP32 * largest
-        rows.append(
-            {**base, "method": f"chtss d={DENSITY}", **chtss, "update_transient": round(transient / GiB, 3)}
-        )
-    # SST: applied for real to the meta model, so that parameters vs buffers come from the code.
+def _blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    return [m for m in model.modules() if type(m).__name__ == "LlamaDecoderLayer"]
+
+
+def peak_unit(model: torch.nn.Module) -> float:
+    """GiB the running FSDP unit adds: the largest block's whole parameters (+ SST's dense weight)."""
+    from leanformers.sst import find_sst_layers
+
+    worst = 0
+    for block in _blocks(model):
+        nbytes = sum(p.numel() * p.element_size() for p in block.parameters())
+        sst = find_sst_layers(block)
+        if sst:
+            nbytes += max(m.out_features * m.in_features for m in sst.values()) * FP32
+        worst = max(worst, nbytes)
+    return round(worst / GiB, 6)
+
+
+def measure(name: str, shape, vocab: int, worlds, ranks) -> list[dict]:
     from peft import get_peft_model
 
     from leanformers import SSTConfig
+    from leanformers.sst import frozen_factors_as_parameters
 
-    sst_model = get_peft_model(model, SSTConfig(r=rank, target_modules="all-linear", mode="pretrain"))
-    sst = _layout(sst_model)
+    rows = []
+    dense_model = build(shape, vocab)
+    n_dense = sum(p.numel() for p in dense_model.parameters())
+    pattern = [re.compile(p) for p in DEFAULT_TARGETS]
+    sparse = [
+        m.weight.numel()
+        for n, m in dense_model.named_modules()
+        if isinstance(m, torch.nn.Linear) and any(p.search(n) for p in pattern)
+    ]
+    n_sparse, largest = sum(sparse), max(sparse)
+    dense_unit = peak_unit(dense_model)
+    models = []
+    for r in ranks:
+        for dtype in FROZEN_DTYPES:
+            # SST on the meta model: no SVD, shapes only; the layout (parameters vs buffers) comes from the code
+            sst_model = get_peft_model(
+                build(shape, vocab),
+                SSTConfig(r=r, target_modules="all-linear", mode="pretrain", frozen_factor_dtype=dtype),
+            )
+            frozen_factors_as_parameters(sst_model)  # what SSTCallback does for FSDP2
+            models.append((r, dtype, sst_model))
     for world in worlds:
-        base = {
-            "model": name,
-            "parameters_M": round((dense["trainable"] + dense["frozen"]) / 1e6, 1),
-            "world": world,
-        }
-        row = {**base, "method": f"sst r={rank}", **per_gpu(sst, world)}
-        row["sst_trainable_M"] = round(sst["trainable"] / 1e6, 1)
-        row["sst_frozen_buffers_GiB"] = round(sst["buffer_bytes"] / GiB, 3)
-        rows.append(row)
+        base = {"model": name, "parameters_M": round(n_dense / 1e6, 1), "world": world}
+        rows.append({**base, "method": "dense", **per_gpu(dense_model, world), "peak_unit": dense_unit})
+        transient = 2 * n_sparse + 4 * FP32 * largest
+        rows.append(
+            {
+                **base,
+                "method": f"chtss d={DENSITY}",
+                **per_gpu(dense_model, world, mask_numel=n_sparse),  # 1 bool per sparse weight, per shard
+                "peak_unit": dense_unit,
+                "update_transient": round(transient / GiB, 6),
+            }
+        )
+        for r, dtype, sst_model in models:
+            frozen = [p for p in sst_model.parameters() if not p.requires_grad]
+            row = {**base, "method": f"sst r={r} {dtype}", "r": r, "frozen_dtype": dtype}
+            row.update(per_gpu(sst_model, world))
+            row["peak_unit"] = peak_unit(sst_model)
+            row["sst_trainable_M"] = round(
+                sum(p.numel() for p in sst_model.parameters() if p.requires_grad) / 1e6, 1
+            )
+            row["frozen_U_Vh_GiB"] = round(sum(p.numel() * p.element_size() for p in frozen) / GiB, 6)
+            row["frozen_U_Vh_per_gpu_GiB"] = round(
+                sum(shard_numel(p, world) * p.element_size() for p in frozen) / GiB, 6
+            )
+            rows.append(row)
     return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, "a 2-block LLaMA (seconds)")
-    ap.add_argument("--sst-rank", type=int, default=SST_RANK)
+    ap.add_argument(
+        "--sst-rank", type=int, default=SST_RANK, help="the fixed SST rank (also hidden/4, hidden/8)"
+    )
     args = ap.parse_args(argv)
     models = QUICK_MODELS if args.quick else MODELS
     vocab = 512 if args.quick else 32000
     rows = []
     for name, shape in models.items():
-        rows.extend(measure(name, shape, vocab, WORLD_SIZES, 8 if args.quick else args.sst_rank))
+        hidden = shape[0]
+        ranks = (8, hidden // 4) if args.quick else (args.sst_rank, hidden // 4, hidden // 8)
+        rows.extend(measure(name, shape, vocab, WORLD_SIZES, ranks))
     columns = [
         "model",
         "world",
@@ -138,14 +188,21 @@ def main(argv: list[str] | None = None) -> dict:
         "moments",
         "method_state",
         "total",
+        "peak_unit",
         "update_transient",
     ]
-    print_table(rows, columns)
+    print_table(
+        [{k: round(v, 3) if isinstance(v, float) else v for k, v in row.items()} for row in rows], columns
+    )
     result = {
-        "command": command_line("bench/scaling_memory.py", argv),
-        "environment": environment("meta"),
+        "command": command_line("scaling_memory", argv),
+        "environment": {**environment(), "device": "meta (shapes only: computed, not measured)"},
         "leanformers": leanformers.__version__,
-        "units": "GiB per GPU (persistent): fp32 parameters / gradients / AdamW moments, FSDP2 dim-0 shards",
+        "units": (
+            "GiB per GPU under FSDP2 (dim-0 shards): fp32 parameters (SST's frozen U/Vh at frozen_dtype, "
+            "sharded) / gradients / AdamW moments of trainable parameters, method state (CHTss masks sharded, "
+            "buffers replicated); peak_unit and update_transient are transient, not in total"
+        ),
         "rows": rows,
     }
     write_json(output_path(args, "scaling_memory"), result)
