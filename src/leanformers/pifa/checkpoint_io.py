@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -151,10 +152,8 @@ def release_host_memory() -> None:
     """Return freed heap memory to the OS (glibc keeps freed blocks of a few MB in its arenas, which
     would show as a resident-memory creep from block to block); a no-op elsewhere."""
     if sys.platform.startswith("linux"):
-        try:
+        with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        except (OSError, AttributeError):
-            pass
 
 
 def release(module: nn.Module) -> None:
