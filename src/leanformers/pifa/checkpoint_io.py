@@ -247,12 +247,15 @@ class PeakHostMemory:
         return self
 
     def __exit__(self, *exc) -> None:
+        self.peak = self.so_far()
+
+    def so_far(self) -> int:
+        """The peak up to now (bytes)."""
         hwm = _status_kib("VmHWM") if self.exact else None
         if hwm is not None:
-            self.peak = hwm * 1024
-        else:
-            scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
-            self.peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
+            return hwm * 1024
+        scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
     @property
     def peak_gb(self) -> float:

@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -55,10 +56,10 @@ from leanformers.pifa.compress import (
 from leanformers.pifa.config import MPIFAConfig
 from leanformers.pifa.group import GroupCompressor, chain_consumer, check_weights_finite
 from leanformers.pifa.integration import COMPRESSED_TYPES
+from leanformers.pifa.offload import make_streams
 from leanformers.pifa.plan import plan_ranks
 from leanformers.pifa.report import CompressionReport
 from leanformers.pifa.saving import PICKLE_SUFFIXES, _atomic_replace, _check_guard
-from leanformers.pifa.streams import BlockStreams
 
 __all__ = ["mpifa_compress_pretrained", "resolve_dtype"]
 
@@ -193,7 +194,7 @@ def mpifa_compress_pretrained(
     dtype: torch.dtype | str | None = "auto",
     overwrite: bool = False,
     max_shard_size: int | str = "5GB",
-    model_card: str | None = None,
+    model_card: str | Callable[[CompressionReport], str] | None = None,
     progress: bool = True,
 ) -> CompressionReport:
     """Compress the causal LM saved in ``source`` (a local folder with safetensors weights) into
@@ -209,7 +210,7 @@ def mpifa_compress_pretrained(
         config, calibration, tokenizer: as for ``mpifa_compress``; the tokenizer (if given) is saved too.
         dtype: dtype to load the weights in ("auto": the checkpoint's), as ``from_pretrained(dtype=)``.
         max_shard_size: largest shard of the non-block tensors; every block gets a shard of its own.
-        model_card: text of a README.md to write into the folder.
+        model_card: text of a README.md to write into the folder, or a function of the report returning it.
     Returns:
         The CompressionReport, with ``peak_host_rss_bytes`` (peak resident memory during the call).
     """
@@ -240,9 +241,7 @@ def mpifa_compress_pretrained(
         report.model_params_before = sum(p.numel() for p in model.parameters())
         home_dtype = next(blocks[0].parameters()).dtype
         _move_except(model, blocks, device)
-        streams = BlockStreams.capture(
-            model, blocks, windows.split(config.batch_size), device, config, need_stats
-        )
+        streams = make_streams(model, blocks, windows.split(config.batch_size), device, config, need_stats)
         _move_except(model, blocks, _META)  # embeddings and head are not needed again: free them
         model.tie_weights()  # a move to meta makes new Parameters: tie them again (the saved keys follow)
         release(blocks[0])
@@ -278,6 +277,9 @@ def mpifa_compress_pretrained(
                 bar.set_postfix(density=f"{report.achieved_density:.3f}")
             report.model_params_after = sum(p.numel() for p in model.parameters())
             report.seconds = time.perf_counter() - start
+            report.peak_host_rss_bytes = memory.so_far()
+            if callable(model_card):
+                model_card = model_card(report)
             _finish_folder(
                 model,
                 tokenizer,
