@@ -113,10 +113,10 @@ def _set_tensor(module: nn.Module, name: str, value: torch.Tensor, kind: str) ->
         parent._buffers[leaf] = value
 
 
-def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, skip: str | None = None) -> None:
+def materialize(module: nn.Module, prefix: str, reader: CheckpointReader, skip: tuple[str, ...] = ()) -> None:
     """Replace the meta parameters and persistent buffers of ``module`` (named ``prefix`` + name in the
     checkpoint) by the checkpoint's tensors, cast to each meta tensor's dtype as ``from_pretrained``
-    casts them. Names under ``skip`` (the blocks, when materializing the rest of the model) are left.
+    casts them. Names starting with one of ``skip`` (the blocks, the output head) are left on meta.
 
     Raises KeyError-like ValueError when a tensor is absent (a model whose checkpoint names differ from
     its module names, which ``from_pretrained`` converts, is not supported in streaming mode).

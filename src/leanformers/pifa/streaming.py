@@ -55,7 +55,7 @@ from leanformers.pifa.compress import (
 )
 from leanformers.pifa.config import MPIFAConfig
 from leanformers.pifa.group import GroupCompressor, chain_consumer, check_weights_finite
-from leanformers.pifa.integration import COMPRESSED_TYPES
+from leanformers.pifa.integration import COMPRESSED_TYPES, dense_skeleton
 from leanformers.pifa.offload import make_streams
 from leanformers.pifa.plan import plan_ranks
 from leanformers.pifa.report import CompressionReport
@@ -114,6 +114,30 @@ def _streamed_blocks(model: nn.Module, config: MPIFAConfig) -> nn.ModuleList:
         if blocks is not None:
             return blocks
     return _blocks_at(model, config.blocks_path)[1]
+
+
+def _head_prefix(model: nn.Module) -> tuple[str, ...]:
+    """("lm_head.",) when the output embeddings are a module of their own (not tied to the input
+    embeddings): the forward that captures the first block's inputs never reaches them."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None or embed is None or getattr(head, "weight", None) is getattr(embed, "weight", None):
+        return ()
+    names = [n for n, m in model.named_modules() if m is head]
+    return (names[0] + ".",) if names else ()
+
+
+def _move_loaded(model: nn.Module, skip: str, device: torch.device) -> None:
+    """Move the loaded (non-meta) parameters and buffers outside ``skip`` to ``device``, in place (the
+    Parameter objects stay, so tied weights stay tied)."""
+    for name, module in model.named_modules():
+        if name.startswith(skip):
+            continue
+        for p in module._parameters.values():
+            if p is not None and p.device.type != "meta":
+                p.data = p.data.to(device)
+        for key, b in module._buffers.items():
+            if b is not None and b.device.type != "meta":
+                module._buffers[key] = b.to(device)
 
 
 class _BlockLoader:
@@ -226,8 +250,9 @@ def mpifa_compress_pretrained(
         blocks = _streamed_blocks(model, config)
         prefix = _block_prefix(model, blocks)
         loader = _BlockLoader(blocks, prefix, reader)
-        # Non-block weights and block 0: enough for the layout probe and the input capture.
-        materialize(model, "", reader, skip=prefix + ".")
+        # Non-block weights but the output head (the capture stops at block 0), and block 0: enough for
+        # the layout probe and the input capture.
+        materialize(model, "", reader, skip=(prefix + ".", *_head_prefix(model)))
         loader.load(0)
         layout, found = resolve_layout(model, config)
         if found is not blocks:
@@ -240,7 +265,8 @@ def mpifa_compress_pretrained(
         report = CompressionReport(calibration=calib_label, calibration_tokens=windows.numel())
         report.model_params_before = sum(p.numel() for p in model.parameters())
         home_dtype = next(blocks[0].parameters()).dtype
-        _move_except(model, blocks, device)
+        block_bytes = max(sum(t.numel() * t.element_size() for t in b.state_dict().values()) for b in blocks)
+        _move_loaded(model, prefix + ".", device)
         streams = make_streams(model, blocks, windows.split(config.batch_size), device, config, need_stats)
         _move_except(model, blocks, _META)  # embeddings and head are not needed again: free them
         model.tie_weights()  # a move to meta makes new Parameters: tie them again (the saved keys follow)
@@ -249,6 +275,7 @@ def mpifa_compress_pretrained(
             blocks, layout, config, device, streams.dense, streams.calls, scan_blocks=loader.scan()
         )
         compress_group = GroupCompressor(config, plan, device, prefix, chain_consumer(layout, config))
+        dense = dense_skeleton(model)  # once: rebuilding it for every block would cost O(blocks^2)
 
         output.parent.mkdir(parents=True, exist_ok=True)
         staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
@@ -270,7 +297,7 @@ def mpifa_compress_pretrained(
                     for n, m in block.named_modules()
                     if isinstance(m, COMPRESSED_TYPES)
                 }
-                _check_guard(model, names)  # the same refusal save_compressed applies
+                _check_guard(model, names, dense)  # the same refusal save_compressed applies
                 specs.update({n: m.spec() for n, m in names.items()})
                 writer.add(block.state_dict(prefix=f"{prefix}.{i}."))
                 release(block)
@@ -280,6 +307,7 @@ def mpifa_compress_pretrained(
             report.peak_host_rss_bytes = memory.so_far()
             if callable(model_card):
                 model_card = model_card(report)
+            # Non-block shards no larger than a block: the copy at the end stays within the block budget.
             _finish_folder(
                 model,
                 tokenizer,
@@ -287,7 +315,7 @@ def mpifa_compress_pretrained(
                 writer,
                 staging,
                 prefix,
-                max_bytes,
+                min(max_bytes, block_bytes),
                 model_card,
                 _quantization_config(config, specs, plan, report, device),
             )
