@@ -156,6 +156,7 @@ print(json.dumps(growth))
 """
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="needs Linux /proc (VmHWM reset)")
 def test_streaming_host_memory_does_not_grow_with_depth(tmp_path):
     """Peak RSS growth of a 5-block model <= that of a 1-block model of the same shapes (the fixed

@@ -5,16 +5,19 @@ same pipeline as ``mpifa_compress`` + ``save_compressed`` (same stages, same ari
 output) on a model whose weights stay on disk:
 
 1. the model is built on the meta device from its config (parameters take no memory);
-2. the weights outside the blocks (embeddings, final norm, head) are read from the safetensors shards
-   for the one pass that captures the first block's inputs, then freed;
+2. the weights outside the blocks (embeddings, final norm; not an untied output head, which that pass
+   never reaches) are read from the safetensors shards for the one pass that captures the first
+   block's inputs, then freed;
 3. each block is read, compressed group by group on the two activation streams, written to its own
    shard of a staging folder beside the output, and freed (its parameters go back to meta);
-4. the non-block tensors are copied from the source shards (cast as ``from_pretrained`` would), the
+4. the non-block tensors are copied from the source shards (cast as ``from_pretrained`` would; in
+   shards no larger than a block), the
    config (with the ``mpifa`` quantization_config), generation config, tokenizer and model card are
    written, and the staging folder is renamed into place.
 
-Host memory then holds about one dense block, its compressed version, the calibration activations and
-(during step 2 only) the non-block weights. Module map: docs/scaling_mpifa.md.
+Host memory then holds about one dense block, its compressed version, the solver's Gram matrices (on
+the compute device), the calibration activations (see ``MPIFAConfig.offload``) and, during step 2 only,
+the input embeddings. Guide and memory model: docs/scaling_mpifa.md.
 """
 
 from __future__ import annotations
