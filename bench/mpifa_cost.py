@@ -4,9 +4,19 @@ python bench/mpifa_cost.py                 # SmolLM2-135M on the CPU, 32 x 512 t
 python bench/mpifa_cost.py --llama7b       # LLaMA-7B shapes, random weights, 128 x 2048 random tokens,
                                            # on a GPU (target <= 15 min, <= 32 GB host RAM)
 python bench/mpifa_cost.py --quick         # a tiny LLaMA, seconds (CI smoke test)
+python bench/mpifa_cost.py --stream        # streaming mode (--stream in mpifa-compress): a random 0.5B
+                                           # LLaMA written to /tmp in shards, compressed block by block;
+                                           # peak host RSS vs the model's size (target: < half)
+python bench/mpifa_cost.py --stream --quick  # the same on a 4-block model (seconds)
 """
 
 from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
 
 import torch
 from harness import RESULTS, PeakRSS, environment, llama_config, print_table, timed, write_json
@@ -32,6 +42,140 @@ def _random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, dtype):
     return model.to(dtype).eval()
 
 
+def _write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
+    """Save a random float32 LLaMA of ``cfg`` into ``folder`` as safetensors shards, built a few blocks
+    at a time on the meta device and materialised only while written (this process never holds the
+    model). Returns its size in bytes."""
+    import json
+
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from leanformers.pifa.checkpoint_io import release
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    layers = model.model.layers
+    groups = [
+        [m for n, m in model.named_children() if n != "model"] + [model.model.embed_tokens, model.model.norm]
+    ]
+    groups += [list(layers[i : i + shard_blocks]) for i in range(0, len(layers), shard_blocks)]
+    names = {id(m): n for n, m in model.named_modules()}
+    gen = torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups, start=1):
+        tensors = {}
+        for module in group:
+            module.to_empty(device="cpu")
+            for n, p in module.named_parameters():
+                with torch.no_grad():
+                    if p.dim() == 1:
+                        p.fill_(1.0)
+                    else:
+                        p.normal_(0, 0.02, generator=gen)
+                tensors[f"{names[id(module)]}.{n}"] = p.detach()
+        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        del tensors
+        for module in group:
+            release(module)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg.save_pretrained(folder)
+    return total
+
+
+def stream_main(args) -> dict:
+    """Peak host RSS of ``mpifa_compress_pretrained`` on a random LLaMA saved in shards, vs its size."""
+    from leanformers.pifa.checkpoint_io import _status_kib
+    from leanformers.pifa.streaming import mpifa_compress_pretrained
+
+    if args.quick:
+        name, shape = "LLaMA 4 x 256 (random)", dict(hidden=256, intermediate=688, layers=4, heads=4)
+    else:  # deep and thin (MobileLLM-like): 0.50B parameters, 2.0 GB in float32
+        name, shape = (
+            "LLaMA 64 x 768, 0.5B (random)",
+            dict(hidden=768, intermediate=2048, layers=64, heads=12),
+        )
+    if args.layers:
+        shape["layers"] = args.layers
+    cfg = llama_config(
+        shape["hidden"],
+        shape["intermediate"],
+        shape["layers"],
+        shape["heads"],
+        shape["heads"],
+        32000,
+        max_positions=4096,
+        tie_word_embeddings=False,
+    )
+    nsamples, seqlen = args.nsamples or 4, args.seqlen or 128
+    config = MPIFAConfig(
+        density=args.density,
+        nsamples=nsamples,
+        seqlen=seqlen,
+        batch_size=4,
+        steps=1,
+        device="cpu",
+        offload=args.offload,
+        targets=args.targets.split(",") if args.targets else None,
+    )
+    calibration = torch.randint(0, 32000, (nsamples, seqlen), generator=torch.Generator().manual_seed(0))
+    root = Path(tempfile.mkdtemp(prefix="mpifa-stream-bench-", dir=args.tmp))
+    try:
+        t0 = time.perf_counter()
+        (root / "model").mkdir()
+        model_bytes = _write_random_llama(root / "model", cfg)
+        write_s = time.perf_counter() - t0
+        baseline = (_status_kib("VmRSS") or 0) * 1024
+        report = mpifa_compress_pretrained(root / "model", root / "out", config, calibration=calibration)
+        out_bytes = sum(f.stat().st_size for f in (root / "out").glob("*.safetensors"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    peak = report.peak_host_rss_bytes
+    row = {
+        "model": name,
+        "params": f"{report.model_params_before / 1e9:.3f} B",
+        "model size (GB)": f"{model_bytes / 1e9:.2f}",
+        "output size (GB)": f"{out_bytes / 1e9:.2f}",
+        "calibration": f"{nsamples} x {seqlen}",
+        "offload": args.offload,
+        "density": f"{report.achieved_density:.4f}",
+        "wall time (s)": f"{report.seconds:.0f}",
+        "RSS before (GB)": f"{baseline / 1e9:.2f}",
+        "peak host RSS (GB)": f"{peak / 1e9:.2f}",
+        "peak / model size": f"{peak / model_bytes:.3f}",
+        "target": "< 0.5 x model size",
+        "met": "yes" if peak < model_bytes / 2 else "NO",
+    }
+    payload = {
+        "env": environment(),
+        "row": row,
+        "model_bytes": model_bytes,
+        "peak_host_rss_bytes": peak,
+        "rss_before_bytes": baseline,
+        "write_seconds": write_s,
+        "config": config.to_dict(),
+        "shape": shape,
+        "threads": torch.get_num_threads(),
+        "nice": os.nice(0),
+        "report": report.to_dict(),
+    }
+    path = write_json(
+        args.output or RESULTS / f"mpifa_cost_stream{'_quick' if args.quick else ''}.json", payload
+    )
+    print(f"(JSON: {path})")
+    print_table([row], list(row))
+    if not args.quick and peak >= model_bytes / 2:
+        raise SystemExit(
+            f"peak host RSS {peak / 1e9:.2f} GB is not below half the model ({model_bytes / 2e9:.2f} GB)"
+        )
+    return payload
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = harness_parser(
         __doc__,
@@ -47,9 +191,19 @@ def main(argv: list[str] | None = None) -> dict:
         type=int,
         default=None,
         help="with --llama7b: only the first N of the 32 blocks (the row then also gives the time per "
-        "block and its 32-block extrapolation, marked as such)",
+        "block and its 32-block extrapolation, marked as such); with --stream: the random model's depth",
     )
+    parser.add_argument(
+        "--stream", action="store_true", help="streaming mode on a random 0.5B LLaMA in shards"
+    )
+    parser.add_argument("--offload", default="disk", help="--stream: activation offload (none, cpu, disk)")
+    parser.add_argument(
+        "--targets", default=None, help="--stream: compress only these module patterns (comma list; CPU time)"
+    )
+    parser.add_argument("--tmp", default=None, help="--stream: folder for the random model (default: /tmp)")
     args = parser.parse_args(argv)
+    if args.stream:
+        return stream_main(args)
 
     if args.llama7b:
         if not torch.cuda.is_available():

@@ -83,6 +83,36 @@ def test_cli_writes_a_reloadable_safetensors_folder(tiny_lm_folder, shared_data,
     assert fresh["ppl"] == pytest.approx(data["perplexity"]["after"]["ppl"], rel=1e-5)
 
 
+def test_cli_stream_writes_the_in_memory_folder_and_reports_peak_memory(
+    tiny_lm_folder, shared_data, tmp_path, capsys
+):
+    from safetensors.torch import load_file
+
+    assert main(_args(tiny_lm_folder, tmp_path / "mem", shared_data)) == 0
+    capsys.readouterr()
+    streamed = tmp_path / "stream"
+    assert main(_args(tiny_lm_folder, streamed, shared_data, "--stream", "--offload", "disk")) == 0
+    printed = capsys.readouterr().out
+    assert "streaming (offload disk)" in printed and "peak host memory (RSS)" in printed
+
+    def tensors(folder):
+        return {k: v for f in folder.glob("*.safetensors") for k, v in load_file(f).items()}
+
+    a, b = tensors(tmp_path / "mem"), tensors(streamed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "mem" / "config.json").read_text()) == json.loads(
+        (streamed / "config.json").read_text()
+    )
+    assert (streamed / "README.md").is_file() and (streamed / "tokenizer.json").is_file()
+
+    # what streaming cannot do is refused before any work, naming the alternative
+    eval_file = str(shared_data / "wikitext-2-raw-test.txt")
+    args = _args(tiny_lm_folder, tmp_path / "o", shared_data, "--stream", "--eval", eval_file)
+    assert main(args) == 1
+    assert "--stream compresses from a safetensors folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_yaml_config_and_flag_override(tiny_lm_folder, shared_data, tmp_path):
     cfg = tmp_path / "recipe.yaml"
     cfg.write_text("density: 0.3\nsteps: 0\nlowrank: true\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from leanformers import recipes
 from leanformers.pifa import MPIFAConfig
+from leanformers.pifa.checkpoint_io import PeakHostMemory
 
 # CLI-only options: name -> (type, default, help). The compression settings are not listed here:
 # their flags are generated from MPIFAConfig's fields (CONFIG_FLAGS), so their defaults live once.
@@ -38,6 +39,13 @@ CLI_OPTIONS: dict[str, tuple] = {
     "push_to_hub": (str, None, "publish the output folder to this Hub repo (org/name)"),
     "private": (bool, False, "make the Hub repo private"),
     "overwrite": (bool, False, "replace an existing non-empty output folder"),
+    "stream": (
+        bool,
+        False,
+        "compress block by block from the safetensors shards of a local SOURCE folder, for a model larger "
+        "than host memory (one block in memory at a time; see docs/scaling.md (MPIFA streaming))",
+    ),
+    "max_shard_size": (str, "5GB", "largest safetensors shard of the output folder"),
     "report": (str, None, "also write the summary as JSON to this file"),
 }
 
@@ -187,7 +195,7 @@ def parse_groups(value) -> list[list[str]] | None:
 def run(opts: argparse.Namespace) -> dict:
     """Do the work of the CLI; returns the summary dict (also printed)."""
     from leanformers.eval import perplexity
-    from leanformers.hub import load_causal_lm, model_card, push_folder_to_hub
+    from leanformers.hub import load_causal_lm, model_card
     from leanformers.pifa.compress import mpifa_compress, resolve_layout
     from leanformers.pifa.quantizer import save_compressed
 
@@ -201,6 +209,9 @@ def run(opts: argparse.Namespace) -> dict:
         from leanformers.eval.zeroshot import task_manager
 
         task_manager(tasks)
+
+    if opts.stream:
+        return _run_streaming(opts, config, output, dtype, tasks)
 
     t0 = time.perf_counter()
     print(f"loading {opts.source} ...", file=sys.stderr)
@@ -220,7 +231,9 @@ def run(opts: argparse.Namespace) -> dict:
         print(f"perplexity before: {eval_before}", file=sys.stderr)
 
     zero_shot_before = _zero_shot(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
-    report = mpifa_compress(model, tokenizer, config, calibration=opts.calib)
+    with PeakHostMemory() as memory:
+        report = mpifa_compress(model, tokenizer, config, calibration=opts.calib)
+    report.peak_host_rss_bytes = memory.peak
     zero_shot_after = _zero_shot(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
 
     if eval_ids is not None:
@@ -237,6 +250,7 @@ def run(opts: argparse.Namespace) -> dict:
         "calibration": f"{report.calibration}",
         "load time": f"{load_seconds:.1f} s",
         "compression time": f"{report.seconds:.1f} s",
+        "peak host memory (RSS)": _gib(report.peak_host_rss_bytes),
     }
     evaluation = None
     if eval_before is not None:
@@ -275,13 +289,10 @@ def run(opts: argparse.Namespace) -> dict:
         model.config.quantization_config,
         overwrite=bool(opts.overwrite),
         model_card=card,
+        max_shard_size=_shard_size(opts.max_shard_size),
     )
     summary["saved"] = str(output)
-    if opts.push_to_hub:
-        summary["pushed to"] = push_folder_to_hub(output, opts.push_to_hub, private=bool(opts.private))
-
-    width = max(len(k) for k in summary)
-    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in summary.items()))
+    _publish(opts, output, summary)
     if opts.report:
         full = {"summary": summary, "report": report.to_dict(), "config": config.to_dict()}
         if eval_before is not None:
@@ -290,6 +301,100 @@ def run(opts: argparse.Namespace) -> dict:
             full["zero_shot"] = {"before": zero_shot_before, "after": zero_shot_after}
         Path(opts.report).write_text(json.dumps(full, indent=2, default=str))
     return summary
+
+
+def _gib(nbytes: int | None) -> str:
+    return "-" if nbytes is None else f"{nbytes / 2**30:.2f} GiB"
+
+
+def _shard_size(value) -> int | str:
+    return int(value) if isinstance(value, int) or str(value).isdigit() else str(value)
+
+
+def _publish(opts: argparse.Namespace, output: Path, summary: dict) -> None:
+    """Push when asked, then print the summary table."""
+    if opts.push_to_hub:
+        from leanformers.hub import push_folder_to_hub
+
+        summary["pushed to"] = push_folder_to_hub(output, opts.push_to_hub, private=bool(opts.private))
+    width = max(len(k) for k in summary)
+    print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in summary.items()))
+
+
+def _run_streaming(opts: argparse.Namespace, config: MPIFAConfig, output: Path, dtype, tasks) -> dict:
+    """--stream: ``mpifa_compress_pretrained`` from the source folder's shards to the output folder."""
+    from leanformers.hub import model_card
+    from leanformers.pifa.streaming import mpifa_compress_pretrained
+
+    refused = [
+        flag
+        for flag, on in (("--eval", opts.eval), ("--tasks", tasks), ("--gguf-file", opts.gguf_file))
+        if on
+    ]
+    if refused or str(opts.source).endswith(".gguf"):
+        raise ValueError(
+            f"--stream compresses from a safetensors folder without loading the model, so it cannot take "
+            f"{', '.join(refused) or 'a .gguf file'}: evaluate the output folder afterwards (leanformers-eval), "
+            "or drop --stream"
+        )
+    source = Path(opts.source).expanduser()
+    if not source.is_dir():
+        raise FileNotFoundError(
+            f"--stream reads a local model folder; {source} is not one (download a Hub model first, e.g. "
+            "`hf download <id> --local-dir <folder>`)"
+        )
+    tokenizer = None
+    if any(source.glob("tokenizer*")):
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(source)
+
+    def card(report) -> str:
+        return model_card(
+            base_model=str(opts.source),
+            method="MPIFA",
+            summary=_summary(opts, config, report),
+            settings={
+                k: v
+                for k, v in config.to_dict().items()
+                if v is not None and k not in ("groups", "attention")
+            },
+        )
+
+    print(f"streaming {source} block by block ...", file=sys.stderr)
+    report = mpifa_compress_pretrained(
+        source,
+        output,
+        config,
+        calibration=opts.calib,
+        tokenizer=tokenizer,
+        dtype=dtype,
+        overwrite=bool(opts.overwrite),
+        max_shard_size=_shard_size(opts.max_shard_size),
+        model_card=card,
+    )
+    summary = {"source": str(opts.source), "output": str(output), **_summary(opts, config, report)}
+    summary["saved"] = str(output)
+    _publish(opts, output, summary)
+    if opts.report:
+        full = {"summary": summary, "report": report.to_dict(), "config": config.to_dict()}
+        Path(opts.report).write_text(json.dumps(full, indent=2, default=str))
+    return summary
+
+
+def _summary(opts: argparse.Namespace, config: MPIFAConfig, report) -> dict:
+    return {
+        "targeted params": f"{report.targeted_params_before:,} -> {report.targeted_params_after:,}",
+        "achieved density (targeted)": f"{report.achieved_density:.4f} (asked {config.density})",
+        "model params": f"{report.model_params_before:,} -> {report.model_params_after:,}",
+        "model density (whole model)": f"{report.model_density:.4f}",
+        "calibration": f"{report.calibration}",
+        "mode": f"streaming (offload {config.offload})"
+        if opts.stream
+        else f"in memory (offload {config.offload})",
+        "compression time": f"{report.seconds:.1f} s",
+        "peak host memory (RSS)": _gib(report.peak_host_rss_bytes),
+    }
 
 
 def _zero_shot(model, tokenizer, tasks: list[str], limit: int | None) -> dict:

@@ -7,6 +7,7 @@ streams advance to the next block. ``mpifa_compress`` only orchestrates the name
 
 * plan.py: rank planning (uniform / attention split / OWL -> densities -> ranks);
 * streams.py: ``BlockStreams``, the dense and compressed activations, and ``block_errors``;
+* offload.py: where those activations wait between passes (``config.offload``: device, CPU or disk);
 * group.py: ``GroupCompressor``, one group of linears (reconstruct.py: M; factorize.py/layer.py: PIFA);
 * config.py / report.py: ``MPIFAConfig`` in, ``CompressionReport`` out.
 """
@@ -27,10 +28,10 @@ from leanformers.pifa.allocation import default_rank_multiple
 from leanformers.pifa.calibration import find_layout, select_modules
 from leanformers.pifa.config import MPIFAConfig
 from leanformers.pifa.group import GroupCompressor, chain_consumer, check_weights_finite
+from leanformers.pifa.offload import make_streams
 from leanformers.pifa.plan import RankPlan, plan_ranks
 from leanformers.pifa.quantization_config import MPIFAQuantizationConfig
 from leanformers.pifa.report import CompressionReport, ModuleReport
-from leanformers.pifa.streams import BlockStreams
 
 __all__ = [
     "CompressionReport",
@@ -169,9 +170,7 @@ def mpifa_compress(
         # Everything but the blocks goes to the compute device; blocks move one at a time.
         block_homes = [(next(b.parameters()).device, next(b.parameters()).dtype) for b in blocks]
         _move_except(model, blocks, device)
-        streams = BlockStreams.capture(
-            model, blocks, windows.split(config.batch_size), device, config, need_stats
-        )
+        streams = make_streams(model, blocks, windows.split(config.batch_size), device, config, need_stats)
         plan = plan_ranks(blocks, layout, config, device, streams.dense, streams.calls)
         compress_group = GroupCompressor(config, plan, device, prefix, chain_consumer(layout, config))
         specs: dict[str, dict] = {}

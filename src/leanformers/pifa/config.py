@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import asdict, dataclass
 
 __all__ = ["MPIFAConfig"]
@@ -32,7 +33,12 @@ class MPIFAConfig:
         nsamples, seqlen: calibration windows drawn from text calibration sources.
         batch_size: calibration windows per forward pass.
         device: "auto" (CUDA when present), "cpu", "cuda", "cuda:1", ...
-        offload_streams: keep the two activation streams on the CPU (saves GPU memory).
+        offload: where the calibration activations (both streams and the captured group inputs) wait
+            between passes: "none" (on the compute device), "cpu" (host memory; the GPU holds one batch
+            at a time) or "disk" (memory-mapped files in ``offload_folder``; host memory holds one batch).
+            Results are bit-identical whichever is chosen. See docs/scaling.md (MPIFA streaming).
+        offload_folder: folder of the "disk" offload files (default: the system temp folder).
+        offload_streams: deprecated alias of offload="cpu".
         seed: seed of the calibration window sampling.
         blocks_path, groups, attention: layout overrides (default: the built-in table for LLaMA, Qwen2,
             OPT, GPT-2, BERT, inferred for any other model by ``calibration.infer_layout``).
@@ -56,6 +62,8 @@ class MPIFAConfig:
     seqlen: int = 2048
     batch_size: int = 8
     device: str = "auto"
+    offload: str = "none"
+    offload_folder: str | None = None
     offload_streams: bool = False
     seed: int = 0
     blocks_path: str | None = None
@@ -90,6 +98,25 @@ class MPIFAConfig:
             or self.batch_size < 1
         ):
             raise ValueError("rank_multiple, nsamples, batch_size must be >= 1 and seqlen >= 2")
+
+        self._check_offload()
+
+    def _check_offload(self) -> None:
+        if self.offload not in ("none", "cpu", "disk"):
+            raise ValueError(f"offload must be 'none', 'cpu' or 'disk', got {self.offload!r}")
+        if self.offload_streams:
+            warnings.warn(
+                "MPIFAConfig.offload_streams is deprecated: use offload='cpu' (--offload cpu)",
+                FutureWarning,
+                stacklevel=4,
+            )
+            if self.offload == "none":
+                self.offload = "cpu"
+            self.offload_streams = False
+        if self.offload_folder is not None and self.offload != "disk":
+            raise ValueError(
+                f"offload_folder is only used with offload='disk' (--offload disk), not offload={self.offload!r}"
+            )
 
     def to_dict(self) -> dict:
         return asdict(self)

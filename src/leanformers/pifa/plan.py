@@ -91,9 +91,12 @@ def plan_ranks(
     device: torch.device,
     hidden: list[torch.Tensor],
     calls: list[BlockCall],
+    scan_blocks=None,
 ) -> RankPlan:
     """Densities and ranks of every targeted module; ``hidden``/``calls`` (the first block's dense
-    inputs) are only read by OWL."""
+    inputs) are only read by OWL. ``scan_blocks``: what the OWL scan iterates instead of ``blocks``
+    (the streaming mode passes an iterator that loads each block's weights for the scan and frees them);
+    the shapes are read from ``blocks``, which may be on the meta device."""
     shapes = {
         f"{i}.{name}": tuple(linear_weight(block.get_submodule(name)).shape)
         for i, block in enumerate(blocks)
@@ -104,7 +107,9 @@ def plan_ranks(
     if config.attn_density is not None:
         densities = _split_densities(shapes, layout, config)
     if config.owl:
-        per_block = owl_block_densities(blocks, layout, hidden, calls, config, device)
+        per_block = owl_block_densities(
+            blocks if scan_blocks is None else scan_blocks, layout, hidden, calls, config, device
+        )
         densities = {k: per_block[int(k.split(".", 1)[0])] for k in shapes}
         block_densities = dict(enumerate(per_block))
     ranks = module_ranks(

@@ -40,6 +40,8 @@ class CompressionReport:
     seconds: float = 0.0
     calibration: str = ""
     calibration_tokens: int = 0
+    # peak resident host memory during the call (set by the streaming mode, mpifa_compress_pretrained)
+    peak_host_rss_bytes: int | None = None
 
     @property
     def targeted_params_before(self) -> int:
@@ -69,6 +71,8 @@ class CompressionReport:
             ("calibration", f"{self.calibration} ({self.calibration_tokens:,} tokens)"),
             ("compression time", f"{self.seconds:.1f} s"),
         ]
+        if self.peak_host_rss_bytes is not None:
+            rows.append(("peak host memory (RSS)", f"{self.peak_host_rss_bytes / 2**30:.2f} GiB"))
         width = max(len(k) for k, _ in rows)
         return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
 
@@ -84,4 +88,5 @@ class CompressionReport:
             "seconds": self.seconds,
             "calibration": self.calibration,
             "calibration_tokens": self.calibration_tokens,
+            "peak_host_rss_bytes": self.peak_host_rss_bytes,
         }

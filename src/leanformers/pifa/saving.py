@@ -54,11 +54,12 @@ def _stores_dense_weight(module: nn.Module, original: nn.Module | None) -> bool:
     return bool(torch.equal(index, torch.arange(index.numel(), dtype=index.dtype)))
 
 
-def _check_guard(model: nn.Module, modules: dict[str, nn.Module]) -> None:
+def _check_guard(model: nn.Module, modules: dict[str, nn.Module], skeleton: nn.Module | None = None) -> None:
     """A process without the registered quantizer must either load each compressed module correctly or
     fail: its ``weight`` must differ in shape from the dense parameter of that name (size mismatch
-    error), or be exactly the dense weight (full-rank PIFA in identity order)."""
-    skeleton = dense_skeleton(model)
+    error), or be exactly the dense weight (full-rank PIFA in identity order). ``skeleton``: the dense
+    model on meta when the caller already built it (the streaming mode checks block by block)."""
+    skeleton = skeleton if skeleton is not None else dense_skeleton(model)
     dense = {} if skeleton is None else {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}
     clashes = []
     for name, module in modules.items():
