@@ -9,6 +9,7 @@ low-rank rows the rank of their adapters.
 python bench/mt_multi30k.py --quick                         # seconds: tiny model, 8 steps (CI smoke)
 python bench/mt_multi30k.py                                 # the recipe's size, 1 seed, every row
 python bench/mt_multi30k.py --methods dense chtss --seeds 0 1 2 --resume   # more seeds, keep done rows
+python bench/mt_multi30k.py --set training.use_cpu=false ...                # on a GPU (the recipe says CPU)
 """
 
 from __future__ import annotations
