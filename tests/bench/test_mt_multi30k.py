@@ -17,7 +17,9 @@ def test_mt_bench_quick_rows_and_resume(run_bench, shared_data):
     for row in rows.values():
         assert row["test_sentences"] == 16 and row["train_steps"] == 8
         assert row["bleu_signature"].startswith("nrefs:1|case:mixed|eff:no|tok:13a|smooth:exp|version:")
-    assert abs(rows["set"]["density"] - 0.05) < 2e-3 and rows["set"]["nonzero_weights"] <= rows["set"]["density"]
+    assert (
+        abs(rows["set"]["density"] - 0.05) < 2e-3 and rows["set"]["nonzero_weights"] <= rows["set"]["density"]
+    )
     assert rows["lora"]["rank"] == 4 and "density" not in rows["lora"]
     assert [s["method"] for s in result["summary"]] == ["set", "lora"]
 
