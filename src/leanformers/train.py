@@ -8,6 +8,7 @@ A recipe (YAML) has five sections::
     model:     {config: {model_type: llama, hidden_size: 64, ...}}   # from config (random init)
                # or {pretrained: path-or-hub-id, dtype: float32}
     tokenizer: bytes | smollm2 | path-or-hub-id                      # bytes: UTF-8 bytes, vocab 256
+               # or {bpe: {files: [...], vocab_size: 4000}}: a BPE trained on the files (cached)
     data:      {train: file/folder/datasets-name, eval: ..., block_size: 256,
                 eval_fraction: 0.05, max_train_tokens: null, text_field: text}
     method:    {name: sst, sst: {r: 64, ...}}                         # dense | lora | sst | ...
