@@ -8,6 +8,7 @@ A recipe (YAML) has five sections::
     model:     {config: {model_type: llama, hidden_size: 64, ...}}   # from config (random init)
                # or {pretrained: path-or-hub-id, dtype: float32}
     tokenizer: bytes | smollm2 | path-or-hub-id                      # bytes: UTF-8 bytes, vocab 256
+               # or {bpe: {files: [...], vocab_size: 4000}}: a BPE trained on the files (cached)
     data:      {train: file/folder/datasets-name, eval: ..., block_size: 256,
                 eval_fraction: 0.05, max_train_tokens: null, text_field: text}
     method:    {name: sst, sst: {r: 64, ...}}                         # dense | lora | sst | ...
@@ -177,7 +178,22 @@ class ByteTokenizer:
         )
 
 
-def build_tokenizer(spec: str | None):
+def build_tokenizer(spec: str | dict | None):
+    """``bytes`` (default), ``smollm2``, a path or Hub id, or ``{bpe: {files: [...], vocab_size: N,
+    min_frequency: 2}, cache_dir: null}``: a byte-level BPE trained on the files with ``tokenizers``
+    (cached by content, see :func:`leanformers.data.tokenizer.bpe_tokenizer`)."""
+    if isinstance(spec, dict):
+        from leanformers.data.tokenizer import bpe_tokenizer
+
+        recipes.check_keys(spec, ("bpe", "cache_dir"), "tokenizer keys")
+        options = dict(spec.get("bpe") or {})
+        recipes.check_keys(options, ("files", "vocab_size", "min_frequency"), "tokenizer.bpe keys")
+        if not options.get("files"):
+            raise ValueError(
+                "tokenizer.bpe needs files: [training text files], e.g. both sides of the train split"
+            )
+        files = [_source_path(f) for f in options.pop("files")]
+        return bpe_tokenizer(files, cache_dir=spec.get("cache_dir"), **options)
     if spec is None or spec == "bytes":
         return ByteTokenizer()
     from transformers import AutoTokenizer
@@ -513,16 +529,22 @@ def run(recipe: dict | str | os.PathLike, overrides: list[str] | None = None) ->
     result = trainer.train(resume_from_checkpoint=recipe.get("resume_from_checkpoint"))
     metrics = {"method": name, "world_size": args.world_size, "model_parameters": n_params, **result.metrics}
     metrics["trainable_parameters"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    for callback in callbacks:  # a training-time method's whole-model summary (e.g. chtss/density_model)
+        controller = getattr(callback, "controller", None)
+        if controller is not None:
+            metrics.update({k: v for k, v in controller.metrics().items() if k.count("/") == 1})
     if eval_ds is not None:
         eval_metrics = trainer.evaluate()
         metrics.update(eval_metrics)
         if "eval_loss" in eval_metrics and task == "causal_lm":
             metrics["eval_perplexity"] = math.exp(eval_metrics["eval_loss"])
+        # sacrebleu's signatures of eval_bleu / eval_chrf (translation), set by the last evaluation
+        metrics.update(getattr(extra.get("compute_metrics"), "signatures", {}))
     out = Path(args.output_dir)
     save_full_model(trainer, out / "final")  # every rank: gathering a sharded (FSDP2) model is a collective
     if trainer.is_world_process_zero():
-        if task == "causal_lm" and not isinstance(tokenizer, ByteTokenizer):
-            # final/ then loads by itself in lm-eval / leanformers-eval (pretrained=out/final)
+        if not isinstance(tokenizer, ByteTokenizer):
+            # final/ then loads by itself (lm-eval / leanformers-eval, or a translation pipeline)
             tokenizer.save_pretrained(str(out / "final"))
         (out / "results.json").write_text(json.dumps(metrics, indent=2))
     return {"metrics": metrics, "trainer": trainer, "model": model}

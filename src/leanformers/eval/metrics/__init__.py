@@ -67,10 +67,17 @@ def translation_metrics(tokenizer, references: list[str], names=("sacrebleu", "c
 
     Generated ids are decoded with ``tokenizer`` (special tokens skipped) and scored against the raw
     ``references`` (the evaluation targets in dataset order; the Trainer evaluates sequentially).
+
+    The returned function's ``signatures`` dict holds, after each call, sacrebleu's signature of every
+    sacrebleu-backed score (``bleu_signature``, ``chrf_signature``: ``nrefs:1|case:mixed|eff:no|
+    tok:13a|smooth:exp|version:...``). The signature comes from a sacrebleu scorer with the options
+    the metric module used; its score must equal the module's, else a RuntimeError is raised (a
+    signature that does not describe the reported score would be wrong silently).
     """
     import numpy as np
 
     metrics = {name: load_metric(name) for name in names}
+    signatures: dict[str, str] = {}
 
     def compute(eval_pred) -> dict[str, float]:
         preds = (
@@ -81,12 +88,34 @@ def translation_metrics(tokenizer, references: list[str], names=("sacrebleu", "c
         if len(hypotheses) != len(references):
             raise ValueError(f"{len(hypotheses)} predictions for {len(references)} references")
         refs = [[r] for r in references]
-        return {
-            _KEYS.get(n, n): float(m.compute(predictions=hypotheses, references=refs)["score"])
-            for n, m in metrics.items()
-        }
+        out = {}
+        for name, metric in metrics.items():
+            key = _KEYS.get(name, name)
+            out[key] = float(metric.compute(predictions=hypotheses, references=refs)["score"])
+            if name in _SACREBLEU_SCORERS:
+                signatures[f"{key}_signature"] = _sacrebleu_signature(name, hypotheses, references, out[key])
+        return out
 
+    compute.signatures = signatures
     return compute
+
+
+# metric name -> sacrebleu scorer class; its defaults are the evaluate modules' defaults (shipped and Hub)
+_SACREBLEU_SCORERS = {"sacrebleu": "BLEU", "chrf": "CHRF"}
+
+
+def _sacrebleu_signature(name: str, hypotheses: list[str], references: list[str], score: float) -> str:
+    """sacrebleu's signature of metric ``name`` with default options, checked against ``score``."""
+    import sacrebleu
+
+    scorer = getattr(sacrebleu, _SACREBLEU_SCORERS[name])()
+    check = scorer.corpus_score(hypotheses, [references]).score
+    if abs(check - score) > 1e-6:
+        raise RuntimeError(
+            f"{name}: evaluate reported {score} but sacrebleu's default {_SACREBLEU_SCORERS[name]} gives "
+            f"{check}; the metric module used other options, so the default signature would not describe it"
+        )
+    return str(scorer.get_signature())
 
 
 def classification_metrics(num_labels: int, names=("accuracy", "f1")):
