@@ -704,7 +704,13 @@ def _missing_need(need: str, dry: bool, setup: dict) -> str | None:
             )
         return None
     if need == "mt":
-        return None if _mt_script() else "no bench/mt_*.py in this checkout (the MT experiment is not merged)"
+        if _mt_script() is None:
+            return "no bench/mt_*.py in this checkout (the MT experiment is not merged)"
+        # BLEU / chrF go through `evaluate` (the recipes' compute_metrics); the device image lacks it
+        missing = [m for m in ("evaluate", "sacrebleu") if importlib.util.find_spec(m) is None]
+        if missing and not dry:
+            return f"{' and '.join(missing)} not importable on this machine: MT not run (carry the wheels)"
+        return None
     raise ValueError(need)
 
 

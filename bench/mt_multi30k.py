@@ -26,6 +26,8 @@ from harness import REPO_ROOT, command_line, environment, output_path, parser, p
 RECIPE = REPO_ROOT / "recipes" / "mt_multi30k.yaml"
 METHODS = ("dense", "chtss", "set", "rigl", "sst", "lora")
 DEFAULT_METHODS = ("dense", "chtss", "set", "sst", "lora")
+# bench/gpu_suite.py's MT part (about a minute on one H200): the CPU table's size and rows, on the GPU
+GPU_SUITE_ARGS = ["--methods", *DEFAULT_METHODS, "--set", "training.max_steps=300", "training.use_cpu=false"]
 SPARSE = ("chtss", "set", "rigl")
 
 # --quick: a 1+1-layer d_model 32 Marian, 256 training pairs, 8 steps, 16 test sentences
