@@ -17,6 +17,7 @@ from __future__ import annotations
 import cProfile
 import pstats
 import time
+from pathlib import Path
 
 import torch
 from harness import RESULTS, environment, write_json
@@ -29,7 +30,7 @@ PARTS = [
     ("dense pass, one per block (run_block_capturing)", "run_block_capturing", "ct"),
     ("compressed pass after each block (BlockStreams.advance)", "advance", "ct"),
     ("reconstruct (whitening SVD + M steps)", "reconstruct", "ct"),
-    ("  float64 SVD", "linalg_svd", "tt"),
+    ("  float64 SVD / Gram eigendecomposition", ("linalg_svd>", "linalg_eigh"), "tt"),
     ("  solves, lstsq, Cholesky", ("linalg_solve", "linalg_lstsq", "cholesky"), "tt"),
     ("PIFA conversion (PIFALinear.from_factors, QR with column pivoting)", "from_factors", "ct"),
     ("PIFALinear.forward (compressed stream)", "forward@layer.py", "ct"),
@@ -60,6 +61,16 @@ def _split(stats: pstats.Stats) -> dict[str, float]:
         else:
             out[label] = total(pattern, kind)
     return {k: round(v, 2) for k, v in out.items()}
+
+
+def resplit(pstats_path: str, json_path: str) -> dict:
+    """Recompute ``seconds_by_part`` of a result JSON from its ``--pstats`` dump (after PARTS changed)."""
+    import json
+
+    payload = json.loads(Path(json_path).read_text())
+    payload["seconds_by_part"] = _split(pstats.Stats(pstats_path))
+    write_json(json_path, payload)
+    return payload
 
 
 def main(argv: list[str] | None = None) -> dict:
