@@ -17,7 +17,7 @@ from tests.pifa.tiny_decoders import tiny_gemma3
 from tests.tiny_models import random_ids, tiny_gpt2, tiny_llama
 
 
-def _compress(model, monkeypatch, reuse: bool) -> tuple[dict, int]:
+def _compress(model, monkeypatch, reuse: bool, **overrides) -> tuple[dict, int]:
     made: list[BlockStreams] = []
 
     class Recording(BlockStreams):
@@ -28,7 +28,7 @@ def _compress(model, monkeypatch, reuse: bool) -> tuple[dict, int]:
             made.append(self)
 
     monkeypatch.setattr(compress_module, "BlockStreams", Recording)
-    config = MPIFAConfig(density=0.5, nsamples=8, seqlen=32, batch_size=4, device="cpu")
+    config = MPIFAConfig(density=0.5, nsamples=8, seqlen=32, batch_size=4, device="cpu", **overrides)
     mpifa_compress(model, None, config, calibration=random_ids(8, 32, seed=1), progress=False)
     return model.state_dict(), made[0].reused
 
@@ -45,6 +45,12 @@ def test_reusing_finished_submodules_gives_bitwise_identical_weights(build, monk
     assert reference.keys() == fast.keys()
     for name in reference:
         assert torch.equal(reference[name], fast[name]), name
+
+
+def test_no_memo_with_offloaded_streams(monkeypatch):
+    """offload_streams keeps activations off the compute device: the memo (which holds some there) is off."""
+    _, reused = _compress(tiny_llama(), monkeypatch, reuse=True, offload_streams=True)
+    assert reused == 0
 
 
 class _Inner(nn.Module):

@@ -55,7 +55,9 @@ class BlockStreams:
     The compressed-stream replays of a block (one per group, one to advance) share a ``ReplayMemo``:
     finished sub-modules (e.g. the attention once q/k/v/o are compressed) are not recomputed on
     bitwise-equal inputs. ``reuse_outputs = False`` replays everything (the reference the tests compare
-    against); ``reused`` counts the sub-module calls served from the memo.
+    against); ``reused`` counts the sub-module calls served from the memo. The memo holds up to ~8
+    hidden-size activations per calibration token on the compute device until the block is done, so it
+    is off with ``offload_streams`` (whose point is to keep activations off the GPU).
     """
 
     reuse_outputs: bool = True
@@ -69,6 +71,7 @@ class BlockStreams:
         *,
         need_cross: bool = False,
         need_dense: bool = False,
+        reuse: bool = True,
     ) -> None:
         self.need_cross, self.need_dense = need_cross, need_dense  # which Gram products to accumulate
         self.dense = hidden
@@ -78,7 +81,7 @@ class BlockStreams:
         self.active = active
         self._next_dense: list[torch.Tensor] = []
         self._dense_inputs: dict[str, list[torch.Tensor]] = {}
-        self._memo = ReplayMemo() if self.reuse_outputs else None
+        self._memo = ReplayMemo() if reuse and self.reuse_outputs else None
         self.reused = 0
 
     @classmethod
@@ -105,7 +108,15 @@ class BlockStreams:
                 "in float32 (--dtype float32) or check the checkpoint"
             )
         need_cross = config.alpha > 0 and config.steps > 0  # K = X_d X_c^T enters only the U/V steps
-        return cls(hidden, calls, device, active, need_cross=need_cross, need_dense=config.init == "whiten")
+        return cls(
+            hidden,
+            calls,
+            device,
+            active,
+            need_cross=need_cross,
+            need_dense=config.init == "whiten",
+            reuse=not config.offload_streams,
+        )
 
     def run_dense(self, block: nn.Module, index: int, first_modules: list[str]) -> None:
         """One pass of the still untouched ``block`` on the dense stream: keeps its outputs (the next
