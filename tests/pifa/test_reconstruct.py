@@ -9,6 +9,7 @@ from leanformers.pifa.reconstruct import (
     cholesky_with_damping,
     reconstruct,
     svd_init,
+    top_singular_triplets,
     whitened_svd_init,
 )
 
@@ -102,3 +103,31 @@ def test_reconstruct_errors_are_clear():
         reconstruct(W, 2, GramStats(stats.G, stats.K, None, 1), init="whiten")
     with pytest.raises(ValueError, match="cross-Gram"):
         alternating_steps(W, *svd_init(W, 2), GramStats(stats.G, None, None, 1), alpha=0.5, steps=1)
+
+
+@pytest.mark.parametrize("shape", [(40, 24), (24, 40), (30, 30)])
+def test_top_singular_triplets_match_the_svd(shape):
+    """The Gram-eigendecomposition route gives the SVD's rank-r truncation to ~1e-12 (float64)."""
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(*shape, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -2, shape[1], dtype=torch.float64)
+    )
+    r = 10
+    U, s, Vh = top_singular_triplets(A, r)
+    Ur, sr, Vhr = torch.linalg.svd(A, full_matrices=False)
+    assert torch.allclose(s, sr[:r], rtol=1e-12, atol=0)
+    truncation = Ur[:, :r] * sr[:r] @ Vhr[:r]
+    assert torch.linalg.norm(U * s @ Vh - truncation) <= 1e-12 * torch.linalg.norm(truncation)
+    assert torch.allclose(U.T @ U, torch.eye(r, dtype=torch.float64), atol=1e-12)
+    assert torch.allclose(Vh @ Vh.T, torch.eye(r, dtype=torch.float64), atol=1e-12)
+
+
+def test_top_singular_triplets_fall_back_to_the_svd_when_ill_conditioned():
+    """sigma_1 / sigma_r beyond the bound: the result is the SVD's own (bitwise)."""
+    g = torch.Generator().manual_seed(1)
+    A = torch.randn(30, 20, generator=g, dtype=torch.float64) @ torch.diag(
+        torch.logspace(0, -8, 20, dtype=torch.float64)
+    )
+    U, s, Vh = top_singular_triplets(A, 15)
+    Ur, sr, Vhr = torch.linalg.svd(A, full_matrices=False)
+    assert torch.equal(U, Ur[:, :15]) and torch.equal(s, sr[:15]) and torch.equal(Vh, Vhr[:15])

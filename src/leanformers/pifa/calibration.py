@@ -546,13 +546,15 @@ def group_input_stats(
     dtype: torch.dtype,
     need_cross: bool,
     need_dense: bool,
+    memo=None,
 ):
     """Accumulate G = X_c X_c^T, K = X_d X_c^T, S = X_d X_d^T for the input of ``module_path``.
 
     ``dense_inputs`` are the module's inputs in the dense model (one tensor per batch, from
     ``run_block_capturing`` on the dense stream); the compressed inputs come from the block being
     compressed (earlier groups already replaced) on the compressed stream, token by token on the
-    same calibration batch. Products in float32 on the device, sums in float64.
+    same calibration batch. Products in float32 on the device, sums in float64. ``memo`` (a
+    replay.ReplayMemo, optional) lets the replays reuse the outputs of finished sub-modules.
     Returns GramStats(G, K or None, S or None, tokens).
     """
     from leanformers.pifa.reconstruct import GramStats
@@ -560,8 +562,9 @@ def group_input_stats(
     comp_module = compressed_block.get_submodule(module_path)
     G = K = S = None
     tokens = 0
-    for xd, xc_states, call in zip(dense_inputs, compressed_states, calls):
-        xc = input_of(compressed_block, comp_module, xc_states, call, device, dtype)
+    for j, (xd, xc_states, call) in enumerate(zip(dense_inputs, compressed_states, calls)):
+        with memo.replay(compressed_block, j) if memo is not None else contextlib.nullcontext():
+            xc = input_of(compressed_block, comp_module, xc_states, call, device, dtype)
         xc = xc.reshape(-1, xc.shape[-1]).float()
         g = (xc.T @ xc).double()
         G = g if G is None else G.add_(g)

@@ -381,14 +381,17 @@ class PIFALinear(CompressedLinear):
 
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._form == "row":
-            z = F.linear(x, self.weight)
-            y = torch.cat([z, F.linear(z, self.coeff)], dim=-1).index_select(-1, self.output_index)
-            return y if self.bias is None else y + self.bias
+        # Gathers run on 2-D (tokens, features) views: CPU index_select along the last dim of a 3-D
+        # tensor is ~30x slower than along dim 1 of the same data viewed 2-D (same bytes moved).
         lead = x.shape[:-1]
-        if not self.input_permuted:
-            x = x.index_select(-1, self.input_index)
+        if self._form == "row":
+            z = F.linear(x.reshape(-1, self.in_features), self.weight)
+            y = torch.cat([z, F.linear(z, self.coeff)], dim=-1).index_select(1, self.output_index)
+            y = y.view(*lead, self.out_features)
+            return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
+        if not self.input_permuted:
+            x2 = x2.index_select(1, self.input_index)
         r = self._rank
         z = torch.addmm(x2[:, :r], x2[:, r:], self.coeff.t())
         return F.linear(z, self.weight, self.bias).view(*lead, self.out_features)

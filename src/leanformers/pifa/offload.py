@@ -93,8 +93,15 @@ class OffloadedStreams(BlockStreams):
                 hidden.append(store.put(h[0]))
                 calls.append(c[0])
         need_cross = config.alpha > 0 and config.steps > 0
+        # no replay memo: it would keep activations of whole batches on the compute device
         streams = cls(
-            hidden, calls, device, active, need_cross=need_cross, need_dense=config.init == "whiten"
+            hidden,
+            calls,
+            device,
+            active,
+            need_cross=need_cross,
+            need_dense=config.init == "whiten",
+            reuse=False,
         )
         streams.store = store
         return streams

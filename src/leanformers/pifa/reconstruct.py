@@ -21,6 +21,7 @@ __all__ = [
     "cholesky_with_damping",
     "reconstruct",
     "svd_init",
+    "top_singular_triplets",
     "whitened_svd_init",
 ]
 
@@ -77,12 +78,44 @@ def whitened_svd_init(W: torch.Tensor, L: torch.Tensor, rank: int) -> tuple[torc
     Args: W (m, n), L (n, n) lower triangular. Returns U0 (m, r), V0 (r, n) float64.
     """
     W = W.double()
-    U, s, Vh = torch.linalg.svd(W @ L, full_matrices=False)
-    root = s[:rank].sqrt()
-    U0 = U[:, :rank] * root
+    U, s, Vh = top_singular_triplets(W @ L, rank)
+    root = s.sqrt()
+    U0 = U * root
     # V0 = (root Vh_r) L^-1, i.e. solve X L = root Vh_r for X.
-    V0 = torch.linalg.solve_triangular(L, root[:, None] * Vh[:rank], upper=False, left=False)
+    V0 = torch.linalg.solve_triangular(L, root[:, None] * Vh, upper=False, left=False)
     return U0, V0
+
+
+# Largest sigma_1 / sigma_r for which the Gram route is used: its error on the rank-r truncation is
+# about eps_64 (sigma_1 / sigma_r)^2 <= 1e-16 x 1e6 = 1e-10, far below the float32 rounding (6e-8) of the
+# factors the layers store. Beyond it (near rank-deficient W L) the full SVD is used.
+GRAM_ROUTE_MAX_CONDITION = 1e3
+
+
+def top_singular_triplets(
+    A: torch.Tensor, rank: int, max_condition: float = GRAM_ROUTE_MAX_CONDITION
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` singular triplets of A (m, n): U (m, r), s (r,) descending, Vh (r, n), float64.
+
+    From the symmetric eigendecomposition of the smaller Gram (A^T A or A A^T, min(m, n) square), then
+    the other side's vectors as A v / s: 2-7x faster than the SVD of A on the CPU (a 576 x 1536 float64
+    SVD took 0.72 s, the 576 x 576 Gram eigendecomposition 0.10 s). Falls back to the SVD of A when
+    sigma_1 / sigma_r > ``max_condition`` (see GRAM_ROUTE_MAX_CONDITION). Singular vectors are defined up
+    to sign (and rotation inside repeated singular values) either way; U diag(s) Vh is what is unique.
+    """
+    A = A.double()
+    m, n = A.shape
+    tall = m >= n
+    C = A.T @ A if tall else A @ A.T
+    w, Q = torch.linalg.eigh(C)  # ascending
+    w, Q = w.flip(0)[:rank], Q.flip(1)[:, :rank]
+    s = w.clamp_min(0).sqrt()
+    if not bool(s[-1] * max_condition >= s[0]) or not bool(torch.isfinite(s).all()):
+        U, s, Vh = torch.linalg.svd(A, full_matrices=False)
+        return U[:, :rank], s[:rank], Vh[:rank]
+    if tall:
+        return (A @ Q) / s, s, Q.T
+    return Q, s, (Q.T @ A) / s[:, None]
 
 
 def _spd_solve(A: torch.Tensor, B: torch.Tensor, damping: float) -> torch.Tensor:

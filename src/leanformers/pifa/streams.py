@@ -23,6 +23,7 @@ from leanformers.pifa.calibration import (
 )
 from leanformers.pifa.config import MPIFAConfig
 from leanformers.pifa.reconstruct import GramStats
+from leanformers.pifa.replay import ReplayMemo
 
 __all__ = ["BlockStreams", "block_errors"]
 
@@ -50,7 +51,17 @@ class BlockStreams:
 
     ``active=False`` (plain SVD: no statistics needed) keeps both streams empty and every method a
     no-op, so the pipeline runs no forward pass at all.
+
+    The compressed-stream replays of a block (one per group, one to advance) share a ``ReplayMemo``:
+    finished sub-modules (e.g. the attention once q/k/v/o are compressed) are not recomputed on
+    bitwise-equal inputs. ``reuse_outputs = False`` replays everything (the reference the tests compare
+    against); ``reused`` counts the sub-module calls served from the memo. The memo holds up to ~8
+    hidden-size activations per calibration token on the compute device until the block is done, so it
+    is off for offloaded streams (``offload`` cpu/disk, pifa/offload.py), whose point is to keep
+    activations off the compute device.
     """
+
+    reuse_outputs: bool = True
 
     def __init__(
         self,
@@ -61,6 +72,7 @@ class BlockStreams:
         *,
         need_cross: bool = False,
         need_dense: bool = False,
+        reuse: bool = True,
     ) -> None:
         self.need_cross, self.need_dense = need_cross, need_dense  # which Gram products to accumulate
         self.dense = hidden
@@ -70,6 +82,8 @@ class BlockStreams:
         self.active = active
         self._next_dense: list[torch.Tensor] = []
         self._dense_inputs: dict[str, list[torch.Tensor]] = {}
+        self._memo = ReplayMemo() if reuse and self.reuse_outputs else None
+        self.reused = 0
 
     @classmethod
     def capture(
@@ -95,7 +109,15 @@ class BlockStreams:
                 "in float32 (--dtype float32) or check the checkpoint"
             )
         need_cross = config.alpha > 0 and config.steps > 0  # K = X_d X_c^T enters only the U/V steps
-        return cls(hidden, calls, device, active, need_cross=need_cross, need_dense=config.init == "whiten")
+        return cls(
+            hidden,
+            calls,
+            device,
+            active,
+            need_cross=need_cross,
+            need_dense=config.init == "whiten",
+            reuse=config.offload == "none",
+        )
 
     def run_dense(self, block: nn.Module, index: int, first_modules: list[str]) -> None:
         """One pass of the still untouched ``block`` on the dense stream: keeps its outputs (the next
@@ -123,6 +145,7 @@ class BlockStreams:
                 dtype=torch.float32,
                 need_cross=self.need_cross,
                 need_dense=self.need_dense,
+                memo=self._memo,
             )
 
     def advance(self, block: nn.Module, index: int) -> None:
@@ -133,7 +156,12 @@ class BlockStreams:
             self.compressed = []
             return
         with block_errors(index, AFTER_ERROR):
-            self.compressed = [
-                run_block(block, s, c, self.device, torch.float32)
-                for s, c in zip(self.compressed, self.calls)
-            ]
+            compressed = []
+            for j, (s, c) in enumerate(zip(self.compressed, self.calls)):
+                with self._memo.replay(block, j) if self._memo is not None else contextlib.nullcontext():
+                    compressed.append(run_block(block, s, c, self.device, torch.float32))
+            self.compressed = compressed
+        if self._memo is not None:  # the next block starts afresh: free the recorded tensors
+            self.reused += self._memo.hits
+            self._memo.hits = 0
+            self._memo.clear()

@@ -1,0 +1,25 @@
+"""The demo's shortcut: the evaluation tokens come from a prefix of the file, not the whole file."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from leanformers.data import load_text, tokenize_text
+from leanformers.demo import _head_ids
+
+
+@pytest.mark.parametrize("name", ["tinyshakespeare.txt", "wikitext-2-raw-test.txt"])
+def test_head_ids_equal_the_start_of_the_whole_file_tokenisation(name, shared_data, smollm2_path, tmp_path):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    # 200 kB of the real text keeps the test short; the demo takes the first 16k tokens of ~300k.
+    text = load_text(shared_data / name)[:200_000]
+    path = tmp_path / name
+    path.write_text(text)
+    whole = tokenize_text(text, tokenizer)
+    for n in (1000, 4096):
+        assert torch.equal(_head_ids(path, tokenizer, n), whole[:n])
+    # More tokens than the text holds: all of it.
+    assert torch.equal(_head_ids(path, tokenizer, whole.numel() + 10), whole)
