@@ -28,7 +28,14 @@ from torch import nn
 
 from leanformers.pifa.calibration import capture_block_inputs, run_block, run_block_capturing
 from leanformers.pifa.config import MPIFAConfig
-from leanformers.pifa.streams import AFTER_ERROR, DENSE_ERROR, BlockStreams, block_errors
+from leanformers.pifa.streams import (
+    AFTER_ERROR,
+    DENSE_ERROR,
+    BlockStreams,
+    block_errors,
+    check_first_inputs_finite,
+    stream_options,
+)
 
 __all__ = ["DiskStore", "HostStore", "OffloadedStreams", "make_streams"]
 
@@ -85,24 +92,11 @@ class OffloadedStreams(BlockStreams):
         if active:
             for batch in batches:  # one batch at a time: never the whole first stream in memory
                 h, c = capture_block_inputs(model, blocks, [batch], stream_device=torch.device("cpu"))
-                if not torch.isfinite(h[0]).all():
-                    raise FloatingPointError(
-                        "block 0: non-finite activations at the input of the first block (embeddings); load "
-                        "the model in float32 (--dtype float32) or check the checkpoint"
-                    )
+                check_first_inputs_finite(h)
                 hidden.append(store.put(h[0]))
                 calls.append(c[0])
-        need_cross = config.alpha > 0 and config.steps > 0
         # no replay memo: it would keep activations of whole batches on the compute device
-        streams = cls(
-            hidden,
-            calls,
-            device,
-            active,
-            need_cross=need_cross,
-            need_dense=config.init == "whiten",
-            reuse=False,
-        )
+        streams = cls(hidden, calls, device, active, **stream_options(config), reuse=False)
         streams.store = store
         return streams
 

@@ -134,20 +134,26 @@ def save_compressed(
     staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(staging)
-        if model_card is not None:
-            (staging / "README.md").write_text(model_card, encoding="utf-8")
-        pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-        if pickles:
-            raise RuntimeError(
-                f"refusing to publish pickled files {pickles}; MPIFA folders hold safetensors only"
-            )
+        write_extras(staging, tokenizer, model_card)
         _atomic_replace(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def write_extras(staging: Path, tokenizer, model_card: str | None) -> None:
+    """The tokenizer and model card beside the weights in ``staging``; refuses any pickled file there
+    (MPIFA folders hold safetensors only)."""
+    if tokenizer is not None:
+        tokenizer.save_pretrained(staging)
+    if model_card is not None:
+        (staging / "README.md").write_text(model_card, encoding="utf-8")
+    pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        raise RuntimeError(
+            f"refusing to publish pickled files {pickles}; MPIFA folders hold safetensors only"
+        )
 
 
 def _atomic_replace(staging: Path, output_dir: Path) -> None:

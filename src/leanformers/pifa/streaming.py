@@ -62,7 +62,7 @@ from leanformers.pifa.integration import COMPRESSED_TYPES, dense_skeleton
 from leanformers.pifa.offload import make_streams
 from leanformers.pifa.plan import plan_ranks
 from leanformers.pifa.report import CompressionReport
-from leanformers.pifa.saving import PICKLE_SUFFIXES, _atomic_replace, _check_guard
+from leanformers.pifa.saving import _atomic_replace, _check_guard, write_extras
 
 __all__ = ["mpifa_compress_pretrained", "resolve_dtype"]
 
@@ -344,12 +344,4 @@ def _finish_folder(model, tokenizer, reader, writer, staging, prefix, max_bytes,
     model.config.save_pretrained(staging)
     if model.can_generate():
         model.generation_config.save_pretrained(staging)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(staging)
-    if model_card is not None:
-        (staging / "README.md").write_text(model_card, encoding="utf-8")
-    pickles = [p.name for p in staging.rglob("*") if p.suffix in PICKLE_SUFFIXES]
-    if pickles:
-        raise RuntimeError(
-            f"refusing to publish pickled files {pickles}; MPIFA folders hold safetensors only"
-        )
+    write_extras(staging, tokenizer, model_card)

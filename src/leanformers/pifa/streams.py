@@ -46,6 +46,21 @@ def block_errors(index: int, message: str):
         raise FloatingPointError(f"block {index}: " + message.format(exc=exc)) from exc
 
 
+def check_first_inputs_finite(hidden: list[torch.Tensor]) -> None:
+    """Refuse non-finite inputs of the first block (the embeddings' output) before any fitting."""
+    if not all(torch.isfinite(h).all() for h in hidden):
+        raise FloatingPointError(
+            "block 0: non-finite activations at the input of the first block (embeddings); load the model "
+            "in float32 (--dtype float32) or check the checkpoint"
+        )
+
+
+def stream_options(config: MPIFAConfig) -> dict[str, bool]:
+    """Which statistics the streams gather for ``config``: K = X_d X_c^T enters only the U/V steps, the
+    dense inputs only the whitening init."""
+    return {"need_cross": config.alpha > 0 and config.steps > 0, "need_dense": config.init == "whiten"}
+
+
 class BlockStreams:
     """Dense and compressed inputs of the current block, one (batch, seq, hidden) tensor per batch.
 
@@ -103,21 +118,8 @@ class BlockStreams:
             if active
             else ([], [])
         )
-        if not all(torch.isfinite(h).all() for h in hidden):
-            raise FloatingPointError(
-                "block 0: non-finite activations at the input of the first block (embeddings); load the model "
-                "in float32 (--dtype float32) or check the checkpoint"
-            )
-        need_cross = config.alpha > 0 and config.steps > 0  # K = X_d X_c^T enters only the U/V steps
-        return cls(
-            hidden,
-            calls,
-            device,
-            active,
-            need_cross=need_cross,
-            need_dense=config.init == "whiten",
-            reuse=config.offload == "none",
-        )
+        check_first_inputs_finite(hidden)
+        return cls(hidden, calls, device, active, **stream_options(config), reuse=config.offload == "none")
 
     def run_dense(self, block: nn.Module, index: int, first_modules: list[str]) -> None:
         """One pass of the still untouched ``block`` on the dense stream: keeps its outputs (the next
