@@ -380,6 +380,8 @@ def test_hard_magnitude_removal_drops_exactly_the_smallest_weights():
     # The removed ones are exactly the smallest: any of them still present was regrown (counted).
     back = int((after & smallest).sum())
     assert back == round(metrics["chtss/removed_regrown_overlap"] * metrics["chtss/rewired"])
+    # a link removed and regrown in the same update is a new link: it starts at weight 0 (CHTSS.md step 4)
+    assert back > 0 and (layer.weight.data[after & smallest] == 0).all()
 
 
 def test_em_s_update_prunes_to_the_final_density_by_magnitude_then_regrows_the_boost():

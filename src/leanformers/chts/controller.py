@@ -595,12 +595,14 @@ class CHTssController(Controller):
         ``new_mask`` and ``grown`` are whole (out, in) matrices; under FSDP2 each rank writes its shard.
         """
         layer.set_mask(new_mask)
-        local(layer.weight.data).mul_(layer.multiplier)
+        keep_state = new_mask & ~grown  # grown includes links removed and regrown in this update
+        keep_param = (keep_state.T if layer.transposed else keep_state).contiguous()
+        if layer.sharded:
+            keep_param = shard_like(keep_param, layer.weight)
+        weight = local(layer.weight.data)
+        # every grown link starts at 0, also one removed and regrown in this update (it keeps no old weight)
+        weight.masked_fill_(~keep_param.to(weight.device), 0)
         if self.optimizer is not None:
-            keep_state = new_mask & ~grown
-            keep_param = (keep_state.T if layer.transposed else keep_state).contiguous()
-            if layer.sharded:
-                keep_param = shard_like(keep_param, layer.weight)
             mask_state_(self.optimizer, layer.weight, keep_param)
 
     # ------------------------------------------------------------------ reporting
