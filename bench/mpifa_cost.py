@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         ),
         "calibration": f"{nsamples} x {seqlen}",
         "density": f"{report.achieved_density:.4f}",
-        "wall time (s)": f"{seconds:.1f}",
+        "wall time (s)": f"{seconds:.3g}",
         "peak host RSS (GB)": f"{rss.peak_gb:.2f}",
         "peak GPU (GB)": f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
         if torch.cuda.is_available()

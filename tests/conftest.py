@@ -63,3 +63,15 @@ def minilm_path():
     from leanformers.hub import all_minilm_l6_v2
 
     return all_minilm_l6_v2()
+
+
+@pytest.fixture(autouse=True)
+def _grad_mode_is_restored():
+    """Every test starts with autograd enabled and must leave it so: with two pytest-xdist workers a
+    test that leaves grad disabled (e.g. a generator suspended inside ``torch.no_grad()``) would make
+    every later test of its worker fail far from the cause."""
+    torch.set_grad_enabled(True)
+    yield
+    if not torch.is_grad_enabled():
+        torch.set_grad_enabled(True)
+        pytest.fail("this test left autograd disabled (torch.is_grad_enabled() is False after it)")
