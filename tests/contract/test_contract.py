@@ -189,6 +189,19 @@ def test_persist_row(row: Row, reloaded):
     expect(row, check)
 
 
+def _check_rank_agreement(row: Row, report: dict, wrapper: str, wrong_wrapper: str) -> None:
+    """What every 2-process row asserts: the recorded error re-raised, or 6 steps under ``wrapper``
+    with the method state changed as the method says and parameters / state identical on both ranks."""
+    if "error" in report:
+        raise Recorded(report["error"], report["message"])
+    assert report["global_step"] == 6
+    assert report["wrapper"] == wrapper, f"{wrong_wrapper}: {report['wrapper']}"
+    assert report["state_entries"] > 0
+    assert report["state_changed"] == row.method.rewires
+    assert report["params_identical"], "(gathered) parameters differ across ranks"
+    assert report["state_identical"], "masks / sampled indices differ across ranks"
+
+
 @pytest.mark.distributed
 @pytest.mark.parametrize("row", _params(DDP_OP))
 def test_ddp_row(row: Row, ddp_reports):
@@ -196,17 +209,8 @@ def test_ddp_row(row: Row, ddp_reports):
 
     def check():
         report = ddp_reports[row.id]
-        if "error" in report:
-            raise Recorded(report["error"], report["message"])
-        assert report["global_step"] == 6
-        assert report["wrapper"] == "DistributedDataParallel", (
-            f"the Trainer did not use DDP: {report['wrapper']}"
-        )
-        assert report["state_entries"] > 0
-        assert report["state_changed"] == row.method.rewires
-        assert report["params_identical"], "parameters differ across ranks"
+        _check_rank_agreement(row, report, "DistributedDataParallel", "the Trainer did not use DDP")
         assert report["buffers_identical"], "buffers differ across ranks"
-        assert report["state_identical"], "masks / sampled indices differ across ranks"
         if row.method.kind == "sst":  # SST keeps its buffers identical itself: no per-forward broadcast
             assert report["sst_buffers"] > 0
             assert report["sst_buffers_broadcast"] == 0, (
@@ -223,14 +227,7 @@ def test_fsdp2_row(row: Row, fsdp2_reports):
 
     def check():
         report = fsdp2_reports[row.id]
-        if "error" in report:
-            raise Recorded(report["error"], report["message"])
-        assert report["global_step"] == 6
-        assert report["wrapper"] == "FSDP2", f"the parameters are not DTensor shards: {report['wrapper']}"
-        assert report["state_entries"] > 0
-        assert report["state_changed"] == row.method.rewires
-        assert report["params_identical"], "gathered parameters differ across ranks"
-        assert report["state_identical"], "masks / sampled indices differ across ranks"
+        _check_rank_agreement(row, report, "FSDP2", "the parameters are not DTensor shards")
         if row.method.kind == "dst":
             assert report["masks_local"], "a rank holds more than its shard of a mask"
             assert report["zero_outside_masks"], "weights or moments non-zero outside a mask shard"
