@@ -4,8 +4,18 @@ from leanformers.data.text import (
     calibration_windows,
     evaluation_windows,
     load_text,
+    mixed_calibration_windows,
+    parse_sources,
     shared_data_path,
     tokenize_text,
 )
 
-__all__ = ["calibration_windows", "evaluation_windows", "load_text", "shared_data_path", "tokenize_text"]
+__all__ = [
+    "calibration_windows",
+    "evaluation_windows",
+    "load_text",
+    "mixed_calibration_windows",
+    "parse_sources",
+    "shared_data_path",
+    "tokenize_text",
+]

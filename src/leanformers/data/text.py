@@ -1,7 +1,9 @@
 """Text sources -> token ids -> (n, seqlen) windows.
 
-A source is a local ``.txt``/``.json``/``.jsonl``/``.parquet`` file, a folder of those, or (online)
-a ``datasets`` name written ``name[:config][@split]``, e.g. ``wikitext:wikitext-2-raw-v1@test``.
+A source is a local ``.txt``/``.json``/``.jsonl``/``.parquet`` file, a source-code or markup file
+(``.py``, ``.md``, ``.rst``, read verbatim), a folder of those, or (online) a ``datasets`` name written
+``name[:config][@split]``, e.g. ``wikitext:wikitext-2-raw-v1@test``. Calibration may mix several
+sources with weights: ``parse_sources("wiki.txt=2,code/=1")`` and ``mixed_calibration_windows``.
 """
 
 from __future__ import annotations
@@ -12,9 +14,18 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["calibration_windows", "evaluation_windows", "load_text", "shared_data_path", "tokenize_text"]
+__all__ = [
+    "calibration_windows",
+    "evaluation_windows",
+    "load_text",
+    "mixed_calibration_windows",
+    "parse_sources",
+    "shared_data_path",
+    "tokenize_text",
+]
 
-_TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet")
+_CODE_SUFFIXES = (".py", ".md", ".rst")  # read verbatim: blank lines and indentation are content
+_TEXT_SUFFIXES = (".txt", ".json", ".jsonl", ".parquet", *_CODE_SUFFIXES)
 
 
 def shared_data_path(name: str = "") -> Path:
@@ -44,8 +55,17 @@ def _rows_to_text(rows: list[str], join: str | None) -> str:
 
 def _read_file(path: Path, text_field: str, join: str | None) -> str:
     suffix = path.suffix.lower()
-    if suffix == ".txt":
-        raw = path.read_text(encoding="utf-8")
+    if suffix in _CODE_SUFFIXES:
+        return path.read_text(encoding="utf-8", errors="replace")
+    if suffix == ".txt" or suffix not in (".json", ".jsonl", ".parquet"):
+        # .txt, or a file named explicitly with another suffix (e.g. Multi30k's train.en): plain text.
+        # Folders only contribute the suffixes listed in _TEXT_SUFFIXES.
+        try:
+            raw = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            raise ValueError(
+                f"{path} is not UTF-8 text ({exc.reason}); pass a .txt/.json/.jsonl/.parquet/.py file"
+            ) from None
         # WikiText convention (DATA.md): each non-empty line is a row; rows are joined with "\n\n".
         return raw if join is None else _rows_to_text(raw.splitlines(), join)
     if suffix in (".json", ".jsonl"):
@@ -57,12 +77,10 @@ def _read_file(path: Path, text_field: str, join: str | None) -> str:
             records = [json.loads(line) for line in raw.splitlines() if line.strip()]
         rows = [r[text_field] if isinstance(r, dict) else str(r) for r in records]
         return _rows_to_text(rows, join if join is not None else "\n\n")
-    if suffix == ".parquet":
-        import pyarrow.parquet as pq
+    import pyarrow.parquet as pq
 
-        table = pq.read_table(path, columns=[text_field])
-        return _rows_to_text(table.column(text_field).to_pylist(), join if join is not None else "\n\n")
-    raise ValueError(f"unsupported text file {path}: use one of {', '.join(_TEXT_SUFFIXES)}")
+    table = pq.read_table(path, columns=[text_field])
+    return _rows_to_text(table.column(text_field).to_pylist(), join if join is not None else "\n\n")
 
 
 def load_text(source: str | os.PathLike, *, text_field: str = "text", join: str | None = "\n\n") -> str:
@@ -155,3 +173,61 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = 
     if n == 0:
         raise ValueError(f"the text has {ids.numel()} tokens, fewer than one window of {seqlen}")
     return ids[: n * seqlen].view(n, seqlen)
+
+
+def parse_sources(spec: str) -> list[tuple[str, float]]:
+    """``"a.txt=2,code/=1,b.jsonl"`` -> [("a.txt", 2.0), ("code/", 1.0), ("b.jsonl", 1.0)].
+
+    Sources are separated by commas; ``=WEIGHT`` (a positive number, default 1) sets a source's share
+    of the calibration windows.
+    """
+    parts = []
+    for item in spec.split(","):
+        item = item.strip()
+        if not item:
+            raise ValueError(f"empty source in calibration list {spec!r}; write e.g. 'wiki.txt=2,code/=1'")
+        source, eq, weight = item.rpartition("=") if "=" in item else (item, "", "1")
+        try:
+            w = float(weight)
+        except ValueError:
+            raise ValueError(
+                f"weight {weight!r} of {source!r} is not a number; write e.g. '{source}=0.5'"
+            ) from None
+        if not w > 0 or w != w or w == float("inf"):
+            raise ValueError(f"weight of {source!r} must be a positive number, got {weight!r}")
+        parts.append((source.strip(), w))
+    return parts
+
+
+def mixed_calibration_windows(
+    sources: list[tuple[torch.Tensor, float]], nsamples: int, seqlen: int, seed: int = 0
+) -> torch.Tensor:
+    """``nsamples`` windows of ``seqlen`` tokens drawn from several token streams in proportion to weights.
+
+    The counts are the largest-remainder rounding of nsamples * w_i / sum(w) (they sum to nsamples);
+    source i draws its windows with ``calibration_windows(ids_i, count_i, seqlen, seed + i)``, and the
+    windows are returned grouped by source, in the given order.
+    Args: sources [(ids (N_i,), weight > 0)]. Returns (nsamples, seqlen) LongTensor.
+    Raises ValueError when a source would get no window (raise nsamples or its weight) or is too short.
+    """
+    if not sources:
+        raise ValueError("no calibration source given")
+    weights = torch.tensor([float(w) for _, w in sources], dtype=torch.float64)
+    if not bool((weights > 0).all()):
+        raise ValueError("calibration weights must be positive")
+    exact = nsamples * weights / weights.sum()
+    counts = exact.floor().long()
+    for i in torch.argsort(exact - counts, descending=True, stable=True)[: nsamples - int(counts.sum())]:
+        counts[i] += 1
+    if bool((counts == 0).any()):
+        i = int((counts == 0).nonzero()[0])
+        raise ValueError(
+            f"calibration source {i} gets no window of the {nsamples} (weight {float(weights[i]):g} of "
+            f"{float(weights.sum()):g}); raise nsamples or its weight"
+        )
+    return torch.cat(
+        [
+            calibration_windows(ids, int(c), seqlen, seed + i)
+            for i, ((ids, _), c) in enumerate(zip(sources, counts))
+        ]
+    )

@@ -26,7 +26,8 @@ CLI_OPTIONS: dict[str, tuple] = {
     "calib": (
         str,
         "wikitext:wikitext-2-raw-v1@train",
-        "calibration text: a local .txt/.json/.parquet file or a datasets name[:config][@split]",
+        "calibration text: a local .txt/.json/.parquet/.py file, a folder of them or a datasets "
+        "name[:config][@split]; several sources mix by weight: 'wiki.txt=2,code/=1'",
     ),
     "lowrank": (bool, False, "write low-rank U V layers instead of PIFA (baseline)"),
     "dtype": (str, "auto", "dtype to load and save the model in: auto, float32, bfloat16, float16"),

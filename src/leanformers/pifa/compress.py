@@ -99,7 +99,7 @@ def _calibration_windows(
 ) -> tuple[torch.Tensor, str]:
     """(nsamples, seqlen) ids from a tensor, a list of tensors, or text / a file / a dataset name, and
     a label; an empty (0, 0) tensor when no statistics are ``needed`` (plain SVD)."""
-    from leanformers.data.text import calibration_windows, load_text, tokenize_text
+    from leanformers.data.text import calibration_windows, load_text, mixed_calibration_windows, tokenize_text
 
     if not needed:
         return torch.empty(0, 0, dtype=torch.long), "none (plain SVD)"
@@ -113,6 +113,12 @@ def _calibration_windows(
         return windows.long(), f"{windows.shape[0]} x {windows.shape[1]} given token windows"
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to calibrate on text")
+    mix = _source_list(calibration)
+    if mix is not None:
+        parts = [(tokenize_text(load_text(src), tokenizer), w) for src, w in mix]
+        windows = mixed_calibration_windows(parts, config.nsamples, config.seqlen, config.seed)
+        shares = ", ".join(f"{os.path.basename(src.rstrip('/')) or src} x{w:g}" for src, w in mix)
+        return windows, f"mix of {shares}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"
     source = str(calibration)
     is_file = "\n" not in source and len(source) < 4096 and os.path.exists(source)
     text = (
@@ -124,6 +130,32 @@ def _calibration_windows(
     windows = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
     label = os.path.basename(source) if (is_file or len(source) < 256) else "given text"
     return windows, f"{label}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"
+
+
+def _source_list(calibration) -> list[tuple[str, float]] | None:
+    """Several weighted text sources, or None for one source / raw text.
+
+    A list of sources or (source, weight) pairs, or a string ``"a.txt=2,code/=1"`` (``parse_sources``)
+    that is not itself an existing path.
+    """
+    from leanformers.data.text import parse_sources
+
+    if isinstance(calibration, (list, tuple)):
+        out = []
+        for item in calibration:
+            src, w = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
+            out.append((str(src), float(w)))
+        return parse_sources(",".join(f"{s}={w!r}" for s, w in out))
+    source = str(calibration)
+    if (
+        ("," in source or "=" in source)
+        and "\n" not in source
+        and " " not in source
+        and len(source) < 4096
+        and not os.path.exists(source)
+    ):
+        return parse_sources(source)
+    return None
 
 
 def _block_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
@@ -160,7 +192,7 @@ def mpifa_compress(
     with full_precision_matmul():
         start, device = time.perf_counter(), _resolve_device(config.device)
         layout, blocks = resolve_layout(model, config)
-        need_stats = config.init == "whiten" or config.steps > 0 or config.owl  # plain SVD needs no data
+        need_stats = config.needs_statistics
         windows, calib_label = _calibration_windows(calibration, tokenizer, config, need_stats)
         prefix = _block_prefix(model, blocks)
         report = CompressionReport(calibration=calib_label, calibration_tokens=windows.numel())
@@ -212,6 +244,8 @@ def _quantization_config(
             "output": config.output,
             "attn_density": config.attn_density,
             "owl": config.owl,
+            "allocation": config.allocation,
+            "shrinkage": config.shrinkage,
             "block_densities": plan.block_densities or None,
             "rank_multiple": config.rank_multiple or default_rank_multiple(device),
             "achieved_density": report.achieved_density,

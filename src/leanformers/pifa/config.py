@@ -15,6 +15,11 @@ class MPIFAConfig:
     Attributes:
         density: kept fraction of the parameters of the targeted linears, in (0, 1].
         attn_density: density of the attention linears; the MLP density is solved to keep the budget.
+        allocation: how the parameter budget is spread over the targeted linears: "uniform" (every
+            linear at ``density``) or "spectrum" (data-driven: a dense pass measures each linear's
+            whitened singular values, then ranks go greedily where they remove the largest share of
+            that linear's output energy per stored parameter, under the global budget; each linear's
+            density stays within [density / 2, min(1, 1.5 density)]).
         owl: follow the OWL outlier share layer by layer (computed on the calibration data).
         owl_lambda: largest deviation of a layer's density from ``density`` under OWL.
         owl_threshold: OWL outlier threshold M (|W_ij| ||X_j|| > M x mean).
@@ -27,6 +32,8 @@ class MPIFAConfig:
             fc2, ...) in column form and let the first ones emit channels in its pivot-first order, so
             that it reads contiguous slices without any gather (function-preserving reordering).
         damping: relative damping of the V-step normal equations.
+        shrinkage: shrink the calibration second moments (G, K, S) toward their diagonals by this
+            share, in [0, 1]: a prior against correlations that only the calibration text has.
         rank_multiple: round ranks DOWN to a multiple of this (kernel-friendly; never over budget).
             None: 8 when compressing on a GPU (tensor-core aligned operands), 1 on the CPU.
         targets: fnmatch patterns of module paths inside a block (None: every linear of the layout).
@@ -46,6 +53,7 @@ class MPIFAConfig:
 
     density: float = 0.5
     attn_density: float | None = None
+    allocation: str = "uniform"
     owl: bool = False
     owl_lambda: float = 0.08
     owl_threshold: float = 5.0
@@ -56,6 +64,7 @@ class MPIFAConfig:
     form: str = "auto"
     scatter_free_mlp: bool = True
     damping: float = 1e-2
+    shrinkage: float = 0.0
     rank_multiple: int | None = None
     targets: list[str] | None = None
     nsamples: int = 128
@@ -83,6 +92,14 @@ class MPIFAConfig:
             if self.owl:
                 raise ValueError("choose either owl or attn_density, not both")
         unit("alpha", self.alpha, low_open=False)
+        unit("shrinkage", self.shrinkage, low_open=False)
+        if self.allocation not in ("uniform", "spectrum"):
+            raise ValueError(f"allocation must be 'uniform' or 'spectrum', got {self.allocation!r}")
+        if self.allocation == "spectrum" and (self.owl or self.attn_density is not None):
+            raise ValueError(
+                "allocation='spectrum' sets every linear's density itself; drop owl / attn_density, or use "
+                "allocation='uniform' with them"
+            )
         if self.steps < 0:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
         if self.init not in ("whiten", "svd"):
@@ -117,6 +134,11 @@ class MPIFAConfig:
             raise ValueError(
                 f"offload_folder is only used with offload='disk' (--offload disk), not offload={self.offload!r}"
             )
+
+    @property
+    def needs_statistics(self) -> bool:
+        """Whether compression reads calibration data (all but plain SVD with uniform ranks and no M)."""
+        return self.init == "whiten" or self.steps > 0 or self.owl or self.allocation == "spectrum"
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -15,7 +15,7 @@ from leanformers.pifa.calibration import BlockLayout, linear_weight
 from leanformers.pifa.config import MPIFAConfig
 from leanformers.pifa.layer import LowRankLinear, PIFALinear, emit_in_order_
 from leanformers.pifa.plan import RankPlan
-from leanformers.pifa.reconstruct import GramStats, cholesky_with_damping, reconstruct
+from leanformers.pifa.reconstruct import GramStats, cholesky_with_damping, reconstruct, shrink_stats
 from leanformers.pifa.report import ModuleReport, module_path
 
 __all__ = ["GroupCompressor", "chain_consumer", "check_weights_finite", "single_threaded_linalg"]
@@ -77,6 +77,8 @@ class GroupCompressor:
         self, block: nn.Module, index: int, group: list[str], stats: GramStats | None
     ) -> list[ModuleReport]:
         """Replace every linear of ``group`` in ``block`` (block number ``index``); one report each."""
+        if stats is not None:
+            stats = shrink_stats(stats, self.config.shrinkage)
         with single_threaded_linalg(self.device):
             L = cholesky_with_damping(stats.S) if self.config.init == "whiten" else None
         return [self._compress_linear(block, index, name, stats, L) for name in group]

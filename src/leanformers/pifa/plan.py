@@ -2,8 +2,9 @@
 
 Uniform (every module at ``density``), attention split (``attn_density`` for attention, the MLP density
 solved to keep the budget) or OWL (a density per block from its outlier share); ranks then follow from
-the densities (``allocation.module_ranks``). The OWL scan runs the dense blocks on the calibration
-inputs; everything else is arithmetic on shapes.
+the densities (``allocation.module_ranks``). ``allocation="spectrum"`` instead places the ranks
+directly from each linear's whitened spectrum (``allocation.spectrum_ranks``). The OWL and spectrum
+scans run the dense blocks on the calibration inputs; everything else is arithmetic on shapes.
 """
 
 from __future__ import annotations
@@ -14,11 +15,28 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanformers.pifa.allocation import module_ranks, outlier_ratio, owl_densities, solve_mlp_density
-from leanformers.pifa.calibration import BlockCall, BlockLayout, input_of, linear_weight, run_block
+from leanformers.pifa.allocation import (
+    default_rank_multiple,
+    module_ranks,
+    outlier_ratio,
+    owl_densities,
+    solve_mlp_density,
+    spectrum_ranks,
+    whitened_spectrum,
+)
+from leanformers.pifa.calibration import (
+    BlockCall,
+    BlockLayout,
+    input_of,
+    linear_weight,
+    run_block,
+    run_block_capturing,
+)
 from leanformers.pifa.config import MPIFAConfig
+from leanformers.pifa.rank import lowrank_num_params, pifa_num_params
+from leanformers.pifa.reconstruct import GramStats, shrink_stats
 
-__all__ = ["RankPlan", "owl_block_densities", "plan_ranks"]
+__all__ = ["RankPlan", "owl_block_densities", "plan_ranks", "spectrum_scan"]
 
 
 @dataclass
@@ -72,6 +90,45 @@ def owl_block_densities(
     return owl_densities(ratios, sizes, config.density, config.owl_lambda)
 
 
+@torch.no_grad()
+def spectrum_scan(
+    blocks,
+    layout: BlockLayout,
+    hidden: list[torch.Tensor],
+    calls: list[BlockCall],
+    config: MPIFAConfig,
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """Whitened spectrum of every targeted linear of the DENSE model, key ``"{block}.{name}"``.
+
+    One dense pass per block over the calibration inputs; S = X X^T of each group's input (shrunk by
+    ``config.shrinkage`` like the statistics the compression will use), then ``whitened_spectrum``.
+    """
+    from leanformers.pifa.group import single_threaded_linalg
+
+    spectra: dict[str, torch.Tensor] = {}
+    states = hidden
+    for i, block in enumerate(tqdm(blocks, desc="rank allocation scan", leave=False)):
+        orig = next(block.parameters())
+        block.to(device, torch.float32)
+        states, inputs = run_block_capturing(
+            block, states, calls, [g[0] for g in layout.groups], device, torch.float32
+        )
+        for group in layout.groups:
+            S = None
+            for x in inputs.pop(group[0]):
+                x = x.reshape(-1, x.shape[-1]).float()
+                s = (x.T @ x).double()
+                S = s if S is None else S.add_(s)
+            S = shrink_stats(GramStats(S, None, S, 0), config.shrinkage).S
+            with single_threaded_linalg(device):
+                for name in group:
+                    W = linear_weight(block.get_submodule(name)).detach()
+                    spectra[f"{i}.{name}"] = whitened_spectrum(W, S).cpu()
+        block.to(orig.device, orig.dtype)
+    return spectra
+
+
 def _split_densities(shapes: dict[str, tuple[int, int]], layout: BlockLayout, config: MPIFAConfig):
     """Attention modules at ``attn_density``, the others at the MLP density that keeps the budget."""
     attn = {k for k in shapes if k.split(".", 1)[1] in layout.attention}
@@ -112,6 +169,15 @@ def plan_ranks(
         )
         densities = {k: per_block[int(k.split(".", 1)[0])] for k in shapes}
         block_densities = dict(enumerate(per_block))
+    if config.allocation == "spectrum":
+        spectra = spectrum_scan(
+            blocks if scan_blocks is None else scan_blocks, layout, hidden, calls, config, device
+        )
+        multiple = config.rank_multiple or default_rank_multiple(device)
+        ranks = spectrum_ranks(spectra, shapes, config.density, kind=config.output, rank_multiple=multiple)
+        params = pifa_num_params if config.output == "pifa" else lowrank_num_params
+        densities = {k: params(*shapes[k], r) / (shapes[k][0] * shapes[k][1]) for k, r in ranks.items()}
+        return RankPlan(densities, ranks, block_densities)
     ranks = module_ranks(
         shapes, densities, kind=config.output, rank_multiple=config.rank_multiple, device=device
     )

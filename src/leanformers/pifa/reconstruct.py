@@ -20,6 +20,7 @@ __all__ = [
     "alternating_steps",
     "cholesky_with_damping",
     "reconstruct",
+    "shrink_stats",
     "svd_init",
     "top_singular_triplets",
     "whitened_svd_init",
@@ -38,6 +39,31 @@ class GramStats:
     K: torch.Tensor | None
     S: torch.Tensor | None
     tokens: int
+
+
+def shrink_stats(stats: GramStats, shrinkage: float) -> GramStats:
+    """Shrink G, K and S toward their diagonals: A -> (1 - shrinkage) A + shrinkage diag(A).
+
+    The calibration tokens only show the correlations of their own domain; the diagonal keeps every
+    feature's energy but drops those correlations, i.e. assumes independent features where the text
+    gives no evidence. Mixing the two (a Ledoit-Wolf style shrinkage of the second moments) keeps the
+    fitted factors from relying on correlations that another domain may not have. All three matrices
+    get the same mix, which is the statistics of one mixed distribution, so H, the whitening and the
+    normal equations stay consistent. ``shrinkage`` 0 returns ``stats`` itself.
+    """
+    if not 0.0 <= shrinkage <= 1.0:
+        raise ValueError(f"shrinkage must lie in [0, 1], got {shrinkage}")
+    if shrinkage == 0.0:
+        return stats
+
+    def shrink(A: torch.Tensor | None) -> torch.Tensor | None:
+        if A is None:
+            return None
+        out = A * (1.0 - shrinkage)
+        out.diagonal().add_(A.diagonal() * shrinkage)
+        return out
+
+    return GramStats(shrink(stats.G), shrink(stats.K), shrink(stats.S), stats.tokens)
 
 
 def cholesky_with_damping(S: torch.Tensor, max_tries: int = 8) -> torch.Tensor:

@@ -263,7 +263,7 @@ def mpifa_compress_pretrained(
                 f"the layout's blocks ({layout.blocks_path}) are not the ModuleList at {prefix}; pass "
                 "blocks_path (--blocks-path)"
             )
-        need_stats = config.init == "whiten" or config.steps > 0 or config.owl
+        need_stats = config.needs_statistics
         windows, calib_label = _calibration_windows(calibration, tokenizer, config, need_stats)
         report = CompressionReport(calibration=calib_label, calibration_tokens=windows.numel())
         report.model_params_before = sum(p.numel() for p in model.parameters())

