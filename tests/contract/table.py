@@ -190,6 +190,14 @@ METHODS: dict[str, Method] = {
             dict(density=0.5, nsamples=4, seqlen=16),
             operations=("persist", "persist_base", "persist_noimport", "eval", "generate"),
         ),
+        # MPIFA with the data-driven rank allocation and Gram shrinkage (issue 10): uneven ranks per
+        # linear must survive save / reload in every family.
+        Method(
+            "mpifa_spectrum",
+            "mpifa",
+            dict(density=0.5, nsamples=4, seqlen=16, allocation="spectrum", shrinkage=0.1),
+            operations=("persist", "eval", "generate"),
+        ),
     )
 }
 

@@ -61,3 +61,46 @@ def test_tokenize_real_tokenizer(minilm_path):
     tok = AutoTokenizer.from_pretrained(minilm_path)
     ids = tokenize_text("hello world " * 400, tok)  # longer than model_max_length: no truncation
     assert ids.dim() == 1 and ids.numel() == 800
+
+
+def test_code_files_are_read_verbatim_and_other_suffixes_as_text(tmp_path):
+    code = "def f(x):\n\n    return x\n"
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "pkg" / "m.py").write_text(code)
+    (tmp_path / "pkg" / "notes.bin").write_bytes(b"\xff\xfe\x00")  # not listed: a folder skips it
+    assert load_text(tmp_path / "pkg" / "m.py") == code  # blank lines and indentation kept
+    assert load_text(tmp_path / "pkg") == code
+    (tmp_path / "train.en").write_text("a caption\n\nanother\n")  # Multi30k-style name
+    assert load_text(tmp_path / "train.en") == "a caption\n\nanother"
+    with pytest.raises(ValueError, match="is not UTF-8 text"):
+        load_text(tmp_path / "pkg" / "notes.bin")
+
+
+def test_parse_sources_and_its_errors():
+    from leanformers.data import parse_sources
+
+    assert parse_sources("a.txt=2,code/=0.5,b.jsonl") == [("a.txt", 2.0), ("code/", 0.5), ("b.jsonl", 1.0)]
+    assert parse_sources("wikitext:wikitext-2-raw-v1@train") == [("wikitext:wikitext-2-raw-v1@train", 1.0)]
+    with pytest.raises(ValueError, match="is not a number"):
+        parse_sources("a.txt=lots")
+    with pytest.raises(ValueError, match="must be a positive number"):
+        parse_sources("a.txt=0")
+    with pytest.raises(ValueError, match="empty source"):
+        parse_sources("a.txt,,b.txt")
+
+
+def test_mixed_windows_follow_the_weights_and_come_from_their_source():
+    from leanformers.data import mixed_calibration_windows
+
+    a, b, c = torch.arange(0, 5000), torch.arange(10_000, 12_000), torch.arange(20_000, 23_000)
+    w = mixed_calibration_windows([(a, 2.0), (b, 1.0), (c, 1.0)], 10, 50, seed=3)
+    assert w.shape == (10, 50)
+    origin = (w[:, 0] // 10_000).tolist()
+    assert origin == [0] * 5 + [1] * 3 + [2] * 2 or origin == [0] * 5 + [1] * 2 + [2] * 3  # 5 / 2.5 / 2.5
+    for row in w:  # every window is a contiguous slice of one source
+        assert torch.equal(row, torch.arange(int(row[0]), int(row[0]) + 50))
+    assert torch.equal(w, mixed_calibration_windows([(a, 2.0), (b, 1.0), (c, 1.0)], 10, 50, seed=3))
+    with pytest.raises(ValueError, match="gets no window"):
+        mixed_calibration_windows([(a, 100.0), (b, 1.0)], 10, 50)
+    with pytest.raises(ValueError, match="too few calibration tokens"):
+        mixed_calibration_windows([(a, 1.0), (b[:60], 1.0)], 10, 50)

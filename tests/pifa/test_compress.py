@@ -309,3 +309,24 @@ def test_non_finite_inputs_of_a_group_are_caught_from_the_gram_diagonal():
         need_dense=True,
     )
     assert stats.tokens == 10 and torch.isfinite(stats.G).all()
+
+
+def test_calibration_mix_of_files_draws_windows_from_each(tmp_path, minilm_path):
+    """A ``"a.txt=3,b.txt"`` calibration string (the CLI's --calib) mixes sources by weight; a list of
+    (source, weight) pairs is the same mix. Real tokenizer; windows traced back to their file."""
+    from transformers import AutoTokenizer
+
+    from leanformers.pifa.compress import _calibration_windows
+
+    tok = AutoTokenizer.from_pretrained(minilm_path)
+    (tmp_path / "a.txt").write_text("alpha beta gamma delta\n" * 200)
+    (tmp_path / "b.txt").write_text("uvwxyz\n" * 400)
+    config = MPIFAConfig(density=0.5, nsamples=8, seqlen=16)
+    windows, label = _calibration_windows(f"{tmp_path / 'a.txt'}=3,{tmp_path / 'b.txt'}", tok, config)
+    assert label.startswith("mix of a.txt x3, b.txt x1: 8 x 16 tokens")
+    assert windows.shape == (8, 16)
+    b_ids = set(tok("uvwxyz", add_special_tokens=False)["input_ids"])
+    from_b = [bool(set(w.tolist()) <= b_ids) for w in windows]
+    assert from_b == [False] * 6 + [True] * 2  # 3 : 1 of 8 windows
+    listed, same = _calibration_windows([(tmp_path / "a.txt", 3), tmp_path / "b.txt"], tok, config)
+    assert torch.equal(listed, windows) and same == label

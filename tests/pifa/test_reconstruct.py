@@ -131,3 +131,23 @@ def test_top_singular_triplets_fall_back_to_the_svd_when_ill_conditioned():
     U, s, Vh = top_singular_triplets(A, 15)
     Ur, sr, Vhr = torch.linalg.svd(A, full_matrices=False)
     assert torch.equal(U, Ur[:, :15]) and torch.equal(s, sr[:15]) and torch.equal(Vh, Vhr[:15])
+
+
+def test_shrinkage_keeps_the_diagonals_and_scales_the_correlations():
+    from leanformers.pifa.reconstruct import GramStats, shrink_stats
+
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(6, 50, generator=g, dtype=torch.float64)
+    Y = X + 0.1 * torch.randn(6, 50, generator=g, dtype=torch.float64)
+    stats = GramStats(X @ X.T, Y @ X.T, Y @ Y.T, 50)
+    assert shrink_stats(stats, 0.0) is stats
+    out = shrink_stats(stats, 0.25)
+    for before, after in ((stats.G, out.G), (stats.K, out.K), (stats.S, out.S)):
+        assert torch.equal(after.diagonal(), before.diagonal())
+        off = ~torch.eye(6, dtype=torch.bool)
+        assert torch.allclose(after[off], 0.75 * before[off])
+    full = shrink_stats(stats, 1.0)
+    assert torch.equal(full.G, torch.diag(stats.G.diagonal()))
+    assert shrink_stats(GramStats(stats.G, None, None, 50), 0.5).K is None
+    with pytest.raises(ValueError, match=r"shrinkage must lie in \[0, 1\]"):
+        shrink_stats(stats, 1.5)

@@ -45,13 +45,18 @@ def _assert_same_folder(a: Path, b: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    "tied, owl, offload",
-    [(False, False, "none"), (True, True, "disk"), (False, False, "cpu")],
-    ids=["untied", "tied-owl-disk", "untied-cpu"],
+    "tied, planning, offload",
+    [
+        (False, {}, "none"),
+        (True, {"owl": True}, "disk"),
+        (False, {}, "cpu"),
+        (False, {"allocation": "spectrum"}, "disk"),
+    ],
+    ids=["untied", "tied-owl-disk", "untied-cpu", "untied-spectrum-disk"],
 )
-def test_streaming_output_is_identical_to_the_in_memory_path(tmp_path, tied, owl, offload):
+def test_streaming_output_is_identical_to_the_in_memory_path(tmp_path, tied, planning, offload):
     src = _sharded_llama(tmp_path / "src", tied=tied)
-    config = MPIFAConfig(density=0.5, device="cpu", batch_size=2, owl=owl)
+    config = MPIFAConfig(density=0.5, device="cpu", batch_size=2, **planning)
 
     model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
     mem_report = mpifa_compress(model, None, config, calibration=CALIB, progress=False)
