@@ -142,9 +142,11 @@ def spectrum_ranks(
 
     Every linear j starts at the rank of the lower density bound; then, greedily, the next
     ``rank_multiple`` ranks of the linear with the largest gain per stored parameter are added, where
-    gain = (sigma_r^2 + ... ) / sum_i sigma_i^2 (the share of the linear's whitened output energy the
-    ranks recover) and the cost counts what the layer stores (PIFA: r(m + n) - r^2, so its cheaper
-    high ranks are accounted for; low-rank: r(m + n)). Stops when no step fits the budget
+    gain = m n (sigma_r^2 + ...) / sum_i sigma_i^2: the share of the linear's whitened output energy
+    the ranks recover, weighted by the linear's size so that linears whose spectra have the same shape
+    keep the same density (unweighted shares favour the small linears, whose ranks are cheap). The
+    cost counts what the layer stores (PIFA: r(m + n) - r^2, so its cheaper high ranks are accounted
+    for; low-rank: r(m + n)). Stops when no step fits the budget
     density * sum(m n). Never exceeds the budget, never leaves [bounds] (``spectrum_bounds`` by default).
     Args: spectra key -> (min(m, n),) squared singular values, descending; shapes key -> (m, n).
     Returns key -> rank (a multiple of ``rank_multiple`` where the bounds allow).
@@ -168,7 +170,7 @@ def spectrum_ranks(
         if nxt <= r:
             return
         energy = float(spectra[key].sum()) or 1.0
-        gain = float(spectra[key][r:nxt].sum()) / energy
+        gain = m * n * float(spectra[key][r:nxt].sum()) / energy
         cost = params(m, n, nxt) - params(m, n, r)
         heapq.heappush(heap, (-gain / cost, key, nxt, cost))
 
