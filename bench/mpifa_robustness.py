@@ -56,6 +56,13 @@ ROWS: dict[str, tuple[str, int, dict | str]] = {
     "mix": ("mix", 1, PAPER),
     "mix_code": ("mix_code", 1, PAPER),
     "n64": ("wiki", 2, PAPER),
+    "shrink03": ("wiki", 1, {**PAPER, "shrinkage": 0.3}),
+    # combinations on the way to the defaults (chosen on the validation texts)
+    "mix_code_shrink": ("mix_code", 1, {**PAPER, "shrinkage": 0.1}),
+    "mix_code_shrink03": ("mix_code", 1, {**PAPER, "shrinkage": 0.3}),
+    "mix_code_shrink_spectrum": ("mix_code", 1, {**PAPER, "shrinkage": 0.1, "allocation": "spectrum"}),
+    "mix_code_shrink03_spectrum": ("mix_code", 1, {**PAPER, "shrinkage": 0.3, "allocation": "spectrum"}),
+    "mix_code_shrink03_n64": ("mix_code", 2, {**PAPER, "shrinkage": 0.3}),
     "default": ("default", 1, {}),
 }
 VALIDATION, TEST = ("ted", "torch"), ("wiki", "shakespeare", "stdlib")
