@@ -16,7 +16,10 @@ reported test text:
 Calibration sources (``--nsamples`` x ``--seqlen`` windows, seed 0):
   wiki      wikitext-2-v1-valid.txt
   mix       wiki x2 + Multi30k train.en x1 (image captions)
-  mix_code  wiki x2 + Multi30k train.en x1 + the Python source of transformers/generation (x1)
+  mix_code  wiki x2 + Multi30k train.en x1 + the Python source of transformers/generation (x1;
+            its top-level *.py files)
+  wiki_code wiki x3 + python:transformers.generation x1 (every .py file of the package): the
+            composition of mpifa-compress's default --calib
 Rows (density ``--densities``; "paper" is the old default: M alpha 0.25, 2 steps, uniform ranks, wiki):
   dense, wanda24 (2:4 Wanda on the wiki windows, density 0.5 only), wanda24_mix_code,
   paper, alpha1, shrink, spectrum, mix, mix_code, n64 (each ONE change from paper), default (the
@@ -63,6 +66,10 @@ ROWS: dict[str, tuple[str, int, dict | str]] = {
     "mix_code_shrink_spectrum": ("mix_code", 1, {**PAPER, "shrinkage": 0.1, "allocation": "spectrum"}),
     "mix_code_shrink03_spectrum": ("mix_code", 1, {**PAPER, "shrinkage": 0.3, "allocation": "spectrum"}),
     "mix_code_shrink03_n64": ("mix_code", 2, {**PAPER, "shrinkage": 0.3}),
+    "mix_code_spectrum": ("mix_code", 1, {**PAPER, "allocation": "spectrum"}),
+    "mix_code_attn03": ("mix_code", 1, {**PAPER, "attn_density": 0.3}),
+    "wiki_code_shrink": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1}),
+    "wiki_code_shrink03": ("wiki_code", 1, {**PAPER, "shrinkage": 0.3}),
     "default": ("default", 1, {}),
 }
 VALIDATION, TEST = ("ted", "torch"), ("wiki", "shakespeare", "stdlib")
@@ -92,6 +99,8 @@ def text_sources() -> dict[str, str]:
 
 
 def _text(name: str, src: dict[str, str]) -> str:
+    if name.startswith("python:"):
+        return load_text(name)  # the package's .py files, recursively (the CLI default's code source)
     if name in ("torch", "stdlib", "calib_code"):
         return _py_files(Path(src[name]))
     return load_text(src[name])
@@ -101,6 +110,9 @@ CALIB = {
     "wiki": [("calib_wiki", 1.0)],
     "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)],
     "mix_code": [("calib_wiki", 2.0), ("calib_captions", 1.0), ("calib_code", 1.0)],
+    # the composition of mpifa-compress's default --calib (WikiText x3 + python:transformers.generation
+    # x1), with the local WikiText-2 v1 valid standing in for the online WikiText-2 raw train split
+    "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)],
 }
 
 
@@ -168,7 +180,9 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
         report = mpifa_compress(
             model, None, cfg, calibration=data.calibration(calib_key, cfg.nsamples), progress=False
         )
-        cell["config"] = {k: getattr(cfg, k) for k in ("alpha", "steps", "allocation", "shrinkage")}
+        cell["config"] = {
+            k: getattr(cfg, k) for k in ("alpha", "steps", "allocation", "shrinkage", "attn_density")
+        }
         cell["achieved_density"] = round(report.achieved_density, 4)
     cell["compress_s"] = round(time.perf_counter() - t0, 1)
     cell["ppl"] = evaluate_all(model, data, args)

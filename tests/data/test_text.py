@@ -104,3 +104,15 @@ def test_mixed_windows_follow_the_weights_and_come_from_their_source():
         mixed_calibration_windows([(a, 100.0), (b, 1.0)], 10, 50)
     with pytest.raises(ValueError, match="too few calibration tokens"):
         mixed_calibration_windows([(a, 1.0), (b[:60], 1.0)], 10, 50)
+
+
+def test_python_source_of_an_installed_module_or_package():
+    import json as json_module
+    from pathlib import Path
+
+    text = load_text("python:json.decoder")  # a module: its one file, verbatim
+    assert text == Path(json_module.decoder.__file__).read_text(encoding="utf-8")
+    package = load_text("python:json")  # a package: every .py file under it, sorted
+    assert text in package and Path(json_module.__file__).read_text(encoding="utf-8") in package
+    with pytest.raises(ValueError, match="no installed module of that name"):
+        load_text("python:surely_not_a_module_xyz")

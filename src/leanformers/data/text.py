@@ -2,7 +2,9 @@
 
 A source is a local ``.txt``/``.json``/``.jsonl``/``.parquet`` file, a source-code or markup file
 (``.py``, ``.md``, ``.rst``, read verbatim), a folder of those, or (online) a ``datasets`` name written
-``name[:config][@split]``, e.g. ``wikitext:wikitext-2-raw-v1@test``. Calibration may mix several
+``name[:config][@split]``, e.g. ``wikitext:wikitext-2-raw-v1@test``, or ``python:<module>``: the Python
+source of an installed module or package (``python:transformers.generation``; offline everywhere,
+a code domain for calibration). Calibration may mix several
 sources with weights: ``parse_sources("wiki.txt=2,code/=1")`` and ``mixed_calibration_windows``.
 """
 
@@ -93,7 +95,11 @@ def load_text(source: str | os.PathLike, *, text_field: str = "text", join: str 
         join: separator between non-empty rows (``"\\n\\n"`` as in the WikiText convention); ``None``
             reads ``.txt`` files verbatim.
     """
-    path = Path(source).expanduser()
+    if str(source).startswith("python:"):
+        path = python_source_path(str(source)[len("python:") :])
+        join = None  # source code is read verbatim
+    else:
+        path = Path(source).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.suffix.lower() in _TEXT_SUFFIXES)
         if not files:
@@ -104,6 +110,25 @@ def load_text(source: str | os.PathLike, *, text_field: str = "text", join: str 
     if path.suffix.lower() in _TEXT_SUFFIXES or os.sep in str(source):
         raise FileNotFoundError(f"text file {source} does not exist")
     return _load_dataset_text(str(source), text_field, join)
+
+
+def python_source_path(module: str) -> Path:
+    """Folder (package) or file (module) of an importable Python module, without importing it."""
+    import importlib.util
+
+    try:
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError):
+        spec = None
+    if spec is None:
+        raise ValueError(
+            f"python:{module}: no installed module of that name (check the spelling, e.g. 'json')"
+        )
+    if spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    if spec.origin is None or not spec.origin.endswith(".py"):
+        raise ValueError(f"python:{module} has no Python source file (built-in or compiled: {spec.origin})")
+    return Path(spec.origin)
 
 
 def _load_dataset_text(spec: str, text_field: str, join: str | None) -> str:
