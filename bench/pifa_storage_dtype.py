@@ -24,6 +24,10 @@ Variants of the compressed model (reference: fp32 storage):
                        same matrix, then everything in bf16 (what a low-rank model would store)
 and of the dense model (reference: the dense fp32 model): bf16 all (the floor: what bf16 storage
 costs an uncompressed model at all).
+
+`--speed-only`: forward time of one bf16 PIFALinear (SmolLM2 shapes 576 x 1536 and 1536 x 576 at
+density 0.8, both forms, `--speed-tokens` tokens) with each coefficient storage (the real layer and
+forward, not an emulation), median of `--speed-reps` runs; the quality part is skipped.
 """
 
 from __future__ import annotations
@@ -35,11 +39,21 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from harness import command_line, environment, output_path, parser, print_table, tiny_llama, write_json
+from harness import (
+    command_line,
+    environment,
+    output_path,
+    parser,
+    print_table,
+    timed,
+    tiny_llama,
+    write_json,
+)
 from torch import nn
 
 from leanformers.data import calibration_windows, evaluation_windows
 from leanformers.pifa import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
+from leanformers.pifa.rank import pifa_rank
 
 JSON_NAME = "pifa_storage_dtype"
 
@@ -178,6 +192,43 @@ def rows_from(acc: dict[str, dict], errors: dict[str, float | None]) -> list[dic
 
 
 # ---------------------------------------------------------------------------------------------
+# speed of the real bf16 layer with each coefficient storage
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps: int) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for m, n in shapes:
+        r = pifa_rank(m, n, density)
+        U, V = torch.randn(m, r, generator=g) / r**0.5, torch.randn(r, n, generator=g) / n**0.5
+        x = torch.randn(tokens, n, generator=g).to(torch.bfloat16)
+        for form in ("row", "column"):
+            base = PIFALinear.from_factors(U, V, None, form=form)
+            times = {}
+            for setting in ("same", "auto", "float32"):
+                layer = copy.deepcopy(base).set_coefficient_dtype_(setting).to(torch.bfloat16)
+                layer(x)  # warm-up
+                runs = []
+                for _ in range(reps):
+                    with timed("cpu") as t:
+                        layer(x)
+                    runs.append(t.ms)
+                times[setting] = sorted(runs)[len(runs) // 2]
+                rows.append(
+                    {
+                        "shape (out x in)": f"{m}x{n}",
+                        "rank": r,
+                        "form": form,
+                        "coefficient_dtype": setting,
+                        "C dtype": str(layer.coeff.dtype).removeprefix("torch."),
+                        "ms": round(times[setting], 3),
+                        "vs all-bf16": round(times[setting] / times["same"], 3),
+                    }
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
 # models
 # ---------------------------------------------------------------------------------------------
 def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
@@ -236,7 +287,21 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--eval-tokens", type=int, default=None)
     ap.add_argument("--context", type=int, default=None)
+    ap.add_argument("--speed-only", action="store_true", help="only the layer timing (see above)")
+    ap.add_argument("--speed-tokens", type=int, default=None)
+    ap.add_argument("--speed-reps", type=int, default=None)
     args = ap.parse_args(argv)
+    if args.speed_only:
+        shapes = [(96, 64), (64, 96)] if args.quick else [(1536, 576), (576, 1536)]
+        rows = speed_rows(
+            shapes, args.density, args.speed_tokens or (64 if args.quick else 2048), args.speed_reps or 5
+        )
+        path = output_path(args, JSON_NAME + "_speed")
+        result = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv), "rows": rows}
+        write_json(path, result)
+        print(f"JSON: {path}")
+        print_table(rows, list(rows[0]))
+        return result
     q = args.quick
     args.nsamples = args.nsamples or (8 if q else 32)
     args.seqlen = args.seqlen or (64 if q else 512)
