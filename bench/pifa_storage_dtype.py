@@ -25,6 +25,10 @@ Variants of the compressed model (reference: fp32 storage):
 and of the dense model (reference: the dense fp32 model): bf16 all (the floor: what bf16 storage
 costs an uncompressed model at all).
 
+`--compute bf16`: instead of the emulation, real casts (`model.to(torch.bfloat16)`, the PIFA layers
+storing C as their `coefficient_dtype` says) and a bf16 forward on the CPU, against the same fp32
+references: dense bf16, PIFA with coefficient_dtype "same" (all bf16) and "auto" (the default).
+
 `--speed-only`: forward time of one bf16 PIFALinear (SmolLM2 shapes 576 x 1536 and 1536 x 576 at
 density 0.8, both forms, `--speed-tokens` tokens) with each coefficient storage (the real layer and
 forward, not an emulation), median of `--speed-reps` runs; the quality part is skipped.
@@ -53,6 +57,7 @@ from torch import nn
 
 from leanformers.data import calibration_windows, evaluation_windows
 from leanformers.pifa import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
+from leanformers.pifa.factorize import pifa_to_dense
 from leanformers.pifa.rank import pifa_rank
 
 JSON_NAME = "pifa_storage_dtype"
@@ -113,12 +118,21 @@ def weight_error(reference: nn.Module, variant: nn.Module) -> float | None:
     errs = []
     for name, m in variant.named_modules():
         if name in ref:
-            w0 = ref[name].dense_weight().double()
-            errs.append(((m.dense_weight().double() - w0).norm() / w0.norm()).item())
+            w0 = _exact_dense(ref[name])
+            errs.append(((_exact_dense(m) - w0).norm() / w0.norm()).item())
     return sum(errs) / len(errs)
 
 
-def build_variants(dense: nn.Module, pifa: nn.Module) -> dict[str, nn.Module]:
+def _exact_dense(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a compressed layer stores, in float64 (no rounding of the product)."""
+    if isinstance(layer, PIFALinear):
+        f = layer.factors()
+        return pifa_to_dense(f._replace(pivot_weight=f.pivot_weight.double(), coeff=f.coeff.double()))
+    return layer.weight.detach().double() @ layer.weight_in.detach().double()
+
+
+def build_variants(dense: nn.Module, pifa: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Storage mode: (name -> model, name -> its reference's name)."""
     out = {}
     for name, (ref, dtype, coeff_dtype, uv) in VARIANTS.items():
         model = copy.deepcopy(dense if ref == "dense" else pifa)
@@ -126,28 +140,54 @@ def build_variants(dense: nn.Module, pifa: nn.Module) -> dict[str, nn.Module]:
             to_lowrank_(model)
         round_storage_(model, dtype, coeff_dtype)
         out[name] = model.eval()
-    return out
+    return out, {name: REFERENCE[v[0]] for name, v in VARIANTS.items()}
+
+
+# compute mode: real casts, the layer's own storage rule and a bf16 forward
+COMPUTE_VARIANTS: dict[str, tuple[str, str | None]] = {
+    "dense fp32": ("dense", None),
+    "dense bf16 (bf16 compute)": ("dense", None),
+    "PIFA fp32": ("pifa", None),
+    "PIFA bf16 all, coefficient_dtype='same' (bf16 compute)": ("pifa", "same"),
+    "PIFA bf16, coefficient_dtype='auto' = fp16 C (bf16 compute)": ("pifa", "auto"),
+}
+
+
+def build_compute_variants(dense: nn.Module, pifa: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    from leanformers.pifa import set_coefficient_dtype_
+
+    out = {}
+    for name, (ref, setting) in COMPUTE_VARIANTS.items():
+        model = copy.deepcopy(dense if ref == "dense" else pifa)
+        if name not in REFERENCE.values():
+            if setting is not None:
+                set_coefficient_dtype_(model, setting)
+            model.to(torch.bfloat16)
+        out[name] = model.eval()
+    return out, {name: REFERENCE[v[0]] for name, v in COMPUTE_VARIANTS.items()}
 
 
 # ---------------------------------------------------------------------------------------------
 # evaluation: every variant on the same windows, KL against its reference
 # ---------------------------------------------------------------------------------------------
 @torch.no_grad()
-def evaluate(models: dict[str, nn.Module], windows: torch.Tensor, on_window=None) -> dict[str, dict]:
+def evaluate(
+    models: dict[str, nn.Module], reference: dict[str, str], windows: torch.Tensor, on_window=None
+) -> dict[str, dict]:
     """Per variant: summed NLL, summed token KL(reference || variant), predicted tokens."""
     acc = {n: {"nll": 0.0, "kl": 0.0, "tokens": 0, "s": 0.0} for n in models}
     for i, window in enumerate(windows):
         batch = window[None]
         target = batch[:, 1:].reshape(-1)
         ref_logp = {}
-        for ref in ("dense", "pifa"):  # the references first, then every variant against its own
+        for ref in sorted(set(reference.values())):  # the references first, then every variant
             t0 = time.perf_counter()
-            logits = models[REFERENCE[ref]](input_ids=batch, use_cache=False).logits[0, :-1].float()
+            logits = models[ref](input_ids=batch, use_cache=False).logits[0, :-1].float()
             ref_logp[ref] = F.log_softmax(logits, dim=-1)
-            acc[REFERENCE[ref]]["s"] += time.perf_counter() - t0
+            acc[ref]["s"] += time.perf_counter() - t0
         for name, model in models.items():
-            ref = VARIANTS[name][0]
-            if name == REFERENCE[ref]:
+            ref = reference[name]
+            if name == ref:
                 logp = ref_logp[ref]
             else:
                 t0 = time.perf_counter()
@@ -168,11 +208,11 @@ def evaluate(models: dict[str, nn.Module], windows: torch.Tensor, on_window=None
     return acc
 
 
-def rows_from(acc: dict[str, dict], errors: dict[str, float | None]) -> list[dict]:
+def rows_from(acc: dict[str, dict], reference: dict[str, str], errors: dict[str, float | None]) -> list[dict]:
     ppl = {n: math.exp(a["nll"] / a["tokens"]) for n, a in acc.items()}
     rows = []
     for name, a in acc.items():
-        ref = REFERENCE[VARIANTS[name][0]]
+        ref = reference[name]
         change = 100 * (ppl[name] - ppl[ref]) / ppl[ref]
         err = errors.get(name)
         rows.append(
@@ -287,6 +327,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seqlen", type=int, default=None)
     ap.add_argument("--eval-tokens", type=int, default=None)
     ap.add_argument("--context", type=int, default=None)
+    ap.add_argument(
+        "--compute",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32: emulated storage (the variants above); bf16: real model.to(bfloat16) casts with the "
+        "layer's coefficient_dtype and a bf16 forward (JSON pifa_storage_dtype_bf16_compute.json)",
+    )
     ap.add_argument("--speed-only", action="store_true", help="only the layer timing (see above)")
     ap.add_argument("--speed-tokens", type=int, default=None)
     ap.add_argument("--speed-reps", type=int, default=None)
@@ -314,18 +361,23 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
         f"{len(windows)} windows of {args.context}"
     )
-    models = build_variants(dense, pifa)
-    errors = {n: weight_error(models[REFERENCE[VARIANTS[n][0]]], m) for n, m in models.items()}
-    path = output_path(args, JSON_NAME)
+    if args.compute == "bf16":
+        models, reference = build_compute_variants(dense, pifa)
+        path = output_path(args, JSON_NAME + "_bf16_compute")
+        setting["storage"] = "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
+    else:
+        models, reference = build_variants(dense, pifa)
+        path = output_path(args, JSON_NAME)
+    errors = {n: weight_error(models[reference[n]], m) for n, m in models.items()}
     base = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv), **setting}
 
     def save(done: int, acc: dict) -> None:  # after every window: a stopped run keeps its numbers
-        rows = rows_from(acc, errors)
+        rows = rows_from(acc, reference, errors)
         write_json(path, {**base, "windows_done": done, "rows": rows})
         print(f"window {done}/{len(windows)}", flush=True)
 
-    acc = evaluate(models, windows, on_window=save)
-    rows = rows_from(acc, errors)
+    acc = evaluate(models, reference, windows, on_window=save)
+    rows = rows_from(acc, reference, errors)
     result = {**base, "windows_done": len(windows), "rows": rows}
     write_json(path, result)
     print(f"JSON: {path}")
