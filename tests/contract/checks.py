@@ -345,6 +345,37 @@ def check_generate(row: Row, tmp_path: Path) -> None:
             make_trainer(model, callbacks, row, tmp_path, max_steps=_steps(row)).train()
 
 
+# ----------------------------------------------------------------------------- MPIFA storage
+
+
+def check_bf16_storage(row: Row, tmp_path: Path) -> None:
+    """``model.to(bfloat16)`` keeps every PIFA layer's coefficients in the default storage for bf16
+    models (not bf16, docs/benchmarks.md §13), and save_compressed -> from_pretrained(dtype=bfloat16)
+    gives back every stored tensor bit-identical, dtypes included."""
+    import transformers
+
+    from leanformers import save_compressed
+    from leanformers.pifa.integration import compressed_modules
+    from leanformers.pifa.layer import PIFALinear, coefficient_storage_dtype
+
+    def coeff_dtypes(m) -> dict[str, torch.dtype]:
+        return {n: x.coeff.dtype for n, x in compressed_modules(m).items() if isinstance(x, PIFALinear)}
+
+    want = coefficient_storage_dtype(torch.bfloat16)
+    assert want != torch.bfloat16, "the default storage of a bf16 PIFA model is the all-bf16 one"
+    model, _ = wrap(row)
+    model.to(torch.bfloat16)
+    assert coeff_dtypes(model) and set(coeff_dtypes(model).values()) == {want}
+    assert all(x.weight.dtype == torch.bfloat16 for x in compressed_modules(model).values())
+    folder = save_compressed(model, None, tmp_path / "bf16")
+    again = getattr(transformers, row.family.auto_class).from_pretrained(folder, dtype=torch.bfloat16)
+    assert coeff_dtypes(again) == coeff_dtypes(model)
+    sd, sd_again = model.state_dict(), again.state_dict()
+    assert sd.keys() == sd_again.keys()
+    differ = [k for k, v in sd.items() if sd_again[k].dtype != v.dtype or not torch.equal(sd_again[k], v)]
+    assert not differ, f"not reloaded bit-identical: {differ[:5]}"
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -188,7 +188,7 @@ METHODS: dict[str, Method] = {
             "mpifa",
             "mpifa",
             dict(density=0.5, nsamples=4, seqlen=16),
-            operations=("persist", "persist_base", "persist_noimport", "eval", "generate"),
+            operations=("persist", "persist_base", "persist_noimport", "eval", "generate", "bf16_storage"),
         ),
         # MPIFA with the data-driven rank allocation and Gram shrinkage (issue 10): uneven ranks per
         # linear must survive save / reload in every family.

@@ -258,6 +258,10 @@ ISSUE_7_ROWS = {
     ],
     "MPIFA AutoModel on a task folder": ["mpifa-llama-persist_base", "mpifa-bert_cls-persist_base"],
     "MPIFA without import leanformers is loud": ["mpifa-llama-persist_noimport"],
+    "MPIFA bf16 storage keeps wider coefficients (issue 10)": [
+        "mpifa-llama-bf16_storage",
+        "mpifa-gpt2-bf16_storage",
+    ],
 }
 
 

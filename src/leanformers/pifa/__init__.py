@@ -9,7 +9,7 @@ Module map: docs/mpifa.md (compression stages) and docs/pifa_format.md (format a
 from leanformers.pifa import quantizer  # noqa: F401  (registers the `mpifa` transformers quantizer)
 from leanformers.pifa.compress import CompressionReport, MPIFAConfig, mpifa_compress
 from leanformers.pifa.integration import dequantize_model
-from leanformers.pifa.layer import CompressedLinear, LowRankLinear, PIFALinear
+from leanformers.pifa.layer import CompressedLinear, LowRankLinear, PIFALinear, set_coefficient_dtype_
 from leanformers.pifa.quantization_config import MPIFAQuantizationConfig
 from leanformers.pifa.saving import save_compressed
 
@@ -23,4 +23,5 @@ __all__ = [
     "dequantize_model",
     "mpifa_compress",
     "save_compressed",
+    "set_coefficient_dtype_",
 ]

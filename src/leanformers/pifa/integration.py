@@ -62,10 +62,13 @@ def resolve_module_names(model: nn.Module, modules: dict[str, dict]) -> dict[str
     return resolved
 
 
-def replace_with_pifa_layers(model: nn.Module, modules: dict[str, dict]) -> nn.Module:
+def replace_with_pifa_layers(
+    model: nn.Module, modules: dict[str, dict], coefficient_dtype: str = "auto"
+) -> nn.Module:
     """Swap each named nn.Linear / Conv1D of ``model`` for an empty layer built from its spec, on the
-    module's own device and dtype (works on meta). Modules already of the right layout are kept.
-    Names are resolved with ``resolve_module_names`` (head <-> base model prefix)."""
+    module's own device and dtype (works on meta); PIFA coefficients stored as ``coefficient_dtype``
+    says (see PIFALinear). Modules already of the right layout are kept. Names are resolved with
+    ``resolve_module_names`` (head <-> base model prefix)."""
     for name, spec in resolve_module_names(model, modules).items():
         old = model.get_submodule(name)
         if isinstance(old, COMPRESSED_TYPES):
@@ -85,7 +88,9 @@ def replace_with_pifa_layers(model: nn.Module, modules: dict[str, dict]) -> nn.M
                 f"module {name!r} has (out, in) = {shape} but quantization_config.modules says "
                 f"({spec['out_features']}, {spec['in_features']})"
             )
-        new = module_from_spec(spec, dtype=old.weight.dtype, device=old.weight.device)
+        new = module_from_spec(
+            spec, dtype=old.weight.dtype, device=old.weight.device, coefficient_dtype=coefficient_dtype
+        )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name) if parent_name else model, child, new)
     return model

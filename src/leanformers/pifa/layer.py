@@ -17,6 +17,13 @@ The pivot block is deliberately named ``weight``: its shape (r, n) or (m, r) dif
 mismatch instead of silently keeping random weights. Pivots are sorted, so at full rank ``weight``
 IS the dense W (and a dense load is then exact).
 
+Coefficient storage (``coefficient_dtype``): in a bf16 model, C stored in bf16 perturbs W 2-3x more
+than a bf16 U V of the same matrix (C multiplies every pivot row it combines, so its rounding adds
+up). By default ("auto") a bf16 PIFA layer keeps C in float16 (three more mantissa bits, the same
+bytes); the forward then computes the C product in float32 and rounds its result once. The choice
+follows the layer through ``.to()`` / ``.half()`` / ``.bfloat16()``, construction on meta and
+checkpoint loading; docs/pifa_format.md has the table and docs/benchmarks.md §13 the measurement.
+
 Forward has no data-dependent Python control flow and no host sync (CUDA graphs, torch.compile).
 """
 
@@ -40,12 +47,16 @@ from leanformers.pifa.factorize import (
 from leanformers.pifa.rank import lowrank_num_params, pifa_num_params
 
 __all__ = [
+    "AUTO_COEFFICIENT_DTYPE",
+    "COEFFICIENT_DTYPES",
     "CompressedLinear",
     "LowRankLinear",
     "PIFALinear",
     "auto_form",
+    "coefficient_storage_dtype",
     "emit_in_order_",
     "module_from_spec",
+    "set_coefficient_dtype_",
 ]
 
 SPEC_KEYS = ("kind", "in_features", "out_features", "rank", "bias")
@@ -54,6 +65,34 @@ SPEC_KEYS = ("kind", "in_features", "out_features", "rank", "bias")
 # `import leanformers` fails on the size mismatch of `weight`; transformers' load report printed with
 # that error then lists this key as UNEXPECTED, which names the fix.
 LOAD_HINT = "import_leanformers_before_from_pretrained"
+
+
+# Settings of PIFALinear(coefficient_dtype=...): "auto" (the measured default below), "same" (C in the
+# dtype of the other parameters), or a dtype name C is stored in whenever the layer is 16-bit.
+COEFFICIENT_DTYPES = ("auto", "same", "float32", "float16", "bfloat16")
+# "auto": the storage of C for a layer whose other parameters are in the key's dtype (others: "same").
+# bf16 -> fp16: same bytes, 3 more mantissa bits. SmolLM2-135M MPIFA 0.8, bf16 forward: +0.263 % perplexity
+# vs fp32 where all-bf16 storage gives +0.543 % (docs/benchmarks.md §13).
+AUTO_COEFFICIENT_DTYPE: dict[torch.dtype, torch.dtype] = {torch.bfloat16: torch.float16}
+
+
+def _check_coefficient_setting(setting: str) -> str:
+    if setting not in COEFFICIENT_DTYPES:
+        raise ValueError(f"coefficient_dtype must be one of {COEFFICIENT_DTYPES}, got {setting!r}")
+    return setting
+
+
+def coefficient_storage_dtype(param_dtype: torch.dtype | None, setting: str = "auto") -> torch.dtype:
+    """dtype of a PIFA layer's coefficients C when its other parameters are ``param_dtype``
+    (None: torch's default dtype). ``setting`` (see COEFFICIENT_DTYPES) applies only to 16-bit layers:
+    a float32 / float64 layer always stores C in its own dtype."""
+    _check_coefficient_setting(setting)
+    param_dtype = param_dtype or torch.get_default_dtype()
+    if setting == "same" or not param_dtype.is_floating_point or param_dtype.itemsize > 2:
+        return param_dtype
+    if setting == "auto":
+        return AUTO_COEFFICIENT_DTYPE.get(param_dtype, param_dtype)
+    return getattr(torch, setting)
 
 
 def _register_load_hint(module: nn.Module, device) -> None:
@@ -174,8 +213,9 @@ class CompressedLinear(nn.Module):
         return {}
 
     @classmethod
-    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None):
-        """Empty layer (uninitialised on meta) of the layout ``spec`` describes."""
+    def from_spec(cls, spec: dict, dtype: torch.dtype | None = None, device=None, **options: Any):
+        """Empty layer (uninitialised on meta) of the layout ``spec`` describes; ``options``: storage
+        keywords of the subclass that the spec does not hold (PIFALinear: ``coefficient_dtype``)."""
         _check_spec(spec, cls.kind)
         return cls(
             int(spec["in_features"]),
@@ -183,6 +223,7 @@ class CompressedLinear(nn.Module):
             int(spec["rank"]),
             bias=bool(spec["bias"]),
             **cls._kwargs_from_spec(spec),
+            **options,
             dtype=dtype,
             device=device,
         )
@@ -233,7 +274,12 @@ class PIFALinear(CompressedLinear):
     Parameters: ``weight`` (pivot block; row form (r, in), column form (out, r)), ``coeff``
     (row form (out - r, r), column form (r, in - r)), optional ``bias`` (out,). Buffer (int32,
     persistent): ``output_index`` (row form) or ``input_index`` (column form).
-    Input (..., in_features) -> output (..., out_features), any float dtype matching the parameters.
+    Input (..., in_features) -> output (..., out_features), any float dtype matching ``weight``.
+
+    ``coefficient_dtype`` (one of COEFFICIENT_DTYPES, default "auto"): the storage of ``coeff`` when
+    the layer is 16-bit, kept through every later cast (``coefficient_storage_dtype``). When it
+    differs from the input's dtype, the C product runs in the promoted dtype (float32 for bf16 with
+    fp16) and is rounded back once, so C is never rounded to the input's dtype.
     """
 
     def __init__(
@@ -244,14 +290,25 @@ class PIFALinear(CompressedLinear):
         bias: bool = True,
         form: str = "row",
         input_permuted: bool = False,
+        coefficient_dtype: str = "auto",
         dtype: torch.dtype | None = None,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__(
-            in_features, out_features, rank, bias, dtype, device, form=form, input_permuted=input_permuted
+            in_features,
+            out_features,
+            rank,
+            bias,
+            dtype,
+            device,
+            form=form,
+            input_permuted=input_permuted,
+            coefficient_dtype=coefficient_dtype,
         )
 
-    def _create_factors(self, kw: dict, form: str, input_permuted: bool) -> None:
+    def _create_factors(self, kw: dict, form: str, input_permuted: bool, coefficient_dtype: str) -> None:
+        self.coefficient_dtype = _check_coefficient_setting(coefficient_dtype)
+        ckw = {**kw, "dtype": coefficient_storage_dtype(kw["dtype"], coefficient_dtype)}
         form = normalize_form(form)
         if input_permuted and form != "column":
             raise ValueError(
@@ -263,11 +320,11 @@ class PIFALinear(CompressedLinear):
         device = kw["device"]
         if form == "row":
             self.weight = nn.Parameter(torch.empty(r, n, **kw))
-            self.coeff = nn.Parameter(torch.empty(m - r, r, **kw))
+            self.coeff = nn.Parameter(torch.empty(m - r, r, **ckw))
             self.register_buffer("output_index", torch.empty(m, dtype=torch.int32, device=device))
         else:
             self.weight = nn.Parameter(torch.empty(m, r, **kw))
-            self.coeff = nn.Parameter(torch.empty(r, n - r, **kw))
+            self.coeff = nn.Parameter(torch.empty(r, n - r, **ckw))
             self.register_buffer("input_index", torch.empty(n, dtype=torch.int32, device=device))
 
     # -- construction -------------------------------------------------------------------------
@@ -279,17 +336,31 @@ class PIFALinear(CompressedLinear):
 
     @classmethod
     def from_pifa(
-        cls, factors: PIFAFactors, bias: torch.Tensor | None = None, dtype: torch.dtype | None = None
+        cls,
+        factors: PIFAFactors,
+        bias: torch.Tensor | None = None,
+        dtype: torch.dtype | None = None,
+        coefficient_dtype: str = "auto",
     ) -> PIFALinear:
-        """Layer holding ``factors`` (and ``bias`` (out,)), cast to ``dtype`` (default: the factors' dtype)."""
+        """Layer holding ``factors`` (and ``bias`` (out,)), cast to ``dtype`` (default: the factors'
+        dtype); C stored as ``coefficient_dtype`` says."""
         m, n = factors.shape
         dtype = dtype or factors.pivot_weight.dtype
         device = factors.pivot_weight.device
-        layer = cls(n, m, factors.rank, bias=bias is not None, form=factors.form, dtype=dtype, device=device)
+        layer = cls(
+            n,
+            m,
+            factors.rank,
+            bias=bias is not None,
+            form=factors.form,
+            coefficient_dtype=coefficient_dtype,
+            dtype=dtype,
+            device=device,
+        )
         perm = torch.cat([factors.pivots, factors.nonpivots]).long().to(device)
         with torch.no_grad():
             layer.weight.copy_(factors.pivot_weight)
-            layer.coeff.copy_(factors.coeff)
+            layer.coeff.copy_(_checked_cast(factors.coeff, layer.coeff.dtype))
             if factors.form == "row":
                 layer.output_index.copy_(torch.argsort(perm).to(torch.int32))
             else:
@@ -301,11 +372,14 @@ class PIFALinear(CompressedLinear):
         return layer
 
     @classmethod
-    def _from_uv(cls, U, V, bias, *, form: str, dtype, method: str = "auto") -> PIFALinear:
+    def _from_uv(
+        cls, U, V, bias, *, form: str, dtype, method: str = "auto", coefficient_dtype: str = "auto"
+    ) -> PIFALinear:
         """``form`` "auto" = ``auto_form``; ``method``: the pivoting of ``pifa_from_factors``."""
         if form == "auto" and U.ndim == 2 and V.ndim == 2:
             form = auto_form(U.shape[0], V.shape[1])
-        return cls.from_pifa(pifa_from_factors(U, V, form=form, method=method), bias=bias, dtype=dtype)
+        factors = pifa_from_factors(U, V, form=form, method=method)
+        return cls.from_pifa(factors, bias=bias, dtype=dtype, coefficient_dtype=coefficient_dtype)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, rank: int, form: str = "auto") -> PIFALinear:
@@ -379,21 +453,53 @@ class PIFALinear(CompressedLinear):
         else:
             super()._permute_output_factor_(order)
 
+    # -- coefficient storage -------------------------------------------------------------------
+    def _apply(self, fn, recurse: bool = True):
+        # nn.Module.to / half / bfloat16 cast every floating parameter alike; C then takes the dtype
+        # its setting asks for, converted from its value BEFORE the cast (never via the rounded one).
+        before = self.coeff.data
+        super()._apply(fn, recurse)
+        want = coefficient_storage_dtype(self.weight.dtype, self.coefficient_dtype)
+        if self.coeff.dtype != want and self.coeff.dtype.is_floating_point:
+            with torch.no_grad():
+                before = before.to(self.coeff.device)
+                try:
+                    self.coeff.data = _checked_cast(before, want)
+                except OverflowError:
+                    self.coeff.data = before  # unrounded, so that the fix the error names still applies
+                    raise
+                if self.coeff.grad is not None:
+                    self.coeff.grad = self.coeff.grad.to(want)
+        return self
+
+    def set_coefficient_dtype_(self, setting: str) -> PIFALinear:
+        """In place: store C as ``setting`` (COEFFICIENT_DTYPES) says from now on (converts C now)."""
+        self.coefficient_dtype = _check_coefficient_setting(setting)
+        want = coefficient_storage_dtype(self.weight.dtype, setting)
+        if self.coeff.dtype != want:
+            with torch.no_grad():
+                self.coeff.data = _checked_cast(self.coeff.data, want)
+        return self
+
     # -- forward ----------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Gathers run on 2-D (tokens, features) views: CPU index_select along the last dim of a 3-D
         # tensor is ~30x slower than along dim 1 of the same data viewed 2-D (same bytes moved).
+        # C stored wider than x (fp16 C in a bf16 layer): its product runs in the promoted dtype and
+        # is rounded once to x's dtype (casting C down to x's dtype would undo its storage).
         lead = x.shape[:-1]
+        cd = torch.promote_types(x.dtype, self.coeff.dtype)
         if self._form == "row":
             z = F.linear(x.reshape(-1, self.in_features), self.weight)
-            y = torch.cat([z, F.linear(z, self.coeff)], dim=-1).index_select(1, self.output_index)
+            zc = F.linear(z.to(cd), self.coeff.to(cd)).to(z.dtype)
+            y = torch.cat([z, zc], dim=-1).index_select(1, self.output_index)
             y = y.view(*lead, self.out_features)
             return y if self.bias is None else y + self.bias
         x2 = x.reshape(-1, self.in_features)
         if not self.input_permuted:
             x2 = x2.index_select(1, self.input_index)
         r = self._rank
-        z = torch.addmm(x2[:, :r], x2[:, r:], self.coeff.t())
+        z = torch.addmm(x2[:, :r].to(cd), x2[:, r:].to(cd), self.coeff.to(cd).t()).to(x2.dtype)
         return F.linear(z, self.weight, self.bias).view(*lead, self.out_features)
 
 
@@ -446,6 +552,18 @@ class LowRankLinear(CompressedLinear):
         return F.linear(F.linear(x, self.weight_in), self.weight, self.bias)
 
 
+def _checked_cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``; a finite value that overflows it (|C| > 65504 in float16) is an error, not an inf."""
+    out = t.to(dtype)
+    real = out.device.type != "meta" and dtype.is_floating_point and out.numel() > 0
+    if real and not bool(torch.isfinite(out).all()) and bool(torch.isfinite(t).all()):
+        raise OverflowError(
+            f"PIFA coefficients up to |C| = {t.abs().max().item():.4g} overflow {dtype}: store them in "
+            "float32 (coefficient_dtype='float32') or as the layer's dtype (coefficient_dtype='same')"
+        )
+    return out
+
+
 def _check_spec(spec: dict, kind: str) -> None:
     if not isinstance(spec, dict):
         raise TypeError(f"a module spec must be a dict, got {type(spec).__name__}")
@@ -463,14 +581,28 @@ def _check_perm(order: torch.Tensor, size: int) -> torch.Tensor:
     return order
 
 
-def module_from_spec(spec: dict, dtype: torch.dtype | None = None, device=None) -> nn.Module:
-    """Empty PIFALinear / LowRankLinear (parameters uninitialised on meta) from ``layer.spec()``."""
+def module_from_spec(
+    spec: dict, dtype: torch.dtype | None = None, device=None, coefficient_dtype: str = "auto"
+) -> nn.Module:
+    """Empty PIFALinear / LowRankLinear (parameters uninitialised on meta) from ``layer.spec()``;
+    ``coefficient_dtype``: the C storage of a PIFA layer (see PIFALinear)."""
     if not isinstance(spec, dict) or "kind" not in spec:
         raise ValueError(f"module spec must be a dict with a 'kind' key, got {spec!r}")
     builders = {"pifa": PIFALinear, "lowrank": LowRankLinear}
     if spec["kind"] not in builders:
         raise ValueError(f"unknown module kind {spec['kind']!r}: expected one of {sorted(builders)}")
-    return builders[spec["kind"]].from_spec(spec, dtype=dtype, device=device)
+    options = {"coefficient_dtype": coefficient_dtype} if spec["kind"] == "pifa" else {}
+    return builders[spec["kind"]].from_spec(spec, dtype=dtype, device=device, **options)
+
+
+def set_coefficient_dtype_(model: nn.Module, setting: str) -> nn.Module:
+    """In place: every PIFALinear of ``model`` stores its coefficients as ``setting`` says (see
+    PIFALinear; "same" restores the plain all-one-dtype storage). Returns ``model``."""
+    _check_coefficient_setting(setting)
+    for module in model.modules():
+        if isinstance(module, PIFALinear):
+            module.set_coefficient_dtype_(setting)
+    return model
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ from typing import Any
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from leanformers._version import __version__
+from leanformers.pifa.layer import COEFFICIENT_DTYPES
 
 __all__ = ["QUANT_METHOD", "REQUIRES", "MPIFAQuantizationConfig"]
 
@@ -27,6 +28,10 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
         density: target density of the targeted linears; alpha, steps: M settings; calibration: a
             description of the calibration data; leanformers_version: the writer's version;
             extra: free-form JSON-able details (allocation, achieved density, ...).
+        coefficient_dtype: storage of the PIFA coefficients in a 16-bit model (one of
+            ``COEFFICIENT_DTYPES``; "auto": float16 coefficients in a bf16 model, see PIFALinear). A
+            loading attribute: ``from_pretrained(folder, quantization_config=
+            MPIFAQuantizationConfig(coefficient_dtype="same"))`` overrides the saved value.
     """
 
     def __init__(
@@ -38,6 +43,7 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
         calibration: str | None = None,
         leanformers_version: str | None = None,
         extra: dict | None = None,
+        coefficient_dtype: str = "auto",
         **kwargs: Any,
     ) -> None:
         kwargs.pop("quant_method", None)
@@ -49,6 +55,7 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
         self.steps = steps
         self.calibration = calibration
         self.leanformers_version = __version__ if leanformers_version is None else leanformers_version
+        self.coefficient_dtype = coefficient_dtype
         self.extra = dict(extra or {})
         self.extra.update(kwargs)  # unknown keys of a newer writer survive a round trip
         self.post_init()
@@ -65,6 +72,15 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
                 )
         if self.density is not None and not 0.0 < float(self.density) <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
+        if self.coefficient_dtype not in COEFFICIENT_DTYPES:
+            raise ValueError(
+                f"coefficient_dtype must be one of {COEFFICIENT_DTYPES}, got {self.coefficient_dtype!r}"
+            )
+
+    def get_loading_attributes(self) -> dict[str, Any]:
+        """What a config passed to ``from_pretrained`` overrides in the saved one (transformers'
+        ``merge_quantization_configs``; registered in ``quantizer.register``)."""
+        return {"coefficient_dtype": self.coefficient_dtype}
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -76,6 +92,7 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
             "steps": self.steps,
             "calibration": self.calibration,
             "leanformers_version": self.leanformers_version,
+            "coefficient_dtype": self.coefficient_dtype,
             "extra": json.loads(json.dumps(self.extra, default=str)),
         }
 

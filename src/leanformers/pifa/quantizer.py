@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 from transformers.quantizers import HfQuantizer
+from transformers.quantizers import auto as _auto
 from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_QUANTIZER_MAPPING
 
 # Re-exported: these names were defined here before the split.
@@ -63,7 +64,11 @@ class MPIFAHfQuantizer(HfQuantizer):
         # The config then lists the names of this model (e.g. without "model." under AutoModel), so a
         # later save_compressed of the loaded model agrees with its modules.
         self.quantization_config.modules = resolve_module_names(model, self.quantization_config.modules)
-        replace_with_pifa_layers(model, self.quantization_config.modules)
+        replace_with_pifa_layers(
+            model,
+            self.quantization_config.modules,
+            coefficient_dtype=getattr(self.quantization_config, "coefficient_dtype", "auto"),
+        )
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
@@ -101,6 +106,12 @@ def register() -> None:
             raise RuntimeError(f"quant_method {QUANT_METHOD!r} is already registered by {current.__module__}")
         # Direct assignment (not register_*) so a module reload replaces the classes instead of raising.
         mapping[QUANT_METHOD] = cls
+    # A config passed to from_pretrained then overrides the saved one's loading attributes
+    # (coefficient_dtype) instead of being ignored with a warning.
+    types = getattr(_auto, "LOADING_ATTRIBUTES_CONFIG_TYPES", None)
+    if isinstance(types, tuple):
+        others = tuple(t for t in types if t.__name__ != MPIFAQuantizationConfig.__name__)
+        _auto.LOADING_ATTRIBUTES_CONFIG_TYPES = (*others, MPIFAQuantizationConfig)
 
 
 register()

