@@ -180,6 +180,15 @@ def test_bad_inputs(tiny_lm_folder, shared_data, tmp_path, capsys):
     assert "too few calibration tokens" in capsys.readouterr().err
     assert not (tmp_path / "o3").exists()
 
+    # a calibration mix is checked before the model is loaded (the model does not exist here)
+    bad_mix = ["./no/such/model", "--output", str(tmp_path / "o4"), "--calib"]
+    assert main([*bad_mix, f"{tmp_path / 'missing.txt'}=2,python:json"]) == 1
+    assert "missing.txt does not exist" in capsys.readouterr().err
+    assert main([*bad_mix, "python:json=heavy"]) == 1
+    assert "is not a number" in capsys.readouterr().err
+    assert main([*bad_mix, "python:surely_not_a_module_xyz=1,python:json=1"]) == 1
+    assert "no installed module of that name" in capsys.readouterr().err
+
     with pytest.raises(SystemExit):
         main([str(tiny_lm_folder)])  # --output missing: argparse usage error
     assert "--output is required" in capsys.readouterr().err
@@ -261,3 +270,27 @@ def test_unknown_config_key_names_the_valid_ones(tmp_path, capsys):
         resolve_options(["src", "--output", "o", "--config", str(cfg)])
     err = capsys.readouterr().err
     assert "unknown keys in" in err and "['densty']" in err and "density" in err.split("use", 1)[1]
+
+
+def test_default_calibration_mixes_wikitext_with_installed_python_source(
+    tiny_lm_folder, shared_data, tmp_path
+):
+    """The default --calib is WikiText (datasets, online) x3 + python:transformers.generation x1; offline,
+    the same composition with a local WikiText file compresses and says what it used."""
+    from leanformers.data import parse_sources
+    from leanformers.pifa.cli import DEFAULT_CALIBRATION, build_parser
+
+    assert parse_sources(DEFAULT_CALIBRATION) == [
+        ("wikitext:wikitext-2-raw-v1@train", 3.0),
+        ("python:transformers.generation", 1.0),
+    ]
+    assert "python:transformers.generation" in build_parser().format_help().replace("\n", "")
+    wiki = shared_data / "wikitext-2-v1-valid.txt"
+    report = tmp_path / "r.json"
+    args = mpifa_cli_args(tiny_lm_folder, tmp_path / "o", shared_data, "--report", str(report))
+    args[args.index("--calib") + 1] = f"{wiki}=3,python:transformers.generation=1"
+    assert main(args) == 0
+    summary = json.loads(report.read_text())
+    assert summary["summary"]["calibration"].startswith(
+        "mix of wikitext-2-v1-valid.txt x3, python:transformers.generation x1: 4 x 64 tokens"
+    )

@@ -20,6 +20,7 @@ __all__ = [
     "calibration_windows",
     "evaluation_windows",
     "load_text",
+    "check_sources",
     "mixed_calibration_windows",
     "parse_sources",
     "shared_data_path",
@@ -222,6 +223,20 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
             raise ValueError(f"weight of {source!r} must be a positive number, got {weight!r}")
         parts.append((source.strip(), w))
     return parts
+
+
+def check_sources(spec: str) -> None:
+    """Fail fast on a calibration spec whose local parts cannot be read: a bad weight, a missing file or
+    folder, an unknown ``python:`` module. ``datasets`` names are left to the load (they need the Hub)."""
+    for source, _ in (
+        parse_sources(spec) if ("," in spec or "=" in spec) and not Path(spec).exists() else [(spec, 1)]
+    ):
+        if source.startswith("python:"):
+            python_source_path(source[len("python:") :])
+            continue
+        path = Path(source).expanduser()
+        if not path.exists() and (os.sep in source or path.suffix.lower() in _TEXT_SUFFIXES):
+            raise FileNotFoundError(f"calibration source {source} does not exist")
 
 
 def mixed_calibration_windows(

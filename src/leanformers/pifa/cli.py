@@ -16,8 +16,13 @@ import time
 from pathlib import Path
 
 from leanformers import recipes
+from leanformers.data.text import check_sources
 from leanformers.pifa import MPIFAConfig
 from leanformers.pifa.checkpoint_io import PeakHostMemory
+
+# WikiText (online through datasets) mixed 3:1 with Python source that every install has: a calibration
+# that has seen no code made code 300-400x more perplexed at density 0.5 (docs/benchmarks.md §14).
+DEFAULT_CALIBRATION = "wikitext:wikitext-2-raw-v1@train=3,python:transformers.generation=1"
 
 # CLI-only options: name -> (type, default, help). The compression settings are not listed here:
 # their flags are generated from MPIFAConfig's fields (CONFIG_FLAGS), so their defaults live once.
@@ -25,7 +30,7 @@ CLI_OPTIONS: dict[str, tuple] = {
     "output": (str, None, "output folder (required)"),
     "calib": (
         str,
-        "wikitext:wikitext-2-raw-v1@train",
+        DEFAULT_CALIBRATION,
         "calibration text: a local .txt/.json/.parquet/.py file, a folder of them or a datasets "
         "name[:config][@split]; several sources mix by weight: 'wiki.txt=2,code/=1'",
     ),
@@ -202,6 +207,7 @@ def run(opts: argparse.Namespace) -> dict:
 
     # Cheap checks first: a bad density or an occupied output must not cost a model load.
     config = build_config(opts)
+    check_sources(opts.calib)
     output = Path(opts.output).expanduser()
     _check_output(output, bool(opts.overwrite))
     dtype = _dtype(opts.dtype)
