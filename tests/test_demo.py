@@ -23,3 +23,18 @@ def test_head_ids_equal_the_start_of_the_whole_file_tokenisation(name, shared_da
         assert torch.equal(_head_ids(path, tokenizer, n), whole[:n])
     # More tokens than the text holds: all of it.
     assert torch.equal(_head_ids(path, tokenizer, whole.numel() + 10), whole)
+
+
+def test_demo_calibrates_on_the_cli_default_composition_with_local_wikitext(shared_data):
+    from leanformers.data import check_sources, parse_sources
+    from leanformers.demo import default_calibration
+    from leanformers.pifa.cli import DEFAULT_CALIBRATION
+
+    spec = default_calibration()
+    check_sources(spec)  # every part readable offline
+    ours, cli = parse_sources(spec), parse_sources(DEFAULT_CALIBRATION)
+    assert ours[0] == (
+        str(shared_data / "wikitext-2-v1-valid.txt"),
+        cli[0][1],
+    )  # the local WikiText stands in
+    assert ours[1:] == cli[1:]

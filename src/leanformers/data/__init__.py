@@ -2,6 +2,7 @@
 
 from leanformers.data.text import (
     calibration_windows,
+    check_sources,
     evaluation_windows,
     load_text,
     mixed_calibration_windows,
@@ -12,6 +13,7 @@ from leanformers.data.text import (
 
 __all__ = [
     "calibration_windows",
+    "check_sources",
     "evaluation_windows",
     "load_text",
     "mixed_calibration_windows",
