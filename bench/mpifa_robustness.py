@@ -52,6 +52,7 @@ ROWS: dict[str, tuple[str, int, dict | str]] = {
     "dense": ("wiki", 1, "dense"),
     "wanda24": ("wiki", 1, "wanda"),
     "wanda24_mix_code": ("mix_code", 1, "wanda"),
+    "wanda24_wiki_code": ("wiki_code", 1, "wanda"),
     "paper": ("wiki", 1, PAPER),
     "alpha1": ("wiki", 1, {**PAPER, "alpha": 1.0}),
     "shrink": ("wiki", 1, {**PAPER, "shrinkage": 0.1}),
@@ -70,6 +71,7 @@ ROWS: dict[str, tuple[str, int, dict | str]] = {
     "mix_code_attn03": ("mix_code", 1, {**PAPER, "attn_density": 0.3}),
     "wiki_code_shrink": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1}),
     "wiki_code_shrink03": ("wiki_code", 1, {**PAPER, "shrinkage": 0.3}),
+    "wiki_code_shrink_spectrum": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1, "allocation": "spectrum"}),
     "default": ("default", 1, {}),
 }
 VALIDATION, TEST = ("ted", "torch"), ("wiki", "shakespeare", "stdlib")
