@@ -71,6 +71,8 @@ ROWS: dict[str, tuple[str, int, dict | str]] = {
     "mix_code_attn03": ("mix_code", 1, {**PAPER, "attn_density": 0.3}),
     "wiki_code_shrink": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1}),
     "wiki_code_shrink03": ("wiki_code", 1, {**PAPER, "shrinkage": 0.3}),
+    "wiki_code_shrink_steps0": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1, "steps": 0}),
+    "wiki_code_shrink_alpha0": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1, "alpha": 0.0}),
     "wiki_code_shrink_spectrum": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1, "allocation": "spectrum"}),
     "default": ("default", 1, {}),
 }
