@@ -20,6 +20,8 @@ Calibration sources (``--nsamples`` x ``--seqlen`` windows, seed 0):
             its top-level *.py files)
   wiki_code wiki x3 + python:transformers.generation x1 (every .py file of the package): the
             composition of mpifa-compress's default --calib
+Low-rank baselines (issue 11, experiment 5; WikiText calibration, no shrinkage): svd, asvd,
+  svdllm_whiten, svdllm_u, pifa_only (whitening + PIFA, no M).
 Rows (density ``--densities``; "paper" is the old default: M alpha 0.25, 2 steps, uniform ranks, wiki):
   dense, wanda24 (2:4 Wanda on the wiki windows, density 0.5 only), wanda24_mix_code,
   paper, alpha1, shrink, spectrum, mix, mix_code, n64 (each ONE change from paper), default (the
@@ -37,7 +39,7 @@ import time
 from pathlib import Path
 
 import torch
-from _baselines import wanda_2_4_prune
+from _baselines import asvd_compress, wanda_2_4_prune
 from harness import environment, output_path, parser, print_table, tiny_llama, write_json
 from torch import nn
 
@@ -74,6 +76,12 @@ ROWS: dict[str, tuple[str, int, dict | str]] = {
     "wiki_code_shrink_steps0": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1, "steps": 0}),
     "wiki_code_shrink_alpha0": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1, "alpha": 0.0}),
     "wiki_code_shrink_spectrum": ("wiki_code", 1, {**PAPER, "shrinkage": 0.1, "allocation": "spectrum"}),
+    # issue 11, experiment 5: the low-rank baselines in the paper's setting (WikiText calibration)
+    "svd": ("wiki", 1, {"init": "svd", "steps": 0, "output": "lowrank", "shrinkage": 0.0}),
+    "asvd": ("wiki", 1, "asvd"),
+    "svdllm_whiten": ("wiki", 1, {"init": "whiten", "steps": 0, "output": "lowrank", "shrinkage": 0.0}),
+    "svdllm_u": ("wiki", 1, {"steps": 1, "alpha": 0.0, "output": "lowrank", "shrinkage": 0.0}),
+    "pifa_only": ("wiki", 1, {**PAPER, "steps": 0}),
     "default": ("default", 1, {}),
 }
 VALIDATION, TEST = ("ted", "torch"), ("wiki", "shakespeare", "stdlib")
@@ -172,6 +180,10 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
         if not math.isclose(density, 0.5):
             return {}
         wanda_2_4_prune(model, data.calibration(calib_key, args.nsamples * mult), batch_size=args.batch_size)
+    elif what == "asvd":
+        calibration = data.calibration(calib_key, args.nsamples * mult)
+        counts = asvd_compress(model, calibration, density, batch_size=args.batch_size)
+        cell["achieved_density"] = round(counts["targeted_after"] / counts["targeted_before"], 4)
     elif what != "dense":
         cfg = MPIFAConfig(
             density=density,
