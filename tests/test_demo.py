@@ -38,3 +38,19 @@ def test_demo_calibrates_on_the_cli_default_composition_with_local_wikitext(shar
         cli[0][1],
     )  # the local WikiText stands in
     assert ours[1:] == cli[1:]
+
+
+def test_generate_answers_through_the_chat_template_without_echoing_the_prompt(smollm2_path):
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from leanformers.demo import PROMPTS, generate
+    from tests.tiny_models import llama_config
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    assert tokenizer.chat_template  # the instruct model's template is the path the demo takes
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(llama_config(32, 64, 1, 2, kv_heads=1, vocab=len(tokenizer))).eval()
+    answers = generate(model, tokenizer, PROMPTS, max_new_tokens=5)
+    assert len(answers) == len(PROMPTS) and answers == generate(model, tokenizer, PROMPTS, max_new_tokens=5)
+    for prompt, answer in zip(PROMPTS, answers):
+        assert prompt not in answer and "<|im_start|>" not in answer  # only the new tokens, decoded
