@@ -11,6 +11,7 @@ sources with weights: ``parse_sources("wiki.txt=2,code/=1")`` and ``mixed_calibr
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "mixed_calibration_windows",
     "parse_sources",
     "shared_data_path",
+    "source_weight",
     "tokenize_text",
 ]
 
@@ -201,6 +203,19 @@ def evaluation_windows(ids: torch.Tensor, seqlen: int, max_tokens: int | None = 
     return ids[: n * seqlen].view(n, seqlen)
 
 
+def source_weight(source: str, weight) -> float:
+    """A calibration source's weight as a positive finite float, or a ValueError naming the source."""
+    try:
+        w = float(weight)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"weight {weight!r} of {source!r} is not a number; write e.g. '{source}=0.5'"
+        ) from None
+    if not (w > 0 and math.isfinite(w)):
+        raise ValueError(f"weight of {source!r} must be a positive number, got {weight!r}")
+    return w
+
+
 def parse_sources(spec: str) -> list[tuple[str, float]]:
     """``"a.txt=2,code/=1,b.jsonl"`` -> [("a.txt", 2.0), ("code/", 1.0), ("b.jsonl", 1.0)].
 
@@ -212,16 +227,8 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
         item = item.strip()
         if not item:
             raise ValueError(f"empty source in calibration list {spec!r}; write e.g. 'wiki.txt=2,code/=1'")
-        source, eq, weight = item.rpartition("=") if "=" in item else (item, "", "1")
-        try:
-            w = float(weight)
-        except ValueError:
-            raise ValueError(
-                f"weight {weight!r} of {source!r} is not a number; write e.g. '{source}=0.5'"
-            ) from None
-        if not w > 0 or w != w or w == float("inf"):
-            raise ValueError(f"weight of {source!r} must be a positive number, got {weight!r}")
-        parts.append((source.strip(), w))
+        source, _, weight = item.rpartition("=") if "=" in item else (item, "", "1")
+        parts.append((source.strip(), source_weight(source.strip(), weight)))
     return parts
 
 

@@ -138,14 +138,11 @@ def _source_list(calibration) -> list[tuple[str, float]] | None:
     A list of sources or (source, weight) pairs, or a string ``"a.txt=2,code/=1"`` (``parse_sources``)
     that is not itself an existing path.
     """
-    from leanformers.data.text import parse_sources
+    from leanformers.data.text import parse_sources, source_weight
 
     if isinstance(calibration, (list, tuple)):
-        out = []
-        for item in calibration:
-            src, w = (item, 1.0) if isinstance(item, (str, os.PathLike)) else item
-            out.append((str(src), float(w)))
-        return parse_sources(",".join(f"{s}={w!r}" for s, w in out))
+        pairs = [(item, 1.0) if isinstance(item, (str, os.PathLike)) else item for item in calibration]
+        return [(str(src), source_weight(str(src), w)) for src, w in pairs]
     source = str(calibration)
     if (
         ("," in source or "=" in source)
