@@ -25,6 +25,7 @@ __all__ = [
     "mixed_calibration_windows",
     "parse_sources",
     "shared_data_path",
+    "source_list",
     "source_weight",
     "tokenize_text",
 ]
@@ -232,12 +233,31 @@ def parse_sources(spec: str) -> list[tuple[str, float]]:
     return parts
 
 
+def source_list(calibration) -> list[tuple[str, float]] | None:
+    """Several weighted text sources, or None for one source / raw text.
+
+    A list of sources or (source, weight) pairs, or a string ``"a.txt=2,code/=1"`` (``parse_sources``)
+    that is not itself an existing path.
+    """
+    if isinstance(calibration, (list, tuple)):
+        pairs = [(item, 1.0) if isinstance(item, (str, os.PathLike)) else item for item in calibration]
+        return [(str(src), source_weight(str(src), w)) for src, w in pairs]
+    source = str(calibration)
+    if (
+        ("," in source or "=" in source)
+        and "\n" not in source
+        and " " not in source
+        and len(source) < 4096
+        and not os.path.exists(source)
+    ):
+        return parse_sources(source)
+    return None
+
+
 def check_sources(spec: str) -> None:
     """Fail fast on a calibration spec whose local parts cannot be read: a bad weight, a missing file or
     folder, an unknown ``python:`` module. ``datasets`` names are left to the load (they need the Hub)."""
-    for source, _ in (
-        parse_sources(spec) if ("," in spec or "=" in spec) and not Path(spec).exists() else [(spec, 1)]
-    ):
+    for source, _ in source_list(spec) or [(spec, 1.0)]:
         if source.startswith("python:"):
             python_source_path(source[len("python:") :])
             continue

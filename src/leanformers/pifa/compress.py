@@ -99,7 +99,13 @@ def _calibration_windows(
 ) -> tuple[torch.Tensor, str]:
     """(nsamples, seqlen) ids from a tensor, a list of tensors, or text / a file / a dataset name, and
     a label; an empty (0, 0) tensor when no statistics are ``needed`` (plain SVD)."""
-    from leanformers.data.text import calibration_windows, load_text, mixed_calibration_windows, tokenize_text
+    from leanformers.data.text import (
+        calibration_windows,
+        load_text,
+        mixed_calibration_windows,
+        source_list,
+        tokenize_text,
+    )
 
     if not needed:
         return torch.empty(0, 0, dtype=torch.long), "none (plain SVD)"
@@ -113,7 +119,7 @@ def _calibration_windows(
         return windows.long(), f"{windows.shape[0]} x {windows.shape[1]} given token windows"
     if tokenizer is None:
         raise ValueError("a tokenizer is needed to calibrate on text")
-    mix = _source_list(calibration)
+    mix = source_list(calibration)
     if mix is not None:
         parts = [(tokenize_text(load_text(src), tokenizer), w) for src, w in mix]
         windows = mixed_calibration_windows(parts, config.nsamples, config.seqlen, config.seed)
@@ -130,29 +136,6 @@ def _calibration_windows(
     windows = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
     label = os.path.basename(source) if (is_file or len(source) < 256) else "given text"
     return windows, f"{label}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"
-
-
-def _source_list(calibration) -> list[tuple[str, float]] | None:
-    """Several weighted text sources, or None for one source / raw text.
-
-    A list of sources or (source, weight) pairs, or a string ``"a.txt=2,code/=1"`` (``parse_sources``)
-    that is not itself an existing path.
-    """
-    from leanformers.data.text import parse_sources, source_weight
-
-    if isinstance(calibration, (list, tuple)):
-        pairs = [(item, 1.0) if isinstance(item, (str, os.PathLike)) else item for item in calibration]
-        return [(str(src), source_weight(str(src), w)) for src, w in pairs]
-    source = str(calibration)
-    if (
-        ("," in source or "=" in source)
-        and "\n" not in source
-        and " " not in source
-        and len(source) < 4096
-        and not os.path.exists(source)
-    ):
-        return parse_sources(source)
-    return None
 
 
 def _block_prefix(model: nn.Module, blocks: nn.ModuleList) -> str:
