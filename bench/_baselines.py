@@ -10,8 +10,12 @@
   Wanda code, blocks are pruned one after another: the inputs of block i come from the already
   pruned blocks 0..i-1; every linear of a block gets its input norms from one pass of the (not yet
   pruned) block on those inputs, then the block is pruned and replayed to feed block i + 1.
+- 2:4 SparseGPT (Frantar & Alistarh 2023, "SparseGPT: Massive Language Models Can Be Accurately
+  Pruned in One-Shot"): the same block-sequential walk, but each linear is pruned column by column
+  with the inverse-Hessian error compensation of Optimal Brain Surgeon, H = X^T X + damping; the 2 of
+  every 4 inputs to drop are chosen per row by w^2 / [H^-1]_jj^2 when the group is reached.
 
-Both act on the same linears as MPIFA (the block layout of ``leanformers.pifa.calibration``) so that
+All act on the same linears as MPIFA (the block layout of ``leanformers.pifa.calibration``) so that
 densities compare like with like. The maths (``asvd_factors``, ``semi_structured_mask``) is pure.
 """
 
@@ -24,7 +28,14 @@ from leanformers.pifa.calibration import capture_block_inputs, find_layout, line
 from leanformers.pifa.layer import LowRankLinear
 from leanformers.pifa.rank import lowrank_rank
 
-__all__ = ["asvd_compress", "asvd_factors", "semi_structured_mask", "wanda_2_4_prune"]
+__all__ = [
+    "asvd_compress",
+    "asvd_factors",
+    "semi_structured_mask",
+    "sparsegpt_2_4_prune",
+    "sparsegpt_prune_weight",
+    "wanda_2_4_prune",
+]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -68,6 +79,54 @@ def semi_structured_mask(scores: torch.Tensor, n: int = 2, m: int = 4) -> torch.
     keep = torch.zeros_like(groups, dtype=torch.bool)
     keep.scatter_(-1, groups.topk(n, dim=-1).indices, True)
     return keep.reshape(scores.shape)
+
+
+@torch.no_grad()
+def sparsegpt_prune_weight(
+    W: torch.Tensor, H: torch.Tensor, *, n: int = 2, m: int = 4, blocksize: int = 128, damp: float = 0.01
+) -> torch.Tensor:
+    """SparseGPT's N:M pruning of one weight: returns the pruned and compensated copy of ``W``.
+
+    W: (rows, cols) weight acting on inputs x of width cols; H: (cols, cols) input Gram matrix
+    sum_t x_t x_t^T (any positive scale). ``damp`` times the mean of diag(H) is added to the diagonal
+    (dead inputs, diag 0, get weight 0). Columns are visited left to right; when column j starts a
+    group of ``m`` the ``m - n`` entries of each row with the least w^2 / [H^-1]_jj^2 are dropped; each
+    dropped or kept column's error is pushed onto the columns to its right through the upper Cholesky
+    factor of H^-1 (lazily, ``blocksize`` columns at a time, which gives the same result as one column
+    at a time). The output has exactly ``n`` non-zeros in every group of ``m`` (if W had them).
+    """
+    rows, cols = W.shape
+    if H.shape != (cols, cols):
+        raise ValueError(
+            f"H must be ({cols}, {cols}) for a weight of shape {tuple(W.shape)}, got {tuple(H.shape)}"
+        )
+    if cols % m or blocksize % m:
+        raise ValueError(f"the width ({cols}) and blocksize ({blocksize}) must be multiples of m={m}")
+    W = W.detach().double().clone()
+    H = H.detach().double().clone()
+    dead = torch.diag(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * torch.diag(H).mean())
+    Hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        W1, Hinv1 = W[:, i1:i2].clone(), Hinv[i1:i2, i1:i2]
+        Err1 = torch.zeros_like(W1)
+        drop = torch.zeros_like(W1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            if i % m == 0:
+                saliency = W1[:, i : i + m] ** 2 / torch.diag(Hinv1)[i : i + m] ** 2
+                drop[:, i : i + m].scatter_(1, saliency.topk(m - n, dim=1, largest=False).indices, True)
+            w, d = W1[:, i], Hinv1[i, i]
+            q = torch.where(drop[:, i], torch.zeros_like(w), w)
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            W1[:, i] = q
+            Err1[:, i] = err
+        W[:, i1:i2] = W1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+    return W
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,14 +197,10 @@ def asvd_compress(
 
 
 @torch.no_grad()
-def wanda_2_4_prune(
-    model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8, n: int = 2, m: int = 4
-) -> dict:
-    """2:4 semi-structured Wanda pruning of every targeted linear of ``model`` (in place).
-
-    calibration: (nsamples, seqlen) token ids. Block by block, with the pruned model's inputs (see the
-    module docstring). Returns {"targeted_before", "targeted_after"} (non-zero weights).
-    """
+def _prune_blocks_sequentially(model: nn.Module, calibration: torch.Tensor, batch_size: int, prune) -> dict:
+    """Walk the blocks in order: Gram matrices of every linear's inputs from one pass of the (not yet
+    pruned) block, ``prune(W, G)`` -> new W for each linear, then replay the PRUNED block to feed the next
+    one (the sequential variant of the Wanda and SparseGPT code). Returns non-zero weight counts."""
     layout, blocks = find_layout(model)
     device = _model_device(model)
     was_training = model.training
@@ -156,14 +211,14 @@ def wanda_2_4_prune(
     before = after = 0
     for block in blocks:
         dtype = next(block.parameters()).dtype
-        sq = {name: None for name in layout.modules}
+        gram = {name: None for name in layout.modules}
         handles = []
         for name in layout.modules:
 
-            def hook(mod, args, _name=name, _sq=sq):
+            def hook(mod, args, _name=name, _gram=gram):
                 x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-                part = (x * x).sum(0)
-                _sq[_name] = part if _sq[_name] is None else _sq[_name] + part
+                part = x.T @ x
+                _gram[_name] = part if _gram[_name] is None else _gram[_name] + part
 
             handles.append(block.get_submodule(name).register_forward_pre_hook(hook))
         try:
@@ -173,13 +228,39 @@ def wanda_2_4_prune(
             for h in handles:
                 h.remove()
         for name in layout.modules:
-            W = linear_weight(block.get_submodule(name))  # a view for GPT-2 Conv1D: masks in place either way
-            scores = W.detach().float().abs() * sq[name].sqrt()[None, :]
-            keep = semi_structured_mask(scores, n, m)
-            W.mul_(keep.to(W.dtype))
+            W = linear_weight(
+                block.get_submodule(name)
+            )  # a view for GPT-2 Conv1D: written in place either way
             before += W.numel()
-            after += int(keep.sum())
-        # Feed the next block with the outputs of this PRUNED block (Wanda's sequential variant).
+            W.copy_(prune(W.detach().float(), gram[name]).to(W.dtype))
+            after += int(torch.count_nonzero(W))
         states = [run_block(block, s, c, device, dtype) for s, c in zip(states, calls)]
     model.train(was_training)
     return {"targeted_before": before, "targeted_after": after}
+
+
+def wanda_2_4_prune(
+    model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8, n: int = 2, m: int = 4
+) -> dict:
+    """2:4 semi-structured Wanda pruning of every targeted linear of ``model`` (in place).
+
+    calibration: (nsamples, seqlen) token ids. Block by block, with the pruned model's inputs (see the
+    module docstring). Returns {"targeted_before", "targeted_after"} (non-zero weights).
+    """
+
+    def prune(W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
+        keep = semi_structured_mask(W.abs() * torch.diag(G).sqrt()[None, :], n, m)  # |W_ij| ||X_j||
+        return W * keep
+
+    return _prune_blocks_sequentially(model, calibration, batch_size, prune)
+
+
+def sparsegpt_2_4_prune(
+    model: nn.Module, calibration: torch.Tensor, *, batch_size: int = 8, n: int = 2, m: int = 4
+) -> dict:
+    """2:4 SparseGPT pruning of every targeted linear of ``model`` (in place), block by block with the
+    pruned model's inputs, damping 1 % and 128-column lazy batches as in the paper.
+    Returns {"targeted_before", "targeted_after"} (non-zero weights)."""
+    return _prune_blocks_sequentially(
+        model, calibration, batch_size, lambda W, G: sparsegpt_prune_weight(W, G, n=n, m=m)
+    )

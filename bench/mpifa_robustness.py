@@ -24,6 +24,7 @@ Low-rank baselines (issue 11, experiment 5; WikiText calibration, no shrinkage):
   svdllm_whiten, svdllm_u, pifa_only (whitening + PIFA, no M).
 Rows (density ``--densities``; "paper" is the old default: M alpha 0.25, 2 steps, uniform ranks, wiki):
   dense, wanda24 (2:4 Wanda on the wiki windows, density 0.5 only), wanda24_mix_code,
+  wanda24_wiki_code, sparsegpt24 / sparsegpt24_wiki_code (2:4 SparseGPT, the same windows),
   paper, alpha1, shrink, spectrum, mix, mix_code, n64 (each ONE change from paper), default (the
   package defaults of MPIFAConfig with the calibration ``--default-calib``).
 Results are merged into one JSON (``--merge``) so that rows can run in parallel processes.
@@ -39,7 +40,7 @@ import time
 from pathlib import Path
 
 import torch
-from _baselines import asvd_compress, wanda_2_4_prune
+from _baselines import asvd_compress, sparsegpt_2_4_prune, wanda_2_4_prune
 from harness import environment, output_path, parser, print_table, tiny_llama, write_json
 from torch import nn
 
@@ -49,12 +50,14 @@ from leanformers.pifa import MPIFAConfig, mpifa_compress
 
 JSON_NAME = "mpifa_robustness"
 PAPER = {"alpha": 0.25, "steps": 2, "allocation": "uniform", "shrinkage": 0.0}
-# row -> (calibration key, nsamples multiplier, MPIFAConfig overrides | "dense" | "wanda")
+# row -> (calibration key, nsamples multiplier, MPIFAConfig overrides | "dense" | "wanda" | "sparsegpt" | ...)
 ROWS: dict[str, tuple[str, int, dict | str]] = {
     "dense": ("wiki", 1, "dense"),
     "wanda24": ("wiki", 1, "wanda"),
     "wanda24_mix_code": ("mix_code", 1, "wanda"),
     "wanda24_wiki_code": ("wiki_code", 1, "wanda"),
+    "sparsegpt24": ("wiki", 1, "sparsegpt"),
+    "sparsegpt24_wiki_code": ("wiki_code", 1, "sparsegpt"),
     "paper": ("wiki", 1, PAPER),
     "alpha1": ("wiki", 1, {**PAPER, "alpha": 1.0}),
     "shrink": ("wiki", 1, {**PAPER, "shrinkage": 0.1}),
@@ -176,10 +179,11 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
     model = copy.deepcopy(base)
     cell = {"row": row, "density": density, "calibration": calib_key, "nsamples": args.nsamples * mult}
     t0 = time.perf_counter()
-    if what == "wanda":
+    if what in ("wanda", "sparsegpt"):
         if not math.isclose(density, 0.5):
             return {}
-        wanda_2_4_prune(model, data.calibration(calib_key, args.nsamples * mult), batch_size=args.batch_size)
+        prune = wanda_2_4_prune if what == "wanda" else sparsegpt_2_4_prune
+        prune(model, data.calibration(calib_key, args.nsamples * mult), batch_size=args.batch_size)
     elif what == "asvd":
         calibration = data.calibration(calib_key, args.nsamples * mult)
         counts = asvd_compress(model, calibration, density, batch_size=args.batch_size)

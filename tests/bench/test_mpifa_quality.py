@@ -92,12 +92,54 @@ def test_asvd_factors_errors_name_the_problem(baselines):
         baselines.asvd_factors(torch.rand(4, 6), torch.rand(6), 5)
 
 
+def _correlated_inputs(tokens: int, width: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    mix = torch.randn(width, width, generator=gen) / width**0.5 + torch.eye(width)
+    return torch.randn(tokens, width, generator=gen) @ mix * (torch.rand(width, generator=gen) * 3 + 0.1)
+
+
+def test_sparsegpt_with_uncorrelated_equal_inputs_is_magnitude_pruning(baselines):
+    W = torch.randn(8, 16, generator=torch.Generator().manual_seed(1))
+    pruned = baselines.sparsegpt_prune_weight(W, 5.0 * torch.eye(16))
+    # H ~ I: nothing to compensate through, so the survivors are the 2 largest |w| of each 4, unchanged
+    expected = W * baselines.semi_structured_mask(W.abs())
+    assert torch.allclose(pruned.float(), expected, atol=1e-6)
+
+
+def test_sparsegpt_lazy_batches_give_the_column_by_column_result(baselines):
+    X = _correlated_inputs(256, 32)
+    W = torch.randn(12, 32, generator=torch.Generator().manual_seed(2))
+    one_group = baselines.sparsegpt_prune_weight(W, X.T @ X, blocksize=4)
+    whole = baselines.sparsegpt_prune_weight(W, X.T @ X, blocksize=128)
+    assert torch.allclose(one_group, whole, atol=1e-9)
+
+
+def test_sparsegpt_beats_wanda_on_the_output_error_it_minimises(baselines):
+    X = _correlated_inputs(512, 64)
+    W = torch.randn(32, 64, generator=torch.Generator().manual_seed(3))
+    G = X.T @ X
+    sparse = baselines.sparsegpt_prune_weight(W, G).float()
+    assert ((sparse != 0).reshape(32, 16, 4).sum(-1) == 2).all()
+    wanda = W * baselines.semi_structured_mask(W.abs() * torch.diag(G).sqrt()[None, :])
+    err_sparsegpt = ((sparse - W) @ X.T).norm()
+    err_wanda = ((wanda - W) @ X.T).norm()
+    assert err_sparsegpt < 0.9 * err_wanda, (err_sparsegpt, err_wanda)
+
+
+def test_sparsegpt_errors_name_the_problem(baselines):
+    with pytest.raises(ValueError, match=r"H must be \(8, 8\)"):
+        baselines.sparsegpt_prune_weight(torch.rand(4, 8), torch.eye(6))
+    with pytest.raises(ValueError, match="multiples of m=4"):
+        baselines.sparsegpt_prune_weight(torch.rand(4, 6), torch.eye(6))
+
+
 # ---- baselines: glue on tiny models -------------------------------------------------------------
+@pytest.mark.parametrize("pruner", ["wanda_2_4_prune", "sparsegpt_2_4_prune"])
 @pytest.mark.parametrize("make", [tiny_llama, tiny_gpt2])
-def test_wanda_2_4_prunes_exactly_half_in_2_of_4_groups(baselines, make):
+def test_2_4_pruners_prune_exactly_half_in_2_of_4_groups(baselines, make, pruner):
     model = make()
     layout_paths = load_bench("mpifa_quality").targeted_paths(model)
-    stats = baselines.wanda_2_4_prune(model, random_ids(4, 16), batch_size=2)
+    stats = getattr(baselines, pruner)(model, random_ids(4, 16), batch_size=2)
     assert stats["targeted_after"] * 2 == stats["targeted_before"]
     for path in layout_paths:
         from leanformers.pifa.calibration import linear_weight
