@@ -13,8 +13,13 @@ Then end-to-end: a LLaMA-7B-shaped model (random weights) dense vs the MPIFA lay
 prefill tokens/s, decode tokens/s (static cache + torch.compile "reduce-overhead" = CUDA graphs),
 peak memory.
 
+Memory (any machine, layers built on the meta device): ``--memory`` counts the bytes of the saved
+state (state_dict: values, pivot index, bias) of dense, low-rank U V and PIFA (both forms) at r/d = 0.5
+per shape, in the first dtype, and nothing else runs.
+
 GPU:   python bench/pifa_speed.py                (fp16 + bf16, 8192 tokens, decode 1..16 with CUDA graphs)
 CPU:   python bench/pifa_speed.py --quick        (fp32, small shapes, eager; smoke test, seconds)
+Any:   python bench/pifa_speed.py --memory --dtypes float16 --output bench/results/pifa_layer_bytes.json
 Prints a table last and writes JSON to bench/results/.
 """
 
@@ -28,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from harness import environment as harness_environment
 from harness import llama_config as make_llama_config
-from harness import output_path, parser, sync, write_json
+from harness import output_path, parser, print_table, sync, write_json
 from torch import nn
 
 from leanformers.pifa.layer import LowRankLinear, PIFALinear, auto_form, emit_in_order_
@@ -167,6 +172,43 @@ def bench_layers(shapes, dtypes, prefill_tokens, decode_tokens, device, reps) ->
             if device.type == "cuda":
                 torch.cuda.empty_cache()
     return results
+
+
+def state_bytes(module: nn.Module) -> int:
+    """Bytes of everything ``save_pretrained`` stores for ``module`` (its state_dict tensors)."""
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def layer_bytes(shapes, dtype) -> list[dict]:
+    """Saved bytes of dense / low-rank / PIFA layers at r = min(m, n) / 2 (meta device: counts only)."""
+    rows = []
+    for m, n in shapes:
+        r = min(m, n) // 2
+        kw = {"bias": False, "dtype": dtype, "device": "meta"}
+        lowrank = state_bytes(LowRankLinear(n, m, r, **kw))
+        pifa = {form: state_bytes(PIFALinear(n, m, r, form=form, **kw)) for form in ("row", "column")}
+        rows.append(
+            {
+                "shape": f"{m}x{n}",
+                "dtype": str(dtype).removeprefix("torch."),
+                "rank": r,
+                "dense_bytes": state_bytes(nn.Linear(n, m, **kw)),
+                "lowrank_bytes": lowrank,
+                "pifa_row_bytes": pifa["row"],
+                "pifa_column_bytes": pifa["column"],
+                "pifa_saving_vs_lowrank": 1 - min(pifa.values()) / lowrank,
+            }
+        )
+    total_lr = sum(r["lowrank_bytes"] for r in rows)
+    total_pifa = sum(min(r["pifa_row_bytes"], r["pifa_column_bytes"]) for r in rows)
+    rows.append(
+        {
+            "shape": "all shapes",
+            "lowrank_bytes": total_lr,
+            "pifa_saving_vs_lowrank": 1 - total_pifa / total_lr,
+        }
+    )
+    return rows
 
 
 def summarise_layers(results: list[dict]) -> list[dict]:
@@ -370,6 +412,7 @@ def main(argv: list[str] | None = None) -> dict:
         "--dtypes", default=None, help="comma list, default float16,bfloat16 (float32 with --quick)"
     )
     ap.add_argument("--no-e2e", action="store_true", help="skip the end-to-end model benchmark")
+    ap.add_argument("--memory", action="store_true", help="only count saved bytes per layer at r/d = 0.5")
     ap.add_argument("--no-layers", action="store_true", help="skip the per-layer benchmark")
     ap.add_argument(
         "--no-decode",
@@ -393,6 +436,24 @@ def main(argv: list[str] | None = None) -> dict:
             shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
         except ValueError:
             raise SystemExit(f"--shapes must look like 4096x4096,11008x4096, got {args.shapes!r}") from None
+    if args.memory:
+        rows = layer_bytes(shapes, dtypes[0])
+        result = {"environment": environment(device, dtypes[:1]), "memory": rows}
+        out = write_json(output_path(args, "pifa_layer_bytes"), result)
+        print_table(
+            [{**r, "pifa_saving_vs_lowrank": f"{100 * r['pifa_saving_vs_lowrank']:.2f} %"} for r in rows],
+            [
+                "shape",
+                "rank",
+                "dense_bytes",
+                "lowrank_bytes",
+                "pifa_row_bytes",
+                "pifa_column_bytes",
+                "pifa_saving_vs_lowrank",
+            ],
+        )
+        print(f"JSON: {out}", file=sys.stderr)
+        return result
     prefill = 256 if args.quick else 8192
     decode = [1, 16] if args.quick else DECODE_TOKENS
     threads = torch.get_num_threads()
