@@ -253,6 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     ap.add_argument("--zero-shot", nargs="*", default=None, metavar="TASK",
                     help=f"score every row with lm-eval (no task = {' '.join(ZERO_SHOT_TASKS)})")  # fmt: skip
+    ap.add_argument("--lr", type=float, default=None, help=f"peak learning rate (default {SETTING['lr']:g})")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--table", action="store_true", help="only print the tables of the JSON")
     args = ap.parse_args(argv)
@@ -264,7 +265,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(text)
         return {"text": text}
     torch.set_num_threads(args.threads)
-    setting = QUICK if args.quick else SETTING
+    setting = dict(QUICK if args.quick else SETTING)
+    if args.lr is not None:  # a sensitivity run: its own JSON (store refuses to mix settings)
+        setting["lr"] = args.lr
     tasks = None if args.zero_shot is None else (args.zero_shot or list(ZERO_SHOT_TASKS))
     from leanformers.train import build_tokenizer
 
