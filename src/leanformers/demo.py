@@ -140,9 +140,10 @@ def main(argv: list[str] | None = None) -> int:
     import transformers
 
     from leanformers._version import __version__
+    from leanformers.compressors.mpifa import MPIFAConfig, mpifa_compress
     from leanformers.eval import perplexity
     from leanformers.hub import smollm2_135m
-    from leanformers.pifa import MPIFAConfig, mpifa_compress, save_compressed
+    from leanformers.storage.saving import save_compressed
 
     torch.manual_seed(0)
     print(

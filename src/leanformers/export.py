@@ -5,7 +5,7 @@ This module is where sst/ and pifa/ meet (they never import each other).
 - :func:`sst_to_dense`: ``merge_and_unload()`` of an SST PeftModel (plain nn.Linear / Conv1D).
 - :func:`sst_to_lowrank`: every SST layer becomes a spectrum-truncated ``PIFALinear`` (or
   ``LowRankLinear``) of its effective weight U_eff diag(S) Vh_eff; everything else keeps its trained
-  values. The result is a plain transformers model that :func:`leanformers.pifa.save_compressed`
+  values. The result is a plain transformers model that :func:`leanformers.save_compressed`
   writes as a Hugging Face folder reloadable with ``AutoModelForCausalLM.from_pretrained`` (after
   ``import leanformers``), exactly like an ``mpifa-compress`` output.
 - :func:`sst_spectra`: the singular values of every SST layer (for plots).
@@ -73,7 +73,7 @@ def choose_rank(
             raise ValueError(f"rank must be >= 1, got {rank}")
         return min(int(rank), k)
     if density is not None:
-        from leanformers.pifa.rank import lowrank_rank, pifa_rank
+        from leanformers.storage.rank import lowrank_rank, pifa_rank
 
         choose = pifa_rank if layout == "pifa" else lowrank_rank
         return min(choose(out_features, in_features, density), k)
@@ -107,8 +107,8 @@ def sst_to_lowrank(
         form: PIFA form (``"auto"``, ``"row"``, ``"column"``).
         dtype: dtype of the new layers (default: the base layer's dtype).
     """
-    from leanformers.pifa.layer import LowRankLinear, PIFALinear
     from leanformers.sst.spectral import thin_svd
+    from leanformers.storage.layers import LowRankLinear, PIFALinear
 
     if layout not in ("pifa", "lowrank"):
         raise ValueError(f"layout must be 'pifa' or 'lowrank', got {layout!r}")
@@ -153,7 +153,7 @@ def save_sst_as_pifa(
 ) -> Path:
     """:func:`sst_to_lowrank` then write the model with the ``mpifa`` quantization_config, so that
     ``AutoModelForCausalLM.from_pretrained(output_dir)`` (after ``import leanformers``) reloads it."""
-    from leanformers.pifa.quantizer import save_compressed
+    from leanformers.storage.saving import save_compressed
 
     compressed = sst_to_lowrank(model, rank=rank, density=density, energy=energy, layout=layout)
     return save_compressed(compressed, tokenizer, output_dir, overwrite=overwrite)

@@ -1,17 +1,36 @@
-"""MPIFA: Pivoting Factorization (PIFA) layers and the M reconstruction for post-training compression.
+"""Deprecated package: MPIFA and its storage format moved in leanformers 0.x (see ARCHITECTURE.md).
 
-``mpifa_compress(model, tokenizer, MPIFAConfig(density=0.5), calibration=...)`` compresses in place;
-``save_compressed`` writes safetensors + ``quantization_config`` that ``from_pretrained`` reloads
-after ``import leanformers`` (the ``mpifa`` quantizer is registered when this package is imported).
-Module map: docs/mpifa.md (compression stages) and docs/pifa_format.md (format and reload).
+``leanformers.pifa.<module>`` keeps working as a shim that re-exports the old names from their new homes
+and warns once (FutureWarning): the compression core is ``leanformers.compression``, the methods are in
+``leanformers.compressors`` (MPIFA: ``compressors.mpifa``), the layers / quantizer / saving are in
+``leanformers.storage``. Import public names from ``leanformers`` itself.
 """
 
-from leanformers.pifa import quantizer  # noqa: F401  (registers the `mpifa` transformers quantizer)
-from leanformers.pifa.compress import CompressionReport, MPIFAConfig, mpifa_compress
-from leanformers.pifa.integration import dequantize_model
-from leanformers.pifa.layer import CompressedLinear, LowRankLinear, PIFALinear, set_coefficient_dtype_
-from leanformers.pifa.quantization_config import MPIFAQuantizationConfig
-from leanformers.pifa.saving import save_compressed
+import warnings
+
+
+def warn_moved(old: str, new: str) -> None:
+    """Warn once (at import of the shim ``old``) that its names now live in ``new``."""
+    warnings.warn(
+        f"{old} is deprecated and will be removed: import from {new} (or from `leanformers`) instead",
+        FutureWarning,
+        stacklevel=3,
+    )
+
+
+from leanformers.compression.report import CompressionReport  # noqa: E402
+from leanformers.compressors.mpifa import MPIFAConfig, mpifa_compress  # noqa: E402
+from leanformers.storage import (  # noqa: E402
+    CompressedLinear,
+    LowRankLinear,
+    MPIFAQuantizationConfig,
+    PIFALinear,
+    dequantize_model,
+    save_compressed,
+    set_coefficient_dtype_,
+)
+
+warn_moved("leanformers.pifa", "leanformers.compression / leanformers.compressors / leanformers.storage")
 
 __all__ = [
     "CompressedLinear",

@@ -1,20 +1,8 @@
-"""peft bridge: let LoRA adapters wrap the compressed layers."""
+"""Deprecated: ``leanformers.pifa.peft_bridge`` moved (see ARCHITECTURE.md); this shim re-exports its names."""
 
-from __future__ import annotations
+from leanformers.pifa import warn_moved
+from leanformers.storage.peft_bridge import enable_peft_lora  # noqa: E402
 
-from leanformers.pifa.layer import LowRankLinear, PIFALinear
+warn_moved("leanformers.pifa.peft_bridge", "leanformers.storage.peft_bridge")
 
 __all__ = ["enable_peft_lora"]
-
-
-def enable_peft_lora(lora_config):
-    """Let a peft ``LoraConfig`` target PIFALinear / LowRankLinear modules (returns the config).
-
-    peft wraps only the module types it knows; this maps ours to peft's LoRA Linear layer, which adds
-    the adapter output to the compressed layer's output. Merging the adapter into the factors is not
-    supported (the sum is no longer low-rank): keep adapters unmerged, or dequantize first.
-    """
-    from peft.tuners.lora.layer import Linear as LoraLinear
-
-    lora_config._register_custom_module({PIFALinear: LoraLinear, LowRankLinear: LoraLinear})
-    return lora_config

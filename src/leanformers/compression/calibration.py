@@ -1,0 +1,57 @@
+"""The calibration token windows of a compression run, from whatever the user passes: token ids, a
+text, a file, a folder, a ``datasets`` name, or a weighted mix of sources."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+from leanformers.compression.config import CompressionConfig
+from leanformers.data.text import (
+    calibration_windows,
+    load_text,
+    mixed_calibration_windows,
+    source_list,
+    tokenize_text,
+)
+
+__all__ = ["calibration_windows_for"]
+
+
+def calibration_windows_for(
+    calibration, tokenizer, config: CompressionConfig, needed: bool = True
+) -> tuple[torch.Tensor, str]:
+    """(nsamples, seqlen) ids from a tensor, a list of tensors, or text / a file / a dataset name, and
+    a label; an empty (0, 0) tensor when no statistics are ``needed`` (plain SVD)."""
+    if not needed:
+        return torch.empty(0, 0, dtype=torch.long), "none (no statistics needed)"
+    if calibration is None:
+        raise ValueError(
+            "this compressor needs calibration data: pass token windows, a text, a file or a dataset name"
+        )
+    if isinstance(calibration, torch.Tensor):
+        windows = calibration if calibration.dim() == 2 else calibration[None]
+        return windows.long(), f"{windows.shape[0]} x {windows.shape[1]} given token windows"
+    if isinstance(calibration, (list, tuple)) and calibration and isinstance(calibration[0], torch.Tensor):
+        windows = torch.stack([c.reshape(-1) for c in calibration])
+        return windows.long(), f"{windows.shape[0]} x {windows.shape[1]} given token windows"
+    if tokenizer is None:
+        raise ValueError("a tokenizer is needed to calibrate on text")
+    mix = source_list(calibration)
+    if mix is not None:
+        parts = [(tokenize_text(load_text(src), tokenizer), w) for src, w in mix]
+        windows = mixed_calibration_windows(parts, config.nsamples, config.seqlen, config.seed)
+        shares = ", ".join(f"{os.path.basename(src.rstrip('/')) or src} x{w:g}" for src, w in mix)
+        return windows, f"mix of {shares}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"
+    source = str(calibration)
+    is_file = "\n" not in source and len(source) < 4096 and os.path.exists(source)
+    text = (
+        load_text(source)
+        if is_file or ("\n" not in source and len(source) < 256 and " " not in source)
+        else source
+    )
+    ids = tokenize_text(text, tokenizer)
+    windows = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
+    label = os.path.basename(source) if (is_file or len(source) < 256) else "given text"
+    return windows, f"{label}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"
