@@ -15,7 +15,7 @@
   with the inverse-Hessian error compensation of Optimal Brain Surgeon, H = X^T X + damping; the 2 of
   every 4 inputs to drop are chosen per row by w^2 / [H^-1]_jj^2 when the group is reached.
 
-All act on the same linears as MPIFA (the block layout of ``leanformers.pifa.calibration``) so that
+All act on the same linears as MPIFA (the block layout of ``leanformers.compression.layout``) so that
 densities compare like with like. The maths (``asvd_factors``, ``semi_structured_mask``) is pure.
 """
 
@@ -24,9 +24,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanformers.pifa.calibration import capture_block_inputs, find_layout, linear_weight, run_block
-from leanformers.pifa.layer import LowRankLinear
-from leanformers.pifa.rank import lowrank_rank
+from leanformers.compression.layout import capture_block_inputs, find_layout, linear_weight, run_block
+from leanformers.storage.layers import LowRankLinear
+from leanformers.storage.rank import lowrank_rank
 
 __all__ = [
     "asvd_compress",

@@ -22,7 +22,7 @@ import torch
 from harness import RESULTS, PeakRSS, environment, llama_config, print_table, timed, write_json
 from harness import parser as harness_parser
 
-from leanformers.pifa import MPIFAConfig, mpifa_compress
+from leanformers import MPIFAConfig, mpifa_compress
 
 
 def _random_llama(hidden, intermediate, layers, heads, kv_heads, vocab, dtype):
@@ -52,7 +52,7 @@ def _write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
     from safetensors.torch import save_file
     from transformers import LlamaForCausalLM
 
-    from leanformers.pifa.checkpoint_io import release
+    from leanformers.compression.checkpoint_io import release
 
     with init_empty_weights():
         model = LlamaForCausalLM(cfg)
@@ -90,8 +90,8 @@ def _write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
 
 def stream_main(args) -> dict:
     """Peak host RSS of ``mpifa_compress_pretrained`` on a random LLaMA saved in shards, vs its size."""
-    from leanformers.pifa.checkpoint_io import _status_kib
-    from leanformers.pifa.streaming import mpifa_compress_pretrained
+    from leanformers.compression.checkpoint_io import _status_kib
+    from leanformers.compression.pretrained import mpifa_compress_pretrained
 
     if args.quick:
         name, shape = "LLaMA 4 x 256 (random)", dict(hidden=256, intermediate=688, layers=4, heads=4)

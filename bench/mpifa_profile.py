@@ -94,10 +94,10 @@ def main(argv: list[str] | None = None) -> dict:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import leanformers
+    from leanformers import MPIFAConfig, mpifa_compress
     from leanformers.data import shared_data_path
     from leanformers.data.text import calibration_windows, load_text, tokenize_text
     from leanformers.hub import smollm2_135m
-    from leanformers.pifa import MPIFAConfig, mpifa_compress
 
     folder = smollm2_135m()
     tokenizer = AutoTokenizer.from_pretrained(folder)

@@ -42,8 +42,8 @@ from _baselines import asvd_compress, wanda_2_4_prune
 from harness import environment, output_path, parser, print_table, tiny_bert, tiny_llama, write_json
 from torch import nn
 
+from leanformers import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
 from leanformers.eval import perplexity
-from leanformers.pifa import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
 
 # name -> (label, MPIFAConfig overrides or None for a bench baseline)
 ROWS: dict[str, tuple[str, dict | None]] = {
@@ -105,7 +105,7 @@ def _sentences(text: str, count: int, min_words: int = 6, max_words: int = 48) -
 # ---------------------------------------------------------------------------------------------
 def targeted_paths(model: nn.Module) -> list[str]:
     """Full module paths of the linears MPIFA targets (resolved on the dense model)."""
-    from leanformers.pifa.calibration import find_layout
+    from leanformers.compression.layout import find_layout
 
     layout, blocks = find_layout(model)
     wanted = {id(block.get_submodule(name)) for block in blocks for name in layout.modules}

@@ -44,9 +44,9 @@ from _baselines import asvd_compress, sparsegpt_2_4_prune, wanda_2_4_prune
 from harness import environment, output_path, parser, print_table, tiny_llama, write_json
 from torch import nn
 
+from leanformers import MPIFAConfig, mpifa_compress
 from leanformers.data import load_text, mixed_calibration_windows, shared_data_path, tokenize_text
 from leanformers.eval import perplexity
-from leanformers.pifa import MPIFAConfig, mpifa_compress
 
 JSON_NAME = "mpifa_robustness"
 PAPER = {"alpha": 0.25, "steps": 2, "allocation": "uniform", "shrinkage": 0.0}

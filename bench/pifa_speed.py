@@ -36,8 +36,9 @@ from harness import llama_config as make_llama_config
 from harness import output_path, parser, print_table, sync, write_json
 from torch import nn
 
-from leanformers.pifa.layer import LowRankLinear, PIFALinear, auto_form, emit_in_order_
-from leanformers.pifa.rank import lowrank_rank, pifa_rank
+from leanformers.storage.layers import LowRankLinear, PIFALinear
+from leanformers.storage.pifa_linear import auto_form, emit_in_order_
+from leanformers.storage.rank import lowrank_rank, pifa_rank
 
 FULL_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (8192, 8192), (28672, 8192)]
 QUICK_SHAPES = [(256, 256), (512, 256), (256, 512)]

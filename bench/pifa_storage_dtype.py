@@ -55,10 +55,10 @@ from harness import (
 )
 from torch import nn
 
+from leanformers import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
 from leanformers.data import calibration_windows, evaluation_windows
-from leanformers.pifa import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
-from leanformers.pifa.factorize import pifa_to_dense
-from leanformers.pifa.rank import pifa_rank
+from leanformers.storage.factorize import pifa_to_dense
+from leanformers.storage.rank import pifa_rank
 
 JSON_NAME = "pifa_storage_dtype"
 
@@ -154,7 +154,7 @@ COMPUTE_VARIANTS: dict[str, tuple[str, str | None]] = {
 
 
 def build_compute_variants(dense: nn.Module, pifa: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    from leanformers.pifa import set_coefficient_dtype_
+    from leanformers import set_coefficient_dtype_
 
     out = {}
     for name, (ref, setting) in COMPUTE_VARIANTS.items():
@@ -286,9 +286,9 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from leanformers import save_compressed
     from leanformers.data import load_text, shared_data_path, tokenize_text
     from leanformers.hub import smollm2_135m
-    from leanformers.pifa import save_compressed
 
     folder = smollm2_135m()
     tok = AutoTokenizer.from_pretrained(folder)

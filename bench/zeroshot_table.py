@@ -85,7 +85,7 @@ def _load(quick: bool):
 
 def build_row(row: str, args, payload: dict):
     """The model of one row: loaded, and compressed with the package when the row has a density."""
-    from leanformers.pifa import MPIFAConfig, mpifa_compress
+    from leanformers import MPIFAConfig, mpifa_compress
 
     label, density, overrides = ROWS[row]
     cells = payload["rows"].setdefault(row, {"label": label, "tasks": {}})
@@ -101,8 +101,8 @@ def build_row(row: str, args, payload: dict):
             **overrides,
         )
         # Compressed rows are saved (save_compressed) so that a resumed run reloads them.
+        from leanformers import save_compressed
         from leanformers.hub import cache_dir
-        from leanformers.pifa import save_compressed
 
         saved = (
             cache_dir()

@@ -26,9 +26,9 @@ def test_head_ids_equal_the_start_of_the_whole_file_tokenisation(name, shared_da
 
 
 def test_demo_calibrates_on_the_cli_default_composition_with_local_wikitext(shared_data):
+    from leanformers.compression.options import DEFAULT_CALIBRATION
     from leanformers.data import check_sources, parse_sources
     from leanformers.demo import default_calibration
-    from leanformers.pifa.cli import DEFAULT_CALIBRATION
 
     spec = default_calibration()
     check_sources(spec)  # every part readable offline

@@ -167,37 +167,46 @@ def model_card(
     settings: dict,
     evaluation: dict | None = None,
     loader: str = "AutoModelForCausalLM",
+    sparsity: dict | None = None,
 ) -> str:
-    """A model card (README.md with YAML front matter) for a model written by leanformers."""
+    """A model card (README.md with YAML front matter) for a model written by leanformers.
+
+    ``sparsity``: the N:M record of a pruned model (it then loads with plain transformers); otherwise the
+    card says that ``import leanformers`` registers the quantizer of the compressed layers.
+    """
     base = base_model if "/" in base_model and not os.path.exists(base_model) else None
-    lines = [
-        "---",
-        "library_name: transformers",
-        "tags:",
-        "- leanformers",
-        f"- {method.lower()}",
-        "- compressed",
-    ]
+    lines = ["---", "library_name: transformers", "tags:", "- leanformers", f"- {method.lower()}", "- compressed"]
     if base:
         lines += [f"base_model: {base}"]
     lines += ["---", "", f"# {Path(str(base_model)).name} — {method} (leanformers {__version__})", ""]
-    lines += [
-        f"This model was compressed from `{base_model}` with {method} by "
-        "[leanformers](https://pypi.org/project/leanformers/). Its linear layers are stored as PIFA / "
-        "low-rank factors in safetensors; `import leanformers` before loading registers the `mpifa` "
-        "quantizer that rebuilds them:",
-        "",
-        "```python",
-        "import leanformers  # registers the mpifa quantizer",
-        f"from transformers import {loader}",
-        f'model = {loader}.from_pretrained("<this repo or folder>")',
-        "```",
-        "",
-        "## Compression",
-        "",
-        "| | |",
-        "|---|---|",
-    ]
+    if sparsity is not None:
+        lines += [
+            f"This model was pruned from `{base_model}` with {method} by "
+            f"[leanformers](https://pypi.org/project/leanformers/) to {sparsity['pattern']} semi-structured "
+            f"sparsity: in {len(sparsity.get('modules', []))} linear layers at most {sparsity['pattern'].split(':')[0]} "
+            f"of every {sparsity['pattern'].split(':')[1]} consecutive input weights are non-zero. The weights are "
+            "stored densely with exact zeros, so the folder loads with plain transformers (no leanformers "
+            "needed); config.json records the pattern under `sparsity`:",
+            "",
+            "```python",
+            f"from transformers import {loader}",
+            f'model = {loader}.from_pretrained("<this repo or folder>")',
+            "```",
+        ]
+    else:
+        lines += [
+            f"This model was compressed from `{base_model}` with {method} by "
+            "[leanformers](https://pypi.org/project/leanformers/). Its linear layers are stored as PIFA / "
+            "low-rank factors in safetensors; `import leanformers` before loading registers the `mpifa` "
+            "quantizer that rebuilds them:",
+            "",
+            "```python",
+            "import leanformers  # registers the mpifa quantizer",
+            f"from transformers import {loader}",
+            f'model = {loader}.from_pretrained("<this repo or folder>")',
+            "```",
+        ]
+    lines += ["", "## Compression", "", "| | |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in summary.items()]
     lines += ["", "Settings: " + ", ".join(f"`{k}={v}`" for k, v in settings.items()), ""]
     if evaluation:

@@ -142,7 +142,7 @@ def test_2_4_pruners_prune_exactly_half_in_2_of_4_groups(baselines, make, pruner
     stats = getattr(baselines, pruner)(model, random_ids(4, 16), batch_size=2)
     assert stats["targeted_after"] * 2 == stats["targeted_before"]
     for path in layout_paths:
-        from leanformers.pifa.calibration import linear_weight
+        from leanformers.compression.layout import linear_weight
 
         W = linear_weight(model.get_submodule(path))
         nonzero = (W != 0).reshape(W.shape[0], -1, 4).sum(-1)
@@ -163,7 +163,7 @@ def test_wanda_scores_use_input_norms_of_the_pruned_model(baselines):
 
 
 def test_asvd_compress_meets_the_lowrank_budget(baselines):
-    from leanformers.pifa import LowRankLinear
+    from leanformers import LowRankLinear
 
     model = tiny_llama()
     stats = baselines.asvd_compress(model, random_ids(4, 16), 0.5, batch_size=2)

@@ -283,7 +283,7 @@ def dense_twin(model):
     import copy
 
     from leanformers import dequantize_model
-    from leanformers.pifa.quantizer import compressed_modules
+    from leanformers.storage.integration import compressed_modules
 
     twin = copy.deepcopy(model)
     if hasattr(twin, "merge_and_unload"):
@@ -355,8 +355,9 @@ def check_bf16_storage(row: Row, tmp_path: Path) -> None:
     import transformers
 
     from leanformers import save_compressed
-    from leanformers.pifa.integration import compressed_modules
-    from leanformers.pifa.layer import PIFALinear, coefficient_storage_dtype
+    from leanformers.storage.integration import compressed_modules
+    from leanformers.storage.coefficients import coefficient_storage_dtype
+    from leanformers.storage.layers import PIFALinear
 
     def coeff_dtypes(m) -> dict[str, torch.dtype]:
         return {n: x.coeff.dtype for n, x in compressed_modules(m).items() if isinstance(x, PIFALinear)}

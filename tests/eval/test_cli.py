@@ -56,7 +56,7 @@ def _close(cli: dict, memory: dict) -> None:
 def test_mpifa_folder_through_the_cli_equals_the_model_in_memory(mpifa_folder, tmp_path, capsys):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from leanformers.pifa import PIFALinear
+    from leanformers import PIFALinear
 
     tasks = "arc_easy,piqa,winogrande,lambada_openai"
     cli = _cli(tmp_path, f"pretrained={mpifa_folder},dtype=float32", tasks)

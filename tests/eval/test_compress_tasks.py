@@ -8,8 +8,8 @@ import pytest
 
 pytest.importorskip("lm_eval")
 
+from leanformers.compression.cli import main  # noqa: E402
 from leanformers.eval.zeroshot import accuracy_table, zero_shot  # noqa: E402
-from leanformers.pifa.cli import main  # noqa: E402
 
 TASKS = "arc_easy,piqa"
 LIMIT = 6

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from leanformers.pifa.reconstruct import (
+from leanformers.compressors.reconstruct import (
     GramStats,
     alternating_steps,
     cholesky_with_damping,
@@ -134,7 +134,7 @@ def test_top_singular_triplets_fall_back_to_the_svd_when_ill_conditioned():
 
 
 def test_shrinkage_keeps_the_diagonals_and_scales_the_correlations():
-    from leanformers.pifa.reconstruct import GramStats, shrink_stats
+    from leanformers.compressors.reconstruct import GramStats, shrink_stats
 
     g = torch.Generator().manual_seed(0)
     X = torch.randn(6, 50, generator=g, dtype=torch.float64)

@@ -12,11 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from leanformers.pifa.calibration import ARCHITECTURES, find_layout, infer_layout
-from leanformers.pifa.cli import main, parse_groups
-from leanformers.pifa.compress import MPIFAConfig, mpifa_compress
+from leanformers.compression.cli import main
+from leanformers.compression.options import parse_groups
+from leanformers.compression.layout import ARCHITECTURES, find_layout, infer_layout
+from leanformers.compressors.mpifa import MPIFAConfig, mpifa_compress
+from tests.compression.tiny_decoders import DECODERS
 from tests.helpers import mpifa_cli_args
-from tests.pifa.tiny_decoders import DECODERS
 from tests.tiny_models import random_ids, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
 
 TABLE_FAMILIES = {

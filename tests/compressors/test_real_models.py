@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from leanformers.pifa import MPIFAConfig, mpifa_compress, save_compressed
+from leanformers import MPIFAConfig, mpifa_compress, save_compressed
 from tests.helpers import run_python
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -8,12 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-import leanformers.pifa.offload as offload_module
-from leanformers.pifa.compress import MPIFAConfig, mpifa_compress
-from leanformers.pifa.layer import PIFALinear
-from leanformers.pifa.replay import ReplayMemo
-from leanformers.pifa.streams import BlockStreams
-from tests.pifa.tiny_decoders import tiny_gemma3
+import leanformers.compression.offload as offload_module
+from leanformers.compression.memo import ReplayMemo
+from leanformers.compression.streams import BlockStreams
+from leanformers.compressors.mpifa import MPIFAConfig, mpifa_compress
+from leanformers.storage.layers import PIFALinear
+from tests.compression.tiny_decoders import tiny_gemma3
 from tests.tiny_models import random_ids, tiny_gpt2, tiny_llama
 
 

@@ -10,15 +10,11 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from leanformers._compat import is_conv1d
-from leanformers.pifa.layer import LowRankLinear, PIFALinear
-from leanformers.pifa.quantizer import (
-    MPIFAHfQuantizer,
-    MPIFAQuantizationConfig,
-    compressed_modules,
-    dequantize_model,
-    replace_with_pifa_layers,
-    save_compressed,
-)
+from leanformers.storage.layers import LowRankLinear, PIFALinear
+from leanformers.storage.integration import compressed_modules, dequantize_model, replace_with_pifa_layers
+from leanformers.storage.quantization_config import MPIFAQuantizationConfig
+from leanformers.storage.quantizer import MPIFAHfQuantizer
+from leanformers.storage.saving import save_compressed
 from tests.helpers import run_python
 from tests.tiny_models import random_ids, tiny_bert, tiny_gpt2, tiny_llama, tiny_opt, tiny_qwen2
 
@@ -335,7 +331,7 @@ def test_save_rejects_full_rank_modules_and_mismatched_configs(tmp_path):
     wrong = MPIFAQuantizationConfig(modules={"model.layers.0.mlp.up_proj": PIFALinear(64, 96, 3).spec()})
     with pytest.raises(ValueError, match="does not match the model's compressed modules"):
         save_compressed(model, None, tmp_path / "b", wrong)
-    with pytest.raises(ValueError, match="no PIFALinear / LowRankLinear module"):
+    with pytest.raises(ValueError, match="no compressed module \\(PIFALinear / LowRankLinear\\)"):
         save_compressed(tiny_llama(seed=4, layers=1), None, tmp_path / "c")
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 

@@ -8,7 +8,7 @@ import textwrap
 import pytest
 import torch
 
-from leanformers.pifa.cli import main
+from leanformers.compression.cli import main
 from tests.helpers import mpifa_cli_args, run_python
 
 pytestmark = pytest.mark.slow
@@ -230,15 +230,19 @@ LEGACY_FLAGS = [
 def test_flags_come_from_mpifa_config_with_its_defaults_and_docs():
     import dataclasses
 
-    from leanformers.pifa import MPIFAConfig
-    from leanformers.pifa.cli import build_config, build_parser, resolve_options
+    from leanformers import MPIFAConfig
+    from leanformers.compression.options import build_configs, build_parser, resolve_options
+
+    def build_config(opts):
+        (config,) = build_configs(opts)
+        return config
 
     parser = build_parser()
     flags = {s for a in parser._actions for s in a.option_strings}
     assert {f"--{name}" for name in LEGACY_FLAGS} <= flags
     helps = {a.dest: a.help for a in parser._actions}
     for f in dataclasses.fields(MPIFAConfig):
-        if f.name not in ("output", "targets", "attention"):
+        if f.name not in ("output", "targets", "attention", "offload_streams"):
             assert f"--{f.name.replace('_', '-')}" in flags, f.name
             assert helps[f.name] and len(helps[f.name]) > 15, f.name  # the field's docstring entry
     # no flag given: the config is MPIFAConfig's own defaults (defaults live in one place)
@@ -262,7 +266,7 @@ def test_flags_come_from_mpifa_config_with_its_defaults_and_docs():
 
 
 def test_unknown_config_key_names_the_valid_ones(tmp_path, capsys):
-    from leanformers.pifa.cli import resolve_options
+    from leanformers.compression.options import resolve_options
 
     cfg = tmp_path / "c.yaml"
     cfg.write_text("density: 0.3\ndensty: 0.4\n")
@@ -277,8 +281,8 @@ def test_default_calibration_mixes_wikitext_with_installed_python_source(
 ):
     """The default --calib is WikiText (datasets, online) x3 + python:transformers.generation x1; offline,
     the same composition with a local WikiText file compresses and says what it used."""
+    from leanformers.compression.options import DEFAULT_CALIBRATION, build_parser
     from leanformers.data import parse_sources
-    from leanformers.pifa.cli import DEFAULT_CALIBRATION, build_parser
 
     assert parse_sources(DEFAULT_CALIBRATION) == [
         ("wikitext:wikitext-2-raw-v1@train", 3.0),

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leanformers.pifa.rank import lowrank_num_params, lowrank_rank, pifa_num_params, pifa_rank
+from leanformers.storage.rank import lowrank_num_params, lowrank_rank, pifa_num_params, pifa_rank
 
 dims = st.integers(min_value=1, max_value=5000)
 densities = st.floats(min_value=1e-4, max_value=1.0, allow_nan=False)

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanformers.pifa.allocation import default_rank_multiple, module_ranks
-from leanformers.pifa.rank import lowrank_num_params, pifa_num_params
+from leanformers.compressors.allocation import default_rank_multiple, module_ranks
+from leanformers.storage.rank import lowrank_num_params, pifa_num_params
 
 # SmolLM2-135M's shapes (q 576x576, k/v 192x576, up 1536x576, down 576x1536) and awkward ones.
 SHAPES = {
@@ -57,7 +57,7 @@ def test_cpu_default_is_unchanged_and_an_explicit_multiple_wins():
 
 @pytest.mark.parametrize("shape", [(24, 40), (40, 24)])
 def test_whitened_spectrum_is_the_squared_singular_values_of_w_l(shape):
-    from leanformers.pifa.allocation import whitened_spectrum
+    from leanformers.compressors.allocation import whitened_spectrum
 
     g = torch.Generator().manual_seed(0)
     W = torch.randn(*shape, generator=g, dtype=torch.float64)
@@ -80,7 +80,7 @@ def _spectra(shapes, decay):
 @pytest.mark.parametrize("kind", ["pifa", "lowrank"])
 @pytest.mark.parametrize("multiple", [1, 8])
 def test_spectrum_ranks_keep_budget_and_bounds_and_follow_the_spectra(kind, multiple):
-    from leanformers.pifa.allocation import spectrum_bounds, spectrum_ranks
+    from leanformers.compressors.allocation import spectrum_bounds, spectrum_ranks
 
     shapes = {"flat": (576, 576), "steep": (576, 576), "k": (192, 576), "down": (576, 1536)}
     spectra = _spectra(shapes, {"flat": 0.999, "steep": 0.9, "k": 0.99, "down": 0.995})
@@ -105,7 +105,7 @@ def test_spectrum_ranks_keep_budget_and_bounds_and_follow_the_spectra(kind, mult
 
 
 def test_spectrum_allocation_end_to_end_keeps_the_budget_and_is_refused_with_owl():
-    from leanformers.pifa.compress import MPIFAConfig, mpifa_compress
+    from leanformers.compressors.mpifa import MPIFAConfig, mpifa_compress
     from tests.tiny_models import random_ids, tiny_llama
 
     calib = random_ids(8, 32, seed=1)
@@ -119,5 +119,5 @@ def test_spectrum_allocation_end_to_end_keeps_the_budget_and_is_refused_with_owl
     for bad in (dict(owl=True), dict(attn_density=0.6)):
         with pytest.raises(ValueError, match="allocation='spectrum' sets every linear's density"):
             MPIFAConfig(density=0.5, allocation="spectrum", **bad)
-    with pytest.raises(ValueError, match="allocation must be 'uniform' or 'spectrum'"):
+    with pytest.raises(ValueError, match="allocation must be one of \\['spectrum', 'uniform'\\]"):
         MPIFAConfig(allocation="owl")

@@ -3,14 +3,14 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from leanformers.pifa.factorize import (
+from leanformers.storage.factorize import (
     normalize_form,
     pifa_from_factors,
     pifa_from_weight,
     pifa_to_dense,
     pivot_indices,
 )
-from leanformers.pifa.rank import pifa_num_params
+from leanformers.storage.rank import pifa_num_params
 from tests.helpers import rel_error
 
 

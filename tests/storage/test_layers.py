@@ -2,8 +2,9 @@ import pytest
 import torch
 from torch import nn
 
-from leanformers.pifa.layer import LowRankLinear, PIFALinear, auto_form, emit_in_order_, module_from_spec
-from leanformers.pifa.rank import pifa_num_params
+from leanformers.storage.layers import LowRankLinear, PIFALinear, module_from_spec
+from leanformers.storage.pifa_linear import auto_form, emit_in_order_
+from leanformers.storage.rank import pifa_num_params
 from tests.helpers import rel_error
 from tests.tiny_models import random_ids, tiny_llama
 
@@ -178,7 +179,7 @@ def test_lora_adapter_on_pifa_layers_trains():
     """PEFT LoRA on top of PIFALinear (registered as a custom module) trains and leaves the factors frozen."""
     from peft import LoraConfig, get_peft_model
 
-    from leanformers.pifa.quantizer import enable_peft_lora
+    from leanformers.storage.peft_bridge import enable_peft_lora
 
     model = tiny_llama(seed=0, layers=1)
     attn = model.model.layers[0].self_attn

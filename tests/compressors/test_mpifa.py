@@ -6,9 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from leanformers.pifa.calibration import find_layout
-from leanformers.pifa.compress import MPIFAConfig, mpifa_compress
-from leanformers.pifa.layer import LowRankLinear, PIFALinear
+from leanformers.compression.layout import find_layout
+from leanformers.compressors.mpifa import MPIFAConfig, mpifa_compress
+from leanformers.storage.layers import LowRankLinear, PIFALinear
 from tests.tiny_models import ALL_CAUSAL, VOCAB, random_ids, tiny_bert, tiny_llama
 
 CALIB = random_ids(8, 32, seed=1)
@@ -215,7 +215,7 @@ def test_plain_svd_needs_no_calibration():
     best = (U[:, :r] * s[:r]) @ Vh[:r]
     got = model.model.layers[0].mlp.down_proj.to_dense().weight.detach().double()
     assert torch.allclose(got, best, atol=1e-5)
-    with pytest.raises(ValueError, match="MPIFA needs calibration data"):
+    with pytest.raises(ValueError, match="this compressor needs calibration data"):
         mpifa_compress(tiny_llama(), None, MPIFAConfig(), calibration=None, progress=False)
 
 
@@ -254,7 +254,7 @@ def test_gram_products_run_in_full_precision_and_user_settings_come_back(user):
         assert seen and all(flags == ("highest", "ieee", "ieee") for flags in seen), set(seen)
         assert _precision_flags() == user_flags and torch.backends.cuda.matmul.allow_tf32
         # restored on error too
-        from leanformers.pifa.compress import full_precision_matmul
+        from leanformers.compression.precision import full_precision_matmul
 
         with pytest.raises(KeyError), full_precision_matmul():
             assert _precision_flags() == ("highest", "ieee", "ieee")
@@ -269,50 +269,21 @@ def test_gram_products_run_in_full_precision_and_user_settings_come_back(user):
 
 def test_non_finite_inputs_of_a_group_are_caught_from_the_gram_diagonal():
     """The activation check moved from every token to the Gram diagonals: still exact for inf and NaN."""
-    from leanformers.pifa.calibration import BlockCall, group_input_stats
+    from leanformers.compressors.reconstruct import accumulate_grams
 
-    block = nn.Sequential(nn.Linear(6, 6))
-    call = BlockCall((), {})
+    cpu = torch.device("cpu")
     for bad in (float("nan"), float("inf"), -float("inf")):
         states = torch.randn(2, 5, 6)
         states[1, 3, 4] = bad
-        clean = [torch.randn(10, 6)]
-        with pytest.raises(FloatingPointError, match="non-finite activations at the input of 0"):
-            group_input_stats(
-                clean,
-                block,
-                "0",
-                [states],
-                [call],
-                device=torch.device("cpu"),
-                dtype=torch.float32,
-                need_cross=True,
-                need_dense=True,
-            )
-        with pytest.raises(FloatingPointError, match="non-finite activations at the input of 0"):
-            group_input_stats(
-                [states],
-                block,
-                "0",
-                [torch.randn(2, 5, 6)],
-                [call],
-                device=torch.device("cpu"),
-                dtype=torch.float32,
-                need_cross=True,
-                need_dense=True,
-            )
-    stats = group_input_stats(
-        [torch.randn(2, 5, 6)],
-        block,
-        "0",
-        [torch.randn(2, 5, 6)],
-        [call],
-        device=torch.device("cpu"),
-        dtype=torch.float32,
-        need_cross=True,
-        need_dense=True,
+        for pairs in ([(torch.randn(2, 5, 6), states)], [(states, torch.randn(2, 5, 6))]):
+            with pytest.raises(FloatingPointError, match="non-finite activations at the input of q"):
+                accumulate_grams(pairs, cpu, need_gram=True, need_cross=True, need_dense=True, name="q")
+    stats = accumulate_grams(
+        [(torch.randn(2, 5, 6), torch.randn(2, 5, 6))], cpu, need_gram=True, need_cross=True, need_dense=True
     )
-    assert stats.tokens == 10 and torch.isfinite(stats.G).all()
+    assert stats.tokens == 10 and torch.isfinite(stats.G).all() and stats.K.shape == (6, 6)
+    only_s = accumulate_grams([(torch.randn(2, 5, 6), None)], cpu, need_gram=False, need_cross=False, need_dense=True)
+    assert only_s.G is None and only_s.K is None and only_s.tokens == 10
 
 
 def test_calibration_mix_of_files_draws_windows_from_each(tmp_path, minilm_path):
@@ -320,17 +291,17 @@ def test_calibration_mix_of_files_draws_windows_from_each(tmp_path, minilm_path)
     (source, weight) pairs is the same mix. Real tokenizer; windows traced back to their file."""
     from transformers import AutoTokenizer
 
-    from leanformers.pifa.compress import _calibration_windows
+    from leanformers.compression.calibration import calibration_windows_for
 
     tok = AutoTokenizer.from_pretrained(minilm_path)
     (tmp_path / "a.txt").write_text("alpha beta gamma delta\n" * 200)
     (tmp_path / "b.txt").write_text("uvwxyz\n" * 400)
     config = MPIFAConfig(density=0.5, nsamples=8, seqlen=16)
-    windows, label = _calibration_windows(f"{tmp_path / 'a.txt'}=3,{tmp_path / 'b.txt'}", tok, config)
+    windows, label = calibration_windows_for(f"{tmp_path / 'a.txt'}=3,{tmp_path / 'b.txt'}", tok, config)
     assert label.startswith("mix of a.txt x3, b.txt x1: 8 x 16 tokens")
     assert windows.shape == (8, 16)
     b_ids = set(tok("uvwxyz", add_special_tokens=False)["input_ids"])
     from_b = [bool(set(w.tolist()) <= b_ids) for w in windows]
     assert from_b == [False] * 6 + [True] * 2  # 3 : 1 of 8 windows
-    listed, same = _calibration_windows([(tmp_path / "a.txt", 3), tmp_path / "b.txt"], tok, config)
+    listed, same = calibration_windows_for([(tmp_path / "a.txt", 3), tmp_path / "b.txt"], tok, config)
     assert torch.equal(listed, windows) and same == label

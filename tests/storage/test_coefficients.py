@@ -9,10 +9,10 @@ import torch
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
-from leanformers.pifa import MPIFAQuantizationConfig, PIFALinear, save_compressed, set_coefficient_dtype_
-from leanformers.pifa.integration import compressed_modules
-from leanformers.pifa.layer import AUTO_COEFFICIENT_DTYPE, coefficient_storage_dtype
-from tests.pifa.test_quantizer import compress_randomly
+from leanformers import MPIFAQuantizationConfig, PIFALinear, save_compressed, set_coefficient_dtype_
+from leanformers.storage.integration import compressed_modules
+from leanformers.storage.coefficients import AUTO_COEFFICIENT_DTYPE, coefficient_storage_dtype
+from tests.storage.test_quantizer import compress_randomly
 from tests.tiny_models import random_ids, tiny_llama
 
 BF16 = torch.bfloat16
