@@ -175,7 +175,14 @@ def model_card(
     card says that ``import leanformers`` registers the quantizer of the compressed layers.
     """
     base = base_model if "/" in base_model and not os.path.exists(base_model) else None
-    lines = ["---", "library_name: transformers", "tags:", "- leanformers", f"- {method.lower()}", "- compressed"]
+    lines = [
+        "---",
+        "library_name: transformers",
+        "tags:",
+        "- leanformers",
+        f"- {method.lower()}",
+        "- compressed",
+    ]
     if base:
         lines += [f"base_model: {base}"]
     lines += ["---", "", f"# {Path(str(base_model)).name} — {method} (leanformers {__version__})", ""]

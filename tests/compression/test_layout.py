@@ -13,8 +13,8 @@ import torch
 from torch import nn
 
 from leanformers.compression.cli import main
-from leanformers.compression.options import parse_groups
 from leanformers.compression.layout import ARCHITECTURES, find_layout, infer_layout
+from leanformers.compression.options import parse_groups
 from leanformers.compressors.mpifa import MPIFAConfig, mpifa_compress
 from tests.compression.tiny_decoders import DECODERS
 from tests.helpers import mpifa_cli_args

@@ -282,7 +282,9 @@ def test_non_finite_inputs_of_a_group_are_caught_from_the_gram_diagonal():
         [(torch.randn(2, 5, 6), torch.randn(2, 5, 6))], cpu, need_gram=True, need_cross=True, need_dense=True
     )
     assert stats.tokens == 10 and torch.isfinite(stats.G).all() and stats.K.shape == (6, 6)
-    only_s = accumulate_grams([(torch.randn(2, 5, 6), None)], cpu, need_gram=False, need_cross=False, need_dense=True)
+    only_s = accumulate_grams(
+        [(torch.randn(2, 5, 6), None)], cpu, need_gram=False, need_cross=False, need_dense=True
+    )
     assert only_s.G is None and only_s.K is None and only_s.tokens == 10
 
 

@@ -355,8 +355,8 @@ def check_bf16_storage(row: Row, tmp_path: Path) -> None:
     import transformers
 
     from leanformers import save_compressed
-    from leanformers.storage.integration import compressed_modules
     from leanformers.storage.coefficients import coefficient_storage_dtype
+    from leanformers.storage.integration import compressed_modules
     from leanformers.storage.layers import PIFALinear
 
     def coeff_dtypes(m) -> dict[str, torch.dtype]:

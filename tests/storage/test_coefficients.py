@@ -10,8 +10,8 @@ from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 from leanformers import MPIFAQuantizationConfig, PIFALinear, save_compressed, set_coefficient_dtype_
-from leanformers.storage.integration import compressed_modules
 from leanformers.storage.coefficients import AUTO_COEFFICIENT_DTYPE, coefficient_storage_dtype
+from leanformers.storage.integration import compressed_modules
 from tests.storage.test_quantizer import compress_randomly
 from tests.tiny_models import random_ids, tiny_llama
 

@@ -10,8 +10,8 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from leanformers._compat import is_conv1d
-from leanformers.storage.layers import LowRankLinear, PIFALinear
 from leanformers.storage.integration import compressed_modules, dequantize_model, replace_with_pifa_layers
+from leanformers.storage.layers import LowRankLinear, PIFALinear
 from leanformers.storage.quantization_config import MPIFAQuantizationConfig
 from leanformers.storage.quantizer import MPIFAHfQuantizer
 from leanformers.storage.saving import save_compressed

@@ -19,4 +19,12 @@ def build_config(opts):
     return build_configs(opts)[0]
 
 
-__all__ = ["DEFAULT_CALIBRATION", "build_config", "build_parser", "main", "parse_groups", "resolve_options", "run"]
+__all__ = [
+    "DEFAULT_CALIBRATION",
+    "build_config",
+    "build_parser",
+    "main",
+    "parse_groups",
+    "resolve_options",
+    "run",
+]
