@@ -14,21 +14,6 @@ from tests.helpers import mpifa_cli_args, run_python
 pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(scope="module")
-def tiny_lm_folder(tmp_path_factory, smollm2_path):
-    from transformers import AutoTokenizer, LlamaForCausalLM
-
-    from tests.tiny_models import llama_config
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
-    torch.manual_seed(0)
-    cfg = llama_config(64, 128, 2, 4, kv_heads=2, vocab=len(tokenizer), max_positions=512)
-    folder = tmp_path_factory.mktemp("tiny-lm")
-    LlamaForCausalLM(cfg).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
-
-
 def _args(src, out, shared_data, *extra):
     return mpifa_cli_args(src, out, shared_data, *extra)
 

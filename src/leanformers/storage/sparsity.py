@@ -55,9 +55,14 @@ def semi_structured_counts(weight: torch.Tensor, m: int) -> torch.Tensor:
 
 
 def check_pattern(model: nn.Module, record: dict) -> None:
-    """Raise ValueError naming the first module whose weight breaks the recorded N:M pattern."""
-    if not isinstance(record, dict) or record.get("format") != "semi-structured":
-        raise ValueError(f"config.{SPARSITY_KEY} = {record!r} is not a semi-structured sparsity record")
+    """Raise ValueError naming the first module whose weight breaks the recorded N:M pattern. Records of
+    other formats (a registered compressor's own) are that compressor's to check."""
+    if not isinstance(record, dict) or not isinstance(record.get("format"), str):
+        raise ValueError(
+            f"config.{SPARSITY_KEY} = {record!r} is not a sparsity record (a dict with a 'format')"
+        )
+    if record["format"] != "semi-structured":
+        return
     n, m = parse_pattern(record.get("pattern", ""))
     for name in record.get("modules", []):
         module = model.get_submodule(name)
