@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import re
 import shutil
@@ -86,16 +87,30 @@ def wrap(row: Row, seed: int = 0, **overrides):
         from leanformers import CHTssCallback
 
         return model, [CHTssCallback(dst_config(row, **overrides))]
-    if kind == "mpifa":
-        from leanformers import MPIFAConfig, mpifa_compress
+    if kind == "compress":
+        from leanformers import compress
 
-        cfg = MPIFAConfig(**dict(row.method.options, device="cpu"))
-        calib = torch.randint(
-            3, VOCAB, (cfg.nsamples, cfg.seqlen), generator=torch.Generator().manual_seed(3)
-        )
-        mpifa_compress(model, None, cfg, calibration=calib, progress=False)
+        config, calib = compression_of(row)
+        compress(model, None, config, calibration=calib, progress=False)
         return model, []
     raise ValueError(f"unknown method kind {kind!r}")
+
+
+def compression_of(row: Row):
+    """(config, calibration ids) of a "compress" row: options["method"] names the compressor."""
+    from leanformers.compression import get_compressor
+
+    options = dict(row.method.options)
+    config = get_compressor(options.pop("method")).config_class(**options, device="cpu")
+    calib = torch.randint(
+        3, VOCAB, (config.nsamples, config.seqlen), generator=torch.Generator().manual_seed(3)
+    )
+    return config, calib
+
+
+def prunes(row: Row) -> bool:
+    """Whether the row's compressor prunes weights in place (the checkpoint is then a plain one)."""
+    return row.method.kind == "compress" and "pattern" in compression_of(row)[0].field_names()
 
 
 def controller_of(callback):
@@ -566,6 +581,28 @@ def check_config_method(row: Row, tmp_path: Path) -> None:
     assert not wrong, (
         f"CHTssConfig(method={name!r}) differs from for_method({name!r}) in (got, want): {wrong}"
     )
+
+
+def check_stream(row: Row, tmp_path: Path) -> None:
+    """Streaming the saved dense model from its shards (compress_pretrained) writes bit for bit the folder
+    that compressing it in memory and save_compressed write."""
+    from safetensors.torch import load_file
+
+    from leanformers import compress_pretrained, save_compressed
+
+    row.family.build(seed=0).save_pretrained(tmp_path / "dense")
+    model, _ = wrap(row)
+    save_compressed(model, None, tmp_path / "memory")
+    config, calib = compression_of(row)
+    compress_pretrained(tmp_path / "dense", tmp_path / "stream", config, calibration=calib, progress=False)
+
+    def tensors(folder):
+        return {k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(str(f)).items()}
+
+    a, b = tensors(tmp_path / "memory"), tensors(tmp_path / "stream")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    read = lambda folder: json.loads((folder / "config.json").read_text())  # noqa: E731
+    assert read(tmp_path / "memory") == read(tmp_path / "stream")
 
 
 CHECKS = {

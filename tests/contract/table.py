@@ -21,7 +21,8 @@ Adding things
   and add a ``Family`` to ``FAMILIES`` (its task, its Auto class, the DST target regex of its
   linear layers). Every method whose ``families`` is ``None`` picks it up.
 - a method: add a ``Method`` to ``METHODS``: ``kind`` selects how ``checks.wrap`` builds it
-  ("sst" -> peft.get_peft_model + SSTCallback, "dst" -> CHTssCallback, "mpifa" -> mpifa_compress),
+  ("sst" -> peft.get_peft_model + SSTCallback, "dst" -> CHTssCallback, "compress" -> leanformers.compress
+  with the config of the compressor ``options["method"]``),
   ``options`` are passed to its config, ``trains`` is a regex of the parameter names one optimizer
   step must change (every other parameter must stay bit-identical), ``operations`` lists the
   operations that apply, ``families`` restricts the families (None: all).
@@ -120,11 +121,16 @@ DIST_OPS = (DDP_OP, FSDP2_OP)
 
 # ----------------------------------------------------------------------------- methods
 
+# What every compressor's output must support (the stream row needs a causal LM: see _applies).
+COMPRESS_OPS = ("persist", "eval", "generate", "stream")
+# row name -> registered compressor name
+BASELINES = {"svd": "svd", "svd_llm": "svd-llm", "asvd": "asvd", "wanda24": "wanda-2:4"}
+
 
 @dataclass(frozen=True)
 class Method:
     name: str
-    kind: str  # "sst" | "dst" | "mpifa"
+    kind: str  # "sst" | "dst" | "compress"
     options: dict = field(default_factory=dict)
     trains: str = ".*"  # regex (re.search) of parameter names one optimizer step changes
     operations: tuple[str, ...] = ()
@@ -186,17 +192,31 @@ METHODS: dict[str, Method] = {
         # MPIFA: compress (random calibration ids), save_compressed, reload through transformers.
         Method(
             "mpifa",
-            "mpifa",
-            dict(density=0.5, nsamples=4, seqlen=16),
-            operations=("persist", "persist_base", "persist_noimport", "eval", "generate", "bf16_storage"),
+            "compress",
+            dict(method="mpifa", density=0.5, nsamples=4, seqlen=16),
+            operations=(
+                "persist",
+                "persist_base",
+                "persist_noimport",
+                "eval",
+                "generate",
+                "bf16_storage",
+                "stream",
+            ),
         ),
         # MPIFA with the data-driven rank allocation and Gram shrinkage (issue 10): uneven ranks per
         # linear must survive save / reload in every family.
         Method(
             "mpifa_spectrum",
-            "mpifa",
-            dict(density=0.5, nsamples=4, seqlen=16, allocation="spectrum", shrinkage=0.1),
+            "compress",
+            dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, allocation="spectrum", shrinkage=0.1),
             operations=("persist", "eval", "generate"),
+        ),
+        # The baselines (issue 18): the same user workflows as MPIFA. Low-rank ones reload through the
+        # quantizer; pruned ones (2:4) are plain checkpoints that reload without leanformers.
+        *(
+            Method(name, "compress", dict(method=method, nsamples=4, seqlen=16), operations=COMPRESS_OPS)
+            for name, method in BASELINES.items()
         ),
     )
 }
@@ -222,6 +242,8 @@ QUIRKS: dict[tuple[str, str, str], dict] = {
 def _applies(method: Method, family: Family, op: str) -> bool:
     if op == "generate" and family.task == "seq_cls":
         return False  # a classifier does not generate
+    if op == "stream" and family.task != "causal":
+        return False  # streaming compression rebuilds a causal LM from its config
     if op in (*DIST_OPS, "config_method", "no_controller_warns") and family.name != "llama":
         return False  # method-level properties: one family is enough
     if op in PEFT_OPS and family.name not in ("llama", "gpt2", "bert_cls"):

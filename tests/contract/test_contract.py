@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.contract.checks import CHECKS, inputs_for, logits_of, make_trainer, wrap
+from tests.contract.checks import CHECKS, inputs_for, logits_of, make_trainer, prunes, wrap
 from tests.contract.table import DDP_OP, FSDP2_OP, PERSIST_OPS, ROWS, Row
 
 REPO = Path(__file__).resolve().parents[2]
@@ -80,8 +80,10 @@ def _save_row(row: Row, folder: Path, inputs_file: Path) -> dict:
         ref = logits_of(model, inputs)
         model.save_pretrained(folder)
         entry.update(loader=row.family.auto_class)
-    else:  # mpifa
+    else:  # a compressor
         save_compressed(model, None, folder)
+        if prunes(row):  # pruned weights in plain tensors: reloads in a process without leanformers
+            entry.update(import_leanformers=False)
         if row.op == "persist_base":  # AutoModel: the bare base model of a task checkpoint
             ref = logits_of(model.base_model, inputs)
             entry.update(loader="AutoModel")
