@@ -124,7 +124,13 @@ DIST_OPS = (DDP_OP, FSDP2_OP)
 # What every compressor's output must support (the stream row needs a causal LM: see _applies).
 COMPRESS_OPS = ("persist", "eval", "generate", "stream")
 # row name -> registered compressor name
-BASELINES = {"svd": "svd", "svd_llm": "svd-llm", "asvd": "asvd", "wanda24": "wanda-2:4"}
+BASELINES = {
+    "svd": "svd",
+    "svd_llm": "svd-llm",
+    "asvd": "asvd",
+    "wanda24": "wanda-2:4",
+    "sparsegpt24": "sparsegpt-2:4",
+}
 
 
 @dataclass(frozen=True)
