@@ -116,3 +116,41 @@ def test_python_source_of_an_installed_module_or_package():
     assert text in package and Path(json_module.__file__).read_text(encoding="utf-8") in package
     with pytest.raises(ValueError, match="no installed module of that name"):
         load_text("python:surely_not_a_module_xyz")
+
+
+def test_python_sources_are_found_without_importing_any_package(tmp_path, monkeypatch):
+    """Issue 19 #12: calibrating on ``python:pkg.sub`` must not execute pkg/__init__.py (find_spec would)."""
+    import sys
+
+    from leanformers.data import load_text
+    from leanformers.data.text import python_source_path
+
+    pkg = tmp_path / "sidefx_pkg"
+    (pkg / "sub").mkdir(parents=True)
+    marker = tmp_path / "executed"
+    (pkg / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (pkg / "sub" / "__init__.py").write_text(f"open({str(marker)!r}, 'w').write('ran')\n")
+    (pkg / "sub" / "code.py").write_text("def f(x):\n    return x + 1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    assert python_source_path("sidefx_pkg.sub") == pkg / "sub"
+    assert python_source_path("sidefx_pkg.sub.code") == pkg / "sub" / "code.py"
+    assert "def f(x):" in load_text("python:sidefx_pkg.sub")
+    assert not marker.exists() and "sidefx_pkg" not in sys.modules
+    with pytest.raises(ValueError, match="sidefx_pkg.sub.code is a module, not a package"):
+        python_source_path("sidefx_pkg.sub.code.x")
+    with pytest.raises(ValueError, match="has no Python source file"):
+        python_source_path("sys")
+
+
+def test_files_that_are_not_utf8_are_refused_by_name(tmp_path):
+    """Issue 19 #13: a latin-1 .json or .py is a clear error, never replacement characters."""
+    from leanformers.data import load_text
+
+    for name, body in (
+        ("bad.json", '[{"text": "caf\xe9"}]'),
+        ("bad.py", "x = 'caf\xe9'\n"),
+        ("bad.txt", "caf\xe9\n"),
+    ):
+        (tmp_path / name).write_bytes(body.encode("latin-1"))
+        with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(byte \d+"):
+            load_text(tmp_path / name)

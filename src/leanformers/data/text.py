@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -24,6 +25,8 @@ __all__ = [
     "check_sources",
     "mixed_calibration_windows",
     "parse_sources",
+    "python_source_path",
+    "read_utf8",
     "shared_data_path",
     "source_list",
     "source_weight",
@@ -59,23 +62,31 @@ def _rows_to_text(rows: list[str], join: str | None) -> str:
     return (join if join is not None else "\n").join(rows)
 
 
+def read_utf8(path: Path) -> str:
+    """The text of ``path``; a file that is not UTF-8 is a ValueError naming it and the first bad byte
+    (never decoded with replacement characters: the text would silently differ from the file)."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{path} is not UTF-8 text (byte {exc.start}: {exc.reason}); convert it to UTF-8 "
+            "(e.g. `iconv -f latin1 -t utf-8`) or leave it out of the calibration"
+        ) from None
+
+
 def _read_file(path: Path, text_field: str, join: str | None) -> str:
     suffix = path.suffix.lower()
     if suffix in _CODE_SUFFIXES:
-        return path.read_text(encoding="utf-8", errors="replace")
+        return read_utf8(path)
     if suffix == ".txt" or suffix not in (".json", ".jsonl", ".parquet"):
         # .txt, or a file named explicitly with another suffix (e.g. Multi30k's train.en): plain text.
         # Folders only contribute the suffixes listed in _TEXT_SUFFIXES.
-        try:
-            raw = path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise ValueError(
-                f"{path} is not UTF-8 text ({exc.reason}); pass a .txt/.json/.jsonl/.parquet/.py file"
-            ) from None
+        raw = read_utf8(path)
         # WikiText convention (DATA.md): each non-empty line is a row; rows are joined with "\n\n".
         return raw if join is None else _rows_to_text(raw.splitlines(), join)
     if suffix in (".json", ".jsonl"):
-        raw = path.read_text(encoding="utf-8")
+        raw = read_utf8(path)
         try:
             data = json.loads(raw)
             records = data if isinstance(data, list) else [data]
@@ -116,18 +127,41 @@ def load_text(source: str | os.PathLike, *, text_field: str = "text", join: str 
     return _load_dataset_text(str(source), text_field, join)
 
 
-def python_source_path(module: str) -> Path:
-    """Folder (package) or file (module) of an importable Python module, without importing it."""
-    import importlib.util
+def _find_spec(name: str, path: list[str] | None):
+    """The spec the import system would use for ``name`` under the parent package ``path``, asking each
+    meta-path finder directly: a finder only searches, so no package's ``__init__`` runs (unlike
+    ``importlib.util.find_spec``, which imports every parent package of a dotted name)."""
+    for finder in sys.meta_path:
+        find = getattr(finder, "find_spec", None)
+        if find is None:
+            continue
+        try:
+            spec = find(name, path)
+        except (ImportError, ValueError):
+            spec = None
+        if spec is not None:
+            return spec
+    return None
 
-    try:
-        spec = importlib.util.find_spec(module)
-    except (ImportError, ValueError):
-        spec = None
-    if spec is None:
-        raise ValueError(
-            f"python:{module}: no installed module of that name (check the spelling, e.g. 'json')"
-        )
+
+def python_source_path(module: str) -> Path:
+    """Folder (package) or file (module) of an installed Python module, located WITHOUT importing it or
+    any of its parent packages (calibrating on source code must not execute it)."""
+    parts = module.split(".")
+    if not module or not all(p.isidentifier() for p in parts):
+        raise ValueError(f"python:{module}: not a dotted module name (e.g. 'json' or 'email.mime')")
+    search, spec = None, None
+    for i in range(len(parts)):
+        name = ".".join(parts[: i + 1])
+        spec = _find_spec(name, search)
+        if spec is None:
+            raise ValueError(
+                f"python:{module}: no installed module of that name ({name!r} not found; check the spelling)"
+            )
+        if i < len(parts) - 1:
+            if not spec.submodule_search_locations:
+                raise ValueError(f"python:{module}: {name} is a module, not a package")
+            search = list(spec.submodule_search_locations)
     if spec.submodule_search_locations:
         return Path(list(spec.submodule_search_locations)[0])
     if spec.origin is None or not spec.origin.endswith(".py"):
