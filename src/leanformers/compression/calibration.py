@@ -3,6 +3,7 @@ text, a file, a folder, a ``datasets`` name, or a weighted mix of sources."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 
 import torch
@@ -16,7 +17,7 @@ from leanformers.data.text import (
     tokenize_text,
 )
 
-__all__ = ["calibration_windows_for"]
+__all__ = ["calibration_windows_for", "check_windows_hash", "windows_sha256"]
 
 
 def calibration_windows_for(
@@ -55,3 +56,22 @@ def calibration_windows_for(
     windows = calibration_windows(ids, config.nsamples, config.seqlen, config.seed)
     label = os.path.basename(source) if (is_file or len(source) < 256) else "given text"
     return windows, f"{label}: {config.nsamples} x {config.seqlen} tokens, seed {config.seed}"
+
+
+def windows_sha256(windows: torch.Tensor) -> str:
+    """Content hash of calibration windows: sha256 of their shape and int64 token ids (little endian)."""
+    ids = windows.detach().to("cpu", torch.int64).contiguous()
+    digest = hashlib.sha256(f"{tuple(ids.shape)}".encode())
+    digest.update(ids.numpy().astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def check_windows_hash(windows: torch.Tensor, expected: str | None) -> str:
+    """The windows' hash; a ValueError when a pinned ``expected`` hash (``calibration_sha256``) differs."""
+    actual = windows_sha256(windows)
+    if expected is not None and actual != expected.lower():
+        raise ValueError(
+            f"the calibration windows hash to {actual}, not the pinned calibration_sha256 {expected}: the "
+            "source, its version or the window settings (nsamples, seqlen, seed, tokenizer) changed"
+        )
+    return actual

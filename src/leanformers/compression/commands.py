@@ -89,6 +89,7 @@ def summary_of(opts: argparse.Namespace, config: CompressionConfig, report: Comp
         "model params": f"{report.model_params_before:,} -> {report.model_params_after:,}",
         "model density (whole model)": f"{report.model_density:.4f}",
         "calibration": f"{report.calibration}",
+        "calibration sha256": report.calibration_sha256 or "-",
         "mode": f"streaming (offload {config.offload})"
         if opts.stream
         else f"in memory (offload {config.offload})",

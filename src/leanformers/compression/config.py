@@ -47,6 +47,8 @@ class CompressionConfig:
         offload_folder: folder of the "disk" offload files (default: the system temp folder).
         offload_streams: deprecated alias of offload="cpu".
         seed: seed of the calibration window sampling.
+        calibration_sha256: the expected content hash of the calibration windows (reported by every run);
+            a run whose windows differ stops before compressing (a pinned, reproducible calibration).
         blocks_path, groups, attention: layout overrides (default: the built-in table for LLaMA, Qwen2,
             OPT, GPT-2, BERT, inferred for any other model by ``compression.layout.infer_layout``).
     """
@@ -62,6 +64,7 @@ class CompressionConfig:
     offload_folder: str | None = None
     offload_streams: bool = False
     seed: int = 0
+    calibration_sha256: str | None = None
     blocks_path: str | None = None
     groups: list[list[str]] | None = None
     attention: list[str] | None = None
@@ -71,6 +74,11 @@ class CompressionConfig:
             self._check_int(name, low=1)
         self._check_int("seqlen", low=2)
         self._check_int("seed", low=0)
+        sha = self.calibration_sha256
+        if sha is not None and not (
+            isinstance(sha, str) and len(sha) == 64 and all(c in "0123456789abcdefABCDEF" for c in sha)
+        ):
+            raise ValueError(f"calibration_sha256 must be a sha256 hex digest (64 characters), got {sha!r}")
         self._check_offload()
 
     def _check_int(self, name: str, low: int, optional: bool = False) -> None:

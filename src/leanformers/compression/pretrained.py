@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from leanformers.compression.calibration import calibration_windows_for
+from leanformers.compression.calibration import calibration_windows_for, check_windows_hash
 from leanformers.compression.checkpoint_io import (
     CheckpointReader,
     PeakHostMemory,
@@ -285,6 +285,8 @@ def compress_pretrained(
         report = CompressionReport(
             method=compressor.name, calibration=calib_label, calibration_tokens=windows.numel()
         )
+        if needs.any:  # what the statistics were computed from, checked against a pinned hash
+            report.calibration_sha256 = check_windows_hash(windows, config.calibration_sha256)
         report.model_params_before = sum(p.numel() for p in model.parameters())
         block_bytes = max(sum(t.numel() * t.element_size() for t in b.state_dict().values()) for b in blocks)
         _move_loaded(model, prefix + ".", device)

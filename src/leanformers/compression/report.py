@@ -41,6 +41,7 @@ class CompressionReport:
     seconds: float = 0.0
     calibration: str = ""
     calibration_tokens: int = 0
+    calibration_sha256: str | None = None  # content hash of the calibration windows (None: no data read)
     # peak resident host memory during the call (set by the streaming mode, mpifa_compress_pretrained)
     peak_host_rss_bytes: int | None = None
 
@@ -71,6 +72,7 @@ class CompressionReport:
             ("model params", f"{self.model_params_before:,} -> {self.model_params_after:,}"),
             ("model density (whole model)", f"{self.model_density:.4f}"),
             ("calibration", f"{self.calibration} ({self.calibration_tokens:,} tokens)"),
+            ("calibration sha256", self.calibration_sha256 or "-"),
             ("compression time", f"{self.seconds:.1f} s"),
         ]
         if self.peak_host_rss_bytes is not None:
@@ -91,5 +93,6 @@ class CompressionReport:
             "seconds": self.seconds,
             "calibration": self.calibration,
             "calibration_tokens": self.calibration_tokens,
+            "calibration_sha256": self.calibration_sha256,
             "peak_host_rss_bytes": self.peak_host_rss_bytes,
         }

@@ -168,6 +168,7 @@ class LowRankCompressor(Compressor):
             **self.record(),
             "rank_multiple": self.config.rank_multiple or default_rank_multiple(self.device),
             "achieved_density": report.achieved_density,
+            "calibration_sha256": report.calibration_sha256,
         }
         model.config.quantization_config = MPIFAQuantizationConfig(
             modules=specs,
