@@ -19,6 +19,7 @@ import pytest
 import torch
 from transformers import Trainer, TrainingArguments
 
+from tests.contract.bad_inputs import BAD_INPUT_CHECKS
 from tests.contract.table import METHODS, Row
 from tests.tiny_models import VOCAB
 
@@ -610,6 +611,7 @@ CHECKS = {
     for name, fn in dict(globals()).items()
     if name.startswith("check_") and callable(fn)
 }
+CHECKS.update(BAD_INPUT_CHECKS)
 
 assert set(CHECKS) >= {op for m in METHODS.values() for op in m.operations} - {
     "persist",

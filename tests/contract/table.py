@@ -118,6 +118,19 @@ DST_ONLY_OPS = ("config_method",)
 DDP_OP = "ddp"  # batched: one 2-process gloo launch runs every ddp row
 FSDP2_OP = "fsdp2"  # batched: one 2-process gloo launch runs every fsdp2 row (Trainer + FSDP2 on CPU)
 DIST_OPS = (DDP_OP, FSDP2_OP)
+# bad inputs a user hands over or receives (issue 19; bad_inputs.py): each row declares its refusal in QUIRKS
+BAD_INPUT_OPS = (
+    "load_duplicate_index",
+    "load_index_out_of_range",
+    "load_missing_index",
+    "load_string_spec",
+    "load_truncated_shard",
+    "yaml_wrong_type",
+    "nan_setting",
+    "negative_setting",
+    "non_utf8_calibration",
+    "rank_deficient_weight",
+)
 
 # ----------------------------------------------------------------------------- methods
 
@@ -208,6 +221,7 @@ METHODS: dict[str, Method] = {
                 "generate",
                 "bf16_storage",
                 "stream",
+                *BAD_INPUT_OPS,
             ),
         ),
         # MPIFA with the data-driven rank allocation and Gram shrinkage (issue 10): uneven ranks per
@@ -237,7 +251,24 @@ _SST_ONE_ADAPTER = {"refuses": ("ValueError", "SST supports one adapter per mode
 # The adapter holds the only copy of the targeted weights: deleting it refuses, naming merge_and_unload.
 _SST_NO_DELETE = {"refuses": ("RuntimeError", "merge_and_unload")}
 
+# Bad inputs (issue 19): refused with the module or field named, never loaded or run silently.
+_BAD_INPUTS = {
+    "load_duplicate_index": ("ValueError", "model.layers.0.mlp.down_proj.input_index is not a permutation"),
+    "load_index_out_of_range": ("ValueError", "model.layers.0.mlp.down_proj.input_index holds"),
+    "load_missing_index": (
+        "ValueError",
+        "model.layers.0.mlp.down_proj: the checkpoint has no 'input_index' tensor",
+    ),
+    "load_string_spec": ("ValueError", "['model.layers.0.mlp.down_proj'].input_permuted must be a JSON bool"),
+    "load_truncated_shard": ("ValueError", "model.safetensors is truncated"),
+    "yaml_wrong_type": ("ValueError", "overwrite must be a bool, got 'false'"),
+    "nan_setting": ("ValueError", "damping must be a finite number, got nan"),
+    "negative_setting": ("ValueError", "damping must be >= 0"),
+    "non_utf8_calibration": ("ValueError", "calib.json is not UTF-8 text"),
+}
+
 QUIRKS: dict[tuple[str, str, str], dict] = {
+    **{("mpifa", "*", op): {"refuses": refusal} for op, refusal in _BAD_INPUTS.items()},
     ("sst_ft", "*", "disable_adapter"): _SST_FREED,
     ("sst_ft", "*", "unload"): _SST_FREED,
     ("sst_ft", "*", "add_set_adapter"): _SST_ONE_ADAPTER,
@@ -250,7 +281,7 @@ def _applies(method: Method, family: Family, op: str) -> bool:
         return False  # a classifier does not generate
     if op == "stream" and family.task != "causal":
         return False  # streaming compression rebuilds a causal LM from its config
-    if op in (*DIST_OPS, "config_method", "no_controller_warns") and family.name != "llama":
+    if op in (*DIST_OPS, *BAD_INPUT_OPS, "config_method", "no_controller_warns") and family.name != "llama":
         return False  # method-level properties: one family is enough
     if op in PEFT_OPS and family.name not in ("llama", "gpt2", "bert_cls"):
         return False

@@ -95,6 +95,7 @@ def summary_of(opts: argparse.Namespace, config: CompressionConfig, report: Comp
         else f"in memory (offload {config.offload})",
         "compression time": f"{report.seconds:.1f} s",
         "peak host memory (RSS)": gib(report.peak_host_rss_bytes),
+        **notes_of(report),
     }
 
 
@@ -104,6 +105,17 @@ def sparsity_of(config: CompressionConfig, report: CompressionReport) -> dict | 
     return (
         None if pattern is None else sparsity_record(report.method, pattern, [m.name for m in report.modules])
     )
+
+
+def notes_of(report: CompressionReport) -> dict:
+    """The modules the user should hear about (e.g. stored below their planned rank), for the summary."""
+    notes = [m for m in report.modules if m.note]
+    if not notes:
+        return {}
+    shown = "; ".join(f"{m.name}: {m.note}" for m in notes[:3])
+    return {
+        "notes": f"{len(notes)} module(s): {shown}" + (" ... (all in --report)" if len(notes) > 3 else "")
+    }
 
 
 def model_card_for(

@@ -22,6 +22,7 @@ __all__ = [
     "build_configs",
     "build_parser",
     "config_flags",
+    "load_config_file",
     "options_table",
     "parse_groups",
     "parse_methods",
@@ -191,6 +192,16 @@ def _check_yaml_types(data: dict[str, Any], table: dict[str, tuple], source: str
             raise ValueError(f"{source}: {key} must be a {typ.__name__}, got {value!r}{hint}")
 
 
+def load_config_file(path, table: dict[str, tuple] | None = None) -> dict[str, Any]:
+    """The options of a ``--config`` YAML file, keys normalised (``-`` -> ``_``), every key known and every
+    value of its option's type; a ValueError naming the key otherwise."""
+    table = table or options_table()
+    data = {k.replace("-", "_"): v for k, v in recipes.read_yaml(path).items()}
+    recipes.check_keys(data, table, what=f"keys in {path}:")
+    _check_yaml_types(data, table, str(path))
+    return data
+
+
 def resolve_options(argv: list[str] | None = None, prog: str = "leanformers-compress") -> argparse.Namespace:
     """Parse flags, merged over a YAML --config, merged over the CLI defaults. ``given`` lists the options
     set by a flag or the YAML file (the rest are defaults)."""
@@ -202,9 +213,7 @@ def resolve_options(argv: list[str] | None = None, prog: str = "leanformers-comp
     given: set[str] = set()
     if args.config:
         try:
-            data = {k.replace("-", "_"): v for k, v in recipes.read_yaml(args.config).items()}
-            recipes.check_keys(data, table, what=f"keys in {args.config}:")
-            _check_yaml_types(data, table, args.config)
+            data = load_config_file(args.config, table)
         except (OSError, ValueError) as exc:
             parser.error(str(exc))
         merged.update(data)

@@ -24,6 +24,7 @@ class ModuleReport:
     stored_params: int
     target_density: float
     seconds: float
+    note: str | None = None  # anything the user should know about this module (e.g. a lower rank)
 
     @property
     def density(self) -> float:
@@ -75,6 +76,11 @@ class CompressionReport:
             ("calibration sha256", self.calibration_sha256 or "-"),
             ("compression time", f"{self.seconds:.1f} s"),
         ]
+        notes = [m for m in self.modules if m.note]
+        if notes:
+            rows.append(
+                ("notes", f"{len(notes)} modules: " + "; ".join(f"{m.name} {m.note}" for m in notes[:3]))
+            )
         if self.peak_host_rss_bytes is not None:
             rows.append(("peak host memory (RSS)", f"{self.peak_host_rss_bytes / 2**30:.2f} GiB"))
         width = max(len(k) for k, _ in rows)

@@ -25,9 +25,10 @@ from leanformers.compression.precision import single_threaded_linalg
 from leanformers.compression.report import CompressionReport, ModuleReport, module_path
 from leanformers.compressors.allocation import default_rank_multiple
 from leanformers.compressors.budget import BudgetOptions, RankPlan, plan_ranks
-from leanformers.storage.factorize import FORMS
+from leanformers.compressors.reconstruct import numerical_rank_factors
+from leanformers.storage.factorize import FORMS, normalize_form
 from leanformers.storage.layers import LowRankLinear, PIFALinear
-from leanformers.storage.pifa_linear import emit_in_order_
+from leanformers.storage.pifa_linear import auto_form, emit_in_order_
 from leanformers.storage.quantization_config import MPIFAQuantizationConfig
 
 __all__ = ["OUTPUTS", "LowRankCompressor", "LowRankConfig", "chain_consumer"]
@@ -114,18 +115,49 @@ class LowRankCompressor(Compressor):
             prepared = self.prepare_group(stats)
         return [self._compress_linear(block, index, name, prepared) for name in group]
 
+    def _factors(self, index: int, name: str, W: torch.Tensor, rank: int, prepared: Any):
+        """``factorize`` with its linear-algebra failures named: block, module and the setting to change."""
+        try:
+            return self.factorize(W, rank, prepared)
+        except (torch.linalg.LinAlgError, RuntimeError) as exc:
+            raise ValueError(
+                f"block {index} {name}: the {self.name} factorisation failed ({exc}); the calibration "
+                "statistics of this linear are degenerate: raise damping (--damping) or shrinkage "
+                "(--shrinkage), or calibrate on more / other text"
+            ) from exc
+
+    def _layer(self, U, V, bias, kwargs: dict):
+        """The stored layer of U V; a product below the rank of its factors (e.g. a zero weight) is stored
+        at its numerical rank instead of failing the PIFA pivot solve. Returns (layer, whether it was)."""
+        layer_cls = PIFALinear if self.config.output == "pifa" else LowRankLinear
+        try:
+            return layer_cls.from_factors(U.float(), V.float(), bias, dtype=torch.float32, **kwargs), False
+        except ValueError as exc:
+            if "rank deficient" not in str(exc):
+                raise
+        m, n = U.shape[0], V.shape[1]
+        form = kwargs.get("form", "auto")
+        form = auto_form(m, n) if form == "auto" else normalize_form(form)
+        U, V, _ = numerical_rank_factors(U, V, keep="left" if form == "row" else "right")
+        return layer_cls.from_factors(U.float(), V.float(), bias, dtype=torch.float32, **kwargs), True
+
     def _compress_linear(self, block: nn.Module, index: int, name: str, prepared: Any) -> ModuleReport:
         config, t0, key = self.config, time.perf_counter(), f"{index}.{name}"
         module = block.get_submodule(name)
         W = linear_weight(module).detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
-        layer_cls = PIFALinear if config.output == "pifa" else LowRankLinear
         kwargs = (
             {"form": "column" if name == self.consumer else config.form} if config.output == "pifa" else {}
         )
+        planned = self.rank_plan.ranks[key]
         with single_threaded_linalg(self.device):
-            U, V = self.factorize(W, self.rank_plan.ranks[key], prepared)
-            new = layer_cls.from_factors(U.float(), V.float(), bias, dtype=torch.float32, **kwargs)
+            U, V = self._factors(index, name, W, planned, prepared)
+            new, _ = self._layer(U, V, bias, kwargs)
+        note = None
+        if new.rank < planned:
+            note = (
+                f"stored at its numerical rank {new.rank} (planned {planned}): its weight has no higher rank"
+            )
         if not all(torch.isfinite(p).all() for p in new.parameters()):
             raise FloatingPointError(f"block {index} {name}: non-finite factors after reconstruction")
         block.set_submodule(name, new.to(self.device))
@@ -140,6 +172,7 @@ class LowRankCompressor(Compressor):
             new.num_parameters,
             self.rank_plan.densities[key],
             time.perf_counter() - t0,
+            note,
         )
 
     def finish_block(self, block: nn.Module, index: int) -> dict[str, dict]:

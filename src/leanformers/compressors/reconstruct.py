@@ -19,6 +19,8 @@ import torch
 __all__ = [
     "GramStats",
     "accumulate_grams",
+    "drop_null_directions",
+    "numerical_rank_factors",
     "alternating_steps",
     "cholesky_with_damping",
     "reconstruct",
@@ -139,7 +141,8 @@ def top_singular_triplets(
     w, Q = torch.linalg.eigh(C)  # ascending
     w, Q = w.flip(0)[:rank], Q.flip(1)[:, :rank]
     s = w.clamp_min(0).sqrt()
-    if not bool(s[-1] * max_condition >= s[0]) or not bool(torch.isfinite(s).all()):
+    # (a zero singular value has no direction to recover as A v / s: that also takes the SVD)
+    if not bool(s[-1] > 0) or not bool(s[-1] * max_condition >= s[0]) or not bool(torch.isfinite(s).all()):
         U, s, Vh = torch.linalg.svd(A, full_matrices=False)
         return U[:, :rank], s[:rank], Vh[:rank]
     if tall:
@@ -198,6 +201,21 @@ def alternating_steps(
     return U, V
 
 
+def drop_null_directions(U: torch.Tensor, V: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The init's factors without the directions of a (numerically) zero singular value: a weight of rank
+    k < r gets k factors (>= 1; a zero weight gets zero factors of rank 1). The steps would otherwise solve
+    singular r x r systems. Columns of an SVD init come in descending singular value, so the kept ones
+    are the first. Factors of full rank are returned as they are (the same tensors)."""
+    strength = U.norm(dim=0) * V.norm(dim=1)
+    top = float(strength.max()) if strength.numel() else 0.0
+    if not torch.isfinite(strength).all():
+        return U, V  # left to the finiteness checks downstream, which name the module
+    if top == 0.0:
+        return torch.zeros_like(U[:, :1]), torch.zeros_like(V[:1])
+    keep = int((strength > top * U.shape[1] * 1e3 * torch.finfo(torch.float64).eps).sum())
+    return (U, V) if keep == U.shape[1] else (U[:, :keep], V[:keep])
+
+
 def reconstruct(
     W: torch.Tensor,
     rank: int,
@@ -226,6 +244,7 @@ def reconstruct(
         U, V = whitened_svd_init(W, L, rank)
     else:
         raise ValueError(f"unknown init {init!r}: use 'whiten' or 'svd'")
+    U, V = drop_null_directions(U, V)
     if steps > 0:
         if stats is None:
             raise ValueError("alternating steps need calibration statistics")
@@ -274,3 +293,30 @@ def accumulate_grams(
         if gram is not None and not torch.isfinite(gram.diagonal()).all():
             raise FloatingPointError(f"non-finite activations at the input of {name}")
     return GramStats(G, K, S, tokens)
+
+
+def numerical_rank_factors(
+    U: torch.Tensor, V: torch.Tensor, keep: str = "left"
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Factors of the same product U V (m, r) x (r, n) at its numerical rank r' (>= 1), float64.
+
+    With U = Q_u R_u and V^T = Q_v R_v, U V = Q_u (R_u R_v^T) Q_v^T: the SVD of the r x r core gives the
+    singular values; r' counts those above s_max * r * 1e3 * eps (the conditioning PIFA's pivot solve
+    accepts). A zero product keeps rank 1 with a unit vector on the ``keep`` side ("left": U = e, V = 0;
+    "right": U = 0, V = e^T), so that a PIFA of the zero matrix has an invertible pivot block in the form
+    that reads that side (row form: U; column form: V).
+    """
+    U, V = U.double(), V.double()
+    Qu, Ru = torch.linalg.qr(U)
+    Qv, Rv = torch.linalg.qr(V.T)
+    Uc, s, Vch = torch.linalg.svd(Ru @ Rv.T)
+    r = U.shape[1]
+    tol = float(s[0]) * r * 1e3 * torch.finfo(torch.float64).eps
+    rank = max(1, int((s > tol).sum()))
+    if float(s[0]) == 0.0:
+        left, right = Qu[:, :1], Qv[:, :1].T
+        if keep == "left":
+            return left, torch.zeros_like(right), 1
+        return torch.zeros_like(left), right, 1
+    root = s[:rank].sqrt()
+    return (Qu @ Uc[:, :rank]) * root, root[:, None] * (Vch[:rank] @ Qv.T), rank

@@ -23,6 +23,7 @@ from leanformers.compressors.reconstruct import (
     accumulate_grams,
     alternating_steps,
     cholesky_with_damping,
+    drop_null_directions,
     svd_init,
     whitened_svd_init,
 )
@@ -77,6 +78,7 @@ class SVDLLMCompressor(LowRankCompressor):
         stats, L = prepared
         U, V = whitened_svd_init(W, L, rank)
         if self.config.u_update:
+            U, V = drop_null_directions(U, V)  # the refit solves an r x r system: no zero directions
             U, V = alternating_steps(W, U, V, stats, alpha=0.0, steps=1)
         return U, V
 

@@ -10,6 +10,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from leanformers._version import __version__
 from leanformers.storage.coefficients import COEFFICIENT_DTYPES
+from leanformers.storage.validation import check_spec
 
 __all__ = ["QUANT_METHOD", "REQUIRES", "MPIFAQuantizationConfig"]
 
@@ -65,11 +66,7 @@ class MPIFAQuantizationConfig(QuantizationConfigMixin):
         if not isinstance(self.modules, dict):
             raise TypeError(f"modules must be a dict name -> spec, got {type(self.modules).__name__}")
         for name, spec in self.modules.items():
-            if not isinstance(spec, dict) or spec.get("kind") not in ("pifa", "lowrank"):
-                raise ValueError(
-                    f"quantization_config.modules[{name!r}] = {spec!r} is not a PIFA/low-rank spec: "
-                    "build it with PIFALinear.spec() / LowRankLinear.spec()"
-                )
+            check_spec(name, spec)
         if self.density is not None and not 0.0 < float(self.density) <= 1.0:
             raise ValueError(f"density must be in (0, 1], got {self.density}")
         if self.coefficient_dtype not in COEFFICIENT_DTYPES:

@@ -22,6 +22,7 @@ from transformers.quantizers.auto import AUTO_QUANTIZATION_CONFIG_MAPPING, AUTO_
 from leanformers.storage.integration import densify_modules, replace_with_pifa_layers, resolve_module_names
 from leanformers.storage.quantization_config import QUANT_METHOD, MPIFAQuantizationConfig
 from leanformers.storage.saving import check_safetensors_only
+from leanformers.storage.validation import check_checkpoint_tensors, check_gather_indices
 
 __all__ = ["MPIFAHfQuantizer", "register"]
 
@@ -39,7 +40,11 @@ class MPIFAHfQuantizer(HfQuantizer):
         return
 
     def _process_model_before_weight_loading(self, model, **kwargs: Any):
-        check_safetensors_only(kwargs.get("checkpoint_files") or [])
+        files = kwargs.get("checkpoint_files") or []
+        check_safetensors_only(files)
+        # Before any weight is read: every tensor the specs need is in the shard headers, with its shape.
+        prefix = getattr(model, "base_model_prefix", "") or ""
+        self.tensor_files = check_checkpoint_tensors(self.quantization_config.modules, files, prefix)
         # The config then lists the names of this model (e.g. without "model." under AutoModel), so a
         # later save_compressed of the loaded model agrees with its modules.
         self.quantization_config.modules = resolve_module_names(model, self.quantization_config.modules)
@@ -51,6 +56,10 @@ class MPIFAHfQuantizer(HfQuantizer):
         return model
 
     def _process_model_after_weight_loading(self, model, **kwargs: Any):
+        # Gather indices must be permutations: a duplicated or out-of-range entry would run silently wrong.
+        check_gather_indices(
+            model, getattr(self, "tensor_files", {}), getattr(model, "base_model_prefix", "") or ""
+        )
         return model
 
     def _dequantize(self, model, dtype: torch.dtype | None = None):
