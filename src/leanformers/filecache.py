@@ -58,7 +58,9 @@ def file_sha256(path: str | os.PathLike, cache: Path | None = None) -> str:
 
 def _matches(folder: Path, record: dict) -> bool:
     try:
-        return json.loads((folder / SOURCE_RECORD).read_text()) == record and (folder / "config.json").is_file()
+        return (
+            json.loads((folder / SOURCE_RECORD).read_text()) == record and (folder / "config.json").is_file()
+        )
     except (OSError, json.JSONDecodeError):
         return False
 
@@ -92,7 +94,9 @@ def publish(target: Path, record: dict, build: Callable[[Path], None]) -> Path:
         raise
 
 
-def cached_conversion(source: str | os.PathLike, cache: Path, kind: str, build: Callable[[Path, Path], None]) -> Path:
+def cached_conversion(
+    source: str | os.PathLike, cache: Path, kind: str, build: Callable[[Path, Path], None]
+) -> Path:
     """The folder ``build(source, staging)`` makes from the file ``source``, cached under ``cache``/``kind``
     by the file's sha256 (converted once per content, never a mismatch served)."""
     source = Path(source).expanduser()

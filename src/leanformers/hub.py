@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 from pathlib import Path
 
 import torch
 
 from leanformers._version import __version__
-from leanformers.filecache import cached_conversion, file_sha256, publish
+from leanformers.filecache import SOURCE_RECORD, cached_conversion, file_sha256, publish
 
 __all__ = [
     "all_minilm_l6_v2",
@@ -19,6 +20,8 @@ __all__ = [
     "load_causal_lm",
     "push_folder_to_hub",
     "smollm2_135m",
+    "source_revision",
+    "visibility_problem",
 ]
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -105,11 +108,13 @@ def load_causal_lm(
     gguf_file: str | None = None,
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
+    revision: str | None = None,
 ):
     """Load (model, tokenizer) from a Hub id, a local folder or a ``.gguf`` file.
 
     A Hub id goes through the normal ``from_pretrained`` cache, so online users get the usual Hub
-    behaviour; offline, a missing id raises an error that names it.
+    behaviour; offline, a missing id raises an error that names it. ``revision`` pins a Hub id to a
+    branch, tag or commit (refused for local sources, which have none).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -117,6 +122,10 @@ def load_causal_lm(
     kwargs = {}
     if dtype is not None:
         kwargs["dtype"] = dtype
+    if revision is not None:
+        if Path(source).expanduser().exists():
+            raise ValueError(f"--revision pins a Hub id; {source} is a local path (it has no revisions)")
+        kwargs["revision"] = revision
     if source.endswith(".gguf") or gguf_file is not None:
         path = Path(source)
         if path.suffix == ".gguf":
@@ -125,7 +134,9 @@ def load_causal_lm(
     elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"model folder {source} does not exist")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
+        tokenizer = AutoTokenizer.from_pretrained(
+            source, **{k: v for k, v in kwargs.items() if k == "revision"}
+        )
         model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except OSError as exc:
         if Path(source).exists():
@@ -145,16 +156,53 @@ def load_causal_lm(
     return model, tokenizer
 
 
+def visibility_problem(repo_id: str, exists_private: bool | None, want_private: bool) -> str | None:
+    """Why a push to ``repo_id`` would not do what the flags say (None when it would): ``--private`` on a
+    repo that already exists and is public has no effect on its visibility."""
+    if want_private and exists_private is False:
+        return (
+            f"{repo_id} already exists and is PUBLIC: --private cannot change that, and the upload would be public. "
+            "Make it private first (the repo's Settings on the Hub, or huggingface_hub.update_repo_settings("
+            f"{repo_id!r}, private=True)), or push without --private"
+        )
+    return None
+
+
 def push_folder_to_hub(
     folder: str | os.PathLike, repo_id: str, *, private: bool = False, token: str | None = None
 ) -> str:
-    """Upload a saved model folder to the Hub (creates the repo if needed); returns the repo URL."""
+    """Upload a saved model folder to the Hub (creates the repo if needed); returns the repo URL. Refuses
+    ``private=True`` for a repo that exists and is public (``visibility_problem``)."""
     from huggingface_hub import HfApi
+    from huggingface_hub.utils import RepositoryNotFoundError
 
     api = HfApi(token=token)
+    try:
+        exists_private = bool(api.repo_info(repo_id).private)
+    except RepositoryNotFoundError:
+        exists_private = None
+    problem = visibility_problem(repo_id, exists_private, private)
+    if problem:
+        raise ValueError(problem)
     url = api.create_repo(repo_id, private=private, exist_ok=True)
     api.upload_folder(folder_path=str(folder), repo_id=repo_id, commit_message="Upload leanformers model")
     return str(url)
+
+
+def source_revision(model) -> dict:
+    """What a model was loaded from, precisely: the Hub commit sha (``config._commit_hash``) or, for a local
+    folder or file, the sha256 of its weight files (memoised: an unchanged file is hashed once)."""
+    config = getattr(model, "config", None)
+    name = str(getattr(config, "_name_or_path", "") or "")
+    commit = getattr(config, "_commit_hash", None)
+    path = Path(name).expanduser() if name else None
+    if path is not None and path.exists():
+        files = sorted(path.glob("*.safetensors")) if path.is_dir() else [path]
+        record = json.loads((path / SOURCE_RECORD).read_text()) if (path / SOURCE_RECORD).is_file() else None
+        if record is not None:  # a cached conversion: the original file's hash
+            return {"source": record["file"], "sha256": record["sha256"]}
+        return {"source": path.resolve().name, "sha256": {f.name: file_sha256(f, cache_dir()) for f in files}}
+    return {"source": name or None, "hub_commit": commit}
 
 
 def model_card(
@@ -166,13 +214,17 @@ def model_card(
     evaluation: dict | None = None,
     loader: str = "AutoModelForCausalLM",
     sparsity: dict | None = None,
+    provenance: dict | None = None,
 ) -> str:
     """A model card (README.md with YAML front matter) for a model written by leanformers.
 
     ``sparsity``: the N:M record of a pruned model (it then loads with plain transformers); otherwise the
     card says that ``import leanformers`` registers the quantizer of the compressed layers.
     """
-    base = base_model if "/" in base_model and not os.path.exists(base_model) else None
+    local = os.path.exists(os.path.expanduser(base_model))
+    base = base_model if "/" in base_model and not local else None
+    # a local path would publish the machine's folder layout: the folder or file name says enough
+    base_model = Path(os.path.expanduser(base_model)).resolve().name if local else base_model
     lines = [
         "---",
         "library_name: transformers",
@@ -217,5 +269,12 @@ def model_card(
     if evaluation:
         lines += ["## Evaluation", "", "| | |", "|---|---|"]
         lines += [f"| {k} | {v} |" for k, v in evaluation.items()]
+        lines += [""]
+    if provenance:
+        lines += ["## Provenance", "", "| | |", "|---|---|"]
+        for key, value in provenance.items():
+            if isinstance(value, dict):
+                value = ", ".join(f"{k} {v}" for k, v in value.items())
+            lines += [f"| {key} | {value} |"]
         lines += [""]
     return "\n".join(lines)

@@ -137,7 +137,7 @@ def test_bad_inputs(tiny_lm_folder, shared_data, tmp_path, capsys):
     out.mkdir()
     (out / "keep.txt").write_text("precious")
     assert main(_args(tiny_lm_folder, out, shared_data)) == 1
-    assert "exists and is not empty; pass --overwrite" in capsys.readouterr().err
+    assert "exists and is not empty: pass --overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").read_text() == "precious"
 
     assert main(["nobody-xyz/no-such-model-123", "--output", str(tmp_path / "o2")]) == 1

@@ -17,7 +17,7 @@ from leanformers.data.text import (
     tokenize_text,
 )
 
-__all__ = ["calibration_windows_for", "check_windows_hash", "windows_sha256"]
+__all__ = ["calibration_windows_for", "check_windows_hash", "provenance", "windows_sha256"]
 
 
 def calibration_windows_for(
@@ -75,3 +75,28 @@ def check_windows_hash(windows: torch.Tensor, expected: str | None) -> str:
             "source, its version or the window settings (nsamples, seqlen, seed, tokenizer) changed"
         )
     return actual
+
+
+def provenance(model, calibration, report) -> dict:
+    """Where a compressed model comes from: the source and its revision (Hub commit or file sha256), the
+    calibration as given and the hash of its windows, and the versions that made it."""
+    import transformers
+
+    from leanformers._version import __version__
+    from leanformers.hub import source_revision
+
+    spec = (
+        calibration
+        if isinstance(calibration, str)
+        else (None if calibration is None else "token windows given in Python")
+    )
+    return {
+        **source_revision(model),
+        "calibration": spec,
+        "calibration_sha256": report.calibration_sha256,
+        "versions": {
+            "leanformers": __version__,
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+    }

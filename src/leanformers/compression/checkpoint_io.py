@@ -56,7 +56,7 @@ class CheckpointReader:
         single = self.folder / SAFE_WEIGHTS
         if index.is_file():
             weight_map = json.loads(index.read_text())["weight_map"]
-            self.files = {name: self.folder / file for name, file in weight_map.items()}
+            self.files = {name: self._inside(file) for name, file in weight_map.items()}
         elif single.is_file():
             from safetensors import safe_open
 
@@ -72,6 +72,17 @@ class CheckpointReader:
         missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
         if missing:
             raise FileNotFoundError(f"{self.folder}: the index names shard files that are missing: {missing}")
+
+    def _inside(self, file: str) -> Path:
+        """A shard named by the index, confined to the checkpoint folder: a name with a path ("../x", "/etc/x",
+        "sub/x") would read another file into the output."""
+        path = Path(file)
+        if path.name != file or file in ("", ".", ".."):
+            raise ValueError(
+                f"{self.folder / SAFE_INDEX} names the shard {file!r}, which is not a plain file name in the "
+                "checkpoint folder; the index is corrupt or was crafted to read other files"
+            )
+        return self.folder / file
 
     def __contains__(self, name: str) -> bool:
         return name in self.files

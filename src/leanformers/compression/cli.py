@@ -35,6 +35,7 @@ from leanformers.compression.pipeline import compress, resolve_layout
 from leanformers.compression.pretrained import compress_pretrained
 from leanformers.compression.report import CompressionReport
 from leanformers.data.text import check_sources
+from leanformers.folders import write_text_atomic
 
 __all__ = ["main", "run", "run_in_memory", "run_streaming"]
 
@@ -85,7 +86,7 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
 
         summary.update({f"zero-shot {k}": v for k, v in before_after_rows(zs_before, zs_after).items()})
     evaluation = evaluation_table(opts, before, after, zs_before, zs_after)
-    card = model_card_for(opts, config, summary, evaluation, sparsity_of(config, report))
+    card = model_card_for(opts, config, summary, evaluation, sparsity_of(config, report), report.provenance)
     save_compressed(
         model,
         tokenizer,
@@ -169,7 +170,7 @@ def _write_report(
 ) -> None:
     if opts.report:
         full = {"summary": summary, "report": report.to_dict(), "config": config.to_dict(), **extra}
-        Path(opts.report).write_text(json.dumps(full, indent=2, default=str))
+        write_text_atomic(Path(opts.report), json.dumps(full, indent=2, default=str))
 
 
 def run(opts: argparse.Namespace) -> dict:
@@ -178,7 +179,7 @@ def run(opts: argparse.Namespace) -> dict:
     configs = build_configs(opts)
     check_sources(opts.calib)
     output = Path(opts.output).expanduser()
-    check_output(output, bool(opts.overwrite))
+    check_output(output, bool(opts.overwrite), opts.source)
     dtype = parse_dtype(opts.dtype)
     tasks = _tasks(opts)
     if opts.compare:

@@ -12,6 +12,7 @@ from pathlib import Path
 from leanformers.compression.compressor import compressor_for
 from leanformers.compression.config import CompressionConfig
 from leanformers.compression.report import CompressionReport
+from leanformers.folders import check_output as folders_check_output
 from leanformers.storage.sparsity import sparsity_record
 
 __all__ = [
@@ -28,11 +29,17 @@ __all__ = [
 ]
 
 
-def check_output(path: Path, overwrite: bool) -> None:
-    if path.exists() and not path.is_dir():
-        raise FileExistsError(f"--output {path} exists and is not a folder")
-    if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"--output {path} exists and is not empty; pass --overwrite to replace it")
+def check_output(path: Path, overwrite: bool, source: str | None = None) -> None:
+    """The --output folder can be written: not a symlink, not the source folder (or a folder holding or
+    inside it), empty or --overwrite. A local source file (.gguf) protects its folder too."""
+    protected = []
+    if source is not None and Path(source).expanduser().exists():
+        local = Path(source).expanduser()
+        protected.append(local if local.is_dir() else local.parent)
+    try:
+        folders_check_output(path, overwrite=overwrite, protected=protected)
+    except FileExistsError as exc:
+        raise FileExistsError(str(exc).replace("overwrite=True (--overwrite)", "--overwrite")) from None
 
 
 def parse_dtype(name: str):
@@ -58,7 +65,9 @@ def load_source(opts: argparse.Namespace, dtype):
 
     t0 = time.perf_counter()
     print(f"loading {opts.source} ...", file=sys.stderr)
-    model, tokenizer = load_causal_lm(opts.source, gguf_file=opts.gguf_file, dtype=dtype)
+    model, tokenizer = load_causal_lm(
+        opts.source, gguf_file=opts.gguf_file, dtype=dtype, revision=opts.revision
+    )
     return model, tokenizer, time.perf_counter() - t0
 
 
@@ -119,7 +128,7 @@ def notes_of(report: CompressionReport) -> dict:
 
 
 def model_card_for(
-    opts, config: CompressionConfig, summary: dict, evaluation: dict | None, sparsity=None
+    opts, config: CompressionConfig, summary: dict, evaluation: dict | None, sparsity=None, provenance=None
 ) -> str:
     from leanformers.hub import model_card
 
@@ -131,6 +140,7 @@ def model_card_for(
         settings=compressor.describe(),
         evaluation=evaluation,
         sparsity=sparsity,
+        provenance=provenance,
     )
 
 

@@ -29,6 +29,7 @@ from leanformers.compression.commands import (
 from leanformers.compression.compressor import compressor_for
 from leanformers.compression.config import CompressionConfig
 from leanformers.compression.pipeline import compress, resolve_layout
+from leanformers.folders import write_text_atomic
 
 __all__ = ["folder_name", "run_compare", "stored_bytes"]
 
@@ -127,7 +128,7 @@ def run_compare(
         ppl, zs = evaluate(model)
         folder = output / folder_name(name)
         summary = summary_of(opts, config, report)
-        card = model_card_for(opts, config, summary, None, sparsity_of(config, report))
+        card = model_card_for(opts, config, summary, None, sparsity_of(config, report), report.provenance)
         save_compressed(model, tokenizer, folder, overwrite=bool(opts.overwrite), model_card=card)
         rows.append(_row(name, report.achieved_density, stored_bytes(model), seconds, ppl, zs))
         folders[name] = str(folder)
@@ -149,9 +150,7 @@ def run_compare(
         "configs": {compressor_for(c).name: c.to_dict() for c in configs},
     }
     path = output / "compare.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(result, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
+    write_text_atomic(path, json.dumps(result, indent=2, default=str) + "\n")
     _print_table(rows)
     print(f"\nJSON: {path}")
     return result

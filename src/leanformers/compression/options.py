@@ -57,6 +57,11 @@ CLI_OPTIONS: dict[str, tuple] = {
     "lowrank": (bool, False, "same as --storage lowrank (MPIFA's low-rank ablation)"),
     "dtype": (str, "auto", "dtype to load and save the model in: auto, float32, bfloat16, float16"),
     "gguf_file": (str, None, "GGUF file name inside SOURCE (when SOURCE is a folder or Hub id)"),
+    "revision": (
+        str,
+        None,
+        "pin a Hub SOURCE to this branch, tag or commit (recorded in the card and config)",
+    ),
     "eval": (str, None, "text file (or dataset) to measure perplexity on before and after"),
     "eval_seqlen": (int, 2048, "context length of the perplexity evaluation"),
     "eval_tokens": (int, None, "evaluate on the first N tokens only"),

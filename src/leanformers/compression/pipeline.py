@@ -21,7 +21,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from leanformers.compression.calibration import calibration_windows_for, check_windows_hash
+from leanformers.compression.calibration import calibration_windows_for, check_windows_hash, provenance
 from leanformers.compression.compressor import Compressor, compressor_for
 from leanformers.compression.config import CompressionConfig
 from leanformers.compression.layout import BlockLayout, find_layout, linear_weight, select_modules
@@ -189,6 +189,7 @@ def compress(
         )
         if needs.any:  # what the statistics were computed from, checked against a pinned hash
             report.calibration_sha256 = check_windows_hash(windows, config.calibration_sha256)
+        report.provenance = provenance(model, calibration, report)
         report.model_params_before = sum(p.numel() for p in model.parameters())
         was_training = model.training
         model.eval()

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from leanformers.compression.calibration import calibration_windows_for, check_windows_hash
+from leanformers.compression.calibration import calibration_windows_for, check_windows_hash, provenance
 from leanformers.compression.checkpoint_io import (
     CheckpointReader,
     PeakHostMemory,
@@ -53,9 +52,10 @@ from leanformers.compression.pipeline import (
 )
 from leanformers.compression.precision import full_precision_matmul, resolve_device
 from leanformers.compression.report import CompressionReport
+from leanformers.folders import check_output, fault_point, replace_folder, staging_folder
 from leanformers.storage.integration import dense_skeleton
 from leanformers.storage.layers import CompressedLinear
-from leanformers.storage.saving import atomic_replace, check_guard, write_extras
+from leanformers.storage.saving import check_guard, write_extras
 
 __all__ = ["CheckpointBlocks", "compress_pretrained", "resolve_dtype"]
 
@@ -73,14 +73,6 @@ def resolve_dtype(config, dtype: torch.dtype | str | None) -> torch.dtype:
     if isinstance(stored, str):
         stored = getattr(torch, stored, None)
     return stored if isinstance(stored, torch.dtype) else torch.float32
-
-
-def _check_output(output: Path, overwrite: bool) -> None:
-    if output.exists() and (not output.is_dir() or any(output.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{output} exists and is not empty: pass overwrite=True (--overwrite) to replace it, "
-            "or choose another output folder"
-        )
 
 
 def _skeleton(folder: Path, dtype: torch.dtype | str | None) -> nn.Module:
@@ -169,6 +161,7 @@ class CheckpointBlocks:
         check_guard(self.model, names, self.dense)  # the same refusal save_compressed applies
         self.writer.add(block.state_dict(prefix=f"{self.prefix}.{index}."))
         release(block)
+        fault_point(f"after-block-{index}")
 
     def scan(self):
         """Every block in turn, loaded while the caller holds it (the OWL / spectrum scans)."""
@@ -259,7 +252,7 @@ def compress_pretrained(
     """
     compressor = compressor_for(config)
     source, output = Path(source).expanduser(), Path(output_dir).expanduser().absolute()
-    _check_output(output, overwrite)  # cheap checks first: an occupied output costs no model work
+    check_output(output, overwrite=overwrite, protected=[source])  # cheap: an occupied output costs no work
     reader = CheckpointReader(source)
     max_bytes = _max_bytes(max_shard_size)
     with PeakHostMemory() as memory, full_precision_matmul():
@@ -287,6 +280,7 @@ def compress_pretrained(
         )
         if needs.any:  # what the statistics were computed from, checked against a pinned hash
             report.calibration_sha256 = check_windows_hash(windows, config.calibration_sha256)
+        report.provenance = provenance(model, calibration, report)
         report.model_params_before = sum(p.numel() for p in model.parameters())
         block_bytes = max(sum(t.numel() * t.element_size() for t in b.state_dict().values()) for b in blocks)
         _move_loaded(model, prefix + ".", device)
@@ -298,8 +292,7 @@ def compress_pretrained(
         compressor.plan(blocks, streams, loader.scan())
         loader.dense = dense_skeleton(model)  # once: rebuilding it for every block would cost O(blocks^2)
 
-        output.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
+        staging = staging_folder(output)
         try:
             loader.writer = ShardWriter(staging)
             desc = f"{compressor.name} blocks (streaming)"
@@ -321,7 +314,7 @@ def compress_pretrained(
                 min(max_bytes, block_bytes),
                 model_card,
             )
-            atomic_replace(staging, output)
+            replace_folder(staging, output, overwrite=overwrite, protected=[source])
         except BaseException:
             shutil.rmtree(staging, ignore_errors=True)
             raise

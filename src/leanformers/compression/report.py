@@ -43,6 +43,8 @@ class CompressionReport:
     calibration: str = ""
     calibration_tokens: int = 0
     calibration_sha256: str | None = None  # content hash of the calibration windows (None: no data read)
+    # what the model was made from and with: source revision, calibration, versions (``provenance``)
+    provenance: dict = field(default_factory=dict)
     # peak resident host memory during the call (set by the streaming mode, mpifa_compress_pretrained)
     peak_host_rss_bytes: int | None = None
 
@@ -100,5 +102,6 @@ class CompressionReport:
             "calibration": self.calibration,
             "calibration_tokens": self.calibration_tokens,
             "calibration_sha256": self.calibration_sha256,
+            "provenance": self.provenance,
             "peak_host_rss_bytes": self.peak_host_rss_bytes,
         }

@@ -202,6 +202,7 @@ class LowRankCompressor(Compressor):
             "rank_multiple": self.config.rank_multiple or default_rank_multiple(self.device),
             "achieved_density": report.achieved_density,
             "calibration_sha256": report.calibration_sha256,
+            "provenance": report.provenance,
         }
         model.config.quantization_config = MPIFAQuantizationConfig(
             modules=specs,

@@ -115,4 +115,6 @@ class SemiStructuredCompressor(Compressor):
         return reports
 
     def finalize(self, model: nn.Module, specs: dict[str, dict], report: CompressionReport) -> None:
-        setattr(model.config, SPARSITY_KEY, sparsity_record(self.name, self.config.pattern, self.pruned))
+        record = sparsity_record(self.name, self.config.pattern, self.pruned)
+        record["provenance"] = report.provenance
+        setattr(model.config, SPARSITY_KEY, record)

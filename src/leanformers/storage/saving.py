@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from leanformers._compat import is_conv1d
+from leanformers.folders import check_output, fault_point, replace_folder, staging_folder
 from leanformers.storage.integration import compressed_modules, dense_skeleton
 from leanformers.storage.layers import PIFALinear, module_from_spec
 from leanformers.storage.quantization_config import MPIFAQuantizationConfig
@@ -29,10 +29,10 @@ from leanformers.storage.sparsity import SPARSITY_KEY, check_pattern
 
 __all__ = [
     "PICKLE_SUFFIXES",
-    "atomic_replace",
     "check_guard",
     "check_safetensors_only",
     "save_compressed",
+    "source_folders",
     "write_extras",
 ]
 
@@ -102,15 +102,14 @@ def save_compressed(
     ``modules`` are taken from the model (a given config that lists other modules or other layouts is an
     error); pruned models (N:M sparsity) are plain checkpoints whose ``config.sparsity`` record is
     checked against the weights. The folder is written beside
-    ``output_dir`` and renamed into place; an existing non-empty ``output_dir`` is refused unless
-    ``overwrite=True`` (``--overwrite`` on the command line). Returns the folder.
+    ``output_dir`` and renamed into place (leanformers.folders: files fsynced first, leftovers of
+    interrupted runs tidied); an existing non-empty ``output_dir`` is refused unless ``overwrite=True``
+    (``--overwrite``), and so is an output that holds, is or lies inside the folder the model was loaded
+    from. Returns the folder.
     """
     output_dir = Path(output_dir).absolute()
-    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
-        raise FileExistsError(
-            f"{output_dir} exists and is not empty: pass overwrite=True (--overwrite) to replace it, "
-            "or choose another output folder"
-        )
+    protected = source_folders(model)
+    check_output(output_dir, overwrite=overwrite, protected=protected)
     modules = compressed_modules(model)
     sparsity = getattr(model.config, SPARSITY_KEY, None)
     if modules:
@@ -122,16 +121,22 @@ def save_compressed(
             "the model has no compressed module (PIFALinear / LowRankLinear) and no semi-structured "
             "sparsity record: compress it first (leanformers.compress / mpifa_compress)"
         )
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.tmp-", dir=output_dir.parent))
+    staging = staging_folder(output_dir)
     try:
         model.save_pretrained(staging, max_shard_size=max_shard_size)
         write_extras(staging, tokenizer, model_card)
-        atomic_replace(staging, output_dir)
+        fault_point("after-staging-weights")
+        replace_folder(staging, output_dir, overwrite=overwrite, protected=protected)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return output_dir
+
+
+def source_folders(model: nn.Module) -> list[Path]:
+    """The local folder the model was loaded from (protected from being overwritten by its own output)."""
+    name = str(getattr(getattr(model, "config", None), "_name_or_path", "") or "")
+    return [Path(name)] if name and Path(name).is_dir() else []
 
 
 def _quantization_config_of(
@@ -188,16 +193,3 @@ def write_extras(staging: Path, tokenizer, model_card: str | None) -> None:
         raise RuntimeError(
             f"refusing to publish pickled files {pickles}; MPIFA folders hold safetensors only"
         )
-
-
-def atomic_replace(staging: Path, output_dir: Path) -> None:
-    """Rename ``staging`` to ``output_dir``; an old folder is moved aside first and deleted after."""
-    old = None
-    if output_dir.exists():
-        old = output_dir.parent / f".{output_dir.name}.old-{os.getpid()}"
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(output_dir, old)
-    os.replace(staging, output_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
