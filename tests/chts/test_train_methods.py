@@ -32,7 +32,7 @@ def test_tiny_recipe_trains_to_the_final_density(tmp_path, shared_data, method):
     callback = next(
         cb for cb in out["trainer"].callback_handler.callbacks if type(cb).__name__ == "CHTssCallback"
     )
-    sched = callback.scheduler
+    sched = callback.controller
     assert sched.config.method == method and len(sched.history) == 2
     for layer in sched.layers:
         assert int(layer.mask.sum()) == link_count(layer.shape, 0.3)
