@@ -499,7 +499,7 @@ def test_tiny_run_of_the_official_mlp_presets_reaches_the_final_density(shared_d
 
 @pytest.mark.slow
 def test_tiny_version_of_the_official_llm_recipe_trains(tmp_path, shared_data):
-    from leanformers.train import run
+    from leanformers.recipes import run
     from tests.conftest import REPO_ROOT
 
     tiny = "{model_type: llama, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 64, tie_word_embeddings: false}"

@@ -7,7 +7,8 @@ import torch
 
 from leanformers.chts import load_masks
 from leanformers.chts.topology import link_count
-from leanformers.train import METHODS, run
+from leanformers.recipes import run
+from leanformers.recipes.methods import METHODS
 from tests.conftest import REPO_ROOT
 
 
@@ -45,7 +46,7 @@ def test_tiny_recipe_trains_to_the_final_density(tmp_path, shared_data, method):
 
 def test_unknown_option_fails_clearly(tmp_path):
     with pytest.raises(
-        ValueError, match=r"unknown CHTssConfig option\(s\) \['densiti'\]; valid options: .*final_density"
+        ValueError, match=r"method.chtss.densiti: unknown key; did you mean .*\? \(valid: .*final_density"
     ):
         run(
             str(REPO_ROOT / "recipes" / "chtss_tiny_cpu.yaml"),

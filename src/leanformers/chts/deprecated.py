@@ -5,6 +5,7 @@ from __future__ import annotations
 import warnings
 
 from leanformers.chts.controller import CHTssController
+from leanformers.chts.rewiring import Rewiring
 
 __all__ = ["CHTssScheduler"]
 
@@ -16,7 +17,8 @@ def warn_renamed(old: str, new: str, stacklevel: int = 3) -> None:
 class CHTssScheduler(CHTssController):
     """Deprecated name of :class:`CHTssController` (before the controller protocol); warns when built.
 
-    Also keeps the former ``attach_optimizer`` and ``step_count`` names (now ``attach`` and ``global_step``).
+    Also keeps the former ``attach_optimizer`` and ``step_count`` names (now ``attach`` and ``global_step``)
+    and ``_regrowth_batches`` (bench/chtss_train.py times it; now ``Rewiring.scored_batches``).
     """
 
     def __init__(self, *args, **kwargs):
@@ -31,3 +33,6 @@ class CHTssScheduler(CHTssController):
     def step_count(self) -> int:
         warn_renamed("CHTssScheduler.step_count", "CHTssController.global_step")
         return self.global_step
+
+    def _regrowth_batches(self, kept, timer):
+        return Rewiring(self.layers, self.config, self.gradients).scored_batches(kept, timer)
