@@ -9,7 +9,7 @@ import json
 import pytest
 from safetensors.torch import load_file
 
-from leanformers import train
+from leanformers.recipes import cli
 from tests.bench.conftest import load_bench
 from tests.helpers import REPO_ROOT
 
@@ -33,7 +33,7 @@ def run_cli(method: str, out, cache, capsys) -> dict:
         f"training.output_dir={out}",
         f"tokenizer.cache_dir={cache}",
     ]
-    assert train.main(argv) == 0
+    assert cli.main(argv) == 0
     printed = capsys.readouterr().out
     metrics = json.loads(printed[printed.index("{\n") :])  # the CLI prints the metrics JSON last
     assert metrics == json.loads((out / "results.json").read_text())

@@ -52,7 +52,7 @@ def test_errors_name_the_problem(tmp_path):
 
 def test_train_methods_are_the_chtss_presets_plus_dense_lora_sst():
     from leanformers.chts.config import METHOD_PRESETS
-    from leanformers.train import METHODS
+    from leanformers.recipes.methods import METHODS
 
     assert set(METHODS) == set(METHOD_PRESETS) | {"dense", "lora", "sst"}
     assert {"chtss_official_llm", "chts_official_mlp", "cht_official", "static"} <= set(METHODS)
@@ -79,3 +79,37 @@ def test_field_docs_reads_the_attributes_section():
         "mode": '"a" or "b".',
     }
     assert recipes.field_docs(type("NoDoc", (), {})) == {}
+
+
+TRAINING_RECIPES = [
+    "chtss_llama130m.yaml",
+    "chtss_official_llama60m.yaml",
+    "chtss_tiny_cpu.yaml",
+    "classification_tiny_cpu.yaml",
+    "mt_multi30k.yaml",
+    "sst_llama130m.yaml",
+    "sst_tiny_cpu.yaml",
+    "translation_tiny_cpu.yaml",
+]
+
+
+@pytest.mark.parametrize("name", TRAINING_RECIPES)
+def test_every_shipped_training_recipe_passes_the_checks(name, repo_root):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # chtss_official_llm warns that it misses its final density
+        recipe = recipes.load_training_recipe(repo_root / "recipes" / name)
+    assert {"model", "data", "training"} <= set(recipe)
+
+
+def test_floats_yaml_reads_as_strings_are_numbers_and_types_are_checked():
+    from leanformers.recipes.checks import RecipeError, check_value
+
+    assert check_value("training.learning_rate", "3e-4", float) == 3e-4  # YAML 1.1 reads 3e-4 as a string
+    assert check_value("training.max_steps", 5, int) == 5
+    assert check_value("method.chtss.density_end", None, float | None) is None
+    with pytest.raises(RecipeError, match=r"^training.max_steps=True: expected an integer$"):
+        check_value("training.max_steps", True, int)
+    with pytest.raises(RecipeError, match=r"^training.learning_rate='fast': expected a number$"):
+        check_value("training.learning_rate", "fast", float)

@@ -7,7 +7,7 @@ and explained in docs/api.md.
 """
 
 from leanformers._version import __version__
-from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController, CHTssScheduler
+from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController
 from leanformers.compression import (
     CompressionConfig,
     CompressionReport,
@@ -35,7 +35,6 @@ __all__ = [
     "CHTssCallback",
     "CHTssConfig",
     "CHTssController",
-    "CHTssScheduler",
     "CompressionConfig",
     "CompressionReport",
     "Compressor",

@@ -7,7 +7,7 @@ Per method, rank 0 writes ``OUT_DIR/<method>.pt``:
   step 4, sharded by torch.distributed.checkpoint);
 - ``resumed``: the same after a fresh model resumed from a COPY of that checkpoint folder;
 - ``checks``: what every rank checked (DTensor Shard(0) weights, masks held as local shards, method
-  state identical on every rank, state saved once).
+  state identical on every rank, state saved once, the masks saved with the whole model by rank 0).
 
 :func:`train` is also the single-process reference run (``fsdp=False``, global batch in one process).
 """
@@ -114,7 +114,8 @@ def _snapshot(trainer, callback) -> dict:
 def run(method: str, root: Path) -> dict:
     from torch.distributed.tensor import DTensor, Shard
 
-    from leanformers.training.fsdp import local
+    from leanformers.chts import load_masks
+    from leanformers.training.fsdp import local, save_full_model
 
     rank = dist.get_rank()
     accumulate = ACCUMULATE.get(method, 1)
@@ -143,6 +144,13 @@ def run(method: str, root: Path) -> dict:
         "disagreement": [h["chtss/rank_disagreement"] for h in controller.history],
     }
     full = _snapshot(trainer, callback)
+    # the whole model, written by rank 0 alone (save_pretrained): the masks go with it, no collective
+    save_full_model(trainer, root / "final")
+    if rank == 0:
+        saved = load_masks(root / "final")
+        checks["masks_saved_with_model"] = saved.keys() == full["masks"].keys() and all(
+            torch.equal(saved[k], full["masks"][k]) for k in saved
+        )
     ckpt = root / "run" / f"checkpoint-{SAVE_AT}"
     copied = root / "copied" / "somewhere-else"
     if rank == 0:

@@ -23,7 +23,7 @@ def _worker(rank: int, world: int, init_file: str, out_dir: str, methods: tuple[
 def _train(rank: int, method: str, out_dir: str) -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from leanformers.chts import CHTssConfig, CHTssScheduler
+    from leanformers.chts import CHTssConfig, CHTssController
     from leanformers.chts.mlp import MLP_TARGETS, MLPClassifier
 
     torch.manual_seed(0)
@@ -43,7 +43,7 @@ def _train(rank: int, method: str, out_dir: str) -> None:
         zeta=0.3,
         chain_removal=True,
     )
-    sched = CHTssScheduler(ddp, opt, cfg, total_steps=16)
+    sched = CHTssController(ddp, opt, cfg, total_steps=16)
     g = torch.Generator().manual_seed(rank)  # each rank sees different data (local gradients differ)
     for _ in range(16):
         x = torch.randn(8, 64, generator=g)

@@ -50,6 +50,7 @@ def test_sharded_run_holds_shards_and_identical_method_state(method, reports):
     assert checks["disagreement"] == [0.0] * 4  # every rank chose the same links itself
     assert checks["sharded_checkpoint"] == ["leanformers", "optimizer_0", "pytorch_model_fsdp_0"]
     assert checks["state_files"] == ["chtss.safetensors"]  # the method state is written once
+    assert checks["masks_saved_with_model"], "save_full_model's folder lacks the gathered masks"
 
 
 @pytest.mark.distributed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from leanformers.chts import CHTssConfig, CHTssScheduler
+from leanformers.chts import CHTssConfig, CHTssController
 from leanformers.chts.predictors import l3n_scores
 from leanformers.chts.sampling import select
 from leanformers.chts.topology import link_count
@@ -34,7 +34,7 @@ def test_soft_sampling_4096_by_11008_on_cuda():
 def test_scheduler_on_cuda_bf16_model():
     model = tiny_llama().cuda().to(torch.bfloat16)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    sched = CHTssScheduler(model, opt, CHTssConfig(final_density=0.3, update_interval=2), total_steps=12)
+    sched = CHTssController(model, opt, CHTssConfig(final_density=0.3, update_interval=2), total_steps=12)
     for step in range(12):
         ids = random_ids(seed=step).cuda()
         model(input_ids=ids, labels=ids).loss.backward()

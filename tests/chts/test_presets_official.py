@@ -16,10 +16,11 @@ from torch import nn
 from torch.utils.data import Dataset
 from transformers import Trainer, TrainingArguments
 
-from leanformers.chts import CHTssCallback, CHTssConfig, CHTssScheduler
+from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController
 from leanformers.chts.config import METHOD_PRESETS, OFFICIAL_PRESETS
 from leanformers.chts.mlp import MLPClassifier, mnist_split
 from leanformers.chts.predictors import l3n_scores, l3p_scores
+from leanformers.chts.rewiring import Rewiring
 from leanformers.chts.schedules import num_updates, update_schedule
 from leanformers.chts.topology import (
     brf_degrees,
@@ -76,9 +77,9 @@ def test_cht_preset_regrows_by_the_exact_path_based_ch3_l3p_scores():
     assert cht.initial_density == 0.2 and not cht.is_chtss
     model = nn.Sequential(nn.Linear(14, 11))
     cfg = CHTssConfig.for_method("cht", final_density=0.2, targets=[r"^0$"], exclude=[], update_interval=1)
-    sched = CHTssScheduler(model, None, cfg, total_steps=4)
+    sched = CHTssController(model, None, cfg, total_steps=4)
     mask = sched.layers[0].mask
-    ((_, scores),) = next(sched._regrowth_batches([mask], [0.0]))
+    ((_, scores),) = next(Rewiring(sched.layers, cfg, sched.gradients).scored_batches([mask], [0.0]))
     expected = brute_force_ch_l3(mask, "CH3")  # the path enumeration of tests/chts/test_predictors.py
     assert expected.abs().sum() > 0
     torch.testing.assert_close(scores.double(), expected, rtol=1e-5, atol=1e-6)
@@ -340,9 +341,9 @@ def test_scheduler_uses_the_official_ch31_formula_when_asked():
     scores = {}
     for formula in ("leanformers", "official"):
         cfg = CHTssConfig.for_method("cht", regrowth="CH3.1_L3n", ch31_formula=formula, **common)
-        sched = CHTssScheduler(model, None, cfg, total_steps=4)
+        sched = CHTssController(model, None, cfg, total_steps=4)
         mask = sched.layers[0].mask.unsqueeze(0)
-        batch = next(sched._regrowth_batches([mask[0]], [0.0]))
+        batch = next(Rewiring(sched.layers, cfg, sched.gradients).scored_batches([mask[0]], [0.0]))
         scores[formula] = batch[0][1]
         expected = l3n_scores(mask[0], "CH3.1_official" if formula == "official" else "CH3.1")
         torch.testing.assert_close(scores[formula], expected)
@@ -363,7 +364,7 @@ def test_hard_magnitude_removal_drops_exactly_the_smallest_weights():
         zeta=0.25,
         regrowth="random",
     )
-    sched = CHTssScheduler(model, None, cfg, total_steps=8)
+    sched = CHTssController(model, None, cfg, total_steps=8)
     layer = sched.layers[0]
     before = layer.mask.clone()
     w = layer.weight.data.abs()
@@ -396,7 +397,7 @@ def test_em_s_update_prunes_to_the_final_density_by_magnitude_then_regrows_the_b
         update_interval=10,
         chain_removal=False,  # so that the kept links are exactly the pruned set
     )
-    sched = CHTssScheduler(model, None, cfg, total_steps=80, input_correlation=corr)
+    sched = CHTssController(model, None, cfg, total_steps=80, input_correlation=corr)
     for layer in sched.layers:
         assert int(layer.mask.sum()) == link_count(layer.shape, 0.15)
     t_end = 60
@@ -446,7 +447,7 @@ def _trainer_run(tmp_path, cfg, max_steps):
     )
     callback = CHTssCallback(cfg)
     Trainer(model=tiny_llama(), args=args, train_dataset=TokenData(), callbacks=[callback]).train()
-    return callback.scheduler
+    return callback.controller
 
 
 @pytest.mark.parametrize("name", ["chts_official_llm", "chtss_official_llm"])
@@ -480,7 +481,7 @@ def test_tiny_run_of_the_official_mlp_presets_reaches_the_final_density(shared_d
         cfg = CHTssConfig.for_method(
             name, final_density=0.05, targets=[r"^layers\.(0|2)$"], exclude=[], update_interval=10
         )
-        sched = CHTssScheduler(model, opt, cfg, total_steps=80, input_correlation=corr)
+        sched = CHTssController(model, opt, cfg, total_steps=80, input_correlation=corr)
         for step in range(80):
             idx = torch.arange(step % 10 * 32, step % 10 * 32 + 32)
             model(x_train[idx], y_train[idx])["loss"].backward()
@@ -498,7 +499,7 @@ def test_tiny_run_of_the_official_mlp_presets_reaches_the_final_density(shared_d
 
 @pytest.mark.slow
 def test_tiny_version_of_the_official_llm_recipe_trains(tmp_path, shared_data):
-    from leanformers.train import run
+    from leanformers.recipes import run
     from tests.conftest import REPO_ROOT
 
     tiny = "{model_type: llama, hidden_size: 64, intermediate_size: 96, num_hidden_layers: 2, num_attention_heads: 4, num_key_value_heads: 4, max_position_embeddings: 64, tie_word_embeddings: false}"
@@ -528,11 +529,11 @@ def test_tiny_version_of_the_official_llm_recipe_trains(tmp_path, shared_data):
         out = run(str(REPO_ROOT / "recipes" / "chtss_official_llama60m.yaml"), overrides)
         preset = CHTssConfig.for_method("chtss_official_llm", final_density=0.1, update_interval=2)
     cb = next(c for c in out["trainer"].callback_handler.callbacks if type(c).__name__ == "CHTssCallback")
-    cfg = cb.scheduler.config
+    cfg = cb.controller.config
     for name in OFFICIAL_PRESETS["chtss_official_llm"]:  # the recipe spells out the preset
         if name != "update_interval":
             assert getattr(cfg, name) == getattr(preset, name), name
     final = _official_s_shape(7, 8, 0.5, 0.9)  # 7 updates of a density window of 8, as the reference
-    for layer in cb.scheduler.layers:
+    for layer in cb.controller.layers:
         assert int(layer.mask.sum()) == link_count(layer.shape, final)
     assert math.isfinite(out["metrics"]["eval_loss"])

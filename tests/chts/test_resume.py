@@ -30,7 +30,7 @@ class MaskRecorder(TrainerCallback):
         self.masks: dict[int, dict[str, torch.Tensor]] = {}
 
     def on_step_end(self, args, state, control, **kwargs):
-        self.masks[state.global_step] = {k: v.clone() for k, v in self.chtss.scheduler.masks.items()}
+        self.masks[state.global_step] = {k: v.clone() for k, v in self.chtss.controller.masks.items()}
 
 
 def run(model, out, resume=None):
@@ -60,7 +60,7 @@ def uninterrupted(tmp_path_factory):
     out = tmp_path_factory.mktemp("uninterrupted")
     model = tiny_llama()
     chtss, recorder = run(model, out)
-    assert chtss.scheduler.step_count == STEPS and len(chtss.scheduler.history) == 4
+    assert chtss.controller.global_step == STEPS and len(chtss.controller.history) == 4
     return out, model, recorder
 
 
@@ -83,7 +83,7 @@ def test_resume_from_a_copied_checkpoint_equals_the_uninterrupted_run_at_every_s
         save_state(out / "checkpoint-6", "chtss", foreign, meta)
     resumed = tiny_llama(seed=5)  # different initial weights: everything must come from the copy
     chtss, recorder = run(resumed, out, resume=str(copy))
-    assert chtss.scheduler.step_count == STEPS and chtss.scheduler.history  # update at step 8 happened
+    assert chtss.controller.global_step == STEPS and chtss.controller.history  # update at step 8 happened
     assert sorted(recorder.masks) == list(range(7, STEPS + 1))
     for step, masks in recorder.masks.items():
         for name, mask in masks.items():

@@ -41,7 +41,9 @@ def test_sigmoid_shape_is_symmetric_and_normalised():
         assert a + b == pytest.approx(1.0)
     # Steep in the middle, flat at the ends (k = 6).
     assert schedules.shaped_progress(2, total) < 2 / total
-    with pytest.raises(ValueError, match="not one of sigmoid"):
+    with pytest.raises(
+        ValueError, match=r"density schedule .exp. is not one of \[.cubic., .linear., .sigmoid.\]"
+    ):
         schedules.shaped_progress(1, 10, "exp")
 
 
@@ -66,3 +68,29 @@ def test_zeta_cosine_and_temperature_ramp():
     temps = [schedules.temperature_at(u, total, 1.0, 9.0) for u in range(1, total + 1)]
     assert temps[0] == 1.0 and temps[-1] == 9.0
     assert temps[4] - temps[3] == pytest.approx(8.0 / 9.0)
+
+
+@pytest.mark.parametrize(
+    ("total_steps", "topology_end", "interval"),
+    [
+        (10_000, 0.75, 100),
+        (100_000, 0.75, 100),
+        (1_000, 0.75, 75),
+        (100, 0.75, 7),
+        (20, 0.75, 1),
+        (1, 0.75, 1),
+    ],
+)
+def test_auto_update_interval_scales_with_the_run(total_steps, topology_end, interval):
+    assert schedules.auto_update_interval(total_steps, topology_end) == interval
+    window_updates = schedules.num_updates(total_steps, interval, topology_end)
+    assert window_updates >= min(10, int(topology_end * total_steps))  # at least 10 updates when they fit
+
+
+def test_auto_interval_is_resolved_by_the_pure_schedule_too():
+    from leanformers.chts import CHTssConfig
+
+    auto = CHTssConfig(final_density=0.3)
+    explicit = CHTssConfig(final_density=0.3, update_interval=7)
+    for u in (1, 5, 10):
+        assert schedules.update_schedule(auto, u, 10, 100) == schedules.update_schedule(explicit, u, 10, 100)

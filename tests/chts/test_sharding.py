@@ -12,11 +12,11 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerControl, TrainerState, TrainingArguments
 
-from leanformers.chts import CHTssCallback, CHTssConfig, CHTssScheduler
+from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController
 from tests.tiny_models import tiny_llama
 
 CFG = CHTssConfig(final_density=0.3, update_interval=2)
-NAMES_FSDP2 = r"FSDP2 \(fully_shard\) is supported: .*fsdp_version.*recipes/accelerate/fsdp2\.yaml"
+NAMES_FSDP2 = r"Use (PyTorch )?FSDP2.*fsdp_version': 2.*recipes/accelerate/fsdp2\.yaml"
 
 
 def test_fsdp1_training_arguments_are_refused_naming_fsdp2(tmp_path):
@@ -25,7 +25,7 @@ def test_fsdp1_training_arguments_are_refused_naming_fsdp2(tmp_path):
     )
     callback = CHTssCallback(CFG)
     model = tiny_llama()
-    message = r"CHTss does not support FSDP training: FSDP1 .*FlatParameter.*" + NAMES_FSDP2
+    message = r"CHTss does not support FSDP1 .*FlatParameter.*" + NAMES_FSDP2 + ".*Found: fsdp_version=1"
     with pytest.raises(ValueError, match=message):
         callback.on_init_end(args, TrainerState(), TrainerControl(), model=model)
     with pytest.raises(ValueError, match=message):
@@ -38,10 +38,14 @@ def test_fsdp1_training_arguments_are_refused_naming_fsdp2(tmp_path):
         )
 
 
-def test_fsdp2_training_arguments_are_accepted(tmp_path):
+@pytest.mark.parametrize("fsdp_config", [{"fsdp_version": 2}, {}])
+def test_fsdp2_training_arguments_are_accepted(tmp_path, fsdp_config):
+    # {}: the Trainer's own default version (2 in transformers 5), read from args.fsdp_plugin_args; the
+    # policy used to assume 1 there and refused a run the Trainer would have sharded with FSDP2.
     args = TrainingArguments(
-        output_dir=str(tmp_path), fsdp=True, fsdp_config={"fsdp_version": 2}, use_cpu=True, report_to=[]
+        output_dir=str(tmp_path), fsdp=True, fsdp_config=fsdp_config, use_cpu=True, report_to=[]
     )
+    assert args.fsdp_plugin_args["fsdp_version"] == 2
     CHTssCallback(CFG).on_init_end(args, TrainerState(), TrainerControl(), model=tiny_llama())
 
 
@@ -50,7 +54,7 @@ def test_deepspeed_training_arguments_are_refused_naming_fsdp2(tmp_path):
     # set on a real TrainingArguments afterwards, as the user's value would be.
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
     args.deepspeed = {"zero_optimization": {"stage": 2}}
-    message = r"does not support DeepSpeed training: ZeRO keeps fp32 master.*" + NAMES_FSDP2
+    message = r"CHTss does not support DeepSpeed ZeRO: ZeRO keeps fp32 master.*" + NAMES_FSDP2
     with pytest.raises(ValueError, match=message):
         CHTssCallback(CFG).on_init_end(args, TrainerState(), TrainerControl(), model=tiny_llama())
 
@@ -70,7 +74,7 @@ def test_fully_sharded_model_trains_with_masks_per_shard(tmp_path):
         fully_shard(model)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         cfg = CHTssConfig(final_density=0.3, update_interval=2, topology_end=1.0)
-        sched = CHTssScheduler(model, opt, cfg, total_steps=4)
+        sched = CHTssController(model, opt, cfg, total_steps=4)
         assert sched.sharded
         ids = torch.randint(3, 100, (2, 8), generator=torch.Generator().manual_seed(0))
         for _ in range(4):
@@ -97,7 +101,7 @@ def test_sharding_after_the_controller_was_built_is_refused(tmp_path):
     try:
         model = tiny_llama()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        sched = CHTssScheduler(model, opt, CFG, total_steps=4)
+        sched = CHTssController(model, opt, CFG, total_steps=4)
         fully_shard(model)
         with pytest.raises(RuntimeError, match="sharded .fully_shard. after the CHTss controller was built"):
             sched.step()

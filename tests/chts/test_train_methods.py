@@ -7,7 +7,8 @@ import torch
 
 from leanformers.chts import load_masks
 from leanformers.chts.topology import link_count
-from leanformers.train import METHODS, run
+from leanformers.recipes import run
+from leanformers.recipes.methods import METHODS
 from tests.conftest import REPO_ROOT
 
 
@@ -32,7 +33,7 @@ def test_tiny_recipe_trains_to_the_final_density(tmp_path, shared_data, method):
     callback = next(
         cb for cb in out["trainer"].callback_handler.callbacks if type(cb).__name__ == "CHTssCallback"
     )
-    sched = callback.scheduler
+    sched = callback.controller
     assert sched.config.method == method and len(sched.history) == 2
     for layer in sched.layers:
         assert int(layer.mask.sum()) == link_count(layer.shape, 0.3)
@@ -45,7 +46,7 @@ def test_tiny_recipe_trains_to_the_final_density(tmp_path, shared_data, method):
 
 def test_unknown_option_fails_clearly(tmp_path):
     with pytest.raises(
-        ValueError, match=r"unknown CHTssConfig option\(s\) \['densiti'\]; valid options: .*final_density"
+        ValueError, match=r"method.chtss.densiti: unknown key; did you mean .*\? \(valid: .*final_density"
     ):
         run(
             str(REPO_ROOT / "recipes" / "chtss_tiny_cpu.yaml"),

@@ -613,6 +613,97 @@ def check_stream(row: Row, tmp_path: Path) -> None:
     assert read(tmp_path / "memory") == read(tmp_path / "stream")
 
 
+# ----------------------------------------------------------------------------- issue 22: masks, recipes
+
+
+class _MasksAtStart:
+    """Trainer callback placed after CHTssCallback: the masks its controller starts from."""
+
+    def __init__(self, chtss):
+        from transformers import TrainerCallback
+
+        record = self
+
+        class CB(TrainerCallback):
+            def on_train_begin(self, args, state, control, **kwargs):
+                record.masks = {k: v.clone() for k, v in controller_of(chtss).masks.items()}
+
+        self.masks: dict | None = None
+        self.callback = CB()
+
+
+def check_masks_with_model(row: Row, tmp_path: Path) -> None:
+    """trainer.save_model(dir) writes the masks next to the weights; load_masks(dir) finds them; a new
+    Trainer with the callback on the model reloaded from dir starts from them (not from a new draw)."""
+    import transformers
+
+    from leanformers import CHTssCallback
+    from leanformers.chts import load_masks
+
+    model, callbacks = wrap(row)
+    trainer = make_trainer(model, callbacks, row, tmp_path / "run", max_steps=2)
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    saved = dst_masks(callbacks)
+    found = load_masks(tmp_path / "final")
+    assert found.keys() == saved.keys() and all(torch.equal(found[k], saved[k]) for k in saved)
+    reloaded = getattr(transformers, row.family.auto_class).from_pretrained(tmp_path / "final")
+    chtss = CHTssCallback(dst_config(row))
+    start = _MasksAtStart(chtss)
+    make_trainer(reloaded, [chtss, start.callback], row, tmp_path / "more", max_steps=2).train()
+    assert start.masks is not None and all(torch.equal(start.masks[k], saved[k]) for k in saved)
+    assert_masks_hold(reloaded, [chtss])
+
+
+_TINY_LLAMA_RECIPE = {
+    "model": {
+        "config": {
+            "model_type": "llama",
+            "hidden_size": 32,
+            "intermediate_size": 48,
+            "num_hidden_layers": 1,
+            "num_attention_heads": 2,
+            "num_key_value_heads": 1,
+            "max_position_embeddings": 64,
+        }
+    },
+    "tokenizer": "bytes",
+    "data": {"train": None, "block_size": 16},
+    "training": {"max_steps": 2, "per_device_train_batch_size": 2, "use_cpu": True, "disable_tqdm": True},
+}
+
+
+def check_recipe_errors(row: Row, tmp_path: Path) -> None:
+    """leanformers-train with the method: a recipe runs (its final/ carries the masks); a wrong --set of
+    the method's options or of the training section exits 2 with one line naming the key (issue 22)."""
+    import yaml
+
+    from leanformers.recipes import cli
+
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    recipe = dict(_TINY_LLAMA_RECIPE, data={"train": str(text), "block_size": 16})
+    options = {
+        k: v for k, v in dst_config(row).to_dict().items() if k in ("final_density", "update_interval")
+    }
+    name = row.method.options.get("preset", row.method.name)
+    recipe["method"] = {"name": name, name: dict(options, topology_end=1.0)}
+    recipe["training"] = dict(recipe["training"], output_dir=str(tmp_path / "out"), report_to="none")
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli.main([str(path)]) == 0
+    assert (tmp_path / "out" / "final" / "leanformers" / "chtss_masks.safetensors").is_file()
+    for setting, key in (
+        (f"method.{name}.final_densty=0.3", f"method.{name}.final_densty: unknown key; did you mean"),
+        ("training.max_steps=1.5", "training.max_steps=1.5: expected an integer"),
+        (f"method.{name}.regrowth=CH9", f"method.{name}: regrowth='CH9' is not one of"),
+    ):
+        with contextlib.redirect_stderr(io.StringIO()) as err:
+            code = cli.main([str(path), "--set", setting])
+        lines = err.getvalue().strip().splitlines()
+        assert code == 2 and len(lines) == 1 and key in lines[0], (setting, code, lines)
+
+
 CHECKS = {
     name[len("check_") :]: fn
     for name, fn in dict(globals()).items()

@@ -114,7 +114,7 @@ PEFT_OPS = (
     "add_set_adapter",
 )
 SST_ONLY_OPS = ("no_controller_warns",)
-DST_ONLY_OPS = ("config_method",)
+DST_ONLY_OPS = ("config_method", "masks_with_model", "recipe_errors")
 DDP_OP = "ddp"  # batched: one 2-process gloo launch runs every ddp row
 FSDP2_OP = "fsdp2"  # batched: one 2-process gloo launch runs every fsdp2 row (Trainer + FSDP2 on CPU)
 DIST_OPS = (DDP_OP, FSDP2_OP)
@@ -281,7 +281,8 @@ def _applies(method: Method, family: Family, op: str) -> bool:
         return False  # a classifier does not generate
     if op == "stream" and family.task != "causal":
         return False  # streaming compression rebuilds a causal LM from its config
-    if op in (*DIST_OPS, *BAD_INPUT_OPS, "config_method", "no_controller_warns") and family.name != "llama":
+    method_level = (*DIST_OPS, *BAD_INPUT_OPS, "config_method", "no_controller_warns", "recipe_errors")
+    if op in method_level and family.name != "llama":
         return False  # method-level properties: one family is enough
     if op in PEFT_OPS and family.name not in ("llama", "gpt2", "bert_cls"):
         return False

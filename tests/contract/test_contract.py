@@ -279,3 +279,18 @@ def test_table_keeps_every_issue_row_and_every_family():
         assert covered == set(families), (method.name, set(families) - covered)
     batched = set(PERSIST_OPS) | {DDP_OP, FSDP2_OP}
     assert all(row.op in CHECKS or row.op in batched for row in ROWS)
+
+
+# Issue 22's user-facing paths of CHTss and the recipes, pinned like issue 7's rows.
+ISSUE_22_ROWS = {
+    "CHTss masks travel with the model (save_model, load_masks, a new run)": [
+        f"chtss-{family}-masks_with_model" for family in ("llama", "qwen2", "opt", "gpt2", "bert_cls", "bart")
+    ],
+    "recipe errors: one line naming the key, exit 2": ["chtss-llama-recipe_errors"],
+}
+
+
+def test_table_keeps_issue_22_rows():
+    ids = {row.id for row in ROWS}
+    missing = {bullet: [r for r in rows if r not in ids] for bullet, rows in ISSUE_22_ROWS.items()}
+    assert not {k: v for k, v in missing.items() if v}, missing

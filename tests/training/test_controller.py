@@ -8,7 +8,7 @@ from peft import get_peft_model
 from torch import nn
 
 import leanformers
-from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController, CHTssScheduler
+from leanformers.chts import CHTssCallback, CHTssConfig, CHTssController
 from leanformers.sst import SSTCallback, SSTConfig, SSTController
 from leanformers.training import Controller, ControllerCallback
 from tests.tiny_models import random_ids, tiny_llama
@@ -44,13 +44,36 @@ def test_sst_and_chtss_controllers_and_callbacks_share_one_protocol():
         assert isinstance(controller, Controller)
         assert controller.global_step == 0 and isinstance(controller.metrics(), dict)
     assert issubclass(SSTCallback, ControllerCallback) and issubclass(CHTssCallback, ControllerCallback)
-    assert CHTssScheduler is CHTssController and leanformers.CHTssScheduler is CHTssController
-    assert CHTssController.attach_optimizer is CHTssController.attach
+
+
+def test_old_chtss_names_warn_and_are_not_public():
+    import importlib
+    import sys
+
+    from leanformers.chts import CHTssScheduler
+
+    assert "CHTssScheduler" not in leanformers.chts.__all__
+    with pytest.warns(
+        FutureWarning, match="CHTssScheduler is deprecated: use leanformers.chts.CHTssController"
+    ):
+        old = CHTssScheduler(_mlp(), None, CHTSS, total_steps=8)
+    assert isinstance(old, CHTssController)
+    with pytest.warns(FutureWarning, match="step_count is deprecated: use CHTssController.global_step"):
+        assert old.step_count == 0
+    optimizer = torch.optim.SGD(old.model.parameters(), lr=0.1)
+    with pytest.warns(FutureWarning, match="attach_optimizer is deprecated: use CHTssController.attach"):
+        old.attach_optimizer(optimizer)
+    assert old.optimizer is optimizer
+    with pytest.warns(FutureWarning, match="CHTssCallback.scheduler is deprecated"):
+        assert CHTssCallback(CHTSS).scheduler is None
+    sys.modules.pop("leanformers.chts.scheduler", None)
+    with pytest.warns(FutureWarning, match="leanformers.chts.scheduler is deprecated"):
+        assert importlib.import_module("leanformers.chts.scheduler").CHTssController is CHTssController
 
 
 def test_chtss_custom_loop_resume_restores_masks_and_checks_the_step(tmp_path):
     model, controller = _train_chtss(4)  # two topology updates
-    assert controller.global_step == controller.step_count == 4 and len(controller.history) == 2
+    assert controller.global_step == 4 and len(controller.history) == 2
     controller.save(tmp_path)
     fresh = _mlp(seed=1)
     fresh.load_state_dict(model.state_dict())  # the weights of the same "checkpoint"

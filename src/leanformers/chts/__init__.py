@@ -2,7 +2,8 @@
 
 from leanformers.chts.callback import CHTssCallback
 from leanformers.chts.config import DEFAULT_TARGETS, CHTssConfig
-from leanformers.chts.controller import CHTssController, CHTssScheduler
+from leanformers.chts.controller import CHTssController
+from leanformers.chts.deprecated import CHTssScheduler  # noqa: F401  (deprecated name; warns when used)
 from leanformers.chts.masks import apply_masks, load_masks, save_masks
 
 __all__ = [
@@ -10,7 +11,6 @@ __all__ = [
     "CHTssCallback",
     "CHTssConfig",
     "CHTssController",
-    "CHTssScheduler",
     "apply_masks",
     "load_masks",
     "save_masks",

@@ -6,23 +6,33 @@ import dataclasses
 import warnings
 from dataclasses import dataclass, field
 
+from leanformers.chts.initial import INIT_TOPOLOGIES, LAYER_DENSITIES
+from leanformers.chts.predictors import CH31_FORMULAS, PRUNE_SCORES, REGROWTH_PREDICTORS, REMOVAL_SCORES
+from leanformers.chts.sampling import SAMPLING_MODES
+from leanformers.chts.schedules import DENSITY_SCHEDULES, SCHEDULE_CLOCKS, ZETA_SCHEDULES
+from leanformers.chts.topology import BRF_DEGREE_KINDS, SPARSE_INIT_FANS
+
 __all__ = ["DEFAULT_TARGETS", "CHTssConfig", "METHOD_PRESETS", "OFFICIAL_PRESETS"]
 
 # Decoder-block projections (LLaMA, Qwen2, Mistral, ...); embeddings, norms and lm_head stay dense.
 DEFAULT_TARGETS = (r"(^|\.)(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)$",)
 
-REGROWTH = ("CH2_L3n", "CH3_L3n", "CH3.1_L3n", "CH2_L3p", "CH3_L3p", "CH3.1_L3p", "random", "gradient")
-REMOVAL = ("weight", "ri", "mest")
-SAMPLING = ("soft", "hard")
-DENSITY_SCHEDULES = ("sigmoid", "linear", "cubic", "em_s")
-ZETA_SCHEDULES = ("cosine", "constant")
-INIT_TOPOLOGIES = ("er", "erk", "brf", "correlated")
-SCHEDULE_CLOCKS = ("update", "step")
-BRF_DEGREES = ("fixed", "random")
-CH31_FORMULAS = ("leanformers", "official")
-SPARSE_INIT_FANS = ("in", "out")
-LAYER_DENSITY = ("uniform", "erk")
-PRUNE_SCORES = ("ri", "weight")
+# field -> its valid values: the keys of the registry that implements the choice
+CHOICES = {
+    "regrowth": tuple(REGROWTH_PREDICTORS),
+    "regrowth_sampling": SAMPLING_MODES,
+    "removal": tuple(REMOVAL_SCORES),
+    "removal_sampling": SAMPLING_MODES,
+    "prune_score": PRUNE_SCORES,
+    "ch31_formula": CH31_FORMULAS,
+    "density_schedule": tuple(DENSITY_SCHEDULES),
+    "zeta_schedule": tuple(ZETA_SCHEDULES),
+    "schedule_clock": SCHEDULE_CLOCKS,
+    "init_topology": tuple(INIT_TOPOLOGIES),
+    "layer_density": tuple(LAYER_DENSITIES),
+    "brf_degrees": BRF_DEGREE_KINDS,
+    "sparse_init_fan": SPARSE_INIT_FANS,
+}
 
 # Named methods of the benchmark (BENCHMARKS.md §5): field overrides applied by CHTssConfig.for_method.
 METHOD_PRESETS: dict[str, dict] = {
@@ -153,7 +163,10 @@ class CHTssConfig:
         targets: regular expressions matched (``re.search``) against module names of ``nn.Linear``
             (or GPT-2 ``Conv1D``) modules; the default picks q/k/v/o/gate/up/down projections.
         exclude: regular expressions of module names never made sparse.
-        update_interval: optimizer steps between two topology updates (0: static sparse training).
+        update_interval: optimizer steps between two topology updates (0: static sparse training), or
+            "auto" (default): derived from the run length, ``min(100, max(1, floor(topology_end *
+            total_steps) // 10))``: the reference recipes' 100 on long runs, at least 10 updates on
+            short ones (100 steps: every 7). The chosen value is logged, and kept on resume.
         topology_end: fraction of training after which the masks are frozen.
         total_steps: optimizer steps of the run; the Trainer callback fills it from ``max_steps``.
         regrowth: link predictor for regrowth: CH2_L3n (default), CH3_L3n, CH3.1_L3n (node based,
@@ -197,6 +210,9 @@ class CHTssConfig:
         predictor_batch: at most this many same-shape matrices per batched predictor call (memory).
         allow_tf32: let the L3n GEMMs use TF32 on CUDA (never bf16/fp16).
         seed: seed of every random draw (initial masks, sampling); all ranks agree through it.
+        masks_from_model: a model loaded with ``from_pretrained(dir)`` whose ``dir`` holds CHTss masks
+            (written by ``save_pretrained`` under a controller) starts from them instead of a new
+            draw; the run then starts at their density (between final and initial density).
         method: a named preset (``chtss``, ``chts``, ``cht``, ``cht_l3n``, ``set``, ``rigl``, ``static``): the fields
             of :data:`METHOD_PRESETS` that are not passed explicitly take the preset's values, so
             ``CHTssConfig(method="rigl")`` is RigL (same as ``CHTssConfig.for_method("rigl")``).
@@ -206,7 +222,7 @@ class CHTssConfig:
     initial_density: float | None = 0.5
     targets: tuple[str, ...] | list[str] | str = DEFAULT_TARGETS
     exclude: tuple[str, ...] | list[str] | str = (r"lm_head", r"embed")
-    update_interval: int = 100
+    update_interval: int | str = "auto"
     topology_end: float = 0.75
     total_steps: int | None = None
     regrowth: str = "CH2_L3n"
@@ -238,6 +254,7 @@ class CHTssConfig:
     predictor_batch: int = 16
     allow_tf32: bool = True
     seed: int = 0
+    masks_from_model: bool = True
     method: str = field(default="chtss")
 
     def __new__(cls, *args, **kwargs):
@@ -257,10 +274,7 @@ class CHTssConfig:
         self.targets = tuple(self.targets)
         self.exclude = tuple(self.exclude)
         if self.density_schedule == "em_s":
-            if not (self.em_s_boost > 0.0 and self.final_density + self.em_s_boost <= 1.0):
-                raise ValueError(
-                    f"em_s_boost={self.em_s_boost} must be > 0 with final_density + em_s_boost <= 1."
-                )
+            self._validate_em_s()
             start = self.final_density + self.em_s_boost
             if self.initial_density is None:
                 self.initial_density = start
@@ -322,22 +336,7 @@ class CHTssConfig:
                 f"final_density={self.final_density} > initial_density={self.initial_density}: CHTss only "
                 "prunes. Set initial_density >= final_density (equal, or None, gives CHTs at fixed density)."
             )
-        choices = {
-            "regrowth": REGROWTH,
-            "regrowth_sampling": SAMPLING,
-            "removal": REMOVAL,
-            "removal_sampling": SAMPLING,
-            "density_schedule": DENSITY_SCHEDULES,
-            "zeta_schedule": ZETA_SCHEDULES,
-            "init_topology": INIT_TOPOLOGIES,
-            "layer_density": LAYER_DENSITY,
-            "prune_score": PRUNE_SCORES,
-            "schedule_clock": SCHEDULE_CLOCKS,
-            "brf_degrees": BRF_DEGREES,
-            "ch31_formula": CH31_FORMULAS,
-            "sparse_init_fan": SPARSE_INIT_FANS,
-        }
-        for name, allowed in choices.items():
+        for name, allowed in CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name}={getattr(self, name)!r} is not one of {allowed}.")
 
@@ -348,7 +347,12 @@ class CHTssConfig:
             )
         if not (0.0 < self.topology_end <= 1.0):
             raise ValueError(f"topology_end={self.topology_end} must be in (0, 1] (fraction of training).")
-        if self.update_interval < 0:
+        auto = self.update_interval == "auto"
+        if not auto and (isinstance(self.update_interval, bool) or not isinstance(self.update_interval, int)):
+            raise ValueError(
+                f"update_interval={self.update_interval!r} must be 'auto' or a number of optimizer steps (int)."
+            )
+        if not auto and self.update_interval < 0:
             raise ValueError(f"update_interval={self.update_interval} must be >= 0 (0 means static sparse).")
         if not (0.0 <= self.brf_randomness <= 1.0):
             raise ValueError(f"brf_randomness={self.brf_randomness} must be in [0, 1].")
@@ -392,8 +396,6 @@ class CHTssConfig:
         values = dict(METHOD_PRESETS[key])
         values.update(overrides)
         values["method"] = key
-        if key == "static":  # static sparse never rewires, whatever interval a shared recipe sets
-            values["update_interval"] = 0
         return cls(**values)
 
     def to_dict(self) -> dict:

@@ -283,8 +283,9 @@ def load_masks(folder: str | os.PathLike) -> dict[str, torch.Tensor]:
         loaded = load_state(folder, "chtss")
     if loaded is None:
         raise FileNotFoundError(
-            f"no CHTss masks in {folder}: expected {folder}/leanformers/{MASKS_STATE_NAME}.safetensors "
-            "(written by CHTssScheduler.save_masks or the CHTssCallback at the end of training)."
+            f"no CHTss masks in {folder}: expected {folder}/leanformers/{MASKS_STATE_NAME}.safetensors, written "
+            "by model.save_pretrained / trainer.save_model of a model under CHTss (CHTssCallback or "
+            "CHTssController), by CHTssController.save_masks, or in output_dir at the end of training."
         )
     tensors, meta = loaded
     shapes = meta["shapes"]

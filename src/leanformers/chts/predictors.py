@@ -15,11 +15,19 @@ Cannistraci-Hebb on length-3 paths o - i1 - o1 - i of a candidate (o, i):
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 
 __all__ = [
+    "CH31_FORMULAS",
     "CH_VARIANTS",
+    "PRUNE_SCORES",
+    "REGROWTH_PREDICTORS",
+    "REMOVAL_SCORES",
+    "Regrowth",
+    "Removal",
     "gradient_scores",
     "l3n_scores",
     "l3p_scores",
@@ -31,6 +39,8 @@ __all__ = [
 ]
 
 CH_VARIANTS = ("CH2", "CH3", "CH3.1", "CH3.1_official")
+# CH3.1-L3n node factor: ours DD / (1 + E) or the reference LLM code's (CHTssConfig.ch31_formula)
+CH31_FORMULAS = ("leanformers", "official")
 
 
 def _check_mask(mask: torch.Tensor) -> None:
@@ -258,3 +268,81 @@ def gradient_scores(grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def random_scores(mask: torch.Tensor) -> torch.Tensor:
     """SET regrowth score: 1 on every non-link (uniform sampling), 0 on links."""
     return (~mask.bool()).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- registries
+# The config's ``regrowth`` / ``removal`` / ``prune_score`` values are keys of these tables (CHTssConfig
+# validates against them). A new rule is one entry here, next to its score function.
+
+
+@dataclass(frozen=True)
+class Regrowth:
+    """A regrowth rule: scores of the non-links of a batch of same-shape kept masks.
+
+    Attributes:
+        score: ``score(kept, grads, settings) -> (B, out, in)`` float32 scores, 0 on links. ``kept``:
+            (B, out, in) bool; ``grads``: the B dense (out, in) gradients (None where none reached a
+            matrix; only filled for rules that need them); ``settings``: an object with
+            ``predictor_chunk``, ``allow_tf32`` and ``ch31_formula`` (a CHTssConfig).
+        batched: same-shape matrices may be scored in one call (B > 1).
+        needs_gradient: the dense gradient of the update step is collected for it.
+    """
+
+    score: Callable
+    batched: bool = False
+    needs_gradient: bool = False
+
+
+def _l3n_rule(variant: str) -> Regrowth:
+    def score(kept, grads, settings):
+        name = "CH3.1_official" if variant == "CH3.1" and settings.ch31_formula == "official" else variant
+        return l3n_scores(kept, name, settings.predictor_chunk, settings.allow_tf32)
+
+    return Regrowth(score, batched=True)
+
+
+def _l3p_rule(variant: str) -> Regrowth:
+    def score(kept, grads, settings):
+        return torch.stack([l3p_scores(mask, variant) for mask in kept])
+
+    return Regrowth(score)
+
+
+def _gradient_rule(kept, grads, settings):
+    return torch.stack(
+        [
+            gradient_scores(g, m) if g is not None else torch.zeros(m.shape, device=m.device)
+            for m, g in zip(kept, grads)
+        ]
+    )
+
+
+REGROWTH_PREDICTORS: dict[str, Regrowth] = {
+    **{f"{v}_L3n": _l3n_rule(v) for v in ("CH2", "CH3", "CH3.1")},  # node based, four GEMMs
+    **{f"{v}_L3p": _l3p_rule(v) for v in ("CH2", "CH3", "CH3.1")},  # exact, path based: sparse layers
+    "random": Regrowth(lambda kept, grads, settings: random_scores(kept)),  # SET
+    "gradient": Regrowth(_gradient_rule, needs_gradient=True),  # RigL
+}
+
+
+@dataclass(frozen=True)
+class Removal:
+    """A removal score of the active links.
+
+    Attributes:
+        score: ``score(weight, mask, grad, mest_lambda) -> (out, in)`` float32 (weight and mask whole
+            (out, in) matrices; grad the dense gradient or None).
+        needs_gradient: the dense gradient of the update step is collected for it.
+    """
+
+    score: Callable
+    needs_gradient: bool = False
+
+
+REMOVAL_SCORES: dict[str, Removal] = {
+    "weight": Removal(lambda w, mask, grad, lam: weight_scores(w)),
+    "ri": Removal(lambda w, mask, grad, lam: relative_importance(w, mask)),
+    "mest": Removal(lambda w, mask, grad, lam: mest_scores(w, grad, lam), needs_gradient=True),
+}
+# CHTss's hard pruning to the scheduled density: the gradient-free removal scores.
+PRUNE_SCORES = tuple(name for name, rule in REMOVAL_SCORES.items() if not rule.needs_gradient)

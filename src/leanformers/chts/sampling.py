@@ -14,7 +14,10 @@ from __future__ import annotations
 
 import torch
 
-__all__ = ["gumbel_noise", "select", "select_mask"]
+__all__ = ["SAMPLING_MODES", "gumbel_noise", "select", "select_mask"]
+
+# "soft": without replacement, probability proportional to score**T; "hard": top-k, random tie breaking.
+SAMPLING_MODES = ("soft", "hard")
 
 
 def gumbel_noise(
@@ -66,8 +69,8 @@ def select_mask(
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be (rows, n); got shape {tuple(scores.shape)}")
-    if mode not in ("soft", "hard"):
-        raise ValueError(f"mode={mode!r} must be 'soft' or 'hard'")
+    if mode not in SAMPLING_MODES:
+        raise ValueError(f"mode={mode!r} is not one of {SAMPLING_MODES}")
     rows, n = scores.shape
     device = scores.device
     if isinstance(k, int):

@@ -2,19 +2,27 @@
 
 Update ``u`` (1..U) happens after optimizer step ``u * interval``; U = number of updates inside the
 topology window. Index 0 is the initial topology.
+
+The choices of a config are registries here, next to their formulas: :data:`PROGRESS_SHAPES` (how the
+density decays), :data:`DENSITY_SCHEDULES` (what an update targets), :data:`ZETA_SCHEDULES`.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:
-    from leanformers.chts.config import CHTssConfig
+from typing import Any
 
 __all__ = [
+    "AUTO_INTERVAL_MAX",
+    "AUTO_MIN_UPDATES",
+    "DENSITY_SCHEDULES",
+    "PROGRESS_SHAPES",
+    "SCHEDULE_CLOCKS",
+    "ZETA_SCHEDULES",
     "UpdateSchedule",
+    "auto_update_interval",
     "density_at",
     "em_s_extra",
     "num_updates",
@@ -37,6 +45,23 @@ def num_updates(total_steps: int, update_interval: int, topology_end: float = 0.
     return window // update_interval
 
 
+# update_interval="auto": the reference LLM interval (100 optimizer steps) for long runs, shortened on
+# short ones so that the topology window still holds at least AUTO_MIN_UPDATES updates.
+AUTO_INTERVAL_MAX = 100
+# when zeta and T are evaluated: "update" (the update index) or "step" (the reference code's s / T_end)
+SCHEDULE_CLOCKS = ("update", "step")
+AUTO_MIN_UPDATES = 10
+
+
+def auto_update_interval(total_steps: int, topology_end: float = 0.75) -> int:
+    """``min(100, max(1, window // 10))`` with ``window = floor(topology_end * total_steps)``.
+
+    10,000 steps (window 7,500): 100, as the reference recipes; 100 steps (window 75): 7, so 10 updates.
+    """
+    window = math.floor(topology_end * max(0, int(total_steps)) + 1e-9)
+    return min(AUTO_INTERVAL_MAX, max(1, window // AUTO_MIN_UPDATES))
+
+
 def update_index(step: int, update_interval: int, total_updates: int) -> int | None:
     """The update index (1..U) due after optimizer ``step`` (1-based), or None when no update is due."""
     if update_interval <= 0 or step <= 0 or step % update_interval:
@@ -45,30 +70,36 @@ def update_index(step: int, update_interval: int, total_updates: int) -> int | N
     return u if u <= total_updates else None
 
 
+def _sigmoid_progress(u: float, total: int, k: float) -> float:
+    # (sigmoid(k'(u - U/2)) - 0.5) / (sigmoid(k) - sigmoid(-k)) + 0.5 with k' = 2k/U
+    def sig(z: float) -> float:
+        return 1.0 / (1.0 + math.exp(-z))
+
+    kp = 2.0 * k / total
+    return (sig(kp * (u - total / 2.0)) - 0.5) / (sig(k) - sig(-k)) + 0.5
+
+
+# (u, U, k) -> progress; called with 0 < u < U
+PROGRESS_SHAPES: dict[str, Callable[[float, int, float], float]] = {
+    "sigmoid": _sigmoid_progress,  # CHTss
+    "linear": lambda u, total, k: u / total,
+    "cubic": lambda u, total, k: 1.0 - (1.0 - u / total) ** 3,  # gradual magnitude pruning
+}
+
+
 def shaped_progress(u: float, total: int, kind: str = "sigmoid", k: float = 6.0) -> float:
     """Progress in [0, 1] of the density decay at update ``u`` of ``total``; exactly 0 at 0, 1 at total.
 
     sigmoid: (sigmoid(k'(u - U/2)) - 0.5) / (sigmoid(k) - sigmoid(-k)) + 0.5 with k' = 2k/U, the
     normalised sigmoid of CHTss; linear: u/U; cubic: 1 - (1 - u/U)^3 (gradual magnitude pruning).
     """
+    if kind not in PROGRESS_SHAPES:
+        raise ValueError(f"density schedule {kind!r} is not one of {sorted(PROGRESS_SHAPES)}")
     if total <= 0 or u >= total:
         return 1.0
     if u <= 0:
         return 0.0
-    x = u / total
-    if kind == "linear":
-        return x
-    if kind == "cubic":
-        return 1.0 - (1.0 - x) ** 3
-    if kind != "sigmoid":
-        raise ValueError(f"density schedule {kind!r} is not one of sigmoid, linear, cubic")
-
-    def sig(z: float) -> float:
-        return 1.0 / (1.0 + math.exp(-z))
-
-    kp = 2.0 * k / total
-    value = (sig(kp * (u - total / 2.0)) - 0.5) / (sig(k) - sig(-k)) + 0.5
-    return min(1.0, max(0.0, value))
+    return min(1.0, max(0.0, PROGRESS_SHAPES[kind](u, total, k)))
 
 
 def density_at(
@@ -80,18 +111,27 @@ def density_at(
     return float(initial + (final - initial) * shaped_progress(u, total, kind, k))
 
 
+ZETA_SCHEDULES: dict[str, Callable[[float, float], float]] = {
+    "cosine": lambda x, zeta0: zeta0 * 0.5 * (1.0 + math.cos(math.pi * x)),  # zeta0 at x = 0, 0 at x = 1
+    "constant": lambda x, zeta0: zeta0,
+}
+
+
+def _zeta(kind: str, x: float, zeta0: float) -> float:
+    if kind not in ZETA_SCHEDULES:
+        raise ValueError(f"zeta schedule {kind!r} is not one of {sorted(ZETA_SCHEDULES)}")
+    return float(ZETA_SCHEDULES[kind](min(max(x, 0.0), 1.0), float(zeta0)))
+
+
 def zeta_at(u: int, total: int, zeta0: float, kind: str = "cosine") -> float:
     """Removal fraction at update ``u`` (1..U): cosine decay from ``zeta0`` towards 0 at the window's end.
 
     The cosine is evaluated at (u - 1) / U so that the first update removes ``zeta0`` and the last one
     still rewires a little; it reaches 0 only at the end of the window (u = U + 1, never executed).
     """
-    if kind == "constant":
-        return float(zeta0)
-    if total <= 0:
+    if total <= 0 and kind != "constant":
         return 0.0
-    x = min(max((u - 1) / total, 0.0), 1.0)
-    return float(zeta0 * 0.5 * (1.0 + math.cos(math.pi * x)))
+    return _zeta(kind, (u - 1) / max(total, 1), zeta0)
 
 
 def temperature_at(u: int, total: int, start: float = 1.0, end: float = 9.0) -> float:
@@ -113,12 +153,9 @@ def zeta_at_step(step: int, t_end: float, zeta0: float, kind: str = "cosine") ->
     The first update (step = interval) removes a little less than ``zeta0``; an update at
     step = T_end removes nothing.
     """
-    if kind == "constant":
-        return float(zeta0)
-    if t_end <= 0:
+    if t_end <= 0 and kind != "constant":
         return 0.0
-    x = min(max(step / t_end, 0.0), 1.0)
-    return float(zeta0 / 2.0 * (1.0 + math.cos(math.pi * x)))
+    return _zeta(kind, step / t_end if t_end > 0 else 0.0, zeta0)
 
 
 def temperature_at_step(step: int, t_end: float, start: float = 1.0, end: float = 9.0) -> float:
@@ -160,10 +197,47 @@ class UpdateSchedule:
     keep_density: float | None = None
 
 
+def _em_s_schedule(config: Any, u: int, total_updates: int, total_steps: int | None, interval: int):
+    """EM_S: regrow to final + extra(step), keep exactly the final density at the removal."""
+    step = u * interval
+    t_end = math.floor(config.topology_end * (total_steps or 0) + 1e-9)
+    boost, final = config.em_s_boost, config.final_density
+    before = config.initial_density if u <= 1 else final + em_s_extra(step - interval, t_end, interval, boost)
+    density = min(1.0, final + em_s_extra(step, t_end, interval, boost))
+    return density, 1.0 - final / before, final
+
+
+def _decay_schedule(config: Any, u: int, total_updates: int, total_steps: int | None, interval: int):
+    """Decay from initial to final density along ``PROGRESS_SHAPES[density_schedule]``."""
+    if config.density_end is None:
+        density_updates = total_updates
+    else:
+        density_updates = num_updates(total_steps or 0, interval, config.density_end)
+    density = density_at(
+        u,
+        density_updates,
+        config.initial_density,
+        config.final_density,
+        config.density_schedule,
+        config.sigmoid_k,
+    )
+    return density, None, None
+
+
+# (config, u, U, total_steps, interval) -> (density, zeta override or None, keep_density or None)
+DENSITY_SCHEDULES: dict[str, Callable] = {
+    **dict.fromkeys(PROGRESS_SHAPES, _decay_schedule),
+    "em_s": _em_s_schedule,  # the reference MLP CHTs schedule
+}
+
+
 def update_schedule(
-    config: CHTssConfig, u: int, total_updates: int, total_steps: int | None
+    config: Any, u: int, total_updates: int, total_steps: int | None, interval: int | None = None
 ) -> UpdateSchedule:
     """Schedule values of update ``u`` (1..U) of a run of ``total_steps`` optimizer steps.
+
+    ``config`` is a CHTssConfig; ``interval`` the update interval in steps (default: the config's,
+    "auto" resolved for ``total_steps``).
 
     ``config.schedule_clock``: "update" evaluates zeta at (u - 1) / U and T at (u - 1) / (U - 1) (the
     package's default: the first update removes exactly zeta, T spans the whole range); "step"
@@ -172,7 +246,11 @@ def update_schedule(
     window), so that it reaches ``final_density`` exactly at the last update.
     """
     cfg = config
-    interval = cfg.update_interval
+    if interval is None:
+        interval = cfg.update_interval
+        if interval == "auto":
+            interval = auto_update_interval(total_steps or 0, cfg.topology_end)
+    interval = int(interval)
     step = u * interval
     t_end = math.floor(cfg.topology_end * (total_steps or 0) + 1e-9)
     if cfg.schedule_clock == "step":
@@ -181,20 +259,11 @@ def update_schedule(
     else:
         zeta = zeta_at(u, total_updates, cfg.zeta, cfg.zeta_schedule)
         temperature = temperature_at(u, total_updates, cfg.temperature_start, cfg.temperature_end)
-    if cfg.density_schedule == "em_s":
-        extra = em_s_extra(step, t_end, interval, cfg.em_s_boost)
-        before = (
-            cfg.initial_density
-            if u <= 1
-            else cfg.final_density + em_s_extra(step - interval, t_end, interval, cfg.em_s_boost)
+    if cfg.density_schedule not in DENSITY_SCHEDULES:
+        raise ValueError(
+            f"density_schedule={cfg.density_schedule!r} is not one of {sorted(DENSITY_SCHEDULES)}"
         )
-        density = min(1.0, cfg.final_density + extra)
-        return UpdateSchedule(density, 1.0 - cfg.final_density / before, temperature, cfg.final_density)
-    if cfg.density_end is None:
-        density_updates = total_updates
-    else:
-        density_updates = num_updates(total_steps or 0, interval, cfg.density_end)
-    density = density_at(
-        u, density_updates, cfg.initial_density, cfg.final_density, cfg.density_schedule, cfg.sigmoid_k
+    density, zeta_override, keep = DENSITY_SCHEDULES[cfg.density_schedule](
+        cfg, u, total_updates, total_steps, interval
     )
-    return UpdateSchedule(density, zeta, temperature, None)
+    return UpdateSchedule(density, zeta if zeta_override is None else zeta_override, temperature, keep)

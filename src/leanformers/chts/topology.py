@@ -13,6 +13,8 @@ import torch
 from leanformers.chts.sampling import gumbel_noise, select
 
 __all__ = [
+    "BRF_DEGREE_KINDS",
+    "SPARSE_INIT_FANS",
     "brf_degrees",
     "brf_mask",
     "correlated_mask",
@@ -22,6 +24,10 @@ __all__ = [
     "link_count",
     "sparse_init_",
 ]
+
+
+BRF_DEGREE_KINDS = ("fixed", "random")  # brf_degrees(kind=...)
+SPARSE_INIT_FANS = ("in", "out")  # sparse_init_(fan=...)
 
 
 def link_count(shape: tuple[int, int], density: float) -> int:
@@ -86,8 +92,8 @@ def brf_degrees(
         degrees = torch.full((n_small,), base, dtype=torch.long, device=device)
         degrees[:extra] += 1
         return degrees
-    if kind != "random":
-        raise ValueError(f"BRF degrees {kind!r} is not one of fixed, random")
+    if kind not in BRF_DEGREE_KINDS:
+        raise ValueError(f"BRF degrees {kind!r} is not one of {BRF_DEGREE_KINDS}")
     if k < n_small:
         raise ValueError(
             f"brf_degrees='random' gives each of the {n_small} small-side nodes at least one link, but the "
@@ -198,8 +204,8 @@ def sparse_init_(
     so its activations would shrink 10x without the rescaling. ``fan="out"`` divides by
     density * out_features instead, as the reference code's ``swi`` does (numel / in_features).
     """
-    if fan not in ("in", "out"):
-        raise ValueError(f"fan={fan!r} must be 'in' or 'out'")
+    if fan not in SPARSE_INIT_FANS:
+        raise ValueError(f"fan={fan!r} is not one of {SPARSE_INIT_FANS}")
     density = float(mask.float().mean())
     width = weight.shape[1] if fan == "in" else weight.shape[0]
     std = math.sqrt(2.0 / max(density * width, 1e-12))

@@ -28,57 +28,21 @@ from leanformers.sst.layer import SSTLayer, find_sst_layers
 from leanformers.sst.spectral import effective_rank
 from leanformers.training import LRRewarmup, check_optimizer, reset_state, unwrap_optimizer
 from leanformers.training.controller import Controller
-from leanformers.training.distributed import broadcast_, is_distributed, sharded_training_backend
-from leanformers.training.fsdp import gather_full, is_fsdp1_model, write_full_
-
-try:  # accelerate is optional for plain-PyTorch loops
-    from accelerate.state import AcceleratorState
-except ImportError:  # pragma: no cover
-    AcceleratorState = None
+from leanformers.training.distributed import broadcast_, is_distributed
+from leanformers.training.fsdp import gather_full, write_full_
+from leanformers.training.sharding import check_sharding, requested_fsdp_version
 
 __all__ = ["STATE_NAME", "SSTController", "check_backend", "requested_fsdp_version"]
 
 STATE_NAME = "sst_controller"
 
 
-DEEPSPEED_MESSAGE = (
-    "SST does not support DeepSpeed ZeRO: ZeRO owns fp32 master copies and partitioned optimizer state that "
-    "SST's in-place re-sampling, re-SVD and optimizer-state resets never reach, so training would silently "
-    "diverge from SST. Use PyTorch FSDP2 instead: TrainingArguments(fsdp='full_shard', "
-    "fsdp_config={{'fsdp_version': 2}}) or accelerate launch --config_file recipes/accelerate/fsdp2.yaml "
-    "(or DDP / a single process). Found: {found}."
-)
-FSDP1_MESSAGE = (
-    "SST does not support FSDP1 (FullyShardedDataParallel, flattened parameters): SST needs each factor as its "
-    "own tensor. Use FSDP2: fsdp_config={{'fsdp_version': 2}} (the Trainer's default) or an accelerate config "
-    "with fsdp_version: 2 (recipes/accelerate/fsdp2.yaml). Found: {found}."
-)
-
-
 def check_backend(args=None, model: nn.Module | None = None, optimizer=None) -> None:
     """Refuse the sharded backends SST cannot drive (DeepSpeed ZeRO, FSDP1); FSDP2 and DDP are fine.
 
-    Looks at ``TrainingArguments``, accelerate's launch state, the model's wrappers and the optimizer's
-    wrapper chain (see :func:`leanformers.training.sharded_training_backend`).
+    The policy shared with CHTss: :func:`leanformers.training.sharding.check_sharding`.
     """
-    backend = sharded_training_backend(args, model, optimizer)
-    if backend == "DeepSpeed":
-        raise ValueError(DEEPSPEED_MESSAGE.format(found="DeepSpeed settings or wrappers"))
-    if model is not None and is_fsdp1_model(model):
-        raise ValueError(FSDP1_MESSAGE.format(found="a FullyShardedDataParallel module"))
-    version = requested_fsdp_version(args)
-    if version is not None and version != 2:
-        raise ValueError(FSDP1_MESSAGE.format(found=f"fsdp_version={version}"))
-
-
-def requested_fsdp_version(args) -> int | None:
-    """The FSDP version asked for by the Trainer's arguments or accelerate's launch state, else None."""
-    if args is not None and getattr(args, "fsdp", None):
-        config = getattr(args, "fsdp_config", None) or {}
-        return int(config.get("version", config.get("fsdp_version", 2)))
-    if AcceleratorState is not None and (AcceleratorState._shared_state or {}).get("fsdp_plugin") is not None:
-        return int(getattr(AcceleratorState._shared_state["fsdp_plugin"], "fsdp_version", 1))
-    return None
+    check_sharding("SST", args, model, optimizer)
 
 
 class SSTController(Controller):

@@ -34,6 +34,7 @@ from leanformers.training.checkpoint import (
     resume_folder,
     save_state,
 )
+from leanformers.training.logs import MetricsFile, report_to_trackers
 
 __all__ = ["Controller", "ControllerCallback"]
 
@@ -138,23 +139,28 @@ class ControllerCallback(TrainerCallback):
       :meth:`Controller.resume` from the folder the Trainer resumed from (wherever it lies);
     - ``step_event`` (``on_step_end``, after ``zero_grad``, or ``on_optimizer_step``, before it):
       :meth:`Controller.step` with the Trainer's optimizer step count (never micro-batches);
-    - ``on_log``: the metrics of the last step that returned some are added to the Trainer's logs
-      (and ``state.log_history``); loggers that run after this callback see them;
+    - ``on_log``: the :meth:`loggable` part of the metrics of the last step that returned some is added
+      to the Trainer's logs (the console, ``state.log_history``); all of them go to the ``report_to``
+      trackers and, with ``metrics_file`` set, to ``output_dir/<metrics_file>`` (one JSON record per step
+      that returned metrics, written at once);
     - ``on_save``: the controller's state into ``checkpoint-N/leanformers/<state_name>.safetensors``.
     """
 
     step_event: ClassVar[str] = "on_step_end"
+    metrics_file: ClassVar[str | None] = None  # e.g. "chtss_metrics.json" in output_dir
 
     def __init__(self) -> None:
         self.controller: Controller | None = None
         self._pending_logs: dict[str, float] = {}
+        self._pending_details: dict[str, float] = {}
+        self._metrics_file: MetricsFile | None = None
 
     def build_controller(self, args, state, model, optimizer, resuming: bool) -> Controller:
         """The method's controller for this ``train()`` call (``resuming``: a checkpoint's state follows)."""
         raise NotImplementedError
 
     def loggable(self, metrics: dict[str, float]) -> dict[str, float]:
-        """The part of a step's metrics that goes to the Trainer's logs (default: all)."""
+        """The part of a step's metrics that goes to the Trainer's logs and console (default: all)."""
         return metrics
 
     def on_train_begin(self, args, state, control, model=None, optimizer=None, lr_scheduler=None, **kwargs):
@@ -165,12 +171,18 @@ class ControllerCallback(TrainerCallback):
         self.controller.resume(folder, state.global_step)
         if optimizer is not None:
             self.controller.attach(optimizer, lr_scheduler)
+        if self.metrics_file and args.output_dir:
+            self._metrics_file = MetricsFile(args.output_dir, self.metrics_file)
+            self._metrics_file.start(state.global_step if folder is not None else None)
         return control
 
     def _step(self, global_step: int, optimizer, lr_scheduler) -> None:
         metrics = self.controller.step(optimizer, lr_scheduler, global_step=global_step)
         if metrics:
             self._pending_logs.update(self.loggable(metrics))
+            self._pending_details.update(metrics)
+            if self._metrics_file is not None:
+                self._metrics_file.append(global_step, metrics)
 
     def on_optimizer_step(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         if self.step_event == "on_optimizer_step":  # the Trainer counts this step after the event
@@ -184,12 +196,15 @@ class ControllerCallback(TrainerCallback):
             control.should_log = True
         return control
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
         if self._pending_logs and logs is not None:
             logs.update(self._pending_logs)
             if state.log_history:
                 state.log_history[-1].update(self._pending_logs)
             self._pending_logs = {}
+        if self._pending_details:  # the trackers ran before this callback: they get every metric now
+            details, self._pending_details = self._pending_details, {}
+            report_to_trackers(details, args, state, control, model)
         return control
 
     def on_save(self, args, state, control, **kwargs):

@@ -7,27 +7,9 @@ import hashlib
 import torch
 import torch.distributed as dist
 
-try:  # accelerate is optional for plain-PyTorch loops
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DistributedType
-except ImportError:  # pragma: no cover - accelerate is installed with transformers' Trainer extras
-    AcceleratorState = DistributedType = None
-try:
-    from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
-
-    _FSDP_TYPES: tuple[type, ...] = (FSDPModule, FullyShardedDataParallel)
-except ImportError:  # pragma: no cover - torch builds without distributed support
-    _FSDP_TYPES = ()
-try:
-    from torch.distributed.tensor import DTensor
-
-    _DTENSOR_TYPES: tuple[type, ...] = (DTensor,)
-except ImportError:  # pragma: no cover - torch builds without distributed support
-    _DTENSOR_TYPES = ()
-
 __all__ = [
+    "agree_with_rank0",
     "all_reduce_mean_",
-    "sharded_training_backend",
     "broadcast_",
     "is_distributed",
     "is_main_process",
@@ -90,71 +72,15 @@ def all_reduce_mean_(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.div_(world_size())
 
 
-def _qualname(obj) -> str:
-    return f"{type(obj).__module__}.{type(obj).__name__}"
+@torch.no_grad()
+def agree_with_rank0(tensor: torch.Tensor) -> int:
+    """Overwrite ``tensor`` in place with rank 0's copy; the number of entries that differed (0 in one process).
 
-
-def _backend_of_args(args) -> str | None:
-    if getattr(args, "deepspeed", None) or getattr(args, "deepspeed_plugin", None) is not None:
-        return "DeepSpeed"
-    if not getattr(args, "fsdp", None):
-        return None
-    # TrainingArguments normalises fsdp_config's "fsdp_version" to "version"; both are read.
-    config = getattr(args, "fsdp_config", None) or {}
-    version = config.get("version", config.get("fsdp_version", 1))
-    return "FSDP2" if str(version) == "2" else "FSDP"
-
-
-def _backend_of_accelerate() -> str | None:
-    if AcceleratorState is None:  # accelerate is optional for plain-PyTorch loops
-        return None
-    shared = AcceleratorState._shared_state or {}
-    kind = shared.get("distributed_type")
-    if kind == DistributedType.FSDP:
-        return "FSDP2" if getattr(shared.get("fsdp_plugin"), "fsdp_version", 1) == 2 else "FSDP"
-    return {DistributedType.DEEPSPEED: "DeepSpeed"}.get(kind)
-
-
-def _backend_of_model(model: torch.nn.Module) -> str | None:
-    for module in model.modules():
-        if _qualname(module).startswith("deepspeed."):
-            return "DeepSpeed"
-        if _FSDP_TYPES and isinstance(module, _FSDP_TYPES[0]):  # FSDPModule: fully_shard
-            return "FSDP2"
-        if isinstance(module, _FSDP_TYPES):
-            return "FSDP"
-    for param in model.parameters():
-        if hasattr(param, "ds_id"):  # ZeRO-3 partitioned parameter
-            return "DeepSpeed"
-        if isinstance(param, _DTENSOR_TYPES):
-            return "DTensor"
-    return None
-
-
-def _backend_of_optimizer(optimizer) -> str | None:
-    for _ in range(8):  # the wrapper chain (accelerate, DeepSpeed), bounded
-        if optimizer is None:
-            return None
-        if "deepspeed" in _qualname(optimizer).lower():  # deepspeed.* or accelerate's DeepSpeed wrappers
-            return "DeepSpeed"
-        optimizer = getattr(optimizer, "optimizer", None)
-    return None
-
-
-def sharded_training_backend(args=None, model=None, optimizer=None) -> str | None:
-    """Name the backend when parameters or optimizer state are sharded or owned by one, else None.
-
-    Looks at what a callback or a custom loop can see: ``TrainingArguments`` (``fsdp``,
-    ``deepspeed``), accelerate's process state (``accelerate launch`` with an FSDP / DeepSpeed
-    config), the model's modules and parameters (FSDP1 / FSDP2 wrappers, DTensor shards, ZeRO-3
-    ``ds_id``), and the optimizer's wrapper chain (DeepSpeed ZeRO optimizers). Returns "DeepSpeed",
-    "FSDP" (FSDP1, ``FullyShardedDataParallel``: flat parameters), "FSDP2" (``fully_shard``:
-    DTensor parameters, or ``fsdp_version`` 2 requested) or "DTensor" (DTensor parameters outside
-    FSDP2, e.g. tensor parallelism).
+    A guard for state every rank computes from the same inputs (seeded draws, reduced gradients): a
+    non-zero count means the inputs differed across ranks.
     """
-    return (
-        (_backend_of_args(args) if args is not None else None)
-        or _backend_of_accelerate()
-        or (_backend_of_model(model) if model is not None else None)
-        or _backend_of_optimizer(optimizer)
-    )
+    if not is_distributed():
+        return 0
+    before = tensor.clone()
+    broadcast_(tensor)
+    return int((before != tensor).sum())

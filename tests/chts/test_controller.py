@@ -1,11 +1,11 @@
-"""CHTssScheduler in a plain PyTorch loop: exact counts, exact zeros, moments, schedule, resume, errors."""
+"""CHTssController in a plain PyTorch loop: exact counts, exact zeros, moments, schedule, resume, errors."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from leanformers.chts import DEFAULT_TARGETS, CHTssConfig, CHTssScheduler
+from leanformers.chts import DEFAULT_TARGETS, CHTssConfig, CHTssController
 from leanformers.chts.masks import find_sparse_layers
 from leanformers.chts.mlp import MLP_TARGETS, MLPClassifier
 from leanformers.chts.schedules import density_at, num_updates
@@ -43,7 +43,7 @@ def test_exact_counts_zero_weights_and_moments_after_every_step(opt_kind):
     model = tiny_llama()
     opt = make_optimizer(opt_kind, model.parameters())
     cfg = CHTssConfig(final_density=0.3, initial_density=0.6, update_interval=2, zeta=0.3, balance_heads=True)
-    sched = CHTssScheduler(model, opt, cfg, total_steps=total_steps)
+    sched = CHTssController(model, opt, cfg, total_steps=total_steps)
     updates = 0
     for step in range(1, total_steps + 1):
         model(**llama_batch(step)).loss.backward()
@@ -91,7 +91,7 @@ def test_mlp_at_one_percent_with_chain_removal_keeps_exact_counts():
         init_topology="brf",
         sparse_init=True,
     )
-    sched = CHTssScheduler(model, opt, cfg, total_steps=24)
+    sched = CHTssController(model, opt, cfg, total_steps=24)
     g = torch.Generator().manual_seed(0)
     for _ in range(24):
         x = torch.randn(16, 784, generator=g)
@@ -114,10 +114,12 @@ def test_rigl_regrows_the_largest_dense_gradients():
     cfg = CHTssConfig.for_method(
         "rigl", final_density=0.2, targets=MLP_TARGETS, exclude=(), update_interval=1, zeta=0.3
     )
-    sched = CHTssScheduler(model, opt, cfg, total_steps=8)
+    sched = CHTssController(model, opt, cfg, total_steps=8)
     x, y = torch.randn(8, 32), torch.randint(0, 8, (8,))
     model(x, y)["loss"].backward()
-    dense = {i: g.clone() for i, g in sched._dense_grads.items()}  # collected by the hook, unmasked
+    dense = {
+        i: sched.gradients.dense(i).clone() for i in range(len(sched.layers))
+    }  # collected by the hook, unmasked
     assert dense and all((g != 0).sum() > (sched.layers[i].mask.sum()) for i, g in dense.items())
     opt.step()
     before = [layer.mask.clone() for layer in sched.layers]
@@ -137,7 +139,7 @@ def test_rewarmup_restarts_after_each_update():
     cfg = CHTssConfig.for_method(
         "set", final_density=0.5, targets=MLP_TARGETS, exclude=(), update_interval=2, rewarmup_steps=3
     )
-    sched = CHTssScheduler(model, opt, cfg, total_steps=8)
+    sched = CHTssController(model, opt, cfg, total_steps=8)
     lrs = []
     opt.register_step_pre_hook(lambda o, a, k: lrs.append(o.param_groups[0]["lr"]))
     for _ in range(4):
@@ -163,12 +165,12 @@ def test_resume_from_halfway_is_bit_identical(tmp_path, method):
     cfg = CHTssConfig.for_method(method, final_density=0.3, update_interval=2, zeta=0.2, rewarmup_steps=2)
     model = tiny_llama()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    sched = CHTssScheduler(model, opt, cfg, total_steps=16)
+    sched = CHTssController(model, opt, cfg, total_steps=16)
     run_loop(model, opt, sched, 0, 16)
 
     model_a = tiny_llama()
     opt_a = torch.optim.AdamW(model_a.parameters(), lr=1e-2)
-    sched_a = CHTssScheduler(model_a, opt_a, cfg, total_steps=16)
+    sched_a = CHTssController(model_a, opt_a, cfg, total_steps=16)
     run_loop(model_a, opt_a, sched_a, 0, 8)
     save_state(tmp_path, "chtss", *sched_a.state_dict())
     torch.save({"model": model_a.state_dict(), "opt": opt_a.state_dict()}, tmp_path / "ckpt.pt")
@@ -178,7 +180,7 @@ def test_resume_from_halfway_is_bit_identical(tmp_path, method):
     model_b.load_state_dict(ckpt["model"])
     opt_b = torch.optim.AdamW(model_b.parameters(), lr=1e-2)
     opt_b.load_state_dict(ckpt["opt"])
-    sched_b = CHTssScheduler(model_b, opt_b, cfg, total_steps=16, init_masks=False)
+    sched_b = CHTssController(model_b, opt_b, cfg, total_steps=16, init_masks=False)
     sched_b.load_state_dict(*load_state(tmp_path, "chtss"))
     run_loop(model_b, opt_b, sched_b, 8, 16)
 
@@ -192,11 +194,11 @@ def test_unsupported_optimizer_is_refused_clearly():
     model = MLPClassifier((8, 4, 2))
     cfg = CHTssConfig(final_density=0.5, initial_density=None, targets=MLP_TARGETS, exclude=())
     with pytest.raises(ValueError, match=r"RMSprop is not supported.*Adam, AdamW or SGD"):
-        CHTssScheduler(model, torch.optim.RMSprop(model.parameters()), cfg)
+        CHTssController(model, torch.optim.RMSprop(model.parameters()), cfg)
     from transformers.optimization import Adafactor
 
     with pytest.raises(ValueError, match=r"Adafactor is not supported"):
-        CHTssScheduler(model, Adafactor(model.parameters(), lr=1e-3, relative_step=False), cfg)
+        CHTssController(model, Adafactor(model.parameters(), lr=1e-3, relative_step=False), cfg)
 
 
 def test_chtss_without_any_update_in_the_window_fails_clearly():
@@ -204,7 +206,7 @@ def test_chtss_without_any_update_in_the_window_fails_clearly():
     cfg = CHTssConfig(
         final_density=0.2, initial_density=0.5, targets=MLP_TARGETS, exclude=(), update_interval=100
     )
-    sched = CHTssScheduler(model, None, cfg, total_steps=50)
+    sched = CHTssController(model, None, cfg, total_steps=50)
     with pytest.raises(ValueError, match="needs at least one topology update.*Lower update_interval"):
         sched.check_schedule()
 
@@ -212,7 +214,7 @@ def test_chtss_without_any_update_in_the_window_fails_clearly():
 def test_static_sparse_never_rewires_and_llama_layers_match_find():
     model = tiny_llama()
     cfg = CHTssConfig.for_method("static", final_density=0.3)
-    sched = CHTssScheduler(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, total_steps=10)
+    sched = CHTssController(model, torch.optim.SGD(model.parameters(), lr=0.1), cfg, total_steps=10)
     before = {k: v.clone() for k, v in sched.masks.items()}
     run_loop(model, sched.optimizer, sched, 0, 4)
     assert all(torch.equal(before[k], v) for k, v in sched.masks.items())
@@ -241,7 +243,7 @@ def test_masks_follow_the_schedule_to_exactly_the_final_density(initial, final, 
         density_schedule=kind,
         zeta=0.2,
     )
-    sched = CHTssScheduler(model, None, cfg, total_steps=total_steps)
+    sched = CHTssController(model, None, cfg, total_steps=total_steps)
     sched.check_schedule()
     assert all(int(lay.mask.sum()) == link_count(lay.shape, initial) for lay in sched.layers)
     densities = []
@@ -261,7 +263,7 @@ def test_gpt2_conv1d_layers_train_sparse():
     cfg = CHTssConfig(
         final_density=0.3, initial_density=0.5, targets=(r"(c_attn|c_fc|c_proj)$",), update_interval=2
     )
-    sched = CHTssScheduler(model, opt, cfg, total_steps=8)
+    sched = CHTssController(model, opt, cfg, total_steps=8)
     assert all(layer.transposed for layer in sched.layers)
     run_loop(model, opt, sched, 0, 8)
     for layer in sched.layers:
@@ -300,7 +302,7 @@ def test_one_compact_mask_per_matrix_and_no_copy_in_the_weight_dtype(dtype, mode
     targets = DEFAULT_TARGETS if model_kind == "llama" else (r"(c_attn|c_fc|c_proj)$",)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     cfg = CHTssConfig(final_density=0.3, initial_density=0.5, targets=targets, update_interval=2)
-    sched = CHTssScheduler(model, opt, cfg, total_steps=8)
+    sched = CHTssController(model, opt, cfg, total_steps=8)
     run_loop(model, opt, sched, 0, 3)  # one update, moments exist
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     for layer in sched.layers:
@@ -328,3 +330,20 @@ def test_one_compact_mask_per_matrix_and_no_copy_in_the_weight_dtype(dtype, mode
         assert (layer.weight.data[off] == 0).all()
         assert (opt.state[layer.weight]["exp_avg"][off] == 0).all()
         assert (opt.state[layer.weight]["exp_avg_sq"][off] == 0).all()
+
+
+def test_auto_interval_is_kept_on_resume_and_needs_the_run_length(tmp_path):
+    model = MLPClassifier((16, 12, 4))
+    cfg = CHTssConfig(final_density=0.3, targets=MLP_TARGETS, exclude=())
+    first = CHTssController(model, None, cfg, total_steps=100)
+    assert first.update_interval == 7 and first.total_updates == 10
+    first.save(tmp_path)
+    # the run is resumed with another length: the interval stays the one its schedule started with
+    resumed = CHTssController(model, None, cfg, total_steps=300, init_masks=False)
+    assert resumed.update_interval == 22
+    resumed.load(tmp_path)
+    assert resumed.update_interval == 7
+    with pytest.raises(ValueError, match=r"needs total_steps .* pass CHTssController\(..., total_steps=N\)"):
+        CHTssController(model, None, cfg).step()
+    with pytest.raises(ValueError, match="update_interval='7' must be 'auto' or a number of optimizer steps"):
+        CHTssConfig(update_interval="7")

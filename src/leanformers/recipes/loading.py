@@ -1,7 +1,7 @@
-"""The one recipe layer: YAML loading, ``--set key.sub=value`` overrides and section validation.
+"""The YAML layer of every recipe: loading, ``--set key.sub=value`` overrides, top-level sections.
 
-Used by ``leanformers-train`` (:func:`leanformers.train.load_recipe`), the MNIST MLP runner
-(``bench/mlp_mnist.py``) and ``mpifa-compress --config``. A recipe is a plain ``dict`` read from YAML;
+Used by ``leanformers-train`` (:func:`leanformers.recipes.load_training_recipe` adds the training
+schema on top), the MNIST MLP runner (``bench/mlp_mnist.py``) and ``mpifa-compress --config``. A recipe is a plain ``dict`` read from YAML;
 override values are parsed as YAML too (``training.max_steps=10`` is an int, ``model.sizes=[784, 10]``
 a list, ``method.sst.r=null`` None).
 """
