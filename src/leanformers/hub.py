@@ -11,6 +11,7 @@ import torch
 
 from leanformers._version import __version__
 from leanformers.filecache import SOURCE_RECORD, cached_conversion, file_sha256, publish
+from leanformers.storage.validation import read_safetensors_header
 
 __all__ = [
     "all_minilm_l6_v2",
@@ -133,6 +134,9 @@ def load_causal_lm(
         source = str(gguf_to_hf(Path(source) / gguf_file))
     elif not Path(source).exists() and (source.startswith((".", "/", "~")) or source.count("/") > 1):
         raise FileNotFoundError(f"model folder {source} does not exist")
+    elif Path(source).is_dir():  # a truncated or corrupt shard is named before transformers trips on it
+        for shard in sorted(Path(source).glob("*.safetensors")):
+            read_safetensors_header(shard)
     try:
         tokenizer = AutoTokenizer.from_pretrained(
             source, **{k: v for k, v in kwargs.items() if k == "revision"}

@@ -283,3 +283,17 @@ def test_default_calibration_mixes_wikitext_with_installed_python_source(
     assert summary["summary"]["calibration"].startswith(
         "mix of wikitext-2-v1-valid.txt x3, python:transformers.generation x1: 4 x 64 tokens"
     )
+
+
+def test_a_truncated_source_shard_is_named_not_a_traceback(tiny_lm_folder, shared_data, tmp_path, capsys):
+    """Issue 19 #13: a dense source whose shard was cut short (in memory and --stream)."""
+    import shutil
+
+    source = tmp_path / "src"
+    shutil.copytree(tiny_lm_folder, source)
+    shard = source / "model.safetensors"
+    shard.write_bytes(shard.read_bytes()[:-4096])
+    for extra in ([], ["--stream"]):
+        assert main(_args(source, tmp_path / f"o{len(extra)}", shared_data, *extra)) == 1
+        err = capsys.readouterr().err
+        assert "model.safetensors is truncated" in err and "Traceback" not in err, err

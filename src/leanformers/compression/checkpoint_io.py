@@ -24,6 +24,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from leanformers.storage.validation import read_safetensors_header
+
 __all__ = [
     "CheckpointReader",
     "PeakHostMemory",
@@ -58,10 +60,7 @@ class CheckpointReader:
             weight_map = json.loads(index.read_text())["weight_map"]
             self.files = {name: self._inside(file) for name, file in weight_map.items()}
         elif single.is_file():
-            from safetensors import safe_open
-
-            with safe_open(single, framework="pt") as f:
-                self.files = dict.fromkeys(f.keys(), single)
+            self.files = dict.fromkeys(read_safetensors_header(single), single)
         else:
             found = sorted(p.name for p in self.folder.iterdir() if p.is_file())
             raise FileNotFoundError(
@@ -72,6 +71,8 @@ class CheckpointReader:
         missing = sorted({str(p.name) for p in self.files.values() if not p.is_file()})
         if missing:
             raise FileNotFoundError(f"{self.folder}: the index names shard files that are missing: {missing}")
+        for file in set(self.files.values()):  # a truncated shard is named now, not a traceback mid-run
+            read_safetensors_header(file)
 
     def _inside(self, file: str) -> Path:
         """A shard named by the index, confined to the checkpoint folder: a name with a path ("../x", "/etc/x",

@@ -112,16 +112,16 @@ class LowRankCompressor(Compressor):
         self, block: nn.Module, index: int, group: list[str], stats: Any
     ) -> list[ModuleReport]:
         with single_threaded_linalg(self.device):
-            prepared = self.prepare_group(stats)
+            prepared = self._linalg(index, group[0], self.prepare_group, stats)
         return [self._compress_linear(block, index, name, prepared) for name in group]
 
-    def _factors(self, index: int, name: str, W: torch.Tensor, rank: int, prepared: Any):
-        """``factorize`` with its linear-algebra failures named: block, module and the setting to change."""
+    def _linalg(self, index: int, name: str, fn, *args):
+        """``fn(*args)`` with its linear-algebra failures named: block, module and the setting to change."""
         try:
-            return self.factorize(W, rank, prepared)
+            return fn(*args)
         except (torch.linalg.LinAlgError, RuntimeError) as exc:
             raise ValueError(
-                f"block {index} {name}: the {self.name} factorisation failed ({exc}); the calibration "
+                f"block {index} {name}: the {self.name} linear algebra failed ({exc}); the calibration "
                 "statistics of this linear are degenerate: raise damping (--damping) or shrinkage "
                 "(--shrinkage), or calibrate on more / other text"
             ) from exc
@@ -151,13 +151,11 @@ class LowRankCompressor(Compressor):
         )
         planned = self.rank_plan.ranks[key]
         with single_threaded_linalg(self.device):
-            U, V = self._factors(index, name, W, planned, prepared)
+            U, V = self._linalg(index, name, self.factorize, W, planned, prepared)
             new, _ = self._layer(U, V, bias, kwargs)
         note = None
         if new.rank < planned:
-            note = (
-                f"stored at its numerical rank {new.rank} (planned {planned}): its weight has no higher rank"
-            )
+            note = f"stored at rank {new.rank} (planned {planned}): the fitted factors have no higher numerical rank (the weight or its calibration inputs span fewer directions)"
         if not all(torch.isfinite(p).all() for p in new.parameters()):
             raise FloatingPointError(f"block {index} {name}: non-finite factors after reconstruction")
         block.set_submodule(name, new.to(self.device))
