@@ -277,3 +277,12 @@ def test_table_keeps_every_issue_row_and_every_family():
         assert covered == set(families), (method.name, set(families) - covered)
     batched = set(PERSIST_OPS) | {DDP_OP, FSDP2_OP}
     assert all(row.op in CHECKS or row.op in batched for row in ROWS)
+
+
+# Issue 22's SST rows: the compact fine-tuning adapter in every family SST fine-tuning covers.
+ISSUE_22_SST_ROWS = [f"sst_ft-{family}-compact_adapter" for family in ("llama", "gpt2", "bert_cls", "bart")]
+
+
+def test_table_keeps_issue_22_sst_rows():
+    ids = {row.id for row in ROWS}
+    assert not [r for r in ISSUE_22_SST_ROWS if r not in ids]
