@@ -263,8 +263,8 @@ class SSTLinear(nn.Module, SSTLayer):
                 path=self.spectral_path,
             )
         weight = self._pinned(adapter) if self._sst_pinned else None
-        if weight is not None and weight.dtype != x.dtype:
-            weight = None  # stored for the base dtype; other input dtypes use the factors
+        if weight is not None and (weight.dtype != x.dtype or torch.is_autocast_enabled(x.device.type)):
+            weight = None  # stored for the base dtype without autocast; other inputs use the factors
         if weight is None and self.inference_cache:
             weight = self._cached_weight(U, S, Vh, idx, Ua, Vha, x)
         elif weight is None:
