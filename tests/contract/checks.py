@@ -704,6 +704,39 @@ def check_recipe_errors(row: Row, tmp_path: Path) -> None:
         assert code == 2 and len(lines) == 1 and key in lines[0], (setting, code, lines)
 
 
+def check_compact_adapter(row: Row, tmp_path: Path) -> None:
+    """Issue 22: a fine-tuned SST adapter is saved compact (its SST tensors at most the targeted base weights'
+    bytes) and reloads onto its base exactly, while the Trainer's checkpoints keep the full, resumable state."""
+    import json
+
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from leanformers.sst.layer import SSTLayer
+
+    model, callbacks = wrap(row)
+    make_trainer(
+        model, callbacks, row, tmp_path / "run", max_steps=2, save_strategy="steps", save_steps=2
+    ).train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    assert json.loads((checkpoint / "adapter_config.json").read_text())["saved_format"] == "full"
+    model.save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["saved_format"] == "compact"
+    saved = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    sst_bytes = sum(t.numel() * t.element_size() for k, t in saved.items() if ".sst_" in k)
+    layers = [m for m in model.modules() if isinstance(m, SSTLayer)]
+    base_bytes = sum(
+        m.out_features * m.in_features * torch.empty((), dtype=m.base_dtype).element_size() for m in layers
+    )
+    assert 0 < sst_bytes <= base_bytes, (
+        f"compact SST tensors {sst_bytes} B > targeted base weights {base_bytes} B"
+    )
+    inputs = inputs_for(row.family.task)
+    want = logits_of(model, inputs)
+    reloaded = PeftModel.from_pretrained(row.family.build(seed=0), tmp_path / "adapter")
+    assert torch.equal(logits_of(reloaded, inputs), want), "the compact adapter did not reload exactly"
+
+
 CHECKS = {
     name[len("check_") :]: fn
     for name, fn in dict(globals()).items()

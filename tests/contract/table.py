@@ -185,7 +185,7 @@ METHODS: dict[str, Method] = {
             "sst",
             dict(_SST, mode="finetune"),
             trains=r"sst_(S|U_active|Vh_active)\.|(classifier|score)\.(?!original_module)",
-            operations=("train_step", "grad_ckpt", "eval", "persist") + PEFT_OPS,
+            operations=("train_step", "grad_ckpt", "eval", "persist") + PEFT_OPS + ("compact_adapter",),
             families=("llama", "gpt2", "bert_cls", "bart"),
             reload_seed=0,
         ),

@@ -281,12 +281,15 @@ def test_table_keeps_every_issue_row_and_every_family():
     assert all(row.op in CHECKS or row.op in batched for row in ROWS)
 
 
-# Issue 22's user-facing paths of CHTss and the recipes, pinned like issue 7's rows.
+# Issue 22's user-facing paths of CHTss, SST and the recipes, pinned like issue 7's rows.
 ISSUE_22_ROWS = {
     "CHTss masks travel with the model (save_model, load_masks, a new run)": [
         f"chtss-{family}-masks_with_model" for family in ("llama", "qwen2", "opt", "gpt2", "bert_cls", "bart")
     ],
     "recipe errors: one line naming the key, exit 2": ["chtss-llama-recipe_errors"],
+    "compact SST fine-tuning adapters": [
+        f"sst_ft-{family}-compact_adapter" for family in ("llama", "gpt2", "bert_cls", "bart")
+    ],
 }
 
 

@@ -52,7 +52,12 @@ def test_no_grad_forwards_build_the_weight_once_and_match_the_training_path(buil
     n_layers = len(_layers(model))
     ids = random_ids()
     model.train()
+    for layer in _layers(model):  # the training path that builds the same weight: bit-identical
+        layer.spectral_path = "materialized"
     training_path = model(ids).logits.detach()  # the autograd Function (dropout is 0 in the tiny model)
+    for layer in _layers(model):
+        del layer.spectral_path
+    factored = model(ids).logits.detach()  # a few tokens: the factored product, same function
     builds["n"] = 0
     model.eval()
     first = _cached(model, ids)
@@ -60,6 +65,7 @@ def test_no_grad_forwards_build_the_weight_once_and_match_the_training_path(buil
     second = _cached(model, ids)
     assert builds["n"] == n_layers  # reused
     assert torch.equal(first, training_path) and torch.equal(second, training_path)
+    torch.testing.assert_close(factored, training_path, atol=1e-5, rtol=1e-5)
 
 
 def test_every_change_of_the_factors_invalidates_the_cache():

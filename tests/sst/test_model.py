@@ -73,7 +73,8 @@ def test_fresh_process_registration_init_reload_and_merge(tmp_path):
     assert first["init_diff"] <= 1e-5
     assert first["moved"] > 1e-3  # training changed the model, so the reload check means something
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
-    assert config["peft_type"] == "SST" and config["init_weights"] is False
+    assert config["peft_type"].startswith("SST") and "import leanformers" in config["peft_type"]
+    assert config["init_weights"] is False and config["saved_format"] == "full"  # pretraining mode: full
     second = json.loads(run_fresh(RELOAD.format(folder=folder)).strip().splitlines()[-1])
     assert second["reload_equal"]
     assert second["merged_diff"] <= 1e-5
@@ -245,7 +246,8 @@ def test_error_forward_before_loading_factors():
         ({"r": 0}, "SSTConfig.r must be an integer >= 1"),
         ({"sampling": "random"}, "SSTConfig.sampling must be one of"),
         ({"magnitude_mix": 1.5}, r"magnitude_mix must be in \[0, 1\]"),
-        ({"mode": "train"}, "SSTConfig.mode must be 'pretrain' or 'finetune'"),
+        ({"mode": "train"}, "SSTConfig.mode must be one of 'pretrain' or 'finetune', got 'train'"),
+        ({"save_format": "small"}, "SSTConfig.save_format must be one of 'auto', 'compact' or 'full'"),
         (
             {"steps_per_iteration": 10, "warmup_steps_per_iteration": 10},
             "must be smaller than steps_per_iteration",
@@ -302,3 +304,19 @@ def test_bfloat16_frozen_factors_train_resvd_and_reload(tmp_path):
     assert reloaded.base_model.model.model.layers[0].self_attn.q_proj.sst_U["default"].dtype == torch.bfloat16
     with torch.no_grad():
         assert torch.equal(reloaded(ids).logits, logits)
+
+
+def test_pretrain_mode_on_a_pretrained_model_warns_once_naming_finetune(tmp_path):
+    import warnings
+
+    tiny_llama().save_pretrained(tmp_path)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path), SSTConfig(r=4))
+    hits = [str(w.message) for w in caught if "mode='pretrain'" in str(w.message)]
+    assert len(hits) == 1 and "mode='finetune'" in hits[0] and str(tmp_path) in hits[0]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        get_peft_model(LlamaForCausalLM.from_pretrained(tmp_path), SSTConfig(r=4, mode="finetune"))
+        get_peft_model(tiny_llama(), SSTConfig(r=4))  # built from a config: a pretraining run, no warning
+    assert not [w for w in caught if "mode='pretrain'" in str(w.message)]

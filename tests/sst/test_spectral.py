@@ -1,18 +1,18 @@
-"""Pure SST maths: SVD, sampling, and the fused layer's gradients against a dense autograd reference."""
+"""Pure SST maths: SVD, sampling, and both paths of the layer's gradients against a dense autograd reference."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
+from leanformers.sst.sampling import effective_rank, sample_indices, sampling_probabilities
 from leanformers.sst.spectral import (
-    effective_rank,
     effective_weight,
+    factored_is_cheaper,
     orthogonality_error,
-    sample_indices,
-    sampling_probabilities,
     spectral_linear,
     thin_svd,
+    thin_svds,
 )
 
 
@@ -84,8 +84,9 @@ def test_effective_weight_uses_active_vectors():
     torch.testing.assert_close(effective_weight(U, S, Vh, idx, Ua, Vha), U_eff @ torch.diag(S) @ Vh_eff)
 
 
+@pytest.mark.parametrize("path", ["factored", "materialized"])
 @pytest.mark.parametrize("enhanced", [False, True])
-def test_gradient_identity_against_dense_autograd(enhanced):
+def test_gradient_identity_against_dense_autograd(enhanced, path):
     """dL/dS_i = U_i^T (dL/dW) V_i; active-vector gradients equal autograd through U diag(S) Vh
     (divided by S_i when the enhanced gradient is on); dL/dx and dL/db match the dense layer."""
     torch.manual_seed(0)
@@ -108,7 +109,7 @@ def test_gradient_identity_against_dense_autograd(enhanced):
 
     S_f, Ua_f, Vha_f, b_f = (t.clone().requires_grad_() for t in (S, Ua, Vha, bias))
     x_f = x.clone().requires_grad_()
-    out = spectral_linear(x_f, S_f, Ua_f, Vha_f, b_f, U, Vh, idx, enhanced=enhanced)
+    out = spectral_linear(x_f, S_f, Ua_f, Vha_f, b_f, U, Vh, idx, enhanced=enhanced, path=path)
     loss = ((out - target) ** 2).sum()
     torch.testing.assert_close(loss, loss_ref)
     loss.backward()
@@ -124,12 +125,13 @@ def test_gradient_identity_against_dense_autograd(enhanced):
     torch.testing.assert_close(b_f.grad, b_ref.grad, rtol=1e-10, atol=1e-10)
 
 
-def test_spectral_linear_under_bfloat16_autocast():
+@pytest.mark.parametrize("path", ["factored", "materialized"])
+def test_spectral_linear_under_bfloat16_autocast(path):
     _, U, S, Vh, idx, Ua, Vha = _factors()
     x = torch.randn(2, 5, 16)
     S, Ua, Vha = (t.clone().requires_grad_() for t in (S, Ua, Vha))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = spectral_linear(x, S, Ua, Vha, None, U, Vh, idx)
+        out = spectral_linear(x, S, Ua, Vha, None, U, Vh, idx, path=path)
     assert out.dtype == torch.bfloat16
     ref = x @ effective_weight(U, S.detach(), Vh, idx, Ua.detach(), Vha.detach()).t()
     torch.testing.assert_close(out.float(), ref, atol=0.1, rtol=0.05)
@@ -141,3 +143,46 @@ def test_effective_rank_bounds():
     assert effective_rank(torch.ones(8)) == pytest.approx(8.0)
     assert effective_rank(torch.tensor([1.0, 0, 0])) == pytest.approx(1.0)
     assert effective_rank(torch.zeros(3)) == 0.0
+
+
+def test_paths_agree_in_float32_and_auto_picks_by_token_count():
+    _, U, S, Vh, idx, Ua, Vha = _factors(m=24, n=16, r=5)
+    x = torch.randn(4, 9, 16)
+    grads = {}
+    for path in ("factored", "materialized"):
+        S_p, Ua_p, Vha_p = (t.clone().requires_grad_() for t in (S, Ua, Vha))
+        out = spectral_linear(x, S_p, Ua_p, Vha_p, None, U, Vh, idx, path=path)
+        out.pow(2).sum().backward()
+        grads[path] = (out.detach(), S_p.grad, Ua_p.grad, Vha_p.grad)
+    for a, b in zip(grads["factored"], grads["materialized"], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="unknown SST path 'dense'"):
+        spectral_linear(x, S, Ua, Vha, None, U, Vh, idx, path="dense")
+
+
+def test_cost_model_prefers_factored_for_fine_tuning_batches():
+    # SmolLM2 shapes: square attention (576 x 576) and the MLP (1536 x 576)
+    assert factored_is_cheaper(120, 576, 576, 576)  # a batch of 4 short sentences
+    assert not factored_is_cheaper(16 * 256, 576, 576, 576)  # a pretraining batch on a square layer
+    assert factored_is_cheaper(16 * 256, 1536, 576, 576)  # the MLP: factored skips dW at any batch
+    # the crossover of a square layer is at 3k tokens
+    assert factored_is_cheaper(3 * 576 - 1, 576, 576, 576) and not factored_is_cheaper(3 * 576, 576, 576, 576)
+
+
+def test_thin_svds_is_thin_svd_bit_for_bit_whatever_the_threads():
+    g = torch.Generator().manual_seed(0)
+    weights = [
+        torch.randn(48, 80, generator=g),
+        torch.randn(80, 48, generator=g),
+        torch.randn(64, 64, generator=g),
+    ]
+    single = [thin_svd(w) for w in weights]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(3)
+        parallel = list(thin_svds(weights))
+        assert torch.get_num_threads() == 3  # restored
+    finally:
+        torch.set_num_threads(before)
+    for one, many in zip(single, parallel, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(one, many, strict=True))

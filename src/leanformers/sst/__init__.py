@@ -7,7 +7,8 @@ register_sst()
 from leanformers.sst.callback import SSTCallback  # noqa: E402
 from leanformers.sst.config import SSTConfig  # noqa: E402
 from leanformers.sst.controller import SSTController  # noqa: E402
-from leanformers.sst.layer import SSTLayer, SSTLinear, find_sst_layers  # noqa: E402
+from leanformers.sst.layer import SSTLayer, find_sst_layers  # noqa: E402
+from leanformers.sst.linear import SSTLinear  # noqa: E402
 from leanformers.sst.model import SSTModel, frozen_factors_as_parameters  # noqa: E402
 
 __all__ = [

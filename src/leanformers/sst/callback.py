@@ -11,6 +11,7 @@ import os
 
 from leanformers.sst.controller import SSTController, check_backend, requested_fsdp_version
 from leanformers.sst.model import exclude_sst_buffers_from_ddp, frozen_factors_as_parameters
+from leanformers.sst.saving import set_trainer_checkpoints
 from leanformers.training.controller import ControllerCallback
 from leanformers.training.fsdp import is_fsdp2_model
 
@@ -23,7 +24,10 @@ class SSTCallback(ControllerCallback):
     """Forward Trainer events to an :class:`SSTController` (created at ``on_train_begin``).
 
     Round metrics (effective rank, orthogonality error, re-SVD time) are added to the next Trainer
-    log; controller state goes into every checkpoint and is restored on resume.
+    log; controller state goes into every checkpoint and is restored on resume. Between ``on_train_begin``
+    and ``on_train_end`` every ``save_pretrained`` of the model writes the full (resumable) adapter state,
+    whatever ``SSTConfig.save_format`` says: those are the Trainer's checkpoints. A ``trainer.save_model``
+    after ``train()`` writes what ``save_format`` asks (compact for fine-tuning).
     """
 
     controller: SSTController | None
@@ -39,6 +43,16 @@ class SSTCallback(ControllerCallback):
                 requested_fsdp_version(args) == 2
             ):  # the Trainer applies fully_shard at train(): U, Vh sharded too
                 frozen_factors_as_parameters(model)
+        return control
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            set_trainer_checkpoints(model, True)
+        return super().on_train_begin(args, state, control, model=model, **kwargs)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        if model is not None:
+            set_trainer_checkpoints(model, False)
         return control
 
     def build_controller(self, args, state, model, optimizer, resuming: bool) -> SSTController:

@@ -3,19 +3,45 @@
 from __future__ import annotations
 
 import copy
+import logging
+import os
 import re
+import tempfile
 from dataclasses import dataclass, field
 from typing import Literal
 
 from peft.config import PeftConfig
 
 from leanformers._compat import extend_peft_type
-from leanformers.sst.spectral import SAMPLING_MODES
+from leanformers.sst.sampling import SAMPLING_MODES
 
-__all__ = ["SST_PEFT_TYPE", "SSTConfig"]
+__all__ = ["IMPORT_REQUIRED", "SAVED_PEFT_TYPE", "SAVE_FORMATS", "SST_PEFT_TYPE", "SSTConfig"]
+
+logger = logging.getLogger(__name__)
 
 MODES = ("pretrain", "finetune")
+SAVE_FORMATS = ("auto", "compact", "full")
+CHOICES = {
+    "sampling": SAMPLING_MODES,
+    "frozen_factor_dtype": ("float32", "bfloat16", "float16"),
+    "mode": MODES,
+    "save_format": SAVE_FORMATS,
+    "saved_format": (None, "compact", "full"),
+}
 SST_PEFT_TYPE = "SST"
+# The peft_type written to adapter_config.json. peft looks it up in a registry that only `import leanformers`
+# fills, and without it raises KeyError(<this string>): the error message then names its own fix. Read back
+# as PeftType.SST (register.py); adapters saved as plain "SST" load too.
+SAVED_PEFT_TYPE = "SST (needs `import leanformers` before loading)"
+IMPORT_REQUIRED = "leanformers"
+README_LINE = (
+    "This is a leanformers SST adapter: run `import leanformers` before `PeftModel.from_pretrained` (it "
+    "registers the SST PEFT type; without it peft raises a KeyError naming SST). It holds the {kind} state ({what})."
+)
+KIND_EXPLAINED = {
+    "compact": "what fine-tuning changed; it must be loaded onto the base model it was trained from",
+    "full": "every SST factor; it does not depend on the base model's weights",
+}
 
 
 @dataclass
@@ -55,7 +81,17 @@ class SSTConfig(PeftConfig):
             shapes); ``"bfloat16"`` halves them. S, the active vectors and every re-SVD stay float32.
         init_weights: ``True`` takes the SVD of the base weights at injection. ``False`` allocates the
             factors without computing them; they must be loaded from a saved adapter (a saved
-            adapter_config.json carries ``False``, so reloading never recomputes an SVD).
+            adapter_config.json carries ``False``; a compact adapter recomputes the base SVD on load).
+        save_format: what ``save_pretrained`` writes: ``"auto"`` (default) a compact adapter in
+            ``finetune`` mode and the full state in ``pretrain`` mode; ``"compact"``: always compact;
+            ``"full"``: always the full state. Checkpoints written while ``SSTCallback`` drives a Trainer run
+            are always full (resumable). Compact: per layer S, the active and touched singular-vector pairs,
+            or the effective weight where smaller, at most the bytes of the targeted base weights; it reloads
+            onto the base model it was trained from (``leanformers.sst.saving``).
+        saved_format: what the adapter folder holds (``"compact"`` or ``"full"``), written by
+            ``save_pretrained``; ``None`` before any save.
+        import_required: a note for readers of adapter_config.json: loading this adapter needs
+            ``import leanformers`` first.
     """
 
     r: int = field(default=64, metadata={"help": "Active singular-vector pairs per layer."})
@@ -93,6 +129,15 @@ class SSTConfig(PeftConfig):
         default="float32", metadata={"help": "Storage dtype of the frozen U / Vh."}
     )
     init_weights: bool = field(default=True, metadata={"help": "SVD of the base weights at injection."})
+    save_format: Literal["auto", "compact", "full"] = field(
+        default="auto", metadata={"help": "auto (compact in finetune mode) | compact | full"}
+    )
+    saved_format: Literal["compact", "full"] | None = field(
+        default=None, metadata={"help": "What the saved adapter holds (written by save_pretrained)."}
+    )
+    import_required: str = field(
+        default=IMPORT_REQUIRED, metadata={"help": "Loading this adapter needs `import leanformers` first."}
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -121,16 +166,12 @@ class SSTConfig(PeftConfig):
             positive_int("iterations_per_round", self.iterations_per_round)
         for pattern, rank in self.rank_pattern.items():
             positive_int(f"rank_pattern[{pattern!r}]", rank)
-        if self.sampling not in SAMPLING_MODES:
-            raise ValueError(f"SSTConfig.sampling must be one of {SAMPLING_MODES}, got {self.sampling!r}")
         if not 0.0 <= float(self.magnitude_mix) <= 1.0:
             raise ValueError(f"SSTConfig.magnitude_mix must be in [0, 1], got {self.magnitude_mix!r}")
-        if self.frozen_factor_dtype not in ("float32", "bfloat16", "float16"):
-            raise ValueError(
-                f"SSTConfig.frozen_factor_dtype must be 'float32', 'bfloat16' or 'float16', got {self.frozen_factor_dtype!r}"
-            )
-        if self.mode not in MODES:
-            raise ValueError(f"SSTConfig.mode must be 'pretrain' or 'finetune', got {self.mode!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                options = ", ".join(repr(a) for a in allowed[:-1]) + f" or {allowed[-1]!r}"
+                raise ValueError(f"SSTConfig.{name} must be one of {options}, got {getattr(self, name)!r}")
         if self.train_modules is not None and self.mode == "pretrain":
             raise ValueError(
                 "SSTConfig.train_modules only applies to mode='finetune' (pretrain mode trains every non-SST "
@@ -149,7 +190,28 @@ class SSTConfig(PeftConfig):
         return int(self.r)
 
     def save_pretrained(self, save_directory: str, **kwargs) -> None:
-        """Write adapter_config.json with ``init_weights=False``: the factors come from the saved weights."""
+        """Write adapter_config.json (``init_weights=False``: the factors come from the saved weights; the
+        peft_type names ``import leanformers``) and add a line saying so to the folder's README.md."""
         saved = copy.copy(self)
         saved.init_weights = False
+        saved.peft_type = SAVED_PEFT_TYPE
+        saved.saved_format = self.saved_format or "full"
         PeftConfig.save_pretrained(saved, save_directory, **kwargs)
+        _add_readme_line(save_directory, saved.saved_format)
+        logger.info("SST adapter written to %s: %s state", save_directory, saved.saved_format)
+
+
+def _add_readme_line(save_directory: str, kind: str) -> None:
+    """Put the ``import leanformers`` line into the adapter's model card (atomic write; one line, replaced)."""
+    path = os.path.join(save_directory, "README.md")
+    text = ""
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    line = README_LINE.format(kind=kind, what=KIND_EXPLAINED[kind])
+    kept = [existing for existing in text.splitlines() if not existing.startswith(README_LINE[:40])]
+    body = "\n".join(kept).rstrip("\n")
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".README.", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(f"{body}\n\n{line}\n" if body else f"{line}\n")
+    os.replace(tmp, path)

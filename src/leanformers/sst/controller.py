@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from leanformers.sst.layer import SSTLayer, find_sst_layers
-from leanformers.sst.spectral import effective_rank
+from leanformers.sst.sampling import effective_rank
 from leanformers.training import LRRewarmup, check_optimizer, reset_state, unwrap_optimizer
 from leanformers.training.controller import Controller
 from leanformers.training.distributed import broadcast_, is_distributed
@@ -66,7 +66,7 @@ class SSTController(Controller):
         check_backend(model=model, optimizer=optimizer)
         self.layers: dict[str, SSTLayer] = find_sst_layers(model, required=True)
         for layer in self.layers.values():
-            layer._sst_watch.controlled = True  # silences the "trained without a controller" warning
+            layer.sst_watch.controlled = True  # silences the "trained without a controller" warning
             if layer.sst_sharded:
                 layer.inference_cache = False  # a dense (out, in) copy per layer would undo the sharding
                 layer.clear_inference_cache()

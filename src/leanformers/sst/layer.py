@@ -1,4 +1,4 @@
-"""The SST tuner layer: a linear (or GPT-2 Conv1D) layer held as its full-rank SVD.
+"""The SST tuner layer's state and the schedule's operations on it (the forward lives in ``linear.py``).
 
 State per adapter (all saved by ``save_pretrained``, all persistent):
 
@@ -6,7 +6,9 @@ State per adapter (all saved by ``save_pretrained``, all persistent):
 - ``sst_S`` (k,): trainable parameter,
 - ``sst_U_active`` (m, r) and ``sst_Vh_active`` (r, n): the trainable active vectors, swapped in and
   out IN PLACE so that the optimizer keeps holding the same Parameter objects,
-- ``sst_index`` (r,): the active indices; ``sst_counters``: [iteration, round, iterations_per_round].
+- ``sst_index`` (r,): the active indices; ``sst_counters``: [iteration, round, iterations_per_round];
+- ``sst_touched`` (k,) uint8: 1 where U / Vh differ from the SVD of the base weight (written back at
+  least once, or everything after a re-SVD): what a compact adapter stores besides S.
 
 The base layer's dense weight is freed after the SVD (replaced by an empty tensor); its bias stays
 on the base layer, is trained in pretraining mode and is saved with the adapter.
@@ -15,54 +17,39 @@ on the base layer, is trained in pretraining mode and is saved with the adapter.
 from __future__ import annotations
 
 import math
-import warnings
-from typing import Any
 
 import torch
 from peft.tuners._buffer_dict import BufferDict
-from peft.tuners.tuners_utils import BaseTunerLayer, check_adapters_to_merge
+from peft.tuners.tuners_utils import BaseTunerLayer
 from torch import nn
 
 from leanformers._compat import is_conv1d
-from leanformers.sst.spectral import (
-    effective_weight,
-    inference_weight,
-    linear_with_weight,
-    orthogonality_error,
-    sample_indices,
-    spectral_linear,
-    thin_svd,
-)
+from leanformers.sst.sampling import sample_indices
+from leanformers.sst.spectral import effective_weight, orthogonality_error, thin_svd
 from leanformers.training.distributed import broadcast_, seeded_generator
 from leanformers.training.fsdp import gather_full, gathered, is_dtensor
 
-__all__ = ["SSTLayer", "SSTLinear", "TrainingWatch", "find_sst_layers"]
-
-NO_CONTROLLER_MESSAGE = (
-    "SST layers are being trained (their singular values S changed between two training forwards) but no "
-    "SSTController / SSTCallback drives the SST schedule: the active singular vectors are never re-sampled, "
-    "S is not clamped, the vectors are not renormalised and no re-SVD happens, so only {r} fixed directions "
-    "per layer ever train. Fix: Trainer(..., callbacks=[leanformers.SSTCallback()]), or in a custom loop "
-    "create controller = leanformers.SSTController(model) and call controller.step(optimizer) after every "
-    "optimizer.step()."
-)
+__all__ = ["SSTLayer", "TrainingWatch", "find_sst_layers"]
 
 
 class TrainingWatch:
-    """State shared by all SST layers of one model: is a controller attached, was the user warned."""
+    """State shared by all SST layers of one model: is a controller attached, was the user warned, does a
+    Trainer run write checkpoints (full adapter state) right now."""
 
     def __init__(self) -> None:
         self.controlled = False
         self.sentinel: int | None = None  # id() of the one layer that compares its S between forwards
         self.warned_no_controller = False
         self.warned_merged_training = False
+        self.warned_inexact_reload = False
+        self.trainer_checkpoints = False  # set by SSTCallback between on_train_begin and on_train_end
 
 
 class SSTLayer(BaseTunerLayer):
-    """Bookkeeping shared by SST layers (PEFT's per-adapter containers)."""
+    """Bookkeeping shared by SST layers (PEFT's per-adapter containers) and the schedule's factor operations."""
 
     adapter_layer_names = ("sst_S", "sst_U_active", "sst_Vh_active")
-    other_param_names = ("sst_U", "sst_Vh", "sst_index", "sst_counters")
+    other_param_names = ("sst_U", "sst_Vh", "sst_index", "sst_counters", "sst_touched")
 
     def __init__(self, base_layer: nn.Module, **kwargs) -> None:
         self.base_layer = base_layer
@@ -74,10 +61,11 @@ class SSTLayer(BaseTunerLayer):
         self.sst_Vh = BufferDict({}, persistent=True)
         self.sst_index = BufferDict({}, persistent=True)
         self.sst_counters = BufferDict({}, persistent=True)
+        self.sst_touched = BufferDict({}, persistent=True)
         self.sst_settings: dict[str, dict] = {}
         # The containers' own dicts (never replaced; .to() and load_state_dict update them in place): item
         # access through ParameterDict / Module.__getattr__ costs more than a decoding step's small matmul.
-        self._sst_dicts = (
+        self.sst_dicts = (
             self.sst_U._buffers,
             self.sst_S._parameters,
             self.sst_Vh._buffers,
@@ -85,12 +73,12 @@ class SSTLayer(BaseTunerLayer):
             self.sst_U_active._parameters,
             self.sst_Vh_active._parameters,
         )
-        self._sst_unloaded: set[str] = set()  # adapters whose factors still await a state dict
+        # adapters whose factors still await a state dict (or, ``pending_svd``, the SSTModel's batched SVD)
+        self.sst_unloaded: set[str] = set()
+        self.pending_svd: set[str] = set()
         self._disable_adapters = False
         self.merged_adapters = []
-        self._sst_watch = TrainingWatch()  # replaced by the SSTModel's shared one
-        self._sst_seen_S: torch.Tensor | None = None  # S at the last training forward (one layer per model)
-        self._sst_cache: tuple[tuple, torch.Tensor] | None = None
+        self.sst_watch = TrainingWatch()  # replaced by the SSTModel's shared one
         self.last_orthogonality_errors: tuple[float, float] | None = None  # (before, after) the last re-SVD
         self.kwargs = kwargs
         base = self.get_base_layer()
@@ -108,8 +96,16 @@ class SSTLayer(BaseTunerLayer):
         self.base_dtype = base.weight.dtype
 
     # ----------------------------------------------------------------------------------- set-up
-    def update_layer(self, adapter_name: str, r: int, config, layer_key: str) -> None:
-        """Create the factors of ``adapter_name`` (SVD of the base weight unless it must be loaded)."""
+    def update_layer(
+        self, adapter_name: str, r: int, config, layer_key: str, defer_svd: bool = False
+    ) -> None:
+        """Create the factors of ``adapter_name``.
+
+        The SVD of the base weight is taken here, or (``defer_svd``) left to :meth:`set_factors_` so that the
+        SSTModel factorises all layers together (:func:`leanformers.sst.spectral.thin_svds`). Without
+        ``init_weights`` the factors are only allocated: a state dict must fill them; a compact adapter
+        (``saved_format="compact"``) keeps the base weight until its load has recomputed its SVD.
+        """
         m, n = self.out_features, self.in_features
         k = min(m, n)
         if r > k:
@@ -119,8 +115,7 @@ class SSTLayer(BaseTunerLayer):
             )
         if adapter_name in self.sst_S:
             raise ValueError(f"layer {layer_key!r} already holds an SST adapter called {adapter_name!r}")
-        base = self.get_base_layer()
-        weight = base.weight
+        weight = self.get_base_layer().weight
         device = weight.device
         ipr = config.iterations_per_round or math.ceil(k / r)
         self.sst_settings[adapter_name] = {
@@ -136,29 +131,52 @@ class SSTLayer(BaseTunerLayer):
             "key": layer_key,
         }
         compute = config.init_weights and device.type != "meta" and weight.numel() == m * n
-        if compute:
-            dense = weight.t() if self.is_conv1d else weight  # (out, in)
-            U, S, Vh = thin_svd(dense)
-            idx = self._draw(adapter_name, S, iteration=0)
-        else:
-            # Reload path (or meta device): shapes only, no SVD; a state dict must fill them.
-            U = torch.empty(m, k, device=device, dtype=torch.float32)
-            S = torch.zeros(k, device=device, dtype=torch.float32)
-            Vh = torch.empty(k, n, device=device, dtype=torch.float32)
-            idx = torch.arange(r, device=device)
-            self._sst_unloaded.add(adapter_name)
         frozen_dtype = getattr(torch, getattr(config, "frozen_factor_dtype", "float32"))
-        self.sst_U[adapter_name] = U.to(frozen_dtype)
-        self.sst_Vh[adapter_name] = Vh.to(frozen_dtype)
-        self.sst_index[adapter_name] = idx
+        # Shapes only, no SVD yet (reload, meta device, or the batched SVD of the SSTModel).
+        self.sst_U[adapter_name] = torch.empty(m, k, device=device, dtype=frozen_dtype)
+        self.sst_Vh[adapter_name] = torch.empty(k, n, device=device, dtype=frozen_dtype)
+        self.sst_index[adapter_name] = torch.arange(r, device=device)
         self.sst_counters[adapter_name] = torch.tensor([0, 0, ipr], dtype=torch.long, device=device)
-        self.sst_S[adapter_name] = nn.Parameter(S)
-        self.sst_U_active[adapter_name] = nn.Parameter(U[:, idx].clone())
-        self.sst_Vh_active[adapter_name] = nn.Parameter(Vh[idx].clone())
-        self._free_base_weight()
+        self.sst_touched[adapter_name] = torch.zeros(k, dtype=torch.uint8, device=device)
+        self.sst_S[adapter_name] = nn.Parameter(torch.zeros(k, device=device, dtype=torch.float32))
+        self.sst_U_active[adapter_name] = nn.Parameter(torch.empty(m, r, device=device, dtype=torch.float32))
+        self.sst_Vh_active[adapter_name] = nn.Parameter(torch.empty(r, n, device=device, dtype=torch.float32))
+        if compute and defer_svd:
+            self.pending_svd.add(adapter_name)
+        elif compute:
+            self.set_factors_(adapter_name, *thin_svd(self.dense_base_weight()))
+        else:
+            self.sst_unloaded.add(adapter_name)
+            if getattr(config, "saved_format", None) != "compact":
+                self.free_base_weight()
         self.set_adapter(self.active_adapters, inference_mode=config.inference_mode)
 
-    def _free_base_weight(self) -> None:
+    def dense_base_weight(self) -> torch.Tensor:
+        """The base layer's weight as (out, in) (transposed for Conv1D); it must still be there."""
+        weight = self.get_base_layer().weight
+        if weight.device.type == "meta" or weight.numel() != self.out_features * self.in_features:
+            raise RuntimeError(
+                f"the base weight of this {self.out_features}x{self.in_features} layer is gone (freed by SST, or on "
+                "the meta device): SST needs the base model's weights here; load the base model with its weights "
+                "(from_pretrained) and wrap it again"
+            )
+        return weight.t() if self.is_conv1d else weight
+
+    @torch.no_grad()
+    def set_factors_(self, adapter: str, U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor) -> None:
+        """Start from the SVD U diag(S) Vh of the base weight: draw the first indices, free the base weight."""
+        self.sst_U[adapter].copy_(U)
+        self.sst_Vh[adapter].copy_(Vh)
+        self.sst_S[adapter].copy_(S)
+        idx = self._draw(adapter, S, iteration=0).to(self.sst_index[adapter].device)
+        self.sst_index[adapter].copy_(idx)
+        self.sst_U_active[adapter].copy_(U[:, idx])
+        self.sst_Vh_active[adapter].copy_(Vh[idx])
+        self.pending_svd.discard(adapter)
+        self.sst_unloaded.discard(adapter)
+        self.free_base_weight()
+
+    def free_base_weight(self) -> None:
         """Drop the dense weight (keeping dtype/device); otherwise SST would cost more memory than dense."""
         base = self.get_base_layer()
         w = base.weight
@@ -197,7 +215,8 @@ class SSTLayer(BaseTunerLayer):
                     container[adapter_name] = item.to(target)
 
     # ----------------------------------------------------------------------------------- maths glue
-    def _factors(self, adapter: str):
+    def factors(self, adapter: str) -> tuple[torch.Tensor, ...]:
+        """(U, S, Vh, idx, U_active, Vh_active) of ``adapter`` as held (FSDP2 shards stay shards)."""
         return (
             self.sst_U[adapter],
             self.sst_S[adapter],
@@ -213,7 +232,7 @@ class SSTLayer(BaseTunerLayer):
 
         Under FSDP2 the sharded factors are gathered first (a collective: call it on every rank).
         """
-        U, S, Vh, idx, Ua, Vha = (gather_full(t) for t in self._factors(adapter))
+        U, S, Vh, idx, Ua, Vha = (gather_full(t) for t in self.factors(adapter))
         return effective_weight(U, S, Vh, idx, Ua, Vha)
 
     def effective_weight(self, adapter: str | None = None) -> torch.Tensor:
@@ -228,8 +247,8 @@ class SSTLayer(BaseTunerLayer):
 
     # Under FSDP2 the factor operations below gather each whole factor (gather_full), compute on it exactly as
     # in one process (the same bits on every rank) and write every rank's shard back (write_full_). U and Vh
-    # are FSDP2 shards too once held as frozen parameters (frozen_factors_as_parameters_); the indices and
-    # counters stay buffers, which FSDP2 leaves whole and replicated.
+    # are FSDP2 shards too once held as frozen parameters (frozen_factors_as_parameters_); the indices,
+    # counters and touched flags stay buffers, which FSDP2 leaves whole and replicated.
     @torch.no_grad()
     def post_step_(self, adapter: str) -> None:
         """After an optimizer step: S >= 0 and unit-norm active vectors (magnitude lives in S only)."""
@@ -250,25 +269,26 @@ class SSTLayer(BaseTunerLayer):
             self.sst_Vh_active[adapter],
         )
 
-    @staticmethod
-    def _write_back(U, Vh, idx, Ua, Vha) -> None:
+    def _write_back(self, adapter: str, U, Vh, Ua, Vha) -> None:
+        idx = self.sst_index[adapter]
         U.index_copy_(1, idx, Ua.to(U.dtype))
         Vh.index_copy_(0, idx, Vha.to(Vh.dtype))
+        self.sst_touched[adapter].index_fill_(0, idx, 1)
 
-    @staticmethod
-    def _resvd(U, S, Vh) -> None:
+    def _resvd(self, adapter: str, U, S, Vh) -> None:
         U_new, S_new, Vh_new = thin_svd(U.float() @ (S.detach().float()[:, None] * Vh.float()))
         U.copy_(U_new)
         S.copy_(S_new)
         Vh.copy_(Vh_new)
         for t in (U, S, Vh):  # rank 0's result everywhere: bit-identical factors whatever the LAPACK build
             broadcast_(t)
+        self.sst_touched[adapter].fill_(1)  # nothing derives from the base weight's SVD any more
 
     @torch.no_grad()
     def write_back_(self, adapter: str) -> None:
         """Copy the active vectors into their slots of U and Vh."""
         with self._gathered_factors(adapter) as (U, _, Vh, Ua, Vha):
-            self._write_back(U, Vh, self.sst_index[adapter], Ua, Vha)
+            self._write_back(adapter, U, Vh, Ua, Vha)
 
     @torch.no_grad()
     def resvd_(self, adapter: str) -> float:
@@ -278,10 +298,10 @@ class SSTLayer(BaseTunerLayer):
         bit-identical factors. Returns the orthogonality error before the re-SVD.
         """
         with self._gathered_factors(adapter) as (U, S, Vh, Ua, Vha):
-            self._write_back(U, Vh, self.sst_index[adapter], Ua, Vha)
+            self._write_back(adapter, U, Vh, Ua, Vha)
             error = orthogonality_error(U, Vh)
-            self._resvd(U, S, Vh)
-        self._sst_cache = None
+            self._resvd(adapter, U, S, Vh)
+        self.factors_changed()
         return error
 
     @torch.no_grad()
@@ -296,10 +316,10 @@ class SSTLayer(BaseTunerLayer):
         round_end = iteration % int(counters[2]) == 0
         idx = self.sst_index[adapter]
         with self._gathered_factors(adapter) as (U, S, Vh, Ua, Vha):  # one gather per factor, one write
-            self._write_back(U, Vh, idx, Ua, Vha)
+            self._write_back(adapter, U, Vh, Ua, Vha)
             if round_end:
                 before = orthogonality_error(U, Vh)
-                self._resvd(U, S, Vh)
+                self._resvd(adapter, U, S, Vh)
                 self.last_orthogonality_errors = (before, orthogonality_error(U, Vh))
                 counters[1] += 1
             new_idx = self._draw(adapter, S, iteration).to(idx.device)
@@ -307,8 +327,11 @@ class SSTLayer(BaseTunerLayer):
             Ua.copy_(U[:, new_idx])
             Vha.copy_(Vh[new_idx])
         counters[0] = iteration
-        self._sst_cache = None
+        self.factors_changed()
         return round_end
+
+    def factors_changed(self) -> None:
+        """Hook: the factors were rewritten in place (SSTLinear drops its cached weights)."""
 
     def frozen_factors_as_parameters_(self) -> None:
         """Hold the frozen U and Vh as parameters with ``requires_grad=False`` instead of buffers.
@@ -330,14 +353,14 @@ class SSTLayer(BaseTunerLayer):
                 name,
                 nn.ParameterDict({k: nn.Parameter(v, requires_grad=False) for k, v in container.items()}),
             )
-        self._sst_dicts = (
+        self.sst_dicts = (
             self.sst_U._parameters,
-            *self._sst_dicts[1:2],
+            *self.sst_dicts[1:2],
             self.sst_Vh._parameters,
-            *self._sst_dicts[3:],
+            *self.sst_dicts[3:],
         )
         self.inference_cache = False  # a dense (out, in) copy per layer on every rank would undo the sharding
-        self._sst_cache = None
+        self.factors_changed()
 
 
 def find_sst_layers(model: nn.Module, required: bool = False) -> dict[str, SSTLayer]:
@@ -353,178 +376,3 @@ def find_sst_layers(model: nn.Module, required: bool = False) -> dict[str, SSTLa
             "first and pass the PeftModel it returns"
         )
     return layers
-
-
-class SSTLinear(nn.Module, SSTLayer):
-    """SST replacement of an ``nn.Linear`` or GPT-2 ``Conv1D``: y = U_eff diag(S) Vh_eff x + b.
-
-    Without gradients for the factors (``torch.no_grad()``, eval, generation, a frozen reloaded adapter) the
-    dense weight U_eff diag(S) Vh_eff is built once and cached until a factor changes (checked by tensor
-    version counter and storage pointer: optimizer steps, re-sampling, re-SVD, ``load_state_dict`` and
-    ``.to()`` all invalidate it); a forward with gradients drops it. Set ``inference_cache = False`` on a
-    layer to trade speed for memory (the cache holds one dense (out, in) weight per layer).
-    """
-
-    inference_cache: bool = True
-
-    def __init__(
-        self, base_layer: nn.Module, adapter_name: str, r: int, config, layer_key: str, **kwargs
-    ) -> None:
-        super().__init__()
-        SSTLayer.__init__(self, base_layer, **kwargs)
-        self._active_adapter = adapter_name
-        self.update_layer(adapter_name, r, config, layer_key)
-
-    def _load_from_state_dict(
-        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-    ):
-        # Factors created without an SVD become usable once a state dict provides all of them.
-        for adapter in list(self._sst_unloaded):
-            names = ("sst_U", "sst_Vh", "sst_S", "sst_U_active", "sst_Vh_active", "sst_index")
-            if all(f"{prefix}{name}.{adapter}" in state_dict for name in names):
-                self._sst_unloaded.discard(adapter)
-        self._sst_seen_S = None  # a load is not a training step
-        self._sst_cache = None
-        super()._load_from_state_dict(
-            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
-        )
-
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Write U_eff diag(S) Vh_eff into the base layer's weight (transposed for Conv1D)."""
-        adapter_names = check_adapters_to_merge(self, adapter_names)
-        if not adapter_names:
-            return
-        if len(adapter_names) > 1:
-            raise ValueError(f"SST replaces the weight: merge one adapter at a time, got {adapter_names}")
-        adapter = adapter_names[0]
-        self._check_loaded(adapter)
-        weight = self.get_delta_weight(adapter)
-        if safe_merge and not torch.isfinite(weight).all():
-            raise ValueError(f"NaNs or infs in the SST weight of adapter {adapter!r}; not merging")
-        if self.is_conv1d:
-            weight = weight.t()
-        base = self.get_base_layer()
-        base.weight = nn.Parameter(weight.to(self.base_dtype).contiguous(), requires_grad=False)
-        self.merged_adapters.append(adapter)
-
-    def unmerge(self) -> None:
-        """Drop the merged dense copy again (the factors are unchanged, so nothing is lost).
-
-        The ORIGINAL pre-SST weight cannot be restored: SST replaced it by its factors and freed it.
-        """
-        if not self.merged:
-            warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
-            return
-        self.merged_adapters = []
-        self._free_base_weight()
-
-    def _check_loaded(self, adapter: str) -> None:
-        if adapter in self._sst_unloaded:
-            raise RuntimeError(
-                f"the SST factors of adapter {adapter!r} were allocated without an SVD (init_weights=False, as in a "
-                "saved adapter_config.json) and have not been loaded: use PeftModel.from_pretrained(model, folder) "
-                "or set init_weights=True to start from the base weights"
-            )
-
-    def _active_sst_adapter(self) -> str:
-        active = self._active_adapter
-        if isinstance(active, list) and len(active) == 1:
-            active = active[0]
-        if isinstance(active, str) and active in self._sst_dicts[1]:  # the common case, fast
-            return active
-        active = [a for a in self.active_adapters if a in self.sst_S]
-        if not active:
-            raise RuntimeError(
-                f"no active SST adapter in this layer (active: {list(self.active_adapters)}, available: "
-                f"{list(self.sst_S.keys())}); the SST adapter holds this layer's weight: call "
-                f"set_adapter({next(iter(self.sst_S.keys()), 'default')!r}) or reload the adapter with "
-                "PeftModel.from_pretrained"
-            )
-        return active[0]
-
-    def _watch_training(self, adapter: str, S: torch.Tensor) -> None:
-        """Warn once per model when S changes between training forwards with no controller attached.
-
-        Values are compared, not version counters: fused optimizers (``AdamW(fused=True)``, the Trainer's
-        default on recent transformers) update parameters without bumping them. One layer per model (the
-        first to train) keeps a copy of its S (k numbers); once a controller is attached nothing is checked.
-        """
-        watch = self._sst_watch
-        if watch.controlled or watch.warned_no_controller:
-            return
-        if watch.sentinel is None:
-            watch.sentinel = id(self)
-        if watch.sentinel != id(self):
-            return
-        seen = self._sst_seen_S
-        if seen is not None and (seen.shape != S.shape or not torch.equal(seen, S.detach())):
-            watch.warned_no_controller = True
-            self._sst_seen_S = None
-            warnings.warn(
-                NO_CONTROLLER_MESSAGE.format(r=self.sst_settings[adapter]["r"]), UserWarning, stacklevel=3
-            )
-            return
-        self._sst_seen_S = S.detach().clone()
-
-    def _cached_weight(self, U, S, Vh, idx, Ua, Vha, x: torch.Tensor) -> torch.Tensor:
-        """The inference weight, rebuilt only when a factor changed (in place: version; replaced: pointer)."""
-        device_type = x.device.type
-        autocast = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
-        key = (
-            U.data_ptr(), U._version, S.data_ptr(), S._version, Vh.data_ptr(), Vh._version,
-            idx.data_ptr(), idx._version, Ua.data_ptr(), Ua._version, Vha.data_ptr(), Vha._version,
-            x.dtype, x.device, autocast,
-        )  # fmt: skip
-        if self._sst_cache is not None and self._sst_cache[0] == key:
-            return self._sst_cache[1]
-        weight = inference_weight(U, S, Vh, idx, Ua, Vha, x)
-        self._sst_cache = (key, weight)
-        return weight
-
-    def clear_inference_cache(self) -> None:
-        """Free the cached inference weight (it is rebuilt on the next no-gradient forward)."""
-        self._sst_cache = None
-
-    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if self._disable_adapters:
-            raise RuntimeError(
-                "SST adapters cannot be disabled: SST replaced the base weight by its SVD factors and freed it, "
-                "so there is no original layer to fall back to"
-            )
-        adapter = self._active_sst_adapter()
-        if self.merged_adapters:
-            if self.training and torch.is_grad_enabled() and not self._sst_watch.warned_merged_training:
-                self._sst_watch.warned_merged_training = True
-                warnings.warn(
-                    "the SST adapter is merged: the forward uses the merged dense copy, so the SST factors would not "
-                    "train; call unmerge_adapter() before training (or merge_and_unload() for inference only)",
-                    UserWarning,
-                    stacklevel=2,
-                )
-            return self.base_layer(x, *args, **kwargs)
-        if self._sst_unloaded:
-            self._check_loaded(adapter)
-        # Direct container access: this runs for every layer and every decoded token (ParameterDict and
-        # BufferDict item access go through Module.__getattr__ and cost more than a small matmul).
-        U, S, Vh, idx, Ua, Vha = (d[adapter] for d in self._sst_dicts)
-        bias = self.base_layer.bias  # SST layers never nest (one adapter per model)
-        if torch.is_grad_enabled() and (S.requires_grad or Ua.requires_grad or Vha.requires_grad):
-            self._sst_cache = None  # the factors are about to change: free the inference copy
-            if self.training:
-                self._watch_training(adapter, S)
-            return spectral_linear(
-                x, S, Ua, Vha, bias, U, Vh, idx, enhanced=self.sst_settings[adapter]["enhanced_gradient"]
-            )
-        if self.inference_cache:
-            weight = self._cached_weight(U, S, Vh, idx, Ua, Vha, x)
-        else:
-            weight = inference_weight(U, S, Vh, idx, Ua, Vha, x)
-        # Frozen factors: y = x W^T + b with a constant W; x and the bias still get gradients if they need them.
-        return linear_with_weight(x, weight, bias)
-
-    def __repr__(self) -> str:
-        return "sst." + super().__repr__()
-
-    def extra_repr(self) -> str:
-        s = self.sst_settings.get(self.active_adapters[0], {}) if self.active_adapters else {}
-        return f"in_features={self.in_features}, out_features={self.out_features}, r={s.get('r')}, k={s.get('k')}"

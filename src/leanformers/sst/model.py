@@ -15,15 +15,20 @@ What differs from an additive adapter such as LoRA:
 from __future__ import annotations
 
 import re
+import warnings
 
 import torch
 from peft.tuners.tuners_utils import BaseTuner, BaseTunerLayer
 from torch import nn
 
 from leanformers._compat import is_conv1d
-from leanformers.sst.layer import SSTLayer, SSTLinear, TrainingWatch, find_sst_layers
+from leanformers.sst.layer import SSTLayer, TrainingWatch, find_sst_layers
+from leanformers.sst.linear import DENSE_WEIGHT_KEY, SSTLinear
+from leanformers.sst.saving import compact_state_dict, expand_compact_state_dict, is_compact, writes_compact
+from leanformers.sst.spectral import thin_svds
 
 __all__ = [
+    "PRETRAINED_IN_PRETRAIN_MODE",
     "SSTModel",
     "exclude_sst_buffers_from_ddp",
     "frozen_factors_as_parameters",
@@ -33,6 +38,19 @@ __all__ = [
 ]
 
 _SST_ATTRS = SSTLayer.adapter_layer_names + SSTLayer.other_param_names
+
+PRETRAINED_IN_PRETRAIN_MODE = (
+    "SSTConfig(mode='pretrain') on a model loaded from pretrained weights ({name}): pretraining mode trains "
+    "every non-SST parameter in place (embeddings, norms, head: {share:.0%} of this model) and saves all of "
+    "them with the adapter. To fine-tune, use SSTConfig(mode='finetune') (PEFT's freezing; add modules with "
+    "train_modules). Models built from a config (no _name_or_path) are taken as pretraining runs."
+)
+
+
+def loaded_from_pretrained(model: nn.Module) -> str:
+    """The checkpoint ``model`` was loaded from (``config._name_or_path``), or "" for a model built from a config."""
+    config = getattr(model, "config", None)
+    return str(getattr(config, "_name_or_path", "") or "")
 
 
 def non_sst_trainable_names(model: nn.Module, config) -> list[str]:
@@ -166,14 +184,31 @@ class SSTModel(BaseTuner):
                 "Conv1D are supported. Remove it from target_modules or add it to exclude_modules."
             )
         r = sst_config.rank_for(current_key)
-        new_module = SSTLinear(target, adapter_name, r=r, config=sst_config, layer_key=current_key)
-        if getattr(self, "_sst_watch", None) is None:
-            self._sst_watch = TrainingWatch()
-        new_module._sst_watch = self._sst_watch  # one "no controller" warning per model, not per layer
+        new_module = SSTLinear(
+            target, adapter_name, r=r, config=sst_config, layer_key=current_key, defer_svd=True
+        )
+        if getattr(self, "sst_watch", None) is None:
+            self.sst_watch = TrainingWatch()
+        new_module.sst_watch = self.sst_watch  # one "no controller" warning per model, not per layer
         self._replace_module(parent, target_name, new_module, target)
 
     def inject_adapter(self, model: nn.Module, adapter_name: str, *args, **kwargs) -> None:
+        config = self.peft_config[adapter_name]
+        name = loaded_from_pretrained(model)
         super().inject_adapter(model, adapter_name, *args, **kwargs)
+        # The SVDs of all targeted weights, several at a time (each on one thread: reproducible bits).
+        pending = [layer for layer in find_sst_layers(model).values() if adapter_name in layer.pending_svd]
+        for layer, factors in zip(
+            pending, thin_svds([la.dense_base_weight() for la in pending]), strict=True
+        ):
+            layer.set_factors_(adapter_name, *factors)
+        if config.mode == "pretrain" and config.init_weights and not config.inference_mode and name:
+            trainable, total = sst_parameter_counts(model)
+            warnings.warn(
+                PRETRAINED_IN_PRETRAIN_MODE.format(name=name, share=trainable / max(total, 1)),
+                UserWarning,
+                stacklevel=4,
+            )
         # DDP wraps the PeftModel (names "base_model.model...."), which forwards this attribute to the tuner;
         # both spellings are listed so that wrapping either of them works.
         exclude_sst_buffers_from_ddp(self, prefixes=("", "base_model."))
@@ -220,7 +255,21 @@ class SSTModel(BaseTuner):
             clean = key.removeprefix("_fsdp_wrapped_module.")
             if clean in state_dict and state_dict[clean] is not None:
                 out[clean] = state_dict[clean]
+        config.saved_format = "compact" if writes_compact(model, config) else "full"
+        if config.saved_format == "compact":
+            out = compact_state_dict(model, adapter_name, out)
         return out
+
+    @classmethod
+    def _remap_adapter_state_dict_for_load(cls, model, config, adapter_name, state_dict):
+        if is_compact(state_dict):
+            state_dict = expand_compact_state_dict(
+                model, adapter_name, state_dict, trainable=not config.inference_mode
+            )
+        out = super()._remap_adapter_state_dict_for_load(model, config, adapter_name, state_dict)
+        # the saved effective weights of dense entries reach their layer's load (which pins them)
+        suffix = f".{DENSE_WEIGHT_KEY}"
+        return {(f"{k}.{adapter_name}" if k.endswith(suffix) else k): v for k, v in out.items()}
 
     # --- what an additive adapter can do and SST cannot -----------------------------------------
     def unload(self) -> torch.nn.Module:

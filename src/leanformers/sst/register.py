@@ -8,11 +8,11 @@ then config and tuner classes are registered through the public function. Idempo
 from __future__ import annotations
 
 from peft import PeftModel
-from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
 from peft.utils import peft_types, register_peft_method
 
 from leanformers._compat import extend_peft_type
-from leanformers.sst.config import SST_PEFT_TYPE, SSTConfig
+from leanformers.sst.config import SAVED_PEFT_TYPE, SST_PEFT_TYPE, SSTConfig
 from leanformers.sst.model import SSTModel
 
 __all__ = ["SST_PEFT_TYPE", "ensure_peft_type", "register_sst"]
@@ -50,6 +50,9 @@ def register_sst() -> None:
     peft_type = ensure_peft_type()
     assert peft_types.PeftType.SST is peft_type
     _patch_parameter_count()
-    if peft_type in PEFT_TYPE_TO_TUNER_MAPPING:
-        return
-    register_peft_method(name="sst", config_cls=SSTConfig, model_cls=SSTModel, prefix="sst_")
+    if peft_type not in PEFT_TYPE_TO_TUNER_MAPPING:
+        register_peft_method(name="sst", config_cls=SSTConfig, model_cls=SSTModel, prefix="sst_")
+    # adapter_config.json spells the type SAVED_PEFT_TYPE (its KeyError without leanformers names the fix);
+    # peft 0.21 reads it back only through PEFT_TYPE_TO_CONFIG_MAPPING[<json value>], and SSTConfig turns
+    # it into PeftType.SST
+    PEFT_TYPE_TO_CONFIG_MAPPING.setdefault(SAVED_PEFT_TYPE, SSTConfig)

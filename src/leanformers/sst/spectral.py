@@ -1,35 +1,53 @@
 """Pure maths of Sparse Spectral Training: tensors in, tensors out (no modules, no optimizer, no I/O).
 
 Shapes follow the linear-layer convention W (m, n) = (out, in), k = min(m, n), W = U diag(S) Vh with
-U (m, k), S (k,), Vh (k, n), and r active singular-vector pairs at indices ``idx`` (r,).
+U (m, k), S (k,), Vh (k, n), and r active singular-vector pairs at indices ``idx`` (r,). T is the
+number of tokens of one call (all leading dimensions of x).
 """
 
 from __future__ import annotations
 
-import math
+import contextlib
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 __all__ = [
-    "SAMPLING_MODES",
+    "SPECTRAL_PATHS",
+    "FactoredSpectralLinearFunction",
     "SpectralLinearFunction",
-    "effective_rank",
     "effective_weight",
+    "factored_is_cheaper",
     "inference_weight",
     "linear_with_weight",
     "orthogonality_error",
-    "sample_indices",
-    "sampling_probabilities",
     "spectral_dtypes",
     "spectral_linear",
     "thin_svd",
+    "thin_svds",
 ]
 
-SAMPLING_MODES = ("multinomial", "uniform", "top_r", "sequential")
+SPECTRAL_PATHS = ("auto", "factored", "materialized")
+
+
+@contextlib.contextmanager
+def _one_intra_op_thread() -> Iterator[None]:
+    before = torch.get_num_threads()
+    if before != 1:
+        torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        if before != 1:
+            torch.set_num_threads(before)
 
 
 def thin_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Thin SVD in float32 on the weight's device.
+
+    On the CPU it runs on one intra-op thread: MKL's multi-threaded SVD returns other bits for other
+    thread counts, and a compact adapter recomputes the base model's SVD on reload, bit for bit.
 
     Args:
         weight: (m, n) in any float dtype.
@@ -38,65 +56,32 @@ def thin_svd(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Te
     """
     if weight.device.type == "meta":
         raise ValueError("cannot take the SVD of a meta tensor: materialise the weights first")
-    U, S, Vh = torch.linalg.svd(weight.detach().to(torch.float32), full_matrices=False)
+    dense = weight.detach().to(torch.float32)
+    if dense.device.type == "cpu":
+        with _one_intra_op_thread():
+            U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
+    else:
+        U, S, Vh = torch.linalg.svd(dense, full_matrices=False)
     return U.contiguous(), S.contiguous(), Vh.contiguous()
 
 
-def sampling_probabilities(S: torch.Tensor, magnitude_mix: float = 0.5) -> torch.Tensor:
-    """p_i = (1 - beta) / k + beta * S_i / sum(S): a mix of uniform and magnitude sampling.
+def thin_svds(
+    weights: Sequence[torch.Tensor], workers: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """:func:`thin_svd` of every weight, in order, several CPU weights at a time.
 
-    Args:
-        S: (k,) non-negative singular values.
-        magnitude_mix: beta in [0, 1]; 1 is pure magnitude sampling, 0 is uniform.
-    Returns:
-        (k,) float32 probabilities summing to 1.
+    Each SVD runs on one thread (same bits as :func:`thin_svd`); up to ``workers`` (default: torch's
+    intra-op thread count) run side by side, which is faster than one multi-threaded SVD after another
+    for LLM-sized matrices. GPU weights are factorised one after another on their device.
     """
-    S = S.detach().to(torch.float32).clamp_min(0)
-    k = S.numel()
-    total = S.sum()
-    uniform = torch.full_like(S, 1.0 / k)
-    if total <= 0:  # all-zero spectrum: magnitude carries no information
-        return uniform
-    return (1.0 - magnitude_mix) * uniform + magnitude_mix * S / total
-
-
-def sample_indices(
-    S: torch.Tensor,
-    r: int,
-    mode: str = "multinomial",
-    *,
-    magnitude_mix: float = 0.5,
-    iteration: int = 0,
-    generator: torch.Generator | None = None,
-) -> torch.Tensor:
-    """Choose r distinct singular-vector indices for the next iteration.
-
-    Args:
-        S: (k,) singular values (sorted descending after an SVD).
-        r: number of active pairs, 1 <= r <= k.
-        mode: ``multinomial`` (p from :func:`sampling_probabilities`, without replacement),
-            ``uniform``, ``top_r`` (the r largest S) or ``sequential`` (cyclic blocks
-            ``[iteration * r, iteration * r + r) mod k``).
-        iteration: iteration number (used by ``sequential``).
-        generator: a CPU generator; pass the same seeded one on every rank.
-    Returns:
-        (r,) int64 indices, sorted ascending, on S's device.
-    """
-    k = S.numel()
-    if not 1 <= r <= k:
-        raise ValueError(f"r={r} must be between 1 and k={k} (the smaller dimension of the layer)")
-    if mode == "multinomial":
-        probs = sampling_probabilities(S, magnitude_mix).cpu()
-        idx = torch.multinomial(probs, r, replacement=False, generator=generator)
-    elif mode == "uniform":
-        idx = torch.randperm(k, generator=generator)[:r]
-    elif mode == "top_r":
-        idx = torch.topk(S.detach().float().cpu(), r).indices
-    elif mode == "sequential":
-        idx = (torch.arange(r) + iteration * r) % k
-    else:
-        raise ValueError(f"unknown sampling mode {mode!r}; use one of {SAMPLING_MODES}")
-    return torch.sort(idx.to(torch.long)).values.to(S.device)
+    workers = torch.get_num_threads() if workers is None else workers
+    cpu = all(w.device.type == "cpu" for w in weights)
+    if workers <= 1 or len(weights) <= 1 or not cpu:
+        for weight in weights:
+            yield thin_svd(weight)
+        return
+    with ThreadPoolExecutor(max_workers=min(workers, len(weights))) as pool:
+        yield from pool.map(thin_svd, weights)
 
 
 def _work_dtype(S: torch.Tensor) -> torch.dtype:
@@ -124,12 +109,11 @@ def effective_weight(
 
 
 class SpectralLinearFunction(torch.autograd.Function):
-    """y = x W^T (+ b) with W = U_eff diag(S) Vh_eff built once per forward.
+    """y = x W^T (+ b) with W = U_eff diag(S) Vh_eff built once per forward (the *materialised* path).
 
-    A naive ``U (S * (Vh x))`` costs k(m + n) per token (2x a dense layer when m = n). Here the
-    weight is materialised once (O(m n k) per call, independent of the token count), the token
-    matmuls are the dense ones, and the factor gradients come from the dense weight gradient
-    dW = dy^T x (one layer at a time, never stored):
+    The weight is built once per call (O(m n k), independent of the token count), the token matmuls
+    are the dense ones, and the factor gradients come from the dense weight gradient dW = dy^T x (one
+    layer at a time, never stored; :class:`FactoredSpectralLinearFunction` is the other path):
 
         dS_i        = U_i^T dW V_i                 (diag of U_eff^T dW Vh_eff^T)
         dU_active   = dW Vh_active^T diag(S_a)     (enhanced: without diag(S_a), i.e. divided by S_a)
@@ -207,6 +191,91 @@ def _weight(U, S, Vh, idx, U_active, Vh_active, dtype: torch.dtype) -> torch.Ten
     return U_eff @ (S.to(dtype)[:, None] * Vh_eff)
 
 
+class FactoredSpectralLinearFunction(torch.autograd.Function):
+    """y = ((x Vh_eff^T) * S) U_eff^T (+ b): the *factored* path, no (m, n) weight built.
+
+    Costs T k (m + n) per direction instead of the materialised path's O(m n k) weight builds plus
+    three dense token products (forward, dx, dW); it never forms dW. With z = x Vh_eff^T (T, k) and
+    gz = dy U_eff (T, k), the gradients are (enhanced: the S_a factor left out, as in the other path):
+
+        dS        = sum over tokens of gz * z
+        dU_active = dy^T z[:, idx]                 (times S_a when not enhanced)
+        dVh_active = gz[:, idx]^T x                (times S_a when not enhanced)
+        dx        = (gz * S) Vh_eff
+
+    U_eff / Vh_eff are never copied: the stale ``idx`` slots of U / Vh are masked out and the active
+    vectors added as an (·, r) product. Token products run in the token dtype (the autocast dtype under
+    autocast); the gradients are handed back in the factors' dtype.
+    """
+
+    @staticmethod
+    def forward(ctx, x, S, U_active, Vh_active, bias, U, Vh, idx, enhanced: bool, compute_dtype):
+        dtype = compute_dtype if compute_dtype is not None else x.dtype
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)
+        z = x2 @ Vh.to(dtype).t()  # (T, k); the idx columns are stale and replaced next
+        z.index_copy_(1, idx, x2 @ Vh_active.to(dtype).t())
+        zs = z * S.to(dtype)
+        y = zs.index_fill(1, idx, 0) @ U.to(dtype).t() + zs.index_select(1, idx) @ U_active.to(dtype).t()
+        if bias is not None:
+            y = y + bias.to(dtype)
+        ctx.save_for_backward(x2, z, S, U_active, Vh_active, U, Vh, idx)
+        ctx.enhanced = enhanced
+        ctx.dtype = dtype
+        ctx.x_shape, ctx.x_dtype = x.shape, x.dtype
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, z, S, U_active, Vh_active, U, Vh, idx = ctx.saved_tensors
+        dtype, work = ctx.dtype, _work_dtype(S)
+        with torch.no_grad():
+            g2 = grad_out.reshape(-1, grad_out.shape[-1]).to(dtype)
+            gz = g2 @ U.to(dtype)  # (T, k); idx columns replaced by the active vectors' next
+            gz.index_copy_(1, idx, g2 @ U_active.to(dtype))
+            grad_S = (gz.to(work) * z.to(work)).sum(dim=0)
+            grad_x = None
+            if ctx.needs_input_grad[0]:
+                gzs = gz * S.to(dtype)
+                grad_x = gzs.index_fill(1, idx, 0) @ Vh.to(dtype) + gzs.index_select(1, idx) @ Vh_active.to(
+                    dtype
+                )
+                grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+            grad_U_a = (g2.t() @ z.index_select(1, idx)).to(work)  # (m, r)
+            grad_Vh_a = (gz.index_select(1, idx).t() @ x2).to(work)  # (r, n)
+            if not ctx.enhanced:
+                S_a = S.to(work).index_select(0, idx)
+                grad_U_a = grad_U_a * S_a[None, :]
+                grad_Vh_a = grad_Vh_a * S_a[:, None]
+            grad_b = None
+            if ctx.bias_dtype is not None and ctx.needs_input_grad[4]:
+                grad_b = g2.sum(dim=0).to(ctx.bias_dtype)
+        return (
+            grad_x,
+            grad_S.to(S.dtype),
+            grad_U_a.to(U_active.dtype),
+            grad_Vh_a.to(Vh_active.dtype),
+            grad_b,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def factored_is_cheaper(tokens: int, m: int, n: int, k: int) -> bool:
+    """Whether one training call (forward + backward) of an (m, n) SST layer on ``tokens`` tokens costs
+    fewer multiply-adds factored than materialised.
+
+    Factored: 2 T k (m + n). Materialised: the weight built twice (forward, backward) and U_eff^T dW
+    (3 m n k) plus the forward, dx and dW products (3 T m n). The r-sized terms of both are left out.
+    Fine-tuning batches (T of a few hundred) favour the factored path; large pretraining batches on
+    square layers (T > about 3k) the materialised one.
+    """
+    return 2 * tokens * k * (m + n) < 3 * m * n * k + 3 * tokens * m * n
+
+
 def spectral_linear(
     x: torch.Tensor,
     S: torch.Tensor,
@@ -218,19 +287,29 @@ def spectral_linear(
     idx: torch.Tensor,
     *,
     enhanced: bool = True,
+    path: str = "auto",
 ) -> torch.Tensor:
-    """Apply the SST layer to x (..., n) -> (..., m); see :class:`SpectralLinearFunction`.
+    """Apply the SST layer to x (..., n) -> (..., m) with gradients for S and the active vectors.
+
+    Args:
+        path: ``"auto"`` (per call, :func:`factored_is_cheaper` on this call's token count),
+            ``"factored"`` (:class:`FactoredSpectralLinearFunction`) or ``"materialized"``
+            (:class:`SpectralLinearFunction`). Both compute the same function and gradients.
 
     Under autocast the token matmuls run in the autocast dtype; the factors stay float32.
     """
+    if path not in SPECTRAL_PATHS:
+        raise ValueError(f"unknown SST path {path!r}; use one of {SPECTRAL_PATHS}")
+    m, n = U.shape[0], Vh.shape[1]
+    if path == "auto":
+        path = "factored" if factored_is_cheaper(x.numel() // n, m, n, S.shape[0]) else "materialized"
+    function = FactoredSpectralLinearFunction if path == "factored" else SpectralLinearFunction
     device_type = x.device.type
     compute_dtype = None
     if torch.is_autocast_enabled(device_type):
         compute_dtype = torch.get_autocast_dtype(device_type)
     with torch.autocast(device_type=device_type, enabled=False):
-        return SpectralLinearFunction.apply(
-            x, S, U_active, Vh_active, bias, U, Vh, idx, enhanced, compute_dtype
-        )
+        return function.apply(x, S, U_active, Vh_active, bias, U, Vh, idx, enhanced, compute_dtype)
 
 
 def spectral_dtypes(x: torch.Tensor, S: torch.Tensor) -> tuple[torch.dtype | None, torch.dtype, torch.dtype]:
@@ -263,17 +342,6 @@ def linear_with_weight(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
         with torch.autocast(device_type=x.device.type, enabled=False):
             return torch.nn.functional.linear(x, weight, b)
     return torch.nn.functional.linear(x, weight, b)
-
-
-def effective_rank(S: torch.Tensor) -> float:
-    """exp(entropy of S / sum(S)) (Roy & Vetterli): between 1 and k."""
-    S = S.detach().to(torch.float32).clamp_min(0)
-    total = S.sum()
-    if total <= 0:
-        return 0.0
-    p = S / total
-    p = p[p > 0]
-    return float(math.exp(float(-(p * p.log()).sum())))
 
 
 def orthogonality_error(U: torch.Tensor, Vh: torch.Tensor) -> float:
