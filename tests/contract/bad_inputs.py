@@ -145,6 +145,23 @@ def check_rank_deficient_weight(row: Row, tmp_path: Path) -> None:
         assert torch.isfinite(model(input_ids=calib[:1]).logits).all()
 
 
+def check_load_duplicate_sst_index(row: Row, tmp_path: Path) -> None:
+    """An SST adapter whose active indices repeat one direction (issue 19 #2, "the same for SST")."""
+    from peft import PeftModel
+
+    from tests.contract.checks import wrap
+
+    model, _ = wrap(row)
+    model.save_pretrained(tmp_path / "adapter")
+    file = tmp_path / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(str(file))
+    key = next(k for k in sorted(tensors) if k.endswith("sst_index"))
+    tensors[key] = tensors[key].clone()
+    tensors[key][1] = tensors[key][0]
+    save_file(tensors, str(file), metadata={"format": "pt"})
+    PeftModel.from_pretrained(row.family.build(seed=row.method.reload_seed), tmp_path / "adapter")
+
+
 BAD_INPUT_CHECKS = {
     name[len("check_") :]: fn for name, fn in dict(globals()).items() if name.startswith("check_")
 }

@@ -185,7 +185,9 @@ METHODS: dict[str, Method] = {
             "sst",
             dict(_SST, mode="finetune"),
             trains=r"sst_(S|U_active|Vh_active)\.|(classifier|score)\.(?!original_module)",
-            operations=("train_step", "grad_ckpt", "eval", "persist") + PEFT_OPS + ("compact_adapter",),
+            operations=("train_step", "grad_ckpt", "eval", "persist", "load_duplicate_sst_index")
+            + PEFT_OPS
+            + ("compact_adapter",),
             families=("llama", "gpt2", "bert_cls", "bart"),
             reload_seed=0,
         ),
@@ -268,6 +270,7 @@ _BAD_INPUTS = {
 }
 
 QUIRKS: dict[tuple[str, str, str], dict] = {
+    ("sst_ft", "*", "load_duplicate_sst_index"): {"refuses": ("ValueError", "repeats an index")},
     **{("mpifa", "*", op): {"refuses": refusal} for op, refusal in _BAD_INPUTS.items()},
     ("sst_ft", "*", "disable_adapter"): _SST_FREED,
     ("sst_ft", "*", "unload"): _SST_FREED,
@@ -281,7 +284,14 @@ def _applies(method: Method, family: Family, op: str) -> bool:
         return False  # a classifier does not generate
     if op == "stream" and family.task != "causal":
         return False  # streaming compression rebuilds a causal LM from its config
-    method_level = (*DIST_OPS, *BAD_INPUT_OPS, "config_method", "no_controller_warns", "recipe_errors")
+    method_level = (
+        *DIST_OPS,
+        *BAD_INPUT_OPS,
+        "load_duplicate_sst_index",
+        "config_method",
+        "no_controller_warns",
+        "recipe_errors",
+    )
     if op in method_level and family.name != "llama":
         return False  # method-level properties: one family is enough
     if op in PEFT_OPS and family.name not in ("llama", "gpt2", "bert_cls"):

@@ -84,6 +84,7 @@ class SSTLinear(nn.Module, SSTLayer):
         self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
     ):
         for adapter in self.sst_S:
+            self._check_loaded_index(prefix, adapter, state_dict.get(f"{prefix}sst_index.{adapter}"))
             names = [f"{prefix}{name}.{adapter}" for name in _FACTOR_NAMES]
             touched = f"{prefix}sst_touched.{adapter}"
             if names[0] in state_dict and touched not in state_dict:  # a checkpoint older than sst_touched:
@@ -100,6 +101,24 @@ class SSTLinear(nn.Module, SSTLayer):
         super()._load_from_state_dict(
             state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, errors
         )
+
+    def _check_loaded_index(self, prefix: str, adapter: str, index: torch.Tensor | None) -> None:
+        """A saved ``sst_index`` must name ``r`` distinct singular directions of this layer: a tampered or
+        corrupt one (a duplicate, out of range) would train and run on the wrong vectors silently."""
+        if index is None:
+            return
+        r, k = self.sst_index[adapter].numel(), self.sst_S[adapter].numel()
+        where = f"{prefix}sst_index.{adapter}"
+        fix = "the adapter was edited or is corrupt; save it again from the trained model"
+        if index.dtype.is_floating_point or index.dtype == torch.bool or tuple(index.shape) != (r,):
+            raise ValueError(
+                f"{where} must be {r} integer indices, got {index.dtype} {tuple(index.shape)}; {fix}"
+            )
+        values = index.detach().to("cpu", torch.int64)
+        if r and (int(values.min()) < 0 or int(values.max()) >= k):
+            raise ValueError(f"{where} holds indices outside 0..{k - 1}; {fix}")
+        if values.unique().numel() != r:
+            raise ValueError(f"{where} repeats an index (the {r} active directions must be distinct); {fix}")
 
     @staticmethod
     def _pin_loaded_weights(module: SSTLinear, incompatible_keys) -> None:
