@@ -24,7 +24,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from leanformers.compression.layout import capture_block_inputs, find_layout, linear_weight, run_block
+from leanformers.compression.layout import find_layout, linear_weight
+from leanformers.compression.replay import capture_block_inputs, run_block
 from leanformers.storage.layers import LowRankLinear
 from leanformers.storage.rank import lowrank_rank
 

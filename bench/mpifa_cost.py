@@ -91,7 +91,7 @@ def _write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
 def stream_main(args) -> dict:
     """Peak host RSS of ``mpifa_compress_pretrained`` on a random LLaMA saved in shards, vs its size."""
     from leanformers.compression.checkpoint_io import status_kib
-    from leanformers.compression.pretrained import mpifa_compress_pretrained
+    from leanformers.compressors.mpifa import mpifa_compress_pretrained
 
     if args.quick:
         name, shape = "LLaMA 4 x 256 (random)", dict(hidden=256, intermediate=688, layers=4, heads=4)
