@@ -46,27 +46,9 @@ if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install cho
 
 from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402
 
-__all__ = [
-    "REPO_ROOT",
-    "RESULTS",
-    "ROWS",
-    "PeakRSS",
-    "ResultFile",
-    "command_line",
-    "environment",
-    "llama_config",
-    "load_rows",
-    "row_settings",
-    "rows_arguments",
-    "output_path",
-    "parser",
-    "print_table",
-    "sync",
-    "timed",
-    "tiny_bert",
-    "tiny_llama",
-    "write_json",
-]
+__all__ = ["REPO_ROOT", "RESULTS", "ROWS", "PeakRSS", "ResultFile", "command_line", "environment", "llama_config",
+           "load_rows", "output_path", "parser", "print_table", "row_settings", "rows_arguments", "sync", "timed",
+           "tiny_bert", "tiny_llama", "write_json"]  # fmt: skip
 
 
 # ---- command line --------------------------------------------------------------------------------

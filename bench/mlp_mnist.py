@@ -195,7 +195,7 @@ def run_rows(args, argv) -> dict:
     return payload
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser():
     ap = harness.parser(
         __doc__,
         quick_help="784-48-10 for 1 epoch on 256 images (on top of the recipe and --set); --rows: their quick sizes",
@@ -213,6 +213,11 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--merge", action="store_true", help="--rows: keep the (method, seed) rows already saved")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
     if args.rows:
         return run_rows(args, argv)
