@@ -39,7 +39,7 @@ lint: setup
 
 bench-quick: setup
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/pifa_speed.py --quick
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/mpifa_cost.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/compression_cost.py --quick --rows smollm2 stream
 
 clean:
 	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

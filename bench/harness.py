@@ -10,6 +10,9 @@
 - ``write_json``: atomic write of a result (a stopped run never leaves half a file).
 - the model factory (``llama_config``, ``tiny_llama``, ``tiny_bert``) lives in tests/tiny_models.py,
   the one place that builds models from config; it is re-exported here.
+- ``load_rows(runner, keys)``: the variants of a runner, ``bench/rows/<runner>.yaml`` (name -> settings),
+  every key checked against what the runner reads; ``ResultFile``: a result JSON that several runs (or
+  processes) fill cell by cell, merged by key under a file lock.
 
 Importing this module puts the repository root first on ``sys.path`` (for ``tests.tiny_models``) and
 ``src/`` last, so a script runs from a plain checkout as ``python bench/<script>.py`` while
@@ -19,13 +22,15 @@ Importing this module puts the repository root first on ``sys.path`` (for ``test
 from __future__ import annotations
 
 import argparse
+import difflib
+import fcntl
 import json
 import os
 import platform
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -33,6 +38,7 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 RESULTS = REPO_ROOT / "bench" / "results"
+ROWS = REPO_ROOT / "bench" / "rows"
 if str(REPO_ROOT) not in sys.path:  # ``tests.tiny_models``, the model factory
     sys.path.insert(0, str(REPO_ROOT))
 if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install chooses the checkout first
@@ -40,22 +46,9 @@ if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install cho
 
 from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402
 
-__all__ = [
-    "REPO_ROOT",
-    "RESULTS",
-    "PeakRSS",
-    "command_line",
-    "environment",
-    "llama_config",
-    "output_path",
-    "parser",
-    "print_table",
-    "sync",
-    "timed",
-    "tiny_bert",
-    "tiny_llama",
-    "write_json",
-]
+__all__ = ["REPO_ROOT", "RESULTS", "ROWS", "PeakRSS", "ResultFile", "command_line", "environment", "llama_config",
+           "load_rows", "output_path", "parser", "print_table", "row_settings", "rows_arguments", "sync", "timed",
+           "tiny_bert", "tiny_llama", "write_json"]  # fmt: skip
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -82,6 +75,60 @@ def output_path(args: argparse.Namespace, name: str) -> Path:
 def command_line(script: str, argv: list[str] | None) -> str:
     """The command that produced a result, as docs quote it (``python bench/<script>.py ...``)."""
     return f"python bench/{script}.py " + " ".join(argv if argv is not None else sys.argv[1:])
+
+
+# ---- rows ----------------------------------------------------------------------------------------
+def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[str]]) -> dict[str, dict]:
+    """``bench/rows/<runner>.yaml``: row name -> settings, in file order.
+
+    ``keys``: the keys a row may hold, or ``(name, row) -> keys`` when they depend on the row (a
+    compressor's config fields). An unknown key is an error naming the row, the key and the close
+    matches: a typo never silently runs the default.
+    """
+    import yaml
+
+    path = ROWS / f"{runner}.yaml"
+    rows = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(rows, dict) or not all(isinstance(r, dict) for r in rows.values()):
+        raise ValueError(f"{path}: expected a mapping of row name -> settings")
+    for name, row in rows.items():
+        allowed = set(keys(name, row) if callable(keys) else keys)
+        for key in row:
+            if key not in allowed:
+                near = difflib.get_close_matches(key, allowed, n=3)
+                hint = (
+                    f" (did you mean {', '.join(near)}?)"
+                    if near
+                    else f"; allowed: {', '.join(sorted(allowed))}"
+                )
+                raise ValueError(f"{path}: row {name!r} has unknown key {key!r}{hint}")
+    return rows
+
+
+def row_settings(name: str, row: dict, quick: bool = False, sets: Iterable[str] = ()) -> dict:
+    """A row's settings for this run: its ``quick`` overrides with --quick, then ``--set KEY=VALUE``
+    (VALUE read as YAML) on keys the row has; ``quick`` itself is dropped."""
+    import yaml
+
+    out = {k: v for k, v in row.items() if k != "quick"}
+    if quick:
+        out.update(row.get("quick") or {})
+    for item in sets:
+        key, sep, value = item.partition("=")
+        if not sep or key not in out:
+            raise ValueError(f"--set {item!r}: row {name!r} has no setting {key!r} (it has {', '.join(out)})")
+        out[key] = yaml.safe_load(value)
+    return out
+
+
+def rows_arguments(
+    ap: argparse.ArgumentParser, rows: dict[str, dict], default: list[str] | None = None
+) -> None:
+    """``--rows NAME...`` (choices: the rows file's names) and ``--set KEY=VALUE...`` (row settings)."""
+    ap.add_argument("--rows", nargs="*", choices=list(rows), default=default, metavar="ROW",
+                    help=f"rows of bench/rows/ to run: {', '.join(rows)}")  # fmt: skip
+    ap.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="override a setting of the rows (VALUE is YAML)")  # fmt: skip
 
 
 # ---- environment ---------------------------------------------------------------------------------
@@ -184,6 +231,27 @@ def print_table(rows: list[dict], columns: list[str]) -> None:
     print("-|-".join("-" * widths[c] for c in columns))
     for r in rows:
         print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+
+
+class ResultFile:
+    """A result JSON filled in several runs: ``update(kind, entries, key)`` replaces the entries of list
+    ``kind`` that share a key with the new ones and keeps the rest (and every other field). A file lock
+    lets parallel processes fill one file; without ``merge`` the first update starts a fresh file."""
+
+    def __init__(self, path: Path | str, merge: bool = True):
+        self.path, self._fresh = Path(path), not merge
+
+    def update(self, kind: str, entries: list[dict], key: Callable[[dict], object], **fields) -> dict:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path.with_name(self.path.name + ".lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            old = {} if self._fresh or not self.path.exists() else json.loads(self.path.read_text())
+            self._fresh = False
+            fresh = {key(e) for e in entries}
+            old[kind] = [e for e in old.get(kind, []) if key(e) not in fresh] + entries
+            payload = {**old, **fields}
+            write_json(self.path, payload)
+        return payload
 
 
 def write_json(path: Path | str, payload: dict, indent: int = 2) -> Path:

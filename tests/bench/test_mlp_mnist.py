@@ -67,3 +67,21 @@ def test_unknown_section_and_the_old_library_path_are_clear_errors():
 
     with pytest.raises(AttributeError, match="moved to bench/mlp_mnist.py"):
         library_mlp.train_mlp  # noqa: B018
+
+
+@pytest.mark.slow
+def test_rows_run_every_method_and_seed_and_merge_by_method_and_seed(run_bench, shared_data):
+    payload, out = run_bench("mlp_mnist", "--rows", "er_ablation", "--set", "methods=[cht_official]")
+    (row,) = payload["rows"]
+    assert row["method"] == "cht_official+er_init" and row["seed"] == 0
+    assert row["density_sparse_subset"] == pytest.approx(0.01, rel=0.05)  # ER init, 1 % of the hidden layers
+    again, _ = run_bench(
+        "mlp_mnist", "--rows", "er_ablation", "--set", "seeds=2", "methods=[cht_official]", "--merge"
+    )
+    assert [(r["method"], r["seed"]) for r in again["rows"]] == [
+        ("cht_official+er_init", 0),
+        ("cht_official+er_init", 1),
+    ]
+    same = {k: v for k, v in row.items() if k != "seconds"}  # seed 0 rerun: the same numbers
+    assert {k: v for k, v in again["rows"][0].items() if k != "seconds"} == same
+    assert json.loads(out.read_text())["rows"] == again["rows"]

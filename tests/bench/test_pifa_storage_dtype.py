@@ -1,4 +1,4 @@
-"""bench/pifa_storage_dtype.py: the --quick smoke runs (storage emulation, bf16 compute, layer speed)."""
+"""bench/pifa_storage_dtype.py: the --quick smoke runs of its rows (storage emulation, bf16 compute, layer speed)."""
 
 import json
 
@@ -21,11 +21,11 @@ def test_quick_storage_run_orders_the_weight_errors(run_bench):
 
 @pytest.mark.slow
 def test_quick_bf16_compute_run_and_speed(run_bench, tmp_path):
-    result, _ = run_bench("pifa_storage_dtype", "--compute", "bf16")
+    result, _ = run_bench("pifa_storage_dtype", "--rows", "bf16_compute")
     err = {r["variant"]: r["weight rel. error"] for r in result["rows"]}
     auto = next(k for k in err if "'auto'" in k)
     same = next(k for k in err if "'same'" in k)
     assert err[auto] < err[same]
-    speed, _ = run_bench("pifa_storage_dtype", "--speed-only", "--speed-reps", "1")
+    speed, _ = run_bench("pifa_storage_dtype", "--rows", "speed", "--set", "reps=1")
     assert {r["coefficient_dtype"] for r in speed["rows"]} == {"same", "auto", "float32"}
     assert {r["C dtype"] for r in speed["rows"]} == {"bfloat16", "float16", "float32"}

@@ -1,4 +1,4 @@
-"""bench/zeroshot_table.py combines chunks of documents exactly as lm-eval aggregates the whole."""
+"""bench/compression_table.py --zero-shot combines chunks of documents exactly as lm-eval aggregates the whole."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from tests.conftest import REPO_ROOT
 
 metrics = pytest.importorskip("lm_eval.api.metrics")
 sys.path.insert(0, str(REPO_ROOT / "bench"))
-from zeroshot_table import combine  # noqa: E402
+from compression_table import combine  # noqa: E402
 
 
 def test_chunks_combine_to_lm_evals_aggregate_of_all_documents():

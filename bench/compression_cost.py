@@ -1,0 +1,310 @@
+"""What one compression costs: wall time and peak memory, streaming memory, or a profile by stage.
+
+  python bench/compression_cost.py --rows smollm2        # §3: SmolLM2-135M on the CPU, 32 x 512 (<= 3 min)
+  python bench/compression_cost.py --rows llama7b --set layers=1   # §3: LLaMA-7B shapes on a GPU
+  python bench/compression_cost.py --rows stream         # §11: peak host RSS of --stream vs the model size
+  python bench/compression_cost.py --rows profile --threads 1 --set eval_tokens=16384   # §9
+  python bench/compression_cost.py --quick               # every row at tiny sizes (seconds)
+
+Rows: bench/rows/compression_cost.yaml (each names its mode, model, method and sizes). Every compression
+goes through the package (``leanformers.compress`` / ``compress_pretrained``) with the row's method.
+The profile mode imports whichever leanformers is first on PYTHONPATH, so it profiles another checkout
+for a before/after (``PYTHONPATH=/other/src``); compare the ratio compression / dense forward of the
+same run, not seconds (the machine is shared). Each row writes bench/results/<name>[_quick].json, where
+<name> is the row's ``output`` (mpifa_cost, mpifa_cost_llama7b, mpifa_cost_stream, mpifa_profile).
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import os
+import pstats
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from harness import (
+    RESULTS,
+    PeakRSS,
+    environment,
+    llama_config,
+    load_rows,
+    parser,
+    print_table,
+    row_settings,
+    rows_arguments,
+    timed,
+    write_json,
+)
+
+import leanformers
+from leanformers import compress, compress_pretrained
+from leanformers.compression.compressor import get_compressor
+
+OUTPUT = {"smollm2": "mpifa_cost", "llama7b": "mpifa_cost_llama7b", "stream": "mpifa_cost_stream",
+          "profile": "mpifa_profile"}  # fmt: skip
+# (label, function-name substrings [@file], "ct" cumulative or "tt" self time): names of old and new code
+PARTS = [
+    ("Gram products G, K, S (self time)", ("group_input_stats", "accumulate_grams"), "tt"),
+    ("compressed-stream replays up to each group (input_of)", ("input_of",), "ct"),
+    ("dense pass, one per block (run_block_capturing)", ("run_block_capturing",), "ct"),
+    ("compressed pass after each block (advance)", ("advance",), "ct"),
+    ("reconstruct (whitening SVD + M steps)", ("reconstruct",), "ct"),
+    ("  float64 SVD / Gram eigendecomposition", ("linalg_svd>", "linalg_eigh"), "tt"),
+    ("  solves, lstsq, Cholesky", ("linalg_solve", "linalg_lstsq", "cholesky"), "tt"),
+    ("PIFA conversion (from_factors, QR with column pivoting)", ("from_factors",), "ct"),
+    ("PIFALinear.forward (compressed stream)", ("forward@layer.py", "forward@pifa_linear.py"), "ct"),
+    ("  index_select (PIFA gathers)", ("index_select",), "tt"),
+    ("replay memo checks", ("memo_forward", "_same", "_module_state", "equal"), "tt"),
+]
+
+
+def split_profile(stats: pstats.Stats) -> dict[str, float]:
+    """Seconds per stage of PARTS from cProfile statistics ((file, line, name) -> (cc, nc, tt, ct, ...))."""
+    out = {}
+    for label, patterns, kind in PARTS:
+        seconds = 0.0
+        for (path, _, name), (_, _, tt, ct, _) in stats.stats.items():
+            for p in patterns:
+                fn, _, file = p.partition("@")
+                if fn in name and (not file or path.endswith(file)):
+                    seconds += ct if kind == "ct" else tt
+                    break
+        out[label] = round(seconds, 2)
+    return out
+
+
+def random_llama(shape: dict, vocab: int, dtype: torch.dtype):
+    from transformers import LlamaForCausalLM
+
+    h, heads = shape["hidden"], shape["heads"]
+    cfg = llama_config(h, shape["intermediate"], shape["layers"], heads, shape.get("kv_heads", heads), vocab,
+                       max_positions=4096)  # fmt: skip
+    with torch.device("meta"):
+        model = LlamaForCausalLM(cfg)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 0.02, generator=gen)
+    return model.to(dtype).eval()
+
+
+def load_model(s: dict):
+    """(model, tokenizer or None, label, calibration: ids or a file path, vocabulary)."""
+    if s["model"] == "smollm2":
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from leanformers.data import shared_data_path
+        from leanformers.hub import smollm2_135m
+
+        tok = AutoTokenizer.from_pretrained(smollm2_135m())
+        model = AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval()
+        return (
+            model,
+            tok,
+            "SmolLM2-135M (GGUF Q4_1 dequantised)",
+            str(shared_data_path("wikitext-2-v1-valid.txt")),
+        )
+    if s["model"] == "llama7b":
+        if not torch.cuda.is_available():
+            raise SystemExit("the llama7b row needs a CUDA device")
+        shape, vocab, dtype, label = dict(hidden=4096, intermediate=11008, layers=s["layers"], heads=32), 32000, torch.bfloat16, "LLaMA-7B shapes (random)"  # fmt: skip
+    else:
+        shape, vocab, dtype, label = dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2), 128, torch.float32, "tiny LLaMA (random)"  # fmt: skip
+    ids = torch.randint(0, vocab, (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0))
+    return random_llama(shape, vocab, dtype), None, label, ids
+
+
+def config_of(s: dict, **extra):
+    cls = get_compressor(s["method"]).config_class
+    keys = ("density", "nsamples", "seqlen", "batch_size")
+    return cls(**{k: s[k] for k in keys}, **(s.get("config") or {}), **extra)
+
+
+def time_row(s: dict, args) -> dict:
+    model, tok, label, calibration = load_model(s)
+    config = config_of(s)
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    with PeakRSS() as rss, timed() as elapsed:
+        report = compress(model, tok, config, calibration=calibration)
+    seconds, target_s, target_gb = elapsed.seconds, s.get("target_s"), s.get("target_host_gb")
+    met = (target_s is None or seconds <= target_s) and (target_gb is None or rss.peak_gb <= target_gb)
+    row = {"model": label, "device": "cuda" if torch.cuda.is_available() else "cpu",
+           "calibration": f"{s['nsamples']} x {s['seqlen']}", "density": f"{report.achieved_density:.4f}",
+           "wall time (s)": f"{seconds:.3g}", "peak host RSS (GB)": f"{rss.peak_gb:.2f}",
+           "peak GPU (GB)": f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if torch.cuda.is_available() else "-",
+           "target": (f"<= {target_s / 60:.0f} min" if target_s else "-") + (f", <= {target_gb} GB host" if target_gb else ""),
+           "met": ("yes" if met else "NO") if target_s else "-"}  # fmt: skip
+    if s.get("layers") and s["layers"] != 32:  # a part of LLaMA-7B: the whole is extrapolated, marked
+        row.update({"model": f"{label}, first {s['layers']} of 32 blocks", "s per block": f"{seconds / s['layers']:.1f}",
+                    "32 blocks (extrapolated, not measured)": f"{32 * seconds / s['layers']:.0f} s", "met": "-"})  # fmt: skip
+    return {"env": environment(), "row": row, "report": report.to_dict()}
+
+
+def write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
+    """Save a random float32 LLaMA of ``cfg`` as safetensors shards, a few blocks at a time from the meta
+    device (this process never holds the model); returns its size in bytes."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import save_file
+    from transformers import LlamaForCausalLM
+
+    from leanformers.compression.checkpoint_io import release
+
+    with init_empty_weights():
+        model = LlamaForCausalLM(cfg)
+    layers = model.model.layers
+    groups = [
+        [m for n, m in model.named_children() if n != "model"] + [model.model.embed_tokens, model.model.norm]
+    ]
+    groups += [list(layers[i : i + shard_blocks]) for i in range(0, len(layers), shard_blocks)]
+    names, gen = {id(m): n for n, m in model.named_modules()}, torch.Generator().manual_seed(0)
+    weight_map, total = {}, 0
+    for k, group in enumerate(groups, start=1):
+        tensors = {}
+        for module in group:
+            module.to_empty(device="cpu")
+            for n, p in module.named_parameters():
+                with torch.no_grad():
+                    p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 0.02, generator=gen)
+                tensors[f"{names[id(module)]}.{n}"] = p.detach()
+        file = f"model-{k:05d}-of-{len(groups):05d}.safetensors"
+        save_file(tensors, folder / file, metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(tensors, file))
+        total += sum(t.numel() * t.element_size() for t in tensors.values())
+        for module in group:
+            release(module)
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+    cfg.save_pretrained(folder)
+    return total
+
+
+def stream_row(s: dict, args) -> dict:
+    from leanformers.compression.checkpoint_io import status_kib
+
+    m = s["model"]
+    cfg = llama_config(m["hidden"], m["intermediate"], m["layers"], m["heads"], m["heads"], 32000,
+                       max_positions=4096, tie_word_embeddings=False)  # fmt: skip
+    config = config_of(s, device="cpu")
+    calibration = torch.randint(
+        0, 32000, (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0)
+    )
+    root = Path(tempfile.mkdtemp(prefix="compression-stream-bench-", dir=args.tmp))
+    try:
+        t0 = time.perf_counter()
+        (root / "model").mkdir()
+        model_bytes = write_random_llama(root / "model", cfg)
+        write_s = time.perf_counter() - t0
+        baseline = (status_kib("VmRSS") or 0) * 1024
+        report = compress_pretrained(root / "model", root / "out", config, calibration=calibration)
+        out_bytes = sum(f.stat().st_size for f in (root / "out").glob("*.safetensors"))
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    peak = report.peak_host_rss_bytes
+    row = {"model": f"LLaMA {m['layers']} x {m['hidden']} (random)", "params": f"{report.model_params_before / 1e9:.3f} B",
+           "model size (GB)": f"{model_bytes / 1e9:.2f}", "output size (GB)": f"{out_bytes / 1e9:.2f}",
+           "calibration": f"{s['nsamples']} x {s['seqlen']}", "offload": config.offload,
+           "density": f"{report.achieved_density:.4f}", "wall time (s)": f"{report.seconds:.0f}",
+           "RSS before (GB)": f"{baseline / 1e9:.2f}", "peak host RSS (GB)": f"{peak / 1e9:.2f}",
+           "peak / model size": f"{peak / model_bytes:.3f}", "target": "< 0.5 x model size",
+           "met": "yes" if peak < model_bytes / 2 else "NO"}  # fmt: skip
+    return {"env": environment(), "row": row, "model_bytes": model_bytes, "peak_host_rss_bytes": peak,
+            "rss_before_bytes": baseline, "write_seconds": write_s, "config": config.to_dict(), "shape": m,
+            "threads": torch.get_num_threads(), "nice": os.nice(0), "report": report.to_dict()}  # fmt: skip
+
+
+def profile_row(s: dict, args) -> dict:
+    from leanformers.data import calibration_windows, load_text, shared_data_path, tokenize_text
+
+    model, tok, label, _ = load_model(s)
+    if s["blocks"]:
+        model.model.layers = model.model.layers[: s["blocks"]]
+        model.config.num_hidden_layers = s["blocks"]
+    windows = calibration_windows(tokenize_text(load_text(shared_data_path("wikitext-2-v1-valid.txt")), tok),
+                                  s["nsamples"], s["seqlen"], 0)  # fmt: skip
+    with torch.no_grad():
+        model(input_ids=windows[:1, :16], use_cache=False)  # warm-up (allocator, kernels)
+        start = time.perf_counter()
+        for batch in windows.split(s["batch_size"]):
+            model(input_ids=batch, use_cache=False)
+        dense_s = time.perf_counter() - start
+    profiler = cProfile.Profile()
+    start = time.perf_counter()
+    profiler.enable()
+    report = compress(model, tok, config_of(s, device="cpu"), calibration=windows, progress=False)
+    profiler.disable()
+    compress_s = time.perf_counter() - start
+    if args.pstats:
+        profiler.dump_stats(args.pstats)
+    payload = {"what": f"cProfile of compress ({s['method']}) on {label}, WikiText-2 v1 valid calibration",
+               "label": args.label, "leanformers_file": leanformers.__file__, "env": environment(),
+               "threads": torch.get_num_threads(), "blocks": s["blocks"] or len(model.model.layers),
+               "calibration": f"{s['nsamples']} x {s['seqlen']}, batch {s['batch_size']}, seed 0",
+               "density": s["density"], "achieved_density": report.achieved_density,
+               "dense_forward_seconds": round(dense_s, 2), "compress_seconds": round(compress_s, 2),
+               "ratio_compress_to_dense_forward": round(compress_s / dense_s, 3),
+               "seconds_by_part": split_profile(pstats.Stats(profiler))}  # fmt: skip
+    if args.save_state:
+        torch.save({k: v.clone() for k, v in model.state_dict().items()}, args.save_state)
+    if s["eval_tokens"]:
+        from leanformers.eval import perplexity
+
+        test = tokenize_text(load_text(shared_data_path("wikitext-2-raw-test.txt")), tok)
+        result = perplexity(model, text=test, seqlen=2048, max_tokens=s["eval_tokens"])
+        payload["wikitext2_test_ppl"] = {"ppl": result.ppl, "tokens": result.n_tokens, "seqlen": 2048}
+    table = [
+        {"stage": k, "seconds": v, "share": f"{100 * v / compress_s:.1f} %"}
+        for k, v in payload["seconds_by_part"].items()
+    ]
+    payload["row"] = {"compress_s": payload["compress_seconds"], "dense_forward_s": payload["dense_forward_seconds"],
+                      "ratio": payload["ratio_compress_to_dense_forward"]}  # fmt: skip
+    print_table(table, ["stage", "seconds", "share"])
+    return payload
+
+
+MODES = {"time": (time_row, {"layers", "target_s", "target_host_gb"}), "stream": (stream_row, {"config"}),
+         "profile": (profile_row, {"blocks", "eval_tokens"})}  # fmt: skip
+COMMON = {"mode", "model", "method", "density", "nsamples", "seqlen", "batch_size", "config", "quick"}
+ROWS = load_rows("compression_cost", lambda name, row: COMMON | MODES[row["mode"]][1])
+
+
+def build_parser():
+    ap = parser(__doc__, "every row at tiny sizes (seconds, CPU)", "result JSON (one row only)")
+    rows_arguments(ap, ROWS)
+    ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
+    ap.add_argument("--tmp", default=None, help="stream: folder for the random model (default /tmp)")
+    ap.add_argument("--save-state", default=None, help="profile: write the compressed state dict here")
+    ap.add_argument("--pstats", default=None, help="profile: also dump the raw cProfile statistics here")
+    ap.add_argument("--label", default="", help="profile: free text stored in the JSON (the code version)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the rows (default: all with --quick, else smollm2); returns {row: the payload it wrote}."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    rows = args.rows or (list(ROWS) if args.quick else ["smollm2"])
+    if args.output is not None and len(rows) != 1:
+        ap.error("--output takes one row (each row writes its own JSON)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    for name in rows:
+        s = row_settings(name, ROWS[name], args.quick, args.sets)
+        payload = MODES[s["mode"]][0](s, args)
+        path = write_json(
+            args.output or RESULTS / f"{OUTPUT.get(name, name)}{'_quick' if args.quick else ''}.json", payload
+        )
+        results[name] = payload
+        print(f"\n{name} (JSON: {path})")
+        print_table([payload["row"]], list(payload["row"]))
+    return results
+
+
+if __name__ == "__main__":
+    main()

