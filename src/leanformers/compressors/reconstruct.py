@@ -150,6 +150,14 @@ def top_singular_triplets(
     return Q, s, (Q.T @ A) / s[:, None]
 
 
+# torch.linalg.lstsq's default CPU driver (LAPACK gelsy) gives different last bits from run to run (measured: 21
+# of 30 calls on the same inputs differed), which made MPIFA's output depend on the process and on memory vs
+# streaming mode. These drivers are deterministic: QR for the V-step (U has full column rank: its null
+# directions were dropped after the init), the SVD-based solver where the system is singular by construction.
+FULL_RANK_LSTSQ = "gels"
+RANK_REVEALING_LSTSQ = "gelsd"
+
+
 def _spd_solve(A: torch.Tensor, B: torch.Tensor, damping: float) -> torch.Tensor:
     """Solve (A + damping * mean(diag A) I) X = B for symmetric PSD A (n, n), B (n, k)."""
     scale = A.diagonal().mean().clamp_min(torch.finfo(A.dtype).tiny)
@@ -157,7 +165,7 @@ def _spd_solve(A: torch.Tensor, B: torch.Tensor, damping: float) -> torch.Tensor
     L, info = torch.linalg.cholesky_ex(A)
     if int(info) == 0:
         return torch.cholesky_solve(B, L)
-    return torch.linalg.lstsq(A, B).solution
+    return torch.linalg.lstsq(A, B, driver=RANK_REVEALING_LSTSQ).solution
 
 
 def alternating_steps(
@@ -197,7 +205,7 @@ def alternating_steps(
         else:
             eye = torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
             W_star = torch.linalg.solve(G + lam * eye, (H + lam * W).T).T  # (m, n), G symmetric
-            V = torch.linalg.lstsq(U, W_star).solution  # U^+ W*
+            V = torch.linalg.lstsq(U, W_star, driver=FULL_RANK_LSTSQ).solution  # U^+ W*
     return U, V
 
 
