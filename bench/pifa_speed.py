@@ -1,6 +1,7 @@
-"""PIFA layer and model speed (BENCHMARKS.md section 2).
+"""PIFA layer and model speed (BENCHMARKS.md section 2; issue 21 for the CPU parts).
 
-Rows per shape (m x n = out x in), dtype and token count, all timed side by side in one run:
+Rows per shape (m x n = out x in), dtype and token count, all timed side by side in one run (on the
+CPU interleaved within each repeat):
   dense            nn.Linear
   lowrank r/d=.5   U V at the rank PIFA gets at r/d = 0.5 (r = min(m, n) / 2)
   pifa-ref         the reference layer: two GEMMs + two index_copy_ output scatters
@@ -8,18 +9,31 @@ Rows per shape (m x n = out x in), dtype and token count, all timed side by side
   pifa-col         PIFALinear column form (one input gather, fused addmm)
   pifa-slice       column form reading pivot-first input (no index op: upstream emits the order)
   and at density 0.5 (equal parameter count): lowrank@0.5, pifa@0.5 (auto form), pifa-slice@0.5.
-Then end-to-end: a LLaMA-7B-shaped model (random weights) dense vs the MPIFA layout at density 0.5
-(q/k/v/o/gate/up column form, down_proj contiguous-slice via gate/up emitting its pivot order):
-prefill tokens/s, decode tokens/s (static cache + torch.compile "reduce-overhead" = CUDA graphs),
-peak memory.
+Then end-to-end: a LLaMA-7B-shaped model (random weights) dense vs the MPIFA layout vs U V at density
+0.5 (MPIFA: q/k/v/o/gate/up in their auto form, down_proj contiguous-slice via gate/up emitting its
+pivot order), per dtype: prefill tokens/s, decode tokens/s (eager, or static cache + torch.compile =
+CUDA graphs with --decode-mode compiled, the GPU default), peak memory.
 
-Memory (any machine, layers built on the meta device): ``--memory`` counts the bytes of the saved
-state (state_dict: values, pivot index, bias) of dense, low-rank U V and PIFA (both forms) at r/d = 0.5
-per shape, in the first dtype, and nothing else runs.
+Other modes (each runs alone):
+  --memory       saved bytes (state_dict) of dense, U V and PIFA layers at r/d = 0.5 (meta device)
+  --checkpoints  CPU, end-to-end on compressed checkpoints of SmolLM2-135M (a tiny LLaMA with --quick):
+                 dense vs MPIFA 0.8 / 0.5 vs U V at the same densities vs 2:4 Wanda (dense kernels), each
+                 compressed by leanformers.compress (small calibration, cached) and reloaded with
+                 from_pretrained; generate at batch 1 and batch 8 (left-padded, checked against batch 1),
+                 prefill of 512 / 2048 tokens; the dense run's profile gives the ideal speed-up; peak RSS
+                 per model in a fresh process
+  --profile      CPU, where a PIFA layer's time goes, op by op (gather, the two GEMMs, cat, bias, casts,
+                 the rest = overhead), at 1 and 512 tokens, LLaMA-7B and SmolLM2 shapes; --compile adds
+                 torch.compile per layer with its compile time
+  --load-memory  peak RSS of from_pretrained on a compressed random 0.5B LLaMA per loading path, each in
+                 a fresh process, against the safetensors size + the RSS after the imports
 
 GPU:   python bench/pifa_speed.py                (fp16 + bf16, 8192 tokens, decode 1..16 with CUDA graphs)
 CPU:   python bench/pifa_speed.py --quick        (fp32, small shapes, eager; smoke test, seconds)
+CPU:   python bench/pifa_speed.py --checkpoints --dtypes float32,bfloat16 [--threads 2]
+CPU:   python bench/pifa_speed.py --profile [--compile]
 Any:   python bench/pifa_speed.py --memory --dtypes float16 --output bench/results/pifa_layer_bytes.json
+Any:   python bench/pifa_speed.py --load-memory
 Prints a table last and writes JSON to bench/results/.
 """
 
@@ -152,6 +166,7 @@ def layer_rows(m: int, n: int, dtype, device) -> dict[str, nn.Module]:
     return rows
 
 
+@torch.no_grad()
 def bench_layers(shapes, dtypes, prefill_tokens, decode_tokens, device, reps) -> list[dict]:
     results = []
     graphs = device.type == "cuda"
@@ -162,8 +177,10 @@ def bench_layers(shapes, dtypes, prefill_tokens, decode_tokens, device, reps) ->
                 x = torch.randn(tokens, n, dtype=dtype, device=device)
                 # decode sizes are launch-bound: capture them in CUDA graphs on the GPU
                 use_graphs = graphs and tokens <= 16
+                if device.type == "cpu":  # a shared CPU: interleave the rows within each repeat
+                    timed_us = time_interleaved({n: (lambda m=m, x=x: m(x)) for n, m in rows.items()}, reps)
                 for name, module in rows.items():
-                    us = time_module(module, x, use_graphs, reps)
+                    us = timed_us[name] if device.type == "cpu" else time_module(module, x, use_graphs, reps)
                     results.append(
                         {
                             "dtype": str(dtype).removeprefix("torch."),
@@ -286,7 +303,10 @@ def _peak(device) -> float | None:
 
 
 @torch.no_grad()
-def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: int) -> dict:
+def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: int, compiled: bool) -> dict:
+    """Prefill tokens/s (one forward, no cache) and decode tokens/s (generate, batch 1, greedy: the
+    time of ``decode_tokens`` new tokens minus that of the first); ``compiled``: static cache, which
+    generate compiles (CUDA graphs), else eager with the dynamic cache."""
     vocab = model.config.vocab_size
     ids = torch.randint(0, vocab, (1, prefill_tokens), device=device)
     _peak_reset(device)
@@ -312,9 +332,9 @@ def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: in
 
     prompt = ids[:, :32]
     kwargs = {"do_sample": False, "min_new_tokens": decode_tokens, "max_new_tokens": decode_tokens}
-    if device.type == "cuda":
+    if compiled:
         kwargs["cache_implementation"] = "static"  # generate compiles the decode step (CUDA graphs)
-    mode = "static cache + compile" if device.type == "cuda" else "eager, dynamic cache"
+    mode = "static cache + compile" if compiled else "eager, dynamic cache"
     try:
         model.generate(prompt, **kwargs)  # warm-up / compilation
     except Exception as exc:  # keep the numbers honest: fall back to eager decoding and say so
@@ -346,26 +366,70 @@ def bench_model(model, prefill_tokens: int, decode_tokens: int, device, reps: in
     return out
 
 
-def bench_end_to_end(quick: bool, dtype, device, reps: int, decode: bool = True) -> dict:
+E2E_VARIANTS = ("dense", "mpifa@0.5", "lowrank@0.5")
+
+
+@torch.no_grad()
+def to_lowrank_layout(model: nn.Module, density: float, dtype, device) -> nn.Module:
+    """Random U V layers at ``density`` (the low-rank model of the same parameter count)."""
+    for block in model.model.layers:
+        for parent, names in (
+            (block.self_attn, ("q_proj", "k_proj", "v_proj", "o_proj")),
+            (block.mlp, ("gate_proj", "up_proj", "down_proj")),
+        ):
+            for name in names:
+                old = getattr(parent, name)
+                m, n = old.out_features, old.in_features
+                setattr(parent, name, random_lowrank(m, n, lowrank_rank(m, n, density), dtype, device))
+    return model
+
+
+def e2e_model(name: str, config, dtype, device) -> nn.Module:
     from transformers import LlamaForCausalLM
 
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    if name == "mpifa@0.5":
+        to_mpifa_layout(model, 0.5, dtype, device)
+    elif name == "lowrank@0.5":
+        to_lowrank_layout(model, 0.5, dtype, device)
+    return model
+
+
+def bench_end_to_end(quick: bool, dtypes, device, reps: int, decode_tokens: int, compiled: bool) -> dict:
+    """The LLaMA-7B-shaped random model (tiny with --quick): dense vs the MPIFA layout vs U V at density
+    0.5, per dtype: prefill tokens/s, decode tokens/s (``decode_tokens`` 0: prefill only), peak memory."""
     config = llama_config(quick)
     prefill = 512 if quick else 8192
-    decode_tokens = 16 if quick else 128
-    results = {"prefill_tokens": prefill, "decode_tokens": decode_tokens if decode else 0}
-    for name in ("dense", "mpifa@0.5"):
-        torch.manual_seed(0)
-        with torch.device(device):
-            model = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
-        if name != "dense":
-            to_mpifa_layout(model, 0.5, dtype, device)
-        results[name] = bench_model(model, prefill, decode_tokens if decode else 0, device, reps)
-        del model
-        _peak_reset(device)
-    d, p = results["dense"], results["mpifa@0.5"]
-    results["prefill_speedup"] = p["prefill_tok_s"] / d["prefill_tok_s"]
-    results["decode_speedup"] = p["decode_tok_s"] / d["decode_tok_s"] if decode else None
-    return results
+    out = {
+        "prefill_tokens": prefill,
+        "decode_tokens": decode_tokens,
+        "decode_mode": "not run"
+        if not decode_tokens
+        else ("static cache + compile" if compiled else "eager"),
+        "runs": {},
+        "speedups": [],
+    }
+    for dtype in dtypes:
+        dname = str(dtype).removeprefix("torch.")
+        runs = out["runs"][dname] = {}
+        for name in E2E_VARIANTS:
+            model = e2e_model(name, config, dtype, device)
+            runs[name] = bench_model(model, prefill, decode_tokens, device, reps, compiled)
+            del model
+            _peak_reset(device)
+        for name in E2E_VARIANTS[1:]:
+            d, v = runs["dense"], runs[name]
+            out["speedups"].append(
+                {
+                    "dtype": dname,
+                    "variant": name,
+                    "prefill": v["prefill_tok_s"] / d["prefill_tok_s"],
+                    "decode": v["decode_tok_s"] / d["decode_tok_s"] if decode_tokens else None,
+                }
+            )
+    return out
 
 
 # -- where a layer's time goes (CPU profile) --------------------------------------------------------
@@ -1004,6 +1068,8 @@ def bench_checkpoints(args, dtypes) -> dict:
                             }
                             | row
                         )
+                    if args.save_partial is not None:  # a stopped run keeps its finished measures
+                        args.save_partial({"variants": variants, "runs": runs, "load": load})
                     print(
                         f"{dname} {measure}: "
                         + ", ".join(f"{n} {r['tok_s']:.1f} tok/s" for n, r in res["rows"].items()),
@@ -1107,19 +1173,24 @@ def format_table(env, summary, e2e) -> str:
         lines.append("")
         lines.append(
             f"end-to-end LLaMA-{'tiny' if env.get('quick') else '7B'}-shaped, prefill {e2e['prefill_tokens']} tokens,"
-            f" decode {e2e['decode_tokens']} tokens ({e2e['dense']['decode_mode']} / {e2e['mpifa@0.5']['decode_mode']})"
+            f" decode {e2e['decode_tokens']} tokens ({e2e['decode_mode']})"
         )
         lines.append(
-            f"{'model':10} {'params':>12} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak GiB':>9}"
+            f"{'dtype':9} {'model':12} {'params':>12} {'prefill tok/s':>14} {'decode tok/s':>13} {'peak GiB':>9}"
         )
-        for name in ("dense", "mpifa@0.5"):
-            r = e2e[name]
-            peaks = [p for p in (r["peak_prefill_gib"], r["peak_decode_gib"]) if p is not None]
-            peak = f"{max(peaks):.2f}" if peaks else "-"
-            decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
-            lines.append(f"{name:10} {r['params']:>12,} {r['prefill_tok_s']:14.1f} {decode:>13} {peak:>9}")
-        decode = "not run" if e2e["decode_speedup"] is None else f"{e2e['decode_speedup']:.2f}x"
-        lines.append(f"speed-up mpifa/dense: prefill {e2e['prefill_speedup']:.2f}x, decode {decode}")
+        for dname, runs in e2e["runs"].items():
+            for name, r in runs.items():
+                peaks = [p for p in (r["peak_prefill_gib"], r["peak_decode_gib"]) if p is not None]
+                peak = f"{max(peaks):.2f}" if peaks else "-"
+                decode = "-" if r["decode_tok_s"] is None else f"{r['decode_tok_s']:.1f}"
+                lines.append(
+                    f"{dname:9} {name:12} {r['params']:>12,} {r['prefill_tok_s']:14.1f} {decode:>13} {peak:>9}"
+                )
+        for sp in e2e["speedups"]:
+            decode = "not run" if sp["decode"] is None else f"{sp['decode']:.2f}x"
+            lines.append(
+                f"speed-up {sp['variant']}/dense ({sp['dtype']}): prefill {sp['prefill']:.2f}x, decode {decode}"
+            )
     return "\n".join(lines)
 
 
@@ -1139,6 +1210,13 @@ def main(argv: list[str] | None = None) -> dict:
         action="store_true",
         help="end-to-end prefill only (the compiled decode costs minutes of compilation on a GPU)",
     )
+    ap.add_argument(
+        "--decode-mode",
+        choices=("eager", "compiled"),
+        default=None,
+        help="end-to-end decode: eager (dynamic cache) or compiled (static cache, CUDA graphs); default "
+        "compiled on CUDA, eager on the CPU",
+    )
     ap.add_argument("--shapes", default=None, help="comma list of OUTxIN, e.g. 4096x4096,11008x4096")
     ap.add_argument("--reps", type=int, default=None)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (CPU runs only; default 1)")
@@ -1153,7 +1231,12 @@ def main(argv: list[str] | None = None) -> dict:
         "--measures", default=None, help="--checkpoints: comma list of decode,batch8,prefillN (default all)"
     )
     ap.add_argument("--prefill", default=None, help="--checkpoints: prefill lengths (default 512,2048)")
-    ap.add_argument("--new-tokens", type=int, default=None, help="--checkpoints: tokens per generate (128)")
+    ap.add_argument(
+        "--new-tokens",
+        type=int,
+        default=None,
+        help="tokens per generate: --checkpoints and the end-to-end decode (128; 8 / 16 with --quick)",
+    )
     ap.add_argument("--calib-samples", type=int, default=None, help="--checkpoints: calibration windows (8)")
     ap.add_argument("--calib-seqlen", type=int, default=None, help="--checkpoints: window length (256)")
     ap.add_argument(
@@ -1238,10 +1321,12 @@ def main(argv: list[str] | None = None) -> dict:
         env["quick"] = args.quick
         raw = [] if args.no_layers else bench_layers(shapes, dtypes, prefill, decode, device, reps)
         summary = summarise_layers(raw)
+        compiled = (args.decode_mode or ("compiled" if device.type == "cuda" else "eager")) == "compiled"
+        decode_tokens = 0 if args.no_decode else (args.new_tokens or (16 if args.quick else 128))
         e2e = (
             None
             if args.no_e2e
-            else bench_end_to_end(args.quick, dtypes[0], device, 3 if args.quick else 5, not args.no_decode)
+            else bench_end_to_end(args.quick, dtypes, device, 3 if args.quick else 5, decode_tokens, compiled)
         )
     finally:
         torch.set_num_threads(threads)
@@ -1278,7 +1363,11 @@ def checkpoints_main(args) -> dict:
         env = environment(torch.device("cpu"), dtypes)
         env["quick"] = args.quick
         env["cpu_flags"] = cpu_flags()
+        partial = output_path(args, "pifa_speed_checkpoints")
+        partial = partial.with_name(partial.stem + ".partial.json")
+        args.save_partial = lambda part: write_json(partial, {"environment": env, "partial": part}, indent=1)
         result = bench_checkpoints(args, dtypes)
+        partial.unlink(missing_ok=True)
     finally:
         torch.set_num_threads(threads)
     payload = {"environment": env, "checkpoints": result, "command": command_line("pifa_speed", args.argv)}

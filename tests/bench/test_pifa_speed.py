@@ -15,8 +15,18 @@ def test_pifa_speed_quick_writes_json_and_ratios(run_bench, capsys):
     assert {"pifa-slice r/d=.5", "lowrank@0.5", "pifa@0.5", "pifa-slice@0.5"} <= rows
     assert all(s["pifa_vs_lowrank"] > 0 for s in result["summary"])
     e2e = saved["end_to_end"]
-    assert e2e["mpifa@0.5"]["params"] < e2e["dense"]["params"]
-    assert "speed-up mpifa/dense" in capsys.readouterr().out  # the table is printed last
+    runs = e2e["runs"]["float32"]
+    assert list(runs) == ["dense", "mpifa@0.5", "lowrank@0.5"]
+    assert runs["mpifa@0.5"]["params"] < runs["dense"]["params"]
+    # equal parameter budget: U V stores r (m + n) where PIFA stores r (m + n) - r^2 (each within a rank)
+    assert runs["lowrank@0.5"]["params"] == pytest.approx(runs["mpifa@0.5"]["params"], rel=0.02)
+    assert e2e["decode_mode"] == "eager" and e2e["decode_tokens"] == 16
+    assert {(s["variant"], s["dtype"]) for s in e2e["speedups"]} == {
+        ("mpifa@0.5", "float32"),
+        ("lowrank@0.5", "float32"),
+    }
+    assert all(s["prefill"] > 0 and s["decode"] > 0 for s in e2e["speedups"])
+    assert "speed-up mpifa@0.5/dense (float32)" in capsys.readouterr().out  # the table is printed last
 
 
 def test_memory_counts_pifa_bytes_against_lowrank_at_half_rank(run_bench):
