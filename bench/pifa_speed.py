@@ -604,18 +604,32 @@ PROMPT_LENGTHS = (24, 31, 17, 40, 12, 28, 35, 20)  # batch 8, left-padded to 40
 QUICK_PROMPT_LENGTHS = (5, 8, 3, 10, 4, 7, 9, 6)
 
 
+# "mpifa@0.8/same-C": the mpifa@0.8 checkpoint loaded with coefficient_dtype="same" (in a bf16 model C
+# in bf16 instead of the default fp16, whose product runs in fp32 and converts C at every call)
+SAME_COEFF = "/same-C"
+
+
 def variant_config(name: str, nsamples: int, seqlen: int):
     """The compression config of a variant: MPIFA (PIFA layers), MPIFA with U V output at the same
     density (the low-rank model of equal parameter count), or 2:4 Wanda (dense kernels)."""
     from leanformers import MPIFAConfig, WandaConfig
 
     common = {"nsamples": nsamples, "seqlen": seqlen, "batch_size": 4, "device": "cpu"}
+    name = name.removesuffix(SAME_COEFF)
     if name == "2:4":
         return WandaConfig(**common)
     method, _, density = name.partition("@")
     if method not in ("mpifa", "lowrank") or not density:
         raise SystemExit(f"unknown variant {name!r}; choose from {', '.join(CHECKPOINT_VARIANTS)}")
     return MPIFAConfig(density=float(density), output="pifa" if method == "mpifa" else "lowrank", **common)
+
+
+def _load_options(variant: str) -> dict:
+    if not variant.endswith(SAME_COEFF):
+        return {}
+    from leanformers import MPIFAQuantizationConfig
+
+    return {"quantization_config": MPIFAQuantizationConfig(coefficient_dtype="same")}
 
 
 def compressed_checkpoint(source: Path, name: str, calibration, label: str, args, cache: Path) -> dict:
@@ -1037,14 +1051,16 @@ def bench_checkpoints(args, dtypes) -> dict:
     try:
         source, tokenizer, calibration, label, cache = _checkpoint_source(args, tmp)
         variants = {
-            name: compressed_checkpoint(source, name, calibration, label, args, cache)
+            name: compressed_checkpoint(
+                source, name.removesuffix(SAME_COEFF), calibration, label, args, cache
+            )
             for name in args.variants
         }
         runs, checks, load = [], {}, {}
         for dtype in dtypes:
             dname = str(dtype).removeprefix("torch.")
             models = {
-                n: AutoModelForCausalLM.from_pretrained(v["folder"], dtype=dtype).eval()
+                n: AutoModelForCausalLM.from_pretrained(v["folder"], dtype=dtype, **_load_options(n)).eval()
                 for n, v in variants.items()
             }
             for name, model in models.items():
@@ -1055,7 +1071,9 @@ def bench_checkpoints(args, dtypes) -> dict:
             outputs = {}
             with torch.no_grad():
                 for measure in args.measures:
-                    reps = max(args.reps, len(inputs["prompts"])) if measure == "decode" else args.reps
+                    # with batch8, batch 1 runs every prompt once: the references of the batch check
+                    check = measure == "decode" and "batch8" in args.measures
+                    reps = max(args.reps, len(inputs["prompts"])) if check else args.reps
                     res = time_measure(models, measure, reps, inputs, args.new_tokens)
                     outputs[measure] = res["outputs"]
                     for name, row in res["rows"].items():
