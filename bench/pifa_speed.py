@@ -508,37 +508,72 @@ def compile_row(modules: dict[str, nn.Module], x: torch.Tensor, reps: int) -> di
     return out
 
 
+COLD_BYTES = 96 * 2**20  # > 2x a 32 MB L3: cycling through this many bytes of copies reads from DRAM
+
+
+def _copies(build: Callable[[int], nn.Module], cold: bool) -> list[nn.Module]:
+    """Copies of a layer (different seeds) whose weights together exceed the caches when ``cold``: at
+    batch 1 a model's layers stream from DRAM one after the other, and timing one small layer over
+    and over would time it out of cache instead."""
+    first = build(0)
+    size = sum(t.numel() * t.element_size() for t in first.state_dict().values())
+    return [first] + [build(i) for i in range(1, -(-COLD_BYTES // size) if cold else 1)]
+
+
+def _cycle(fns: list[Callable[[], object]]) -> Callable[[], object]:
+    """One callable running the next of ``fns`` at each call."""
+    state = {"i": 0}
+
+    def call():
+        state["i"] = (state["i"] + 1) % len(fns)
+        return fns[state["i"]]()
+
+    return call
+
+
+def _profile_layers_of(m: int, n: int, r: int, dtype, cold: bool) -> dict[str, list[nn.Module]]:
+    def sliced(seed):
+        layer = random_pifa(m, n, r, "column", dtype, "cpu", seed=seed)
+        layer.input_permuted = True
+        return layer
+
+    builds = {
+        "dense": lambda seed: nn.Linear(n, m, bias=False, dtype=dtype),
+        "lowrank": lambda seed: random_lowrank(m, n, r, dtype, "cpu"),
+        "pifa-row": lambda seed: random_pifa(m, n, r, "row", dtype, "cpu", seed=seed),
+        "pifa-col": lambda seed: random_pifa(m, n, r, "column", dtype, "cpu", seed=seed),
+        "pifa-slice": sliced,
+    }
+    return {name: _copies(build, cold) for name, build in builds.items()}
+
+
 @torch.no_grad()
 def profile_layers(
-    shapes, tokens_list, dtype, reps: int, with_compile: bool, density: float | None
+    shapes, tokens_list, dtype, reps: int, with_compile: bool, density: float | None, cold: bool = True
 ) -> list[dict]:
     """Per shape and token count: dense, low-rank and the PIFA layouts at the same rank (r/d = 0.5, or
     the PIFA rank of ``density``), each PIFA forward split into its ops; overhead = the layer's time
-    minus its ops' (module call, Python glue, allocations)."""
+    minus its ops' (module call, Python glue, allocations). At 1 token every row cycles through copies
+    of its layer that do not fit in the caches (``_copies``), as the layers of a model at decode do."""
     from tests.storage.test_forward import previous_forward
 
     rows = []
     for m, n in shapes:
         r = pifa_rank(m, n, density) if density else min(m, n) // 2
-        layers = {
-            "dense": nn.Linear(n, m, bias=False, dtype=dtype),
-            "lowrank": random_lowrank(m, n, r, dtype, "cpu"),
-            "pifa-row": random_pifa(m, n, r, "row", dtype, "cpu"),
-            "pifa-col": random_pifa(m, n, r, "column", dtype, "cpu"),
-        }
-        sliced = random_pifa(m, n, r, "column", dtype, "cpu", seed=1)
-        sliced.input_permuted = True
-        layers["pifa-slice"] = sliced
         for tokens in tokens_list:
+            layers = _profile_layers_of(m, n, r, dtype, cold=cold and tokens == 1)
             x = torch.randn(1, tokens, n, dtype=dtype)
-            fns = {name: (lambda mod=mod, x=x: mod(x)) for name, mod in layers.items()}
+            fns = {
+                name: _cycle([lambda mod=mod, x=x: mod(x) for mod in mods]) for name, mods in layers.items()
+            }
             for form in ("row", "col"):
-                fns[f"pifa-{form} previous"] = lambda mod=layers[f"pifa-{form}"], x=x: previous_forward(
-                    mod, x
+                mods = layers[f"pifa-{form}"]
+                fns[f"pifa-{form} previous"] = _cycle(
+                    [lambda mod=mod, x=x: previous_forward(mod, x) for mod in mods]
                 )
-            for form in ("row", "col"):
-                for op, fn in _ops(layers[f"pifa-{form}"], x.reshape(-1, n)).items():
-                    fns[f"pifa-{form}: {op}"] = fn
+                per_copy = [_ops(mod, x.reshape(-1, n)) for mod in mods]
+                for op in per_copy[0]:
+                    fns[f"pifa-{form}: {op}"] = _cycle([ops[op] for ops in per_copy])
             big = m * n * tokens > 2**26
             us = time_interleaved(fns, max(3, reps // 4) if big else reps)
             row = {
@@ -546,6 +581,7 @@ def profile_layers(
                 "shape": f"{m}x{n}",
                 "rank": r,
                 "tokens": tokens,
+                "copies": len(layers["dense"]),
             }
             row["us"] = us
             for form in ("row", "col"):
@@ -558,7 +594,7 @@ def profile_layers(
                 form: us[f"pifa-{form} previous"] / us[f"pifa-{form}"] for form in ("row", "col")
             }
             if with_compile:
-                mods = {k: layers[k] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
+                mods = {k: layers[k][0] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
                 row["compile"] = compile_row(mods, x, max(3, reps // 4) if big else reps)
             rows.append(row)
             print(
@@ -567,6 +603,7 @@ def profile_layers(
                 file=sys.stderr,
                 flush=True,
             )
+            del layers
     return rows
 
 
@@ -1411,7 +1448,9 @@ def profile_main(args) -> dict:
         rows = []
         for dtype in dtypes:
             if args.quick:
-                rows += profile_layers(QUICK_PROFILE_SHAPES, tokens, dtype, reps, args.compile, None)
+                rows += profile_layers(
+                    QUICK_PROFILE_SHAPES, tokens, dtype, reps, args.compile, None, cold=False
+                )
                 continue
             rows += profile_layers(PROFILE_SHAPES, tokens, dtype, reps, args.compile, None)
             rows += profile_layers(SMOLLM2_SHAPES, tokens, dtype, reps, args.compile, 0.8)
