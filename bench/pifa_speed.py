@@ -863,8 +863,9 @@ def batch_check(decode_outputs: dict, batch_outputs: dict) -> dict:
 
 def rss_probe(folder: str, dtype, new_tokens: int, load_kwargs: dict | None = None) -> dict:
     """In this (fresh) process: RSS after the imports (torch, transformers, leanformers), then the peak
-    RSS (VmHWM) over loading ``folder`` (``from_pretrained`` with ``load_kwargs``) and one batch-1
-    generate of ``new_tokens`` (0: load only); printed as one JSON line by ``--rss-probe``."""
+    RSS (VmHWM) over loading ``folder`` (``from_pretrained`` with ``load_kwargs``), reading every tensor
+    once (the load maps the file; its pages count when read) and one batch-1 generate of
+    ``new_tokens`` (0: none); printed as one JSON line by ``--rss-probe``."""
     import psutil
     from transformers import AutoModelForCausalLM
 
@@ -878,6 +879,11 @@ def rss_probe(folder: str, dtype, new_tokens: int, load_kwargs: dict | None = No
         load_s = time.perf_counter() - t0
         loaded = psutil.Process().memory_info().rss
         load_peak = peak.so_far()
+        # safetensors loads zero-copy (memory-mapped): the pages count once read, so read them all
+        with torch.no_grad():
+            for t in model.state_dict().values():
+                t.sum()
+        touched = psutil.Process().memory_info().rss
         if new_tokens:
             with torch.no_grad():
                 ids = torch.arange(1, 17).unsqueeze(0) % model.config.vocab_size
@@ -887,6 +893,7 @@ def rss_probe(folder: str, dtype, new_tokens: int, load_kwargs: dict | None = No
         "rss_after_imports": base,
         "rss_after_load": loaded,
         "peak_rss_load": load_peak,
+        "rss_after_reading_every_tensor": touched,
         "peak_rss": peak.peak,
         "peak_exact": peak.exact,
         "state_bytes": state,
@@ -1051,7 +1058,8 @@ def _checkpoint_source(args, tmp: Path):
 
 
 def checkpoint_targets(runs: list[dict], variants: dict) -> list[dict]:
-    """Issue 21's CPU target per (dtype, threads, measure, MPIFA variant): speed-up >= 0.9 x ideal."""
+    """Issue 21's CPU target per (dtype, threads, measure, variant): speed-up >= 0.9 x ideal, the
+    speed-up being the median over repeats of dense time / variant time within the repeat."""
     dense = {(r["dtype"], r["threads"], r["measure"]): r for r in runs if r["variant"] == "dense"}
     out = []
     for r in runs:
@@ -1069,9 +1077,12 @@ def checkpoint_targets(runs: list[dict], variants: dict) -> list[dict]:
                 "linear_share_dense": f,
                 "kept_share": k,
                 "ideal": ideal,
-                "speedup": r["speedup_vs_dense"],
-                "of_ideal": r["speedup_vs_dense"] / ideal,
-                "met": r["speedup_vs_dense"] >= 0.9 * ideal,
+                # the median of the per-repeat ratios: each repeat runs every model back to back, so
+                # the load of a shared machine cancels better than in the ratio of the medians
+                "speedup": r["paired_speedup_median"],
+                "speedup_of_medians": r["speedup_vs_dense"],
+                "of_ideal": r["paired_speedup_median"] / ideal,
+                "met": r["paired_speedup_median"] >= 0.9 * ideal,
             }
         )
     return out
@@ -1170,8 +1181,8 @@ def format_checkpoints(env: dict, res: dict) -> str:
     lines = [
         f"End-to-end, compressed checkpoints of {res['source']} - {env['device']}, torch {env['torch']}, "
         f"{env['date']}; calibration {res['calibration']}",
-        f"tokens/s (median of interleaved repeats) and speed-up vs dense; decode/batch8: {res['new_tokens']} new "
-        "tokens (generate, greedy), prefillN: one forward of N tokens",
+        f"tokens/s (median of interleaved repeats), speed-up vs dense (median of the per-repeat ratios) / ideal;"
+        f" decode/batch8: {res['new_tokens']} new tokens (generate, greedy), prefillN: one forward of N tokens",
     ]
     keyed = {}
     for r in res["runs"]:
@@ -1187,7 +1198,7 @@ def format_checkpoints(env: dict, res: dict) -> str:
                 r = by_measure[m]
                 t = ideal.get((dtype, threads, m, variant))
                 extra = f" /{t['ideal']:.2f}" if t else "      "
-                cells.append(f"{r['tok_s']:9.1f} {r['speedup_vs_dense']:5.2f}x{extra}")
+                cells.append(f"{r['tok_s']:9.1f} {r['paired_speedup_median']:5.2f}x{extra}")
             kept = res["variants"][variant]["kept_share"]
             lines.append(f"{variant:12} {kept:5.3f} " + " ".join(f"{c:>22}" for c in cells))
     for dtype, check in res["batch8_equals_batch1"].items():
