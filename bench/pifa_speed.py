@@ -544,6 +544,12 @@ def _profile_layers_of(m: int, n: int, r: int, dtype, cold: bool) -> dict[str, l
         "pifa-col": lambda seed: random_pifa(m, n, r, "column", dtype, "cpu", seed=seed),
         "pifa-slice": sliced,
     }
+    if dtype == torch.bfloat16:  # C stored in bf16 too: no fp32 product, no cast of C per call
+        for form in ("row", "column"):
+            short = "col" if form == "column" else "row"
+            builds[f"pifa-{short} same-C"] = lambda seed, form=form: random_pifa(
+                m, n, r, form, dtype, "cpu", seed=seed
+            ).set_coefficient_dtype_("same")
     return {name: _copies(build, cold) for name, build in builds.items()}
 
 
@@ -590,6 +596,9 @@ def profile_layers(
             best = min(us["pifa-row"], us["pifa-col"])
             row["pifa_vs_lowrank"] = us["lowrank"] / best
             row["pifa_vs_dense"] = us["dense"] / best
+            if "pifa-row same-C" in us:
+                same = min(us["pifa-row same-C"], us["pifa-col same-C"])
+                row["pifa_same_c_vs_lowrank"] = us["lowrank"] / same
             row["new_vs_previous"] = {
                 form: us[f"pifa-{form} previous"] / us[f"pifa-{form}"] for form in ("row", "col")
             }
@@ -1462,6 +1471,10 @@ def profile_main(args) -> dict:
                 rows += profile_layers(
                     QUICK_PROFILE_SHAPES, tokens, dtype, reps, args.compile, None, cold=False
                 )
+                continue
+            if args.shapes:  # the given shapes at r/d = 0.5
+                shapes = [tuple(int(v) for v in item.lower().split("x")) for item in args.shapes.split(",")]
+                rows += profile_layers(shapes, tokens, dtype, reps, args.compile, None)
                 continue
             rows += profile_layers(PROFILE_SHAPES, tokens, dtype, reps, args.compile, None)
             rows += profile_layers(SMOLLM2_SHAPES, tokens, dtype, reps, args.compile, 0.8)
