@@ -62,7 +62,19 @@ def test_dry_run_every_part_produces_its_result_keys(dry_run):
     ppl = q["val_ppl"]
     assert q["gap_closed"] == pytest.approx((ppl["lora"] - ppl["sst"]) / (ppl["lora"] - ppl["full"]))
     assert {r["method"] for r in parts["sst_cost"]["rows"]} == {"full", "lora", "sst"}
-    assert parts["pifa_e2e"]["decode_tokens"] == 0 and parts["pifa_e2e_decode"]["decode_tokens"] > 0
+    # end to end: dense vs MPIFA layout vs U V, prefill and decode (the CPU dry run decodes eagerly)
+    for name in ("pifa_e2e", "pifa_e2e_decode"):
+        e2e = parts[name]
+        assert e2e["decode_tokens"] > 0 and e2e["decode_mode"] == "eager"
+        assert {(s["dtype"], s["variant"]) for s in e2e["speedups"]} == {
+            ("float32", "mpifa@0.5"),
+            ("float32", "lowrank@0.5"),
+        }
+        assert [r["dtype"] for r in e2e["pifa_vs_lowrank"]] == ["float32"]
+        assert set(e2e["targets"]) == {
+            "MPIFA >= 1.4x dense, end-to-end prefill at 0.5",
+            "MPIFA >= 1.3x dense, decode at 0.5",
+        }
     # the log and the summary table
     log = (out / "gpu_suite.log").read_text()
     assert all(f"== {name}" in log for name in suite.PART_NAMES)
@@ -165,3 +177,24 @@ def test_suite_imports_without_lm_eval_datasets_evaluate_and_says_why_zero_shot_
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "lm_eval and datasets not importable" in out.stdout
+
+
+def test_the_parts_before_the_budget_line_fit_the_budget_and_the_gpu_arguments_parse():
+    suite = load_bench("gpu_suite")
+    names = suite.PART_NAMES
+    before = suite.PARTS[: names.index("mpifa_cost_7b") + 1]
+    setup_s = 25  # the setup step's estimate (the docstring's table)
+    assert setup_s + sum(p.expected_s for p in before) <= suite.DEFAULT_BUDGET_S
+    assert names.index("pifa_e2e") < names.index("mpifa_cost_7b") < names.index("pifa_e2e_decode")
+    # every GPU command line of the PIFA parts is accepted by bench/pifa_speed.py (it stops at the
+    # missing device, not at an unknown flag)
+    speed = load_bench("pifa_speed")
+    for argv in (
+        suite.pifa_layers_argv(False),
+        suite.pifa_e2e_argv(False, False),
+        suite.pifa_e2e_argv(False, True),
+    ):
+        if torch.cuda.is_available():
+            continue
+        with pytest.raises(SystemExit, match="no CUDA device is available"):
+            speed.main(argv)
