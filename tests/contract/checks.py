@@ -101,11 +101,12 @@ def compression_of(row: Row):
     from leanformers.compression import get_compressor
 
     options = dict(row.method.options)
+    source = options.pop("calibration", None)  # a calibration source ("self"); random ids otherwise
     config = get_compressor(options.pop("method")).config_class(**options, device="cpu")
     calib = torch.randint(
         3, VOCAB, (config.nsamples, config.seqlen), generator=torch.Generator().manual_seed(3)
     )
-    return config, calib
+    return config, (calib if source is None else source)
 
 
 def prunes(row: Row) -> bool:
