@@ -233,6 +233,15 @@ METHODS: dict[str, Method] = {
             operations=("persist", "eval", "generate", "stream"),
             families=("llama", "opt"),
         ),
+        # Healing by distillation (issue 20): the compressed factors trained to match the dense model
+        # must save and reload exactly like any MPIFA model.
+        Method(
+            "mpifa_healed",
+            "compress",
+            dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, heal_tokens=64),
+            operations=("persist", "eval", "generate"),
+            families=("llama", "qwen2", "opt", "gpt2"),
+        ),
     )
 }
 

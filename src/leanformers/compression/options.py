@@ -72,6 +72,12 @@ CLI_OPTIONS: dict[str, tuple] = {
     ),
     "max_shard_size": (str, "5GB", "largest safetensors shard of the output folder"),
     "report": (str, None, "also write the summary as JSON to this file"),
+    "heal_tokens": (
+        int,
+        0,
+        "after compressing, distil the dense model into the compressed layers' own factors on N tokens of "
+        "text the dense model generates (low-rank methods, in memory; see docs/mpifa.md, healing)",
+    ),
 }
 
 # Config fields without a flag of their own: ``output`` is --storage (--output is the folder), the lists
