@@ -250,6 +250,9 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
         }
         cell["achieved_density"] = round(report.achieved_density, 4)
     cell["compress_s"] = round(time.perf_counter() - t0, 1)
+    if args.heal_tokens and isinstance(what, dict):
+        cell["heal_tokens"] = args.heal_tokens
+        cell["healing"] = _heal(model, base, data, args)
     if what != "dense":
         cell["calib_s"] = round(data.calib_seconds, 1)
         cell["calibration_label"] = data.label
@@ -257,6 +260,21 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
     val = [math.log(cell["ppl"][t]["ppl"]) for t in VALIDATION]
     cell["validation_log_ppl"] = round(sum(val) / len(val), 4)
     return cell
+
+
+def _heal(model: nn.Module, base: nn.Module, data: Data, args) -> dict:
+    """Healing by distillation (compressors/healing.py) on ``--heal-calib`` text (default: self)."""
+    from leanformers.compressors.healing import HealingConfig, heal
+
+    cfg = HealingConfig(
+        tokens=args.heal_tokens, seqlen=args.seqlen, seed=args.seed, calibration=args.heal_calib
+    )
+    report = heal(model, base, data.tok, cfg).to_dict()
+    report.pop("config")
+    report["settings"] = {
+        k: getattr(cfg, k) for k in ("batch_size", "gradient_accumulation", "learning_rate")
+    }
+    return report
 
 
 def _store(path: Path, cells: list[dict], setting: dict, merge: bool) -> dict:
@@ -275,8 +293,8 @@ def _store(path: Path, cells: list[dict], setting: dict, merge: bool) -> dict:
 
 
 def _key(c: dict) -> tuple:
-    """One cell per row, density, calibration, window count, window length and seed (cells written before
-    issue 20 lack the last two: 512 and 0)."""
+    """One cell per row, density, calibration, window count, window length, seed and healing tokens (cells
+    written before issue 20 lack the last three: 512, 0 and 0)."""
     return (
         c["row"],
         c["density"],
@@ -284,6 +302,7 @@ def _key(c: dict) -> tuple:
         c.get("nsamples"),
         c.get("seqlen", 512),
         c.get("seed", 0),
+        c.get("heal_tokens", 0),
     )
 
 
@@ -313,6 +332,8 @@ def main(argv: list[str] | None = None) -> dict:
         "--default-calib", default="wiki", choices=[*CALIB, *SPECS], help="calibration of the 'default' row"
     )
     ap.add_argument("--merge", action="store_true", help="keep the other cells of an existing JSON")
+    ap.add_argument("--heal-tokens", type=int, default=0, help="heal MPIFA rows by distillation on N tokens")
+    ap.add_argument("--heal-calib", default="self", help="distillation text of --heal-tokens (default: self)")
     args = ap.parse_args(argv)
     q = args.quick
     args.nsamples = args.nsamples or (4 if q else 32)
