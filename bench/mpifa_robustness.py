@@ -58,8 +58,14 @@ from harness import environment, output_path, parser, print_table, tiny_llama, w
 from torch import nn
 
 from leanformers import ASVDConfig, MPIFAConfig, SparseGPTConfig, WandaConfig, compress, mpifa_compress
-from leanformers.compression.calibration import calibration_windows_for
-from leanformers.data import load_text, mixed_calibration_windows, shared_data_path, tokenize_text
+from leanformers.compression.calibration import calibration_windows_for, windows_sha256
+from leanformers.data import (
+    calibration_windows,
+    load_text,
+    mixed_calibration_windows,
+    shared_data_path,
+    tokenize_text,
+)
 from leanformers.eval import perplexity
 
 JSON_NAME = "mpifa_robustness"
@@ -149,7 +155,13 @@ SPECS = {
     "self_wiki": "self=1,{wiki}=1",
     "self_own": "self=3,python:leanformers=1",
     "wiki_own": "{wiki}=3,python:leanformers=1",
+    # self-generation settings other than the package's (``self@NAME``, SELF_VARIANTS), chosen on the
+    # validation texts only
+    "self_t1_own": "self@t1=3,python:leanformers=1",
 }
+SELF_VARIANTS = {
+    "t1": dict(temperature_start=1.0, temperature_end=1.0)
+}  # plain sampling at T = 1, top-p 0.95
 
 
 def _bytes(text: str, n: int) -> torch.Tensor:
@@ -177,7 +189,9 @@ class Data:
 
     def calibration(self, key: str, nsamples: int) -> torch.Tensor:
         t0 = time.perf_counter()
-        if key in SPECS:  # the package's own path, as --calib SPEC
+        if key in SPECS and "self@" in SPECS[key]:
+            windows = self._variant_windows(SPECS[key], nsamples)
+        elif key in SPECS:  # the package's own path, as --calib SPEC
             spec = SPECS[key].format(wiki=self.src["calib_wiki"])
             cfg = MPIFAConfig(nsamples=nsamples, seqlen=self.args.seqlen, seed=self.args.seed)
             windows, self.label = calibration_windows_for(
@@ -188,7 +202,33 @@ class Data:
             windows = mixed_calibration_windows(parts, nsamples, self.args.seqlen, self.args.seed)
             self.label = key
         self.calib_seconds = time.perf_counter() - t0
+        self.sha256 = windows_sha256(windows)
         return windows
+
+    def _variant_windows(self, spec: str, nsamples: int) -> torch.Tensor:
+        """A mix like calibration_windows_for's (window_counts, source i seeded seed + i) whose ``self@NAME``
+        parts use SELF_VARIANTS[NAME] settings."""
+        from leanformers.compression.self_calibration import SelfCalibrationSettings, self_calibration_windows
+        from leanformers.data import parse_sources
+        from leanformers.data.text import window_counts
+
+        mix = parse_sources(spec.format(wiki=self.src["calib_wiki"]))
+        counts = window_counts([w for _, w in mix], nsamples)
+        parts, seqlen, seed = [], self.args.seqlen, self.args.seed
+        for i, ((src, _), count) in enumerate(zip(mix, counts)):
+            if src.startswith("self@"):
+                settings = SelfCalibrationSettings(**SELF_VARIANTS[src[len("self@") :]])
+                parts.append(
+                    self_calibration_windows(
+                        self.base, self.tok, count, seqlen, seed + i, settings, progress=False
+                    )[0]
+                )
+            else:
+                parts.append(
+                    calibration_windows(tokenize_text(load_text(src), self.tok), count, seqlen, seed + i)
+                )
+        self.label = f"{spec} (SELF_VARIANTS {SELF_VARIANTS})"
+        return torch.cat(parts)
 
 
 def evaluate_all(model: nn.Module, data: Data, args) -> dict:
@@ -256,6 +296,7 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
     if what != "dense":
         cell["calib_s"] = round(data.calib_seconds, 1)
         cell["calibration_label"] = data.label
+        cell["calibration_sha256"] = data.sha256
     cell["ppl"] = evaluate_all(model, data, args)
     val = [math.log(cell["ppl"][t]["ppl"]) for t in VALIDATION]
     cell["validation_log_ppl"] = round(sum(val) / len(val), 4)
