@@ -359,6 +359,73 @@ def _order(c: dict):
     )
 
 
+PLOT_TEXTS = {"wiki": "WikiText-2 raw test", "shakespeare": "Tiny Shakespeare", "stdlib": "Python stdlib"}
+
+
+def _series(cells: list[dict], **want) -> list[tuple[float, dict]]:
+    """(density, ppl by text) of the cells matching ``want`` (missing keys: 512 / 0 / 0 as in _key)."""
+    defaults = {"seqlen": 512, "seed": 0, "heal_tokens": 0}
+    out = [
+        (c["density"], {t: v["ppl"] for t, v in c["ppl"].items()})
+        for c in cells
+        if all(c.get(k, defaults.get(k)) == v for k, v in want.items())
+    ]
+    return sorted(out, key=lambda x: x[0])
+
+
+def plot(path: str, robustness: Path, calibration: Path, default_calib: str) -> None:
+    """Perplexity vs density on WikiText-2 (the usual in-domain text) and two out-of-domain texts, from the
+    committed JSON of §14 (old defaults, SVD-LLM, 2:4 baselines; WikiText calibration) and §19/§20 (new
+    defaults, healing)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    old = json.loads(robustness.read_text())["cells"]
+    new = json.loads(calibration.read_text())["cells"]
+    mine = dict(row="default", calibration=default_calib, nsamples=32)
+    lines = [
+        ("MPIFA, defaults (calibration: " + default_calib + ")", _series(new, **mine), "C0", "o-"),
+        ("MPIFA, defaults + healing", [x for x in _series(new, **mine) if False], "C0", "*--"),
+        (
+            "MPIFA, old defaults (WikiText x3 + transformers code)",
+            _series(old, row="wiki_code_shrink"),
+            "C7",
+            "s:",
+        ),
+        ("SVD-LLM whitening + U (WikiText)", _series(old, row="svdllm_u"), "C3", "^-"),
+        ("2:4 Wanda (WikiText, not healed)", _series(old, row="wanda24"), "C2", "D"),
+        ("2:4 SparseGPT (WikiText, not healed)", _series(old, row="sparsegpt24"), "C1", "P"),
+    ]
+    healed = [c for c in new if c.get("heal_tokens") and c.get("calibration") == default_calib]
+    lines[1] = (
+        lines[1][0] + (f" ({healed[0]['heal_tokens']:,} tokens)" if healed else ""),
+        sorted(
+            ((c["density"], {t: v["ppl"] for t, v in c["ppl"].items()}) for c in healed), key=lambda x: x[0]
+        ),
+        "C0",
+        "*--",
+    )
+    dense = _series(old, row="dense")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for ax, (text, title) in zip(axes, PLOT_TEXTS.items()):
+        for label, series, color, style in lines:
+            if series:
+                ax.plot([d for d, _ in series], [v[text] for _, v in series], style, color=color, label=label)
+        if dense:
+            ax.axhline(dense[0][1][text], color="k", lw=0.8, ls="--", label="dense")
+        ax.set(title=title, xlabel="density of the targeted linears", yscale="log", xlim=(0.47, 0.93))
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("perplexity (first 8,192 tokens, context 2048)")
+    axes[0].legend(fontsize=7.5, loc="upper right")
+    fig.suptitle("SmolLM2-135M-Instruct: perplexity vs density (bench/mpifa_robustness.py --plot)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = parser(__doc__, "tiny random LLaMA, byte ids of the same texts (CI smoke test)")
     ap.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
@@ -375,7 +442,20 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--merge", action="store_true", help="keep the other cells of an existing JSON")
     ap.add_argument("--heal-tokens", type=int, default=0, help="heal MPIFA rows by distillation on N tokens")
     ap.add_argument("--heal-calib", default="self", help="distillation text of --heal-tokens (default: self)")
+    ap.add_argument(
+        "--plot", default=None, help="only draw the perplexity-vs-density PNG from the JSON files"
+    )
+    ap.add_argument("--plot-default", default="self_own", help="the default calibration's key in the plot")
     args = ap.parse_args(argv)
+    if args.plot:
+        results = Path(__file__).parent / "results"
+        plot(
+            args.plot,
+            results / "mpifa_robustness.json",
+            results / "mpifa_calibration.json",
+            args.plot_default,
+        )
+        return {}
     q = args.quick
     args.nsamples = args.nsamples or (4 if q else 32)
     args.seqlen = args.seqlen or (32 if q else 512)
