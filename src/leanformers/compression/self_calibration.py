@@ -8,9 +8,10 @@ needs no dataset, and works offline. The settings and the code here are ours:
   turns (``NEUTRAL_TURNS``), one after the other in a seeded order, as one conversation per window (the
   template's own tokens included: they are what a chat model reads in use); a base model starts every
   document from its BOS token (the EOS token when it has none) and a new document after each EOS;
-- sampling: nucleus sampling (top-p 0.95) with a temperature of 1.0 for the first token of every answer
-  or document (varied openings), falling linearly to 0.7 over its first 16 tokens (``temperature_at``):
-  a small model sampled at 1.0 throughout drifts into incoherent text, which is not what it reads in use;
+- sampling: nucleus sampling (top-p 0.95) at temperature 1.0: the model's own distribution without its
+  far tail. A schedule (``temperature_start`` for the first token of every answer or document, linear to
+  ``temperature_end`` over ``temperature_tokens``) is available; 1.0 -> 0.7 (more coherent text) was worse
+  on the validation texts (docs/benchmarks.md §19: a narrower text calibrates a narrower model);
 - windows: ``nsamples`` windows of exactly ``seqlen`` tokens, generated in batches with a KV cache. Every
   row advances one token per step (a prompt's tokens are fed one per step as well), so no padding is
   needed. Window ``k`` draws its turn order and its sampling numbers from its own generator, seeded from
@@ -96,7 +97,7 @@ class SelfCalibrationSettings:
     """
 
     temperature_start: float = 1.0
-    temperature_end: float = 0.7
+    temperature_end: float = 1.0
     temperature_tokens: int = 16
     top_p: float = 0.95
     batch_size: int = 16
@@ -369,6 +370,7 @@ def _write_cached(path: Path, windows: torch.Tensor, key_material: dict) -> None
             "key": json.dumps(key_material, sort_keys=True),
         }
         save_file({"windows": windows.contiguous()}, tmp, metadata=metadata)
+        os.chmod(tmp, 0o644)  # like the other cache files (mkstemp creates 0600)
         os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
