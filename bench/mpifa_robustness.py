@@ -298,9 +298,22 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
         cell["calibration_label"] = data.label
         cell["calibration_sha256"] = data.sha256
     cell["ppl"] = evaluate_all(model, data, args)
+    if args.facts and data.tok is not None:
+        cell["facts"] = _facts(model, base, data)
     val = [math.log(cell["ppl"][t]["ppl"]) for t in VALIDATION]
     cell["validation_log_ppl"] = round(sum(val) / len(val), 4)
     return cell
+
+
+def _facts(model: nn.Module, base: nn.Module, data: Data) -> dict:
+    """The factual-answer check (leanformers.eval.facts): greedy chat answers, 16 new tokens."""
+    from leanformers.eval.facts import FACTS, fact_check, greedy_answers
+
+    questions = [q for q, _ in FACTS]
+    if getattr(data, "dense_facts", None) is None:
+        data.dense_facts = greedy_answers(base, data.tok, questions, max_new_tokens=16)
+    check = fact_check(data.dense_facts, greedy_answers(model, data.tok, questions, max_new_tokens=16))
+    return {**check.to_dict(), "summary": check.summary()}
 
 
 def _heal(model: nn.Module, base: nn.Module, data: Data, args) -> dict:
@@ -441,6 +454,7 @@ def main(argv: list[str] | None = None) -> dict:
     )
     ap.add_argument("--merge", action="store_true", help="keep the other cells of an existing JSON")
     ap.add_argument("--heal-tokens", type=int, default=0, help="heal MPIFA rows by distillation on N tokens")
+    ap.add_argument("--facts", action="store_true", help="also run the factual-answer check on each row")
     ap.add_argument("--heal-calib", default="self", help="distillation text of --heal-tokens (default: self)")
     ap.add_argument(
         "--plot", default=None, help="only draw the perplexity-vs-density PNG from the JSON files"
