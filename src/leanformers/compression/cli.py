@@ -12,6 +12,7 @@ save_compressed, perplexity, zero_shot).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import sys
 from pathlib import Path
@@ -68,9 +69,12 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
         before = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
         print(f"perplexity before: {before}", file=sys.stderr)
     zs_before = zero_shot_table(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
+    teacher = copy.deepcopy(model) if opts.heal_tokens else None  # the dense model healing distils
     with PeakHostMemory() as memory:
         report = compress(model, tokenizer, config, calibration=opts.calib)
+        healing = _heal(opts, config, model, teacher, tokenizer) if teacher is not None else None
     report.peak_host_rss_bytes = memory.peak
+    del teacher
     zs_after = zero_shot_table(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
     if eval_ids is not None:
         after = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
@@ -78,6 +82,11 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
 
     summary = {"source": str(opts.source), "output": str(output), **summary_of(opts, config, report)}
     summary["load time"] = f"{load_seconds:.1f} s"
+    if healing is not None:
+        summary["healing"] = (
+            f"{healing.tokens:,} tokens, {healing.steps} steps, KL to the dense model {healing.kl_before:.4g} -> "
+            f"{healing.kl_after:.4g}, {healing.seconds:.0f} s"
+        )
     if before is not None:
         summary[f"ppl before ({before.seqlen} ctx, {before.n_tokens:,} tok)"] = f"{before.ppl:.3f}"
         summary["ppl after"] = f"{after.ppl:.3f}"
@@ -104,6 +113,14 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
         extra["zero_shot"] = {"before": zs_before, "after": zs_after}
     _write_report(opts, summary, report, config, extra)
     return summary
+
+
+def _heal(opts, config: CompressionConfig, model, teacher, tokenizer):
+    """--heal-tokens: distil ``teacher`` into the compressed factors (compressors/healing.py)."""
+    from leanformers.compressors.healing import HealingConfig, heal
+
+    cfg = HealingConfig(tokens=opts.heal_tokens, seqlen=config.seqlen, seed=config.seed)
+    return heal(model, teacher, tokenizer, cfg)
 
 
 def run_streaming(opts: argparse.Namespace, config: CompressionConfig, output: Path, dtype, tasks) -> dict:
@@ -173,6 +190,22 @@ def _write_report(
         write_text_atomic(Path(opts.report), json.dumps(full, indent=2, default=str))
 
 
+def _check_healing(opts: argparse.Namespace, configs: list[CompressionConfig]) -> None:
+    if not opts.heal_tokens:
+        return
+    if opts.heal_tokens < 0:
+        raise ValueError(f"--heal-tokens must be >= 0, got {opts.heal_tokens}")
+    where = "--stream" if opts.stream else "--compare" if opts.compare else None
+    if where:
+        raise ValueError(f"--heal-tokens needs the dense and the compressed model in memory: drop {where}")
+    pruned = [c.method for c in configs if "pattern" in c.field_names()]
+    if pruned:
+        raise ValueError(
+            f"--heal-tokens trains the factors of low-rank layers; {pruned[0]} prunes weights, which are not "
+            "healed: drop --heal-tokens or use mpifa / svd-llm / asvd / svd"
+        )
+
+
 def run(opts: argparse.Namespace) -> dict:
     """Do the work of the command line; returns the summary dict (also printed)."""
     # Cheap checks first: a bad setting or an occupied output must not cost a model load.
@@ -182,6 +215,7 @@ def run(opts: argparse.Namespace) -> dict:
     check_output(output, bool(opts.overwrite), opts.source)
     dtype = parse_dtype(opts.dtype)
     tasks = _tasks(opts)
+    _check_healing(opts, configs)
     if opts.compare:
         return run_compare(opts, configs, output, dtype, tasks)
     if len(configs) > 1:

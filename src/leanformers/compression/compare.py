@@ -99,7 +99,7 @@ def run_compare(
     for config in configs:  # every method must accept the model before any work
         resolve_layout(base, config)
     needed = any(compressor_for(c).stream_needs().any for c in configs)
-    windows, label = calibration_windows_for(opts.calib, tokenizer, configs[0], needed)
+    windows, label = calibration_windows_for(opts.calib, tokenizer, configs[0], needed, model=base)
     eval_ids = None
     if opts.eval:
         from leanformers.data import load_text, tokenize_text

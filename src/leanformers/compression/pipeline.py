@@ -182,7 +182,7 @@ def compress(
         start, device = time.perf_counter(), resolve_device(config.device)
         layout, blocks = resolve_layout(model, config)
         needs = compressor.stream_needs()
-        windows, label = calibration_windows_for(calibration, tokenizer, config, needs.any)
+        windows, label = calibration_windows_for(calibration, tokenizer, config, needs.any, model, progress)
         compressor.setup(layout, block_prefix(model, blocks), device)
         report = CompressionReport(
             method=compressor.name, calibration=label, calibration_tokens=windows.numel()

@@ -1,0 +1,276 @@
+"""Healing by distillation: after compression, train the compressed layers' own factors to match the dense
+model's next-token distributions (beyond the MPIFA paper, which is retraining-free; issue 20).
+
+What trains: the pivot block (``weight``), the coefficients (``coeff``) and the bias of every PIFALinear, or
+the two factors and the bias of every LowRankLinear. Nothing else changes (embeddings, norms, the head,
+the uncompressed linears and every index buffer stay bit-identical), so the result is the same PIFA
+checkpoint at the same ranks: ``save_compressed`` writes it and ``from_pretrained`` reloads it exactly.
+
+Loss: KL(p_dense || p_compressed) per token at ``temperature`` (times T^2), averaged over the tokens of the
+batch (``distillation_loss``, pure). Text: ``HealingConfig.calibration`` (default ``"self"``: windows the
+dense model generates, compression/self_calibration.py), which is never an evaluation text. The loop is
+the Hugging Face ``Trainer`` (accelerate underneath: devices, mixed precision, gradient accumulation), and
+a run with ``output_dir`` saves checkpoints that ``resume=True`` continues from.
+
+2:4 pruned models are not healed here: their masks would have to be kept through every update.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from leanformers.compression.calibration import calibration_windows_for
+from leanformers.compression.config import CompressionConfig, check_finite
+from leanformers.storage.integration import compressed_modules
+
+__all__ = ["HealingConfig", "HealingReport", "distillation_loss", "heal", "trainable_factors"]
+
+
+@dataclass
+class HealingConfig:
+    """Settings of a healing run.
+
+    Attributes:
+        tokens: training tokens in all (rounded up to whole windows of ``seqlen``); one pass over them.
+        seqlen: tokens per training window.
+        batch_size: windows per optimizer step (``gradient_accumulation`` micro-batches of
+            batch_size / gradient_accumulation windows each).
+        gradient_accumulation: micro-batches per step (memory: the logits of one micro-batch, V per token).
+        learning_rate: peak AdamW learning rate (linear warm-up over ``warmup_ratio`` of the steps, then
+            cosine decay to 0). Not tuned: 1e-4 is a usual value for short fine-tuning runs.
+        temperature: softmax temperature of the KL (1: the distributions themselves).
+        calibration: the distillation text: ``"self"`` (the dense model's own text), a file, a mix, ...
+            (anything ``calibration=`` takes). Never an evaluation text.
+        seed: seed of the windows and of the Trainer.
+        output_dir: where the Trainer writes its checkpoints (None: a temporary folder, no checkpoints).
+        save_steps: checkpoint every this many steps (with ``output_dir``).
+    """
+
+    tokens: int = 65_536
+    seqlen: int = 512
+    batch_size: int = 4
+    gradient_accumulation: int = 2
+    learning_rate: float = 1e-4
+    warmup_ratio: float = 0.1
+    temperature: float = 1.0
+    calibration: str = "self"
+    seed: int = 0
+    output_dir: str | None = None
+    save_steps: int = 50
+
+    def __post_init__(self) -> None:
+        for name, low in (("tokens", 1), ("seqlen", 2), ("batch_size", 1), ("gradient_accumulation", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"healing {name} must be an integer >= {low}, got {value!r}")
+        if self.batch_size % self.gradient_accumulation:
+            raise ValueError(
+                f"healing batch_size {self.batch_size} is not a multiple of gradient_accumulation "
+                f"{self.gradient_accumulation}"
+            )
+        for name in ("learning_rate", "temperature"):
+            if check_finite(f"healing {name}", getattr(self, name)) <= 0:
+                raise ValueError(f"healing {name} must be > 0, got {getattr(self, name)}")
+        if not 0 <= check_finite("healing warmup_ratio", self.warmup_ratio) < 1:
+            raise ValueError(f"healing warmup_ratio must lie in [0, 1), got {self.warmup_ratio}")
+
+    @property
+    def windows(self) -> int:
+        return math.ceil(self.tokens / self.seqlen)
+
+
+@dataclass
+class HealingReport:
+    """What a healing run did: tokens, steps, the KL before and after (on the first 8 training windows, in
+    eval mode), the trained parameter count, wall time and peak memory (CUDA, or the process's peak host
+    RSS on CPU)."""
+
+    tokens: int = 0
+    steps: int = 0
+    kl_before: float = 0.0
+    kl_after: float = 0.0
+    trained_params: int = 0
+    seconds: float = 0.0
+    peak_memory_bytes: int | None = None
+    calibration: str = ""
+    config: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0):
+    """Mean over tokens of KL(p_teacher || p_student) at ``temperature``, times temperature^2.
+
+    Args:
+        student_logits, teacher_logits: (..., V) logits of the same tokens.
+    Returns:
+        a scalar tensor (differentiable in ``student_logits``).
+    """
+    t = float(temperature)
+    log_s = F.log_softmax(student_logits.float() / t, dim=-1)
+    log_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
+    kl = (log_t.exp() * (log_t - log_s)).sum(-1)
+    return kl.mean() * (t * t)
+
+
+def trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The parameters healing trains: every parameter of every compressed layer (PIFA pivot block,
+    coefficients and bias; low-rank factors and bias). ValueError when the model has no compressed layer."""
+    modules = compressed_modules(model)
+    if not modules:
+        raise ValueError(
+            "healing trains the factors of compressed layers (PIFA / low-rank), and this model has none: "
+            "compress it with mpifa, svd-llm, asvd or svd first (2:4 pruned models are not healed)"
+        )
+    return {f"{name}.{p}": param for name, m in modules.items() for p, param in m.named_parameters()}
+
+
+class _Windows(torch.utils.data.Dataset):
+    def __init__(self, windows: torch.Tensor):
+        self.windows = windows
+
+    def __len__(self) -> int:
+        return self.windows.shape[0]
+
+    def __getitem__(self, i: int) -> dict:
+        return {"input_ids": self.windows[i]}
+
+
+@torch.no_grad()
+def _mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: HealingConfig) -> float:
+    """The mean KL on the first (at most) 8 training windows, in eval mode (a cheap progress measure)."""
+    windows = windows[:8]
+    was = student.training
+    student.eval()
+    device = next(student.parameters()).device
+    micro = cfg.batch_size // cfg.gradient_accumulation
+    total = 0.0
+    for batch in windows.split(micro):
+        batch = batch.to(device)
+        loss = distillation_loss(
+            student(input_ids=batch).logits, teacher(input_ids=batch).logits, cfg.temperature
+        )
+        total += float(loss) * batch.shape[0]
+    student.train(was)
+    return total / windows.shape[0]
+
+
+def _trainer(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: HealingConfig, folder: str):
+    from transformers import Trainer, TrainingArguments
+
+    class DistillationTrainer(Trainer):
+        """The Trainer with the KL to the dense model as its loss (the teacher runs without gradients)."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            ids = inputs["input_ids"]
+            with torch.no_grad():
+                target = teacher(input_ids=ids).logits
+            outputs = model(input_ids=ids)
+            loss = distillation_loss(outputs.logits, target, cfg.temperature)
+            return (loss, outputs) if return_outputs else loss
+
+    args = TrainingArguments(
+        output_dir=folder,
+        per_device_train_batch_size=cfg.batch_size // cfg.gradient_accumulation,
+        gradient_accumulation_steps=cfg.gradient_accumulation,
+        num_train_epochs=1,
+        learning_rate=cfg.learning_rate,
+        warmup_steps=round(cfg.warmup_ratio * math.ceil(windows.shape[0] / cfg.batch_size)),
+        lr_scheduler_type="cosine",
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        save_strategy="steps" if cfg.output_dir else "no",
+        save_steps=cfg.save_steps,
+        logging_steps=10,
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=not torch.cuda.is_available(),
+        disable_tqdm=False,
+    )
+    return DistillationTrainer(model=student, args=args, train_dataset=_Windows(windows))
+
+
+def heal(
+    model: nn.Module,
+    teacher: nn.Module,
+    tokenizer=None,
+    config: HealingConfig | None = None,
+    windows: torch.Tensor | None = None,
+    *,
+    resume: bool = False,
+) -> HealingReport:
+    """Distil ``teacher`` (the dense model) into the compressed ``model``, in place, training only the
+    compressed layers' factors (see the module docstring).
+
+    Args:
+        model: a compressed model (``compress`` / ``mpifa_compress`` output, or one loaded with
+            ``from_pretrained``), on its compute device.
+        teacher: the dense model it was compressed from (same tokenizer), on the same device.
+        tokenizer: needed for text (and chat prompting of ``"self"``) unless ``windows`` are given.
+        config: a HealingConfig (defaults: 65,536 tokens of self-generated text).
+        windows: (n, seqlen) token ids to train on instead of ``config.calibration``.
+        resume: continue from the last checkpoint in ``config.output_dir``.
+    Returns:
+        A HealingReport.
+    """
+    cfg = config or HealingConfig()
+    params = trainable_factors(model)
+    start = time.perf_counter()
+    if windows is None:
+        spec = CompressionConfig(nsamples=cfg.windows, seqlen=cfg.seqlen, seed=cfg.seed)
+        windows, label = calibration_windows_for(cfg.calibration, tokenizer, spec, model=teacher)
+    else:
+        label = f"{windows.shape[0]} x {windows.shape[1]} given token windows"
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    frozen = {name: p.requires_grad for name, p in model.named_parameters()}
+    teacher_mode = teacher.training
+    teacher.eval()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(False)
+        for p in params.values():
+            p.requires_grad_(True)
+        kl_before = _mean_kl(model, teacher, windows, cfg)
+        with tempfile.TemporaryDirectory() as scratch:
+            trainer = _trainer(model, teacher, windows, cfg, cfg.output_dir or scratch)
+            result = trainer.train(resume_from_checkpoint=True if resume else None)
+        kl_after = _mean_kl(model, teacher, windows, cfg)
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(frozen[name])
+        teacher.train(teacher_mode)
+        model.eval()
+    report = HealingReport(
+        tokens=int(windows.numel()),
+        steps=int(result.global_step),
+        kl_before=kl_before,
+        kl_after=kl_after,
+        trained_params=sum(p.numel() for p in params.values()),
+        seconds=time.perf_counter() - start,
+        calibration=label,
+        config=asdict(cfg),
+    )
+    report.peak_memory_bytes = _peak_memory()
+    return report
+
+
+def _peak_memory() -> int | None:
+    if torch.cuda.is_available():
+        return int(torch.cuda.max_memory_allocated())
+    try:
+        import resource
+
+        return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024  # Linux: KiB
+    except (ImportError, OSError):
+        return None
