@@ -6,6 +6,7 @@
   python bench/training_table.py --rows chtss_llama_tiny --seeds 0 1 2 --merge  # §5b LLaMA on bytes
   python bench/training_table.py --rows sst_cost_cpu                            # §4a memory and tokens/s
   python bench/training_table.py --rows mt_multi30k --set "overrides=[training.max_steps=300]"  # §12
+  python bench/training_table.py --rows sst_finetune --seeds 0 1 2            # §17 SST vs LoRA fine-tuning
   python bench/training_table.py --quick --rows llama28m                        # seconds (CI)
 
 Rows: bench/rows/training_table.yaml (its header explains the kinds). Machine translation runs through the
@@ -34,12 +35,16 @@ from harness import (
     ResultFile,
     command_line,
     environment,
+    in_fresh_process,
+    interleaved,
     load_rows,
     parser,
     print_table,
     row_settings,
     rows_arguments,
     sync,
+    timed,
+    write_json,
 )
 
 from leanformers.chts import CHTssConfig, CHTssController
@@ -55,6 +60,7 @@ KINDS = {
     "cost": {"sizes", "count_only", "methods", "batch", "seq", "steps"},
     "recipe": {"recipe", "methods", "overrides"},
 }  # fmt: skip
+KINDS["finetune"] = set(["model", "methods", "rank", "steps", "batch", "split", "lrs", "repeats"])
 KINDS["overhead"] = KINDS["lm"]
 ROWS = load_rows("training_table", lambda name, row: KINDS[row["kind"]] | {"kind", "output", "quick"})
 LOOP = {"sampler": "blocks", "betas": [0.9, 0.999], "schedule": "cosine", "rank": 8, "sst_steps_per_iteration": 200,
@@ -421,6 +427,286 @@ def recipe_row(method: str, seed: int, s: dict, output_dir: Path) -> dict:
     return row
 
 
+# ------------------------------------------------------------------------------------------ finetune rows
+def sst2_split(s: dict) -> dict[str, list[list[int]]]:
+    """The GLUE SST-2 dev sentences (../shared/data), split once (seed 1234) into train, val (the lr is chosen
+    on it) and eval (reported, never used for a choice), encoded: SmolLM2's tokenizer + EOS, or with the
+    tiny model its bytes folded into 128 ids."""
+    from leanformers.data import shared_data_path
+
+    lines = shared_data_path("classification/sst2-dev.tsv").read_text(encoding="utf-8").splitlines()[1:]
+    texts = [line.split("\t")[0].strip() for line in lines if line.strip()]
+    texts = [texts[i] for i in torch.randperm(len(texts), generator=torch.Generator().manual_seed(1234))]
+    if s["model"] == "tiny":
+        encode = lambda text: [min(b, 127) for b in text.encode("utf-8")][:48]  # noqa: E731
+    else:
+        from transformers import AutoTokenizer
+
+        from leanformers.hub import smollm2_135m
+
+        tok = AutoTokenizer.from_pretrained(smollm2_135m())
+        encode = lambda text: tok(text)["input_ids"] + [tok.eos_token_id]  # noqa: E731
+    n_train, n_val, n_eval = s["split"]
+    split = {
+        "train": texts[:n_train],
+        "val": texts[n_train : n_train + n_val],
+        "eval": texts[len(texts) - n_eval :],
+    }
+    return {k: [encode(t) for t in v] for k, v in split.items()}
+
+
+def padded(ids: list[list[int]]) -> dict[str, torch.Tensor]:
+    """A right-padded batch whose padding is masked out of attention and labels."""
+    input_ids = torch.zeros(len(ids), max(map(len, ids)), dtype=torch.long)
+    mask = torch.zeros_like(input_ids)
+    for i, x in enumerate(ids):
+        input_ids[i, : len(x)], mask[i, : len(x)] = torch.tensor(x), 1
+    return {"input_ids": input_ids, "attention_mask": mask, "labels": input_ids.masked_fill(mask == 0, -100)}
+
+
+def finetune_batches(data: list[list[int]], s: dict, seed: int) -> list[dict[str, torch.Tensor]]:
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[
+        : s["steps"] * s["batch"]
+    ]
+    return [padded([data[i] for i in order[k : k + s["batch"]]]) for k in range(0, len(order), s["batch"])]
+
+
+def finetune_base(s: dict) -> torch.nn.Module:
+    """SmolLM2-135M-Instruct (the dequantised Q4_1 GGUF, float32) or a random tiny LLaMA, in train mode."""
+    from transformers import AutoModelForCausalLM
+
+    from leanformers.hub import smollm2_135m
+    from tests.tiny_models import tiny_llama
+
+    if s["model"] == "tiny":
+        return tiny_llama(seed=0).train()
+    return AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).train()
+
+
+class FinetuneRun:
+    """One method's PeftModel (SST mode="finetune" or peft LoRA on the seven projections, rank r), AdamW at
+    a constant lr without weight decay, and SST's controller; ``step`` times one optimizer step."""
+
+    def __init__(self, method: str, s: dict, lr: float, seed: int):
+        from peft import LoraConfig, get_peft_model
+
+        base, kw = (
+            finetune_base(s),
+            {"r": s["rank"], "target_modules": list(BLOCK_LINEARS), "task_type": "CAUSAL_LM"},
+        )
+        torch.manual_seed(seed)
+        with timed() as t:
+            cfg = SSTConfig(mode="finetune", seed=seed, **kw) if method == "sst" else LoraConfig(**kw)
+            self.model = get_peft_model(base, cfg)
+        params = [q for q in self.model.parameters() if q.requires_grad]
+        self.method, self.lr, self.inject_s, self.step_s = method, lr, t.seconds, []
+        self.trainable = sum(q.numel() for q in params)
+        self.optimizer = optimizer_for(method, [{"params": params}], lr)
+        self.controller = SSTController(self.model, self.optimizer) if method == "sst" else None
+
+    def step(self, batch: dict) -> None:
+        t0 = time.perf_counter()
+        self.model(**batch).loss.backward()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.controller is not None:
+            self.controller.step(self.optimizer)
+        self.step_s.append(round(time.perf_counter() - t0, 4))
+
+    @torch.no_grad()
+    def loss(self, data: list[list[int]]) -> float:
+        """Token-level cross-entropy over ``data`` (the sum of token losses over the tokens)."""
+        self.model.eval()
+        total = tokens = 0
+        for b in (padded(data[i : i + 8]) for i in range(0, len(data), 8)):
+            total += float(self.model(**b).loss) * int((b["labels"][:, 1:] != -100).sum())
+            tokens += int((b["labels"][:, 1:] != -100).sum())
+        self.model.train()
+        return round(total / tokens, 4)
+
+
+def paired_runs(s: dict, data: dict, lrs: dict[str, float], seed: int) -> dict[str, FinetuneRun]:
+    """SST and LoRA trained side by side, one step each in turn (who goes first alternates), so that the
+    machine's load hits both alike."""
+    runs = {m: FinetuneRun(m, s, lrs[m], seed) for m in s["methods"]}
+    for i, batch in enumerate(finetune_batches(data["train"], s, seed)):
+        for run in list(runs.values())[:: 1 if i % 2 == 0 else -1]:
+            run.step(batch)
+    return runs
+
+
+def run_record(run: FinetuneRun, seed: int, data: dict, split: str = "val") -> dict:
+    row = {"method": run.method, "lr": run.lr, "seed": seed, "trainable": run.trainable}
+    return row | {
+        "inject_s": round(run.inject_s, 3),
+        "step_s": run.step_s,
+        f"{split}_loss": run.loss(data[split]),
+    }
+
+
+def step_ratio(runs: dict[str, FinetuneRun]) -> float:
+    """The median of the per-step ratios SST / LoRA, the first step (warm-up) left out."""
+    pairs = list(zip(runs["sst"].step_s, runs["lora"].step_s))
+    return round(statistics.median(a / b for a, b in pairs[1:] or pairs), 3)
+
+
+def finetune_paths(s: dict, data: dict) -> dict:
+    """Forward + backward of LoRA, SST factored and SST materialised on the same batches, interleaved."""
+    from leanformers.sst import SSTLinear
+
+    lora, sst = FinetuneRun("lora", s, 1e-4, 0).model, FinetuneRun("sst", s, 1e-4, 0).model
+    batches = finetune_batches(data["train"], s, 0)[: max(2, s["repeats"])]
+    variants = {
+        "lora": (lora, None),
+        "sst_factored": (sst, "factored"),
+        "sst_materialized": (sst, "materialized"),
+    }
+
+    def call(model, path):
+        def run(rep: int) -> None:
+            for layer in (m for m in model.modules() if isinstance(m, SSTLinear)):
+                layer.spectral_path = path
+            model(**batches[rep]).loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        return run
+
+    times = interleaved({k: call(*v) for k, v in variants.items()}, len(batches))
+    ratio = {
+        k: round(statistics.median(a / b for a, b in zip(t, times["lora"])), 3) for k, t in times.items()
+    }
+    return {
+        "tokens_per_batch": [int(b["input_ids"].numel()) for b in batches],
+        "fwd_bwd_s": times,
+        "ratio_vs_lora": ratio,
+    }
+
+
+def adapter_bytes(runs: dict[str, FinetuneRun], s: dict, data: dict) -> dict:
+    """Saved bytes of the SST compact / full and the LoRA adapters; the compact SST adapter reloaded onto a
+    fresh base must give identical logits."""
+    from peft import PeftModel
+
+    from leanformers.sst import SSTLinear
+
+    sst, probe = runs["sst"].model.eval(), padded(data["eval"][:4])
+    probe.pop("labels")
+    with torch.no_grad(), tempfile.TemporaryDirectory() as tmp:
+        want, config = sst(**probe).logits, sst.peft_config["default"]
+        sst.save_pretrained(f"{tmp}/sst")
+        config.save_format = "full"
+        sst.save_pretrained(f"{tmp}/sst_full")
+        config.save_format = "auto"
+        runs["lora"].model.save_pretrained(f"{tmp}/lora")
+        out = {
+            f"{n}_adapter_bytes": Path(f"{tmp}/{n}/adapter_model.safetensors").stat().st_size
+            for n in ("sst", "sst_full", "lora")
+        }
+        out["sst_saved_format"] = json.loads(Path(f"{tmp}/sst/adapter_config.json").read_text())[
+            "saved_format"
+        ]
+        with timed() as t:
+            reloaded = PeftModel.from_pretrained(finetune_base(s), f"{tmp}/sst").eval()
+        out |= {
+            "sst_reload_s": round(t.seconds, 3),
+            "sst_reload_identical_logits": torch.equal(reloaded(**probe).logits, want),
+        }
+    layers = [m for m in sst.modules() if isinstance(m, SSTLinear)]
+    nbytes = sum(
+        torch.empty((), dtype=m.base_dtype).element_size() * m.out_features * m.in_features for m in layers
+    )
+    return out | {"targeted_base_bytes": nbytes}
+
+
+def finetune_rss(method: str, s: dict) -> dict:
+    """Run in a fresh process: load, wrap, 3 training steps; the peak RSS (VmHWM: ru_maxrss carries over
+    fork + exec, so a child would report its parent's peak)."""
+    from leanformers.compression.checkpoint_io import status_kib
+
+    run = FinetuneRun(method, s, 1e-4, 0)
+    for batch in finetune_batches(
+        [[1 + (i * 7 + j) % 100 for j in range(24)] for i in range(3 * s["batch"])], s | {"steps": 3}, 0
+    ):
+        run.step(batch)
+    return {"peak_rss_gb": round(status_kib("VmHWM") / 2**20, 3)}
+
+
+def finetune(s: dict, args) -> dict:
+    """The lr grid on the first seed (validation loss; each method keeps its best run), the other seeds at
+    each method's chosen lr, the eval loss of those runs; then the training paths, adapters, peak RSS."""
+    if sorted(s["methods"]) != ["lora", "sst"]:
+        raise SystemExit("the finetune rows compare exactly two methods: sst and lora")
+    data, grid, ratios, best = sst2_split(s), [], [], {}
+    for lr in s["lrs"]:
+        runs = paired_runs(s, data, {m: lr for m in s["methods"]}, args.seeds[0])
+        ratios.append(step_ratio(runs))
+        for m, run in runs.items():
+            grid.append(run_record(run, args.seeds[0], data))
+            if m not in best or grid[-1]["val_loss"] < best[m][0]["val_loss"]:
+                best[m] = (grid[-1], run)
+        print(
+            f"lr {lr:g}: " + ", ".join(f"{r['method']} val {r['val_loss']:.4f}" for r in grid[-2:]),
+            flush=True,
+        )
+    lrs = {m: row["lr"] for m, (row, _) in best.items()}
+    for row, run in best.values():  # the grid's record of the chosen run gets its eval loss too
+        row["eval_loss"] = run.loss(data["eval"])
+    rows = [row for row, _ in best.values()]
+    saved = adapter_bytes({m: run for m, (_, run) in best.items()}, s, data)
+    best.clear()
+    gc.collect()
+    for seed in args.seeds[1:]:
+        runs = paired_runs(s, data, lrs, seed)
+        ratios.append(step_ratio(runs))
+        rows += [run_record(run, seed, data) | {"eval_loss": run.loss(data["eval"])} for run in runs.values()]
+    paths = finetune_paths(s, data)
+    rss = {
+        m: in_fresh_process("training_table", "finetune_rss", torch.get_num_threads(), method=m, s=s)[
+            "peak_rss_gb"
+        ]
+        for m in s["methods"]
+    }
+    summary = []
+    for m in s["methods"]:
+        mine = [r for r in rows if r["method"] == m]
+        evals, steps = [r["eval_loss"] for r in mine], [t for r in mine for t in r["step_s"][1:]]
+        entry = {
+            "method": m,
+            "lr": lrs[m],
+            "trainable": mine[0]["trainable"],
+            "eval_loss_mean": round(statistics.mean(evals), 4),
+        }
+        entry |= {
+            "eval_loss_std": round(statistics.stdev(evals), 4) if len(evals) > 1 else 0.0,
+            "median_step_s": round(statistics.median(steps), 3),
+        }
+        entry |= {"inject_s": round(statistics.median(r["inject_s"] for r in mine), 2), "peak_rss_gb": rss[m]}
+        summary.append(entry | {"adapter_mb": round(saved[f"{m}_adapter_bytes"] / 1e6, 2)})
+    payload = {
+        "benchmark": "sst_finetune",
+        "preset": "quick" if args.quick else "default",
+        "settings": s | {"seeds": args.seeds},
+    }
+    payload |= {
+        "targets": list(BLOCK_LINEARS),
+        "best_lr": lrs,
+        "grid": grid,
+        "rows": rows,
+        "summary": summary,
+    }
+    payload |= {
+        "step_ratio_sst_vs_lora": round(statistics.median(ratios), 3),
+        "step_ratio_per_run": ratios,
+        "target_step_ratio": 1.5,
+    }
+    return payload | {
+        "paths": paths,
+        "adapters": saved,
+        "peak_rss_gb": rss,
+        "environment": environment("cpu"),
+    }
+
+
 # ------------------------------------------------------------------------------------------ tables
 def mean_std(values: list[float], digits: int = 2) -> str:
     if len(values) < 2:
@@ -491,6 +777,9 @@ def run_row(name: str, s: dict, args, path: Path, store: ResultFile) -> dict:
         "setting": setting,
         "command": command_line("training_table", args.argv),
     }
+    if s["kind"] == "finetune":
+        write_json(path, payload := {**finetune(s, args), "command": fields["command"]})
+        return payload
     if s["kind"] == "cost":
         rows = [
             cost(size, m, s, args.device, False) for size in s["sizes"] for m in args.methods or s["methods"]
@@ -548,8 +837,8 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             results[name] = run_row(name, s, args, path, ResultFile(path, merge=args.merge))
         print(f"\n{name} (JSON: {path})")
-        if s["kind"] in ("cost", "overhead"):
-            print_table(results[name]["rows"], list(results[name]["rows"][0]))
+        if s["kind"] in ("cost", "overhead", "finetune"):
+            print_table(results[name]["summary" if s["kind"] == "finetune" else "rows"])
         else:
             print(tables(results[name]))
     return results
