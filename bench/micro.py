@@ -30,20 +30,9 @@ import statistics
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    RESULTS,
-    command_line,
-    environment,
-    llama_config,
-    load_rows,
-    parser,
-    print_table,
-    row_settings,
-    rows_arguments,
-    timed,
-    write_json,
-)
+from harness import RESULTS, environment, llama_config, load_rows, print_table, row_settings, timed
 from torch import nn
 
 import leanformers
@@ -192,11 +181,7 @@ def _tensors(obj, seen: set[int], depth: int = 0):
         return
     elif isinstance(obj, (dict, list, tuple)) or hasattr(obj, "__dict__"):
         values = (
-            obj
-            if isinstance(obj, (list, tuple))
-            else obj.values()
-            if isinstance(obj, dict)
-            else vars(obj).values()
+            obj.values() if isinstance(obj, dict) else vars(obj).values() if hasattr(obj, "__dict__") else obj
         )
         for v in values:
             yield from _tensors(v, seen, depth + 1)
@@ -214,11 +199,8 @@ def held_bytes(controller: CHTssController) -> int:
 def mask_memory(s: dict, args) -> dict:
     hidden, inter, blocks, heads, kv = SHAPES[s["shape"]]
     out = Path(args.path)
-    rows = (
-        [r for r in json.loads(out.read_text()).get("rows", []) if r.get("label") != args.label]
-        if out.is_file()
-        else []
-    )
+    rows = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
+    rows = [r for r in rows if r.get("label") != args.label]
     for name in s["dtypes"]:
         dtype, device = getattr(torch, name), args.device
         torch.manual_seed(0)
@@ -427,8 +409,8 @@ ROWS = load_rows("micro", row_keys)
 
 
 def build_parser():
-    ap = parser(__doc__, "every row at its quick size (seconds, CPU)", "result JSON (one row only)")
-    rows_arguments(ap, ROWS, default=list(ROWS))
+    ap = harness.parser(__doc__, "every row at its quick size (seconds, CPU)", "result JSON (one row only)")
+    harness.rows_arguments(ap, ROWS, default=list(ROWS))
     ap.add_argument("--repeats", type=int, default=None, help="the rows' repeats (--set repeats=N)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -444,7 +426,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--output takes one row (each row writes its own JSON)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.command, results = command_line("micro", argv), {}
+    args.command, results = harness.command_line("micro", argv), {}
     for name in args.rows:
         sets = args.sets + ([f"repeats={args.repeats}"] if args.repeats and "repeats" in ROWS[name] else [])
         settings = row_settings(name, ROWS[name], args.quick, sets)
@@ -452,7 +434,7 @@ def main(argv: list[str] | None = None) -> dict:
         payload = BENCHES[settings["bench"]][0](settings, args)
         columns = payload.pop("table")
         results[name] = payload
-        write_json(args.path, payload)
+        harness.write_json(args.path, payload)
         print(f"\n{name} (JSON: {args.path})")
         print_table(payload["rows"], columns)
     return results
