@@ -59,12 +59,8 @@ def parser(doc: str | None, quick_help: str, output_help: str | None = None) -> 
     """ArgumentParser with ``--quick`` and ``--output`` (the module docstring is the help text)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=quick_help)
-    ap.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help=output_help or "result JSON (default bench/results/<script>[_quick].json)",
-    )
+    output_help = output_help or "result JSON (default bench/results/<script>[_quick].json)"
+    ap.add_argument("--output", type=Path, default=None, help=output_help)
     return ap
 
 
@@ -149,16 +145,10 @@ def environment(device: torch.device | str | None = None) -> dict:
 
     import leanformers
 
-    env = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "leanformers": leanformers.__version__,
-        "python": platform.python_version(),
-    }
+    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine()}
+    env |= {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    env |= {"transformers": transformers.__version__, "peft": peft.__version__}
+    env |= {"leanformers": leanformers.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     if device is not None:
