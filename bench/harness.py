@@ -1,20 +1,6 @@
 """The bench harness: what every bench script shares (see bench/README.md).
 
-- ``parser(doc, name)``: an ArgumentParser with the two flags every script has, ``--quick`` (the
-  seconds-long CPU variant the smoke tests run) and ``--output`` (where the result JSON goes);
-  ``output_path(args, name)`` resolves the default ``bench/results/<name>[_quick].json``.
-- ``environment(device)``: the machine and versions recorded with every result.
-- ``sync`` / ``timed``: device-synchronised wall-clock timing; ``interleaved``: the compared calls run
-  in turn within each repeat, in an order rotated per repeat (a shared machine's load hits all alike).
-- ``PeakRSS``: peak resident memory of this process over a block; ``in_fresh_process``: a function of
-  a bench module run in a new Python process (a peak RSS of its own), its JSON result.
-- ``print_table``: the plain-text table a script prints last.
-- ``write_json``: atomic write of a result (a stopped run never leaves half a file).
-- the model factory (``llama_config``, ``tiny_llama``, ``tiny_bert``) lives in tests/tiny_models.py,
-  the one place that builds models from config; it is re-exported here.
-- ``load_rows(runner, keys)``: the variants of a runner, ``bench/rows/<runner>.yaml`` (name -> settings),
-  every key checked against what the runner reads; ``ResultFile``: a result JSON that several runs (or
-  processes) fill cell by cell, merged by key under a file lock.
+Its parts are listed in bench/README.md ("Writing a runner").
 
 Importing this module puts the repository root first on ``sys.path`` (for ``tests.tiny_models``) and
 ``src/`` last, so a script runs from a plain checkout as ``python bench/<script>.py`` while

