@@ -37,8 +37,10 @@ lint: setup
 	$(BIN)/ruff check src tests bench
 	$(BIN)/ruff format --check src tests bench
 
+# every runner at its quick size: the GPU suite's CPU dry run (rows of each runner; results in
+# bench/results/gpu_suite/), then the two CPU rows the suite has no part for
 bench-quick: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python bench/pifa_speed.py --quick
+	HF_HUB_OFFLINE=1 $(BIN)/python bench/gpu_suite.py --dry-run --fresh
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/compression_cost.py --quick --rows smollm2 stream
 
 clean:

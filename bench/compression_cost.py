@@ -25,20 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    RESULTS,
-    PeakRSS,
-    environment,
-    llama_config,
-    load_rows,
-    parser,
-    print_table,
-    row_settings,
-    rows_arguments,
-    timed,
-    write_json,
-)
+from harness import RESULTS, PeakRSS, environment, llama_config, load_rows, print_table, timed
 
 import leanformers
 from leanformers import compress, compress_pretrained
@@ -257,10 +246,8 @@ def profile_row(s: dict, args) -> dict:
         test = tokenize_text(load_text(shared_data_path("wikitext-2-raw-test.txt")), tok)
         result = perplexity(model, text=test, seqlen=2048, max_tokens=s["eval_tokens"])
         payload["wikitext2_test_ppl"] = {"ppl": result.ppl, "tokens": result.n_tokens, "seqlen": 2048}
-    table = [
-        {"stage": k, "seconds": v, "share": f"{100 * v / compress_s:.1f} %"}
-        for k, v in payload["seconds_by_part"].items()
-    ]
+    parts = payload["seconds_by_part"].items()
+    table = [{"stage": k, "seconds": v, "share": f"{100 * v / compress_s:.1f} %"} for k, v in parts]
     payload["row"] = {"compress_s": payload["compress_seconds"], "dense_forward_s": payload["dense_forward_seconds"],
                       "ratio": payload["ratio_compress_to_dense_forward"]}  # fmt: skip
     print_table(table, ["stage", "seconds", "share"])
@@ -274,8 +261,8 @@ ROWS = load_rows("compression_cost", lambda name, row: COMMON | MODES[row["mode"
 
 
 def build_parser():
-    ap = parser(__doc__, "every row at tiny sizes (seconds, CPU)", "result JSON (one row only)")
-    rows_arguments(ap, ROWS)
+    ap = harness.parser(__doc__, "every row at tiny sizes (seconds, CPU)", "result JSON (one row only)")
+    harness.rows_arguments(ap, ROWS)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     ap.add_argument("--tmp", default=None, help="stream: folder for the random model (default /tmp)")
     ap.add_argument("--save-state", default=None, help="profile: write the compressed state dict here")
@@ -295,9 +282,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     results = {}
     for name in rows:
-        s = row_settings(name, ROWS[name], args.quick, args.sets)
+        s = harness.row_settings(name, ROWS[name], args.quick, args.sets)
         payload = MODES[s["mode"]][0](s, args)
-        path = write_json(
+        path = harness.write_json(
             args.output or RESULTS / f"{OUTPUT.get(name, name)}{'_quick' if args.quick else ''}.json", payload
         )
         results[name] = payload

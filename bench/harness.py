@@ -1,18 +1,6 @@
 """The bench harness: what every bench script shares (see bench/README.md).
 
-- ``parser(doc, name)``: an ArgumentParser with the two flags every script has, ``--quick`` (the
-  seconds-long CPU variant the smoke tests run) and ``--output`` (where the result JSON goes);
-  ``output_path(args, name)`` resolves the default ``bench/results/<name>[_quick].json``.
-- ``environment(device)``: the machine and versions recorded with every result.
-- ``sync`` / ``timed``: device-synchronised wall-clock timing.
-- ``PeakRSS``: peak resident memory of this process over a block.
-- ``print_table``: the plain-text table a script prints last.
-- ``write_json``: atomic write of a result (a stopped run never leaves half a file).
-- the model factory (``llama_config``, ``tiny_llama``, ``tiny_bert``) lives in tests/tiny_models.py,
-  the one place that builds models from config; it is re-exported here.
-- ``load_rows(runner, keys)``: the variants of a runner, ``bench/rows/<runner>.yaml`` (name -> settings),
-  every key checked against what the runner reads; ``ResultFile``: a result JSON that several runs (or
-  processes) fill cell by cell, merged by key under a file lock.
+Its parts are listed in bench/README.md ("Writing a runner").
 
 Importing this module puts the repository root first on ``sys.path`` (for ``tests.tiny_models``) and
 ``src/`` last, so a script runs from a plain checkout as ``python bench/<script>.py`` while
@@ -27,6 +15,7 @@ import fcntl
 import json
 import os
 import platform
+import subprocess
 import sys
 import threading
 import time
@@ -47,8 +36,8 @@ if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install cho
 from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402
 
 __all__ = ["REPO_ROOT", "RESULTS", "ROWS", "PeakRSS", "ResultFile", "command_line", "environment", "llama_config",
-           "load_rows", "output_path", "parser", "print_table", "row_settings", "rows_arguments", "sync", "timed",
-           "tiny_bert", "tiny_llama", "write_json"]  # fmt: skip
+           "in_fresh_process", "interleaved", "load_rows", "output_path", "parser", "print_table", "row_settings",
+           "rows_arguments", "sync", "timed", "tiny_bert", "tiny_llama", "write_json"]  # fmt: skip
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -56,12 +45,8 @@ def parser(doc: str | None, quick_help: str, output_help: str | None = None) -> 
     """ArgumentParser with ``--quick`` and ``--output`` (the module docstring is the help text)."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help=quick_help)
-    ap.add_argument(
-        "--output",
-        type=Path,
-        default=None,
-        help=output_help or "result JSON (default bench/results/<script>[_quick].json)",
-    )
+    output_help = output_help or "result JSON (default bench/results/<script>[_quick].json)"
+    ap.add_argument("--output", type=Path, default=None, help=output_help)
     return ap
 
 
@@ -146,16 +131,10 @@ def environment(device: torch.device | str | None = None) -> dict:
 
     import leanformers
 
-    env = {
-        "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "machine": platform.machine(),
-        "cpu_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "peft": peft.__version__,
-        "leanformers": leanformers.__version__,
-        "python": platform.python_version(),
-    }
+    env = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "machine": platform.machine()}
+    env |= {"cpu_threads": torch.get_num_threads(), "torch": torch.__version__}
+    env |= {"transformers": transformers.__version__, "peft": peft.__version__}
+    env |= {"leanformers": leanformers.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     if device is not None:
@@ -191,6 +170,37 @@ def timed(device: torch.device | str = "cpu") -> Iterator[_Elapsed]:
         elapsed.seconds = time.perf_counter() - start
 
 
+def interleaved(
+    calls: dict[str, Callable[[int], object]], reps: int, warmup: int = 0, device: torch.device | str = "cpu"
+) -> dict[str, list[float]]:
+    """Seconds of each call per repeat: within a repeat every call runs once, in an order rotated per
+    repeat, so that no call always goes first; a call gets the repeat's index."""
+    names = list(calls)
+    for _ in range(warmup):
+        for name in names:
+            calls[name](0)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    for rep in range(reps):
+        for name in names[rep % len(names) :] + names[: rep % len(names)]:
+            with timed(device) as t:
+                calls[name](rep)
+            times[name].append(t.seconds)
+    return times
+
+
+def in_fresh_process(module: str, function: str, threads: int | None = None, **kwargs) -> dict:
+    """``bench/<module>.py``'s ``function(**kwargs)`` in a new Python process; its result (a JSON dict)."""
+    code = f"import json, sys; sys.path.insert(0, {str(REPO_ROOT / 'bench')!r}); import {module} as m; "
+    code += f"print(json.dumps(m.{function}(**json.loads(sys.argv[1]))))"
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{module}.{function} in a fresh process failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 class PeakRSS:
     """Samples this process's resident memory every 50 ms; ``peak_gb`` after the block."""
 
@@ -224,13 +234,19 @@ class PeakRSS:
 
 
 # ---- output --------------------------------------------------------------------------------------
-def print_table(rows: list[dict], columns: list[str]) -> None:
-    """Plain-text table of ``rows`` (dicts) in ``columns`` order; a missing cell prints empty."""
-    widths = {c: max(len(c), *(len(str(r.get(c, ""))) for r in rows)) for c in columns}
+def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
+    """Plain-text table of ``rows`` (dicts) in ``columns`` order (default: the first row's keys); floats
+    print with 4 significant digits, a missing cell empty."""
+    columns = columns or list(rows[0])
+    cells = [
+        {c: f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns}
+        for r in rows
+    ]
+    widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-|-".join("-" * widths[c] for c in columns))
-    for r in rows:
-        print(" | ".join(str(r.get(c, "")).ljust(widths[c]) for c in columns))
+    for r in cells:
+        print(" | ".join(r[c].ljust(widths[c]) for c in columns))
 
 
 class ResultFile:

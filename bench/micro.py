@@ -7,17 +7,7 @@
   python bench/micro.py --rows sst_generate --set repeats=9             # §6
   python bench/micro.py --quick                                         # every row, seconds (CI)
 
-Benchmarks (a row's ``bench``):
-  predictor_cost  exact CH3-L3p (O(N d^3)) vs node-based CH3-L3n by density, one random mask each; L3p
-                  above ``l3p_max_density`` is extrapolated from the last measured point with d^3 (marked)
-  update_cost     one CHTss topology update of a LLaMA sparse subset at 30 %: L3n batched by shape vs a
-                  per-matrix loop, and the full update (prune, removal, predictor, regrowth, bookkeeping)
-  mask_memory     bytes the CHTss controller holds per sparse weight (tensors reachable from it that are
-                  no parameter), after one AdamW step and one update; one re-masking pass timed
-  scaling_memory  memory per GPU under FSDP2 (dim-0 shards) of dense, CHTss and SST LLaMAs, counted from
-                  the tensors of models built on the meta device (the method applied for real)
-  sst_generate    unmerged SST generate vs the merged model (and the uncached SST layer), rotated repeat
-                  after repeat; ratios are medians of per-repeat ratios, wall-clock and CPU time
+Benchmarks: a row's ``bench``, described in the rows file's header.
 Each row writes bench/results/<row>[_quick].json (``--output``: with one row only) and prints its table last.
 """
 
@@ -30,20 +20,9 @@ import statistics
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    RESULTS,
-    command_line,
-    environment,
-    llama_config,
-    load_rows,
-    parser,
-    print_table,
-    row_settings,
-    rows_arguments,
-    timed,
-    write_json,
-)
+from harness import RESULTS, environment, llama_config, load_rows, print_table, row_settings, timed
 from torch import nn
 
 import leanformers
@@ -192,11 +171,7 @@ def _tensors(obj, seen: set[int], depth: int = 0):
         return
     elif isinstance(obj, (dict, list, tuple)) or hasattr(obj, "__dict__"):
         values = (
-            obj
-            if isinstance(obj, (list, tuple))
-            else obj.values()
-            if isinstance(obj, dict)
-            else vars(obj).values()
+            obj.values() if isinstance(obj, dict) else vars(obj).values() if hasattr(obj, "__dict__") else obj
         )
         for v in values:
             yield from _tensors(v, seen, depth + 1)
@@ -214,11 +189,8 @@ def held_bytes(controller: CHTssController) -> int:
 def mask_memory(s: dict, args) -> dict:
     hidden, inter, blocks, heads, kv = SHAPES[s["shape"]]
     out = Path(args.path)
-    rows = (
-        [r for r in json.loads(out.read_text()).get("rows", []) if r.get("label") != args.label]
-        if out.is_file()
-        else []
-    )
+    rows = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
+    rows = [r for r in rows if r.get("label") != args.label]
     for name in s["dtypes"]:
         dtype, device = getattr(torch, name), args.device
         torch.manual_seed(0)
@@ -427,8 +399,8 @@ ROWS = load_rows("micro", row_keys)
 
 
 def build_parser():
-    ap = parser(__doc__, "every row at its quick size (seconds, CPU)", "result JSON (one row only)")
-    rows_arguments(ap, ROWS, default=list(ROWS))
+    ap = harness.parser(__doc__, "every row at its quick size (seconds, CPU)", "result JSON (one row only)")
+    harness.rows_arguments(ap, ROWS, default=list(ROWS))
     ap.add_argument("--repeats", type=int, default=None, help="the rows' repeats (--set repeats=N)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -444,7 +416,7 @@ def main(argv: list[str] | None = None) -> dict:
         ap.error("--output takes one row (each row writes its own JSON)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    args.command, results = command_line("micro", argv), {}
+    args.command, results = harness.command_line("micro", argv), {}
     for name in args.rows:
         sets = args.sets + ([f"repeats={args.repeats}"] if args.repeats and "repeats" in ROWS[name] else [])
         settings = row_settings(name, ROWS[name], args.quick, sets)
@@ -452,7 +424,7 @@ def main(argv: list[str] | None = None) -> dict:
         payload = BENCHES[settings["bench"]][0](settings, args)
         columns = payload.pop("table")
         results[name] = payload
-        write_json(args.path, payload)
+        harness.write_json(args.path, payload)
         print(f"\n{name} (JSON: {args.path})")
         print_table(payload["rows"], columns)
     return results

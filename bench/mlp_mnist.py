@@ -41,28 +41,18 @@ DEFAULT_SIZES = (784, 1568, 1568, 1568, 10)
 QUICK = ["model.sizes=[784, 48, 10]", "training.epochs=1", "training.n_train=256", "training.device=cpu"]
 
 # The MLP reference settings of the CHT papers, under any recipe's method options.
-MLP_REFERENCE = {
-    "final_density": 0.01,
-    "targets": MLP_TARGETS,
-    "exclude": (),
-    "zeta": 0.3,
-    "temperature_end": 3.0,
-    "chain_removal": True,
-    "sparse_init": True,
-}
+MLP_REFERENCE = {"final_density": 0.01, "targets": MLP_TARGETS, "exclude": (), "zeta": 0.3}
+MLP_REFERENCE |= {"temperature_end": 3.0, "chain_removal": True, "sparse_init": True}
 
 
 def _controller(method, model, opt, x_train, steps_per_epoch, epochs, updates_per_epoch, seed, options):
     """The CHTssController of a sparse method on the MLP reference settings, or None for dense."""
     if method == "dense":
         return None
-    values = {
-        **MLP_REFERENCE,
-        "update_interval": max(1, steps_per_epoch // updates_per_epoch),
-        "seed": seed,
-        **options,
-    }
-    cfg = CHTssConfig.for_method(method, **values)
+    interval = max(1, steps_per_epoch // updates_per_epoch)
+    cfg = CHTssConfig.for_method(
+        method, **{**MLP_REFERENCE, "update_interval": interval, "seed": seed, **options}
+    )
     corr = input_correlation(x_train) if cfg.init_topology == "correlated" else None
     sched = CHTssController(model, opt, cfg, total_steps=epochs * steps_per_epoch, input_correlation=corr)
     sched.check_schedule()
@@ -74,15 +64,13 @@ def _sparse_summary(sched: CHTssController, model: MLPClassifier) -> dict:
     # Hidden neurons: outputs (with an incoming link) of every sparse layer but the classifier,
     # whether the classifier is sparse (default targets) or dense (targets 0|2|4).
     classifier = f"layers.{len(model.layers) - 1}"
-    return {
+    hidden = [m[f"chtss/active_out/{layer.name}"] for layer in sched.layers if layer.name != classifier]
+    out = {
         "density_sparse_subset": m["chtss/density_sparse_subset"],
         "active_neurons_mean": m["chtss/active_neurons_mean"],
-        "active_hidden_neurons": [
-            m[f"chtss/active_out/{layer.name}"] for layer in sched.layers if layer.name != classifier
-        ],
-        "updates": len(sched.history),
-        "filled_uniform": sum(h["chtss/filled_uniform"] for h in sched.history),
     }
+    out |= {"active_hidden_neurons": hidden, "updates": len(sched.history)}
+    return out | {"filled_uniform": sum(h["chtss/filled_uniform"] for h in sched.history)}
 
 
 def train_mlp(
@@ -196,16 +184,11 @@ def run_rows(args, argv) -> dict:
 
 
 def build_parser():
-    ap = harness.parser(
-        __doc__,
-        quick_help="784-48-10 for 1 epoch on 256 images (on top of the recipe and --set); --rows: their quick sizes",
-        output_help="also write the result JSON here (not written by default; --rows: default bench/results/)",
-    )
+    quick = "784-48-10 for 1 epoch on 256 images (on top of the recipe and --set); --rows: their quick sizes"
+    ap = harness.parser(__doc__, quick, "also write the result JSON here (--rows: default bench/results/)")
+    recipe = str(harness.REPO_ROOT / "recipes" / "chts_mlp_tiny_cpu.yaml")
     ap.add_argument(
-        "recipe",
-        nargs="?",
-        default=str(harness.REPO_ROOT / "recipes" / "chts_mlp_tiny_cpu.yaml"),
-        help="MLP recipe (default: recipes/chts_mlp_tiny_cpu.yaml)",
+        "recipe", nargs="?", default=recipe, help="MLP recipe (default: recipes/chts_mlp_tiny_cpu.yaml)"
     )
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
     ap.add_argument(
@@ -224,16 +207,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.output is not None and Path(args.output).exists():
         raise FileExistsError(f"{args.output} exists; remove it or give another path (no silent overwrite)")
     # --quick first: an explicit --set still wins over it
-    recipe = recipes.load_recipe(
-        args.recipe, (QUICK if args.quick else []) + args.overrides, SECTIONS, what="MLP recipe sections"
-    )
-    result = run_recipe(recipe)
-    payload = {
-        "command": harness.command_line("mlp_mnist", argv),
-        "environment": harness.environment((recipe.get("training") or {}).get("device", "cpu")),
-        "recipe": {"path": str(args.recipe), **recipe},
-        "result": result,
-    }
+    sets = (QUICK if args.quick else []) + args.overrides
+    recipe = recipes.load_recipe(args.recipe, sets, SECTIONS, what="MLP recipe sections")
+    result, device = run_recipe(recipe), (recipe.get("training") or {}).get("device", "cpu")
+    payload = {"command": harness.command_line("mlp_mnist", argv), "environment": harness.environment(device)}
+    payload |= {"recipe": {"path": str(args.recipe), **recipe}, "result": result}
     if args.output is not None:
         harness.write_json(args.output, payload)
     print(json.dumps(result, indent=2))

