@@ -108,3 +108,103 @@ def test_refusals_name_the_problem():
         HealingConfig(batch_size=3, gradient_accumulation=2)
     with pytest.raises(ValueError, match="learning_rate must be a finite number"):
         HealingConfig(learning_rate=float("nan"))
+
+
+def _tiny_with_tokenizer(tokenizer):
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import llama_config
+
+    torch.manual_seed(0)
+    cfg = llama_config(64, 96, 2, heads=4, kv_heads=2, vocab=len(tokenizer), tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def test_the_distill_recipe_trains_only_the_factors_and_its_final_folder_reloads_exactly(
+    tmp_path, shared_data
+):
+    """`leanformers-train` with `task: distill` (issue 20): a PIFA folder and its dense teacher; the Trainer
+    changes only the compressed factors, lowers the KL, and `final/` is a PIFA checkpoint at the same ranks
+    whose logits a fresh process reproduces exactly."""
+    from leanformers.hub import smollm2_135m
+    from leanformers.recipes.data import build_tokenizer
+    from leanformers.recipes.runner import run
+
+    tok = build_tokenizer(str(smollm2_135m()))
+    teacher = _tiny_with_tokenizer(tok)
+    teacher.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    student = copy.deepcopy(teacher)
+    compress(
+        student,
+        tok,
+        MPIFAConfig(density=0.5, nsamples=8, seqlen=32),
+        random_ids(8, 32, seed=1),
+        progress=False,
+    )
+    save_compressed(student, tok, tmp_path / "pifa")
+    before = {k: v.clone() for k, v in student.state_dict().items()}
+    factors = set(trainable_factors(student))
+    text = str(shared_data / "wikitext-2-v1-valid.txt")
+    recipe = {
+        "task": "distill",
+        "model": {"pretrained": str(tmp_path / "pifa")},
+        "tokenizer": str(tmp_path / "pifa"),
+        "data": {"teacher": str(tmp_path / "dense"), "text": text, "tokens": 16 * 32, "seqlen": 32},
+        "training": {
+            "output_dir": str(tmp_path / "run"),
+            "per_device_train_batch_size": 4,
+            "learning_rate": 1e-3,
+            "use_cpu": True,
+            "logging_steps": 1,
+            "disable_tqdm": True,
+        },
+    }
+    result = run(recipe)
+    model, metrics = result["model"], result["metrics"]
+    assert metrics["trainable_parameters"] == sum(p.numel() for p in trainable_factors(model).values())
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and changed <= factors
+    assert result["trainer"].state.global_step == 4  # 16 windows, batches of 4, one pass
+    seen = result["trainer"].train_dataset.windows[:8]  # KL(dense || student) on the training text
+    with torch.no_grad():
+        target = teacher(input_ids=seen).logits
+        kl_before = float(distillation_loss(student(input_ids=seen).logits, target))
+        kl_after = float(distillation_loss(model.eval()(input_ids=seen).logits, target))
+    assert kl_after < 0.9 * kl_before, (kl_before, kl_after)
+
+    final = tmp_path / "run" / "final"
+    ids = random_ids(2, 16, seed=3)
+    with torch.no_grad():
+        ref = model.eval()(input_ids=ids).logits
+    torch.save({"ids": ids, "ref": ref}, tmp_path / "ref.pt")
+    out = run_fresh(f"""
+        import torch, leanformers
+        from transformers import AutoModelForCausalLM
+        data = torch.load({str(tmp_path / "ref.pt")!r})
+        model = AutoModelForCausalLM.from_pretrained({str(final)!r}).eval()
+        same_ranks = model.config.quantization_config.modules == {student.config.quantization_config.modules!r}
+        with torch.no_grad():
+            print(same_ranks, torch.equal(model(input_ids=data["ids"]).logits, data["ref"]))
+    """)
+    assert out.strip().splitlines()[-1] == "True True"
+
+
+def test_the_distill_recipe_refuses_what_it_cannot_do(tmp_path):
+    from leanformers.recipes.checks import RecipeError
+    from leanformers.recipes.runner import run
+
+    teacher = tiny_llama()
+    teacher.save_pretrained(tmp_path / "dense")
+    base = {
+        "task": "distill",
+        "model": {"pretrained": str(tmp_path / "dense")},
+        "training": {"output_dir": str(tmp_path)},
+    }
+    with pytest.raises(RecipeError, match="needs the models' own tokenizer"):
+        run({**base, "data": {"teacher": str(tmp_path / "dense")}})
+    with pytest.raises(RecipeError, match="data needs a 'teacher' source"):
+        run({**base, "tokenizer": "smollm2", "data": {"text": "self"}})
+    with pytest.raises(RecipeError, match="compress it with mpifa"):
+        run({**base, "tokenizer": "smollm2", "data": {"teacher": str(tmp_path / "dense")}})

@@ -746,6 +746,58 @@ def check_compact_adapter(row: Row, tmp_path: Path) -> None:
     assert torch.equal(logits_of(reloaded, inputs), want), "the compact adapter did not reload exactly"
 
 
+def check_distill_recipe(row: Row, tmp_path: Path) -> None:
+    """Issue 20: `leanformers-train` with `task: distill` heals a saved PIFA folder: exit 0, final/ reloads
+    with the same layers at the same ranks, only the compressed factors changed (embeddings, norms, head
+    and every index tensor bit-identical); a method other than the task's own exits 2 with one line."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+
+    from leanformers import MPIFAConfig, compress, save_compressed
+    from leanformers.hub import smollm2_135m
+    from leanformers.recipes import cli
+    from tests.tiny_models import llama_config
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2_135m()))  # a real tokenizer: the text becomes windows
+    torch.manual_seed(0)
+    dense = LlamaForCausalLM(llama_config(64, 96, 2, heads=4, kv_heads=2, vocab=len(tok))).eval()
+    dense.save_pretrained(tmp_path / "dense")
+    tok.save_pretrained(tmp_path / "dense")
+    model = copy.deepcopy(dense)
+    compress(
+        model, tok, MPIFAConfig(density=0.5, nsamples=4, seqlen=16, device="cpu"), "self", progress=False
+    )
+    save_compressed(model, tok, tmp_path / "pifa")
+    text = tmp_path / "corpus.txt"
+    text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
+    recipe = {
+        "task": "distill",
+        "model": {"pretrained": str(tmp_path / "pifa")},
+        "tokenizer": str(tmp_path / "pifa"),
+        "data": {"teacher": str(tmp_path / "dense"), "text": str(text), "tokens": 64, "seqlen": 16},
+        "training": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "use_cpu": True},
+    }
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    assert cli.main([str(path)]) == 0
+    final = tmp_path / "out" / "final"
+    healed = AutoModelForCausalLM.from_pretrained(final)
+    assert healed.config.quantization_config.modules == model.config.quantization_config.modules
+    before, after = load_file(str(tmp_path / "pifa" / "model.safetensors")), healed.state_dict()
+    changed = {k for k, v in before.items() if not torch.equal(v, after[k])}
+    factor = re.compile(r"model\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.(weight|coeff|bias)$")
+    assert changed and all(factor.fullmatch(k) for k in changed), changed
+    with contextlib.redirect_stderr(io.StringIO()) as err:
+        code = cli.main([str(path), "--set", "method.name=lora"])
+    lines = err.getvalue().strip().splitlines()
+    assert (
+        code == 2
+        and len(lines) == 1
+        and "task: distill trains the compressed layers' own factors" in lines[0]
+    )
+
+
 CHECKS = {
     name[len("check_") :]: fn
     for name, fn in dict(globals()).items()

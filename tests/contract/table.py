@@ -255,7 +255,7 @@ METHODS: dict[str, Method] = {
             "mpifa_healed",
             "compress",
             dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, heal_tokens=64),
-            operations=("persist", "eval", "generate"),
+            operations=("persist", "eval", "generate", "distill_recipe"),
             families=("llama", "qwen2", "opt", "gpt2"),
         ),
     )
@@ -312,6 +312,7 @@ def _applies(method: Method, family: Family, op: str) -> bool:
         "config_method",
         "no_controller_warns",
         "recipe_errors",
+        "distill_recipe",
     )
     if op in method_level and family.name != "llama":
         return False  # method-level properties: one family is enough

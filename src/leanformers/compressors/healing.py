@@ -25,12 +25,22 @@ from dataclasses import asdict, dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import Trainer
 
 from leanformers.compression.calibration import calibration_windows_for
 from leanformers.compression.config import CompressionConfig, check_finite
 from leanformers.storage.integration import compressed_modules
 
-__all__ = ["HealingConfig", "HealingReport", "distillation_loss", "heal", "trainable_factors"]
+__all__ = [
+    "DistillationTrainer",
+    "HealingConfig",
+    "HealingReport",
+    "TokenWindows",
+    "distillation_loss",
+    "freeze_all_but_factors",
+    "heal",
+    "trainable_factors",
+]
 
 
 @dataclass
@@ -133,7 +143,10 @@ def trainable_factors(model: nn.Module) -> dict[str, nn.Parameter]:
     return {f"{name}.{p}": param for name, m in modules.items() for p, param in m.named_parameters()}
 
 
-class _Windows(torch.utils.data.Dataset):
+class TokenWindows(torch.utils.data.Dataset):
+    """(n, seqlen) token windows as Trainer examples ``{"input_ids": (seqlen,)}`` (no labels: the
+    teacher's distributions are the targets)."""
+
     def __init__(self, windows: torch.Tensor):
         self.windows = windows
 
@@ -142,6 +155,39 @@ class _Windows(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         return {"input_ids": self.windows[i]}
+
+
+class DistillationTrainer(Trainer):
+    """The Hugging Face Trainer with KL(teacher || student) as its loss (``distillation_loss``).
+
+    The teacher runs without gradients and follows the student's device on the first batch; everything
+    else (optimizer, schedule, accumulation, checkpoints, resume, accelerate) is the Trainer's own.
+    """
+
+    def __init__(self, *args, teacher: nn.Module, temperature: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.teacher = teacher.eval()
+        self.temperature = float(temperature)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        ids = inputs["input_ids"]
+        if next(self.teacher.parameters()).device != ids.device:
+            self.teacher.to(ids.device)
+        with torch.no_grad():
+            target = self.teacher(input_ids=ids).logits
+        outputs = model(input_ids=ids)
+        loss = distillation_loss(outputs.logits, target, self.temperature)
+        return (loss, outputs) if return_outputs else loss
+
+
+def freeze_all_but_factors(model: nn.Module) -> dict[str, nn.Parameter]:
+    """Only the compressed layers' factors require gradients afterwards (in place); returns them."""
+    params = trainable_factors(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params.values():
+        p.requires_grad_(True)
+    return params
 
 
 @torch.no_grad()
@@ -164,18 +210,7 @@ def _mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg:
 
 
 def _trainer(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: HealingConfig, folder: str):
-    from transformers import Trainer, TrainingArguments
-
-    class DistillationTrainer(Trainer):
-        """The Trainer with the KL to the dense model as its loss (the teacher runs without gradients)."""
-
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            ids = inputs["input_ids"]
-            with torch.no_grad():
-                target = teacher(input_ids=ids).logits
-            outputs = model(input_ids=ids)
-            loss = distillation_loss(outputs.logits, target, cfg.temperature)
-            return (loss, outputs) if return_outputs else loss
+    from transformers import TrainingArguments
 
     args = TrainingArguments(
         output_dir=folder,
@@ -197,7 +232,13 @@ def _trainer(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg:
         use_cpu=not torch.cuda.is_available(),
         disable_tqdm=False,
     )
-    return DistillationTrainer(model=student, args=args, train_dataset=_Windows(windows))
+    return DistillationTrainer(
+        model=student,
+        args=args,
+        train_dataset=TokenWindows(windows),
+        teacher=teacher,
+        temperature=cfg.temperature,
+    )
 
 
 def heal(
@@ -237,10 +278,7 @@ def heal(
     teacher_mode = teacher.training
     teacher.eval()
     try:
-        for p in model.parameters():
-            p.requires_grad_(False)
-        for p in params.values():
-            p.requires_grad_(True)
+        freeze_all_but_factors(model)
         kl_before = _mean_kl(model, teacher, windows, cfg)
         with tempfile.TemporaryDirectory() as scratch:
             trainer = _trainer(model, teacher, windows, cfg, cfg.output_dir or scratch)

@@ -7,7 +7,7 @@
     data:      the task's keys (train, eval, block_size, ...)
     method:    {name: sst, sst: {r: 64, ...}}              # the method registry's names
     training:  transformers.TrainingArguments fields        # Seq2SeqTrainingArguments for translation
-    task:      causal_lm (default) | translation | classification
+    task:      causal_lm (default) | translation | classification | distill
     metrics:   [sacrebleu, chrf] ...                        # supervised tasks only
     resume_from_checkpoint: path | true
 
@@ -135,10 +135,9 @@ def check_recipe(recipe: dict) -> list[str]:
     check_model_section(recipe["model"])
     _check_tokenizer(recipe.get("tokenizer"))
     _check_mapping("data", recipe["data"], TASKS[task].data_keys)
-    if "train" not in recipe["data"]:
-        raise RecipeError(
-            "data needs a 'train' source: data.train=FILE (a file, a folder or a datasets name)"
-        )
+    for key, what in TASKS[task].required_data.items():
+        if key not in recipe["data"]:
+            raise RecipeError(f"data needs a {key!r} source: data.{key}={what}")
     _check_mapping(
         "training", recipe["training"], training_types(task), "see `leanformers-train --keys training`"
     )

@@ -1,8 +1,8 @@
 """The task registry: what a recipe's ``task:`` builds (model, datasets, Trainer, metrics).
 
 A task is one :class:`Task` in :data:`TASKS`: its transformers Auto class, its ``data`` keys (checked
-up front) and a ``build(recipe, tokenizer) -> TaskParts`` function. A new task (e.g. ``distill``) is
-one builder and one entry here; :mod:`leanformers.recipes.runner` runs whatever the entry returns.
+up front) and a ``build(recipe, tokenizer) -> TaskParts`` function. A new task is one builder and one
+entry here; :mod:`leanformers.recipes.runner` runs whatever the entry returns.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class Task:
         build: ``(recipe, tokenizer) -> TaskParts``.
         metrics: default ``evaluate`` metrics; empty: the task takes no ``metrics`` section.
         doc: one line for ``leanformers-train --help``.
+        required_data: ``{key: what to give}`` of the ``data`` keys that must be present.
     """
 
     auto_class: str
@@ -53,6 +54,9 @@ class Task:
     build: Callable[[dict, Any], TaskParts]
     metrics: tuple[str, ...] = ()
     doc: str = ""
+    required_data: dict = field(
+        default_factory=lambda: {"train": "FILE (a file, a folder or a datasets name)"}
+    )
 
 
 def _vocab_size(tokenizer) -> int | None:
@@ -139,6 +143,55 @@ def _classification(recipe: dict, tokenizer) -> TaskParts:
     return TaskParts(model, train_ds, eval_ds, Trainer, TrainingArguments, dict(recipe["training"]), kwargs)
 
 
+def _distill(recipe: dict, tokenizer) -> TaskParts:
+    """Healing by distillation (issue 20): the compressed ``model`` learns the dense ``data.teacher``'s
+    next-token distributions on ``data.text`` (default: the teacher's own text), training only the
+    compressed layers' factors, so ``final/`` is the same PIFA checkpoint at the same ranks."""
+    from transformers import TrainingArguments
+
+    from leanformers.compression.calibration import calibration_windows_for
+    from leanformers.compression.config import CompressionConfig
+    from leanformers.compressors.healing import DistillationTrainer, TokenWindows, freeze_all_but_factors
+    from leanformers.hub import load_causal_lm
+
+    if isinstance(tokenizer, ByteTokenizer):
+        raise RecipeError(
+            "task: distill needs the models' own tokenizer: add tokenizer: <the compressed folder or the "
+            "teacher's Hub id / folder>"
+        )
+    data = recipe["data"]
+    if (recipe.get("method") or {}).get("name", "dense") != "dense":
+        raise RecipeError(
+            "task: distill trains the compressed layers' own factors; leave the method section out "
+            f"(got method.name={recipe['method']['name']!r})"
+        )
+    model = build_model(recipe["model"])
+    try:
+        freeze_all_but_factors(model)
+    except ValueError as exc:
+        raise RecipeError(f"model: {exc}") from None
+    teacher, _ = load_causal_lm(data["teacher"], dtype=next(model.parameters()).dtype)
+    seqlen, tokens = int(data.get("seqlen", 512)), int(data.get("tokens", 65_536))
+    spec = CompressionConfig(
+        nsamples=math.ceil(tokens / seqlen), seqlen=seqlen, seed=int(data.get("seed", 0))
+    )
+    windows, _ = calibration_windows_for(data.get("text", "self"), tokenizer, spec, model=teacher)
+    training = dict(recipe["training"])
+    for key, value in (
+        ("learning_rate", 1e-4),
+        ("lr_scheduler_type", "cosine"),
+        ("warmup_steps", 0.1),
+        ("weight_decay", 0.0),
+        ("num_train_epochs", 1),
+        ("remove_unused_columns", False),
+    ):
+        training.setdefault(key, value)  # fmt: skip
+    kwargs = {"teacher": teacher, "temperature": float(data.get("temperature", 1.0))}
+    return TaskParts(
+        model, TokenWindows(windows), None, DistillationTrainer, TrainingArguments, training, kwargs
+    )
+
+
 _LIMITS = {"max_train_examples": int | None, "max_eval_examples": int | None}
 TASKS: dict[str, Task] = {
     "causal_lm": Task(
@@ -180,5 +233,14 @@ TASKS: dict[str, Task] = {
         _classification,
         metrics=("accuracy", "f1"),
         doc="sequence classification on a TSV / CSV / JSONL table; accuracy / F1",
+    ),
+    "distill": Task(
+        "AutoModelForCausalLM",
+        "TrainingArguments",
+        {"teacher": str, "text": str, "tokens": int, "seqlen": int, "seed": int, "temperature": float},
+        _distill,
+        doc="heal a compressed model: KL to the dense data.teacher on data.text (default: self-generated), "
+        "only the compressed layers' factors train",
+        required_data={"teacher": "the dense model the student was compressed from (Hub id, folder, .gguf)"},
     ),
 }
