@@ -17,7 +17,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -35,7 +34,7 @@ if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install cho
 
 from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402
 
-__all__ = ["REPO_ROOT", "RESULTS", "ROWS", "PeakRSS", "ResultFile", "command_line", "environment", "llama_config",
+__all__ = ["REPO_ROOT", "RESULTS", "ROWS", "ResultFile", "command_line", "environment", "llama_config",
            "in_fresh_process", "interleaved", "load_rows", "output_path", "parser", "print_table", "row_settings",
            "rows_arguments", "sync", "timed", "tiny_bert", "tiny_llama", "write_json"]  # fmt: skip
 
@@ -199,38 +198,6 @@ def in_fresh_process(module: str, function: str, threads: int | None = None, **k
     if out.returncode != 0:
         raise RuntimeError(f"{module}.{function} in a fresh process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-class PeakRSS:
-    """Samples this process's resident memory every 50 ms; ``peak_gb`` after the block."""
-
-    def __init__(self, interval: float = 0.05):
-        import psutil
-
-        self._proc = psutil.Process(os.getpid())
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def peak_gb(self) -> float:
-        return self.peak / 2**30
 
 
 # ---- output --------------------------------------------------------------------------------------
