@@ -93,12 +93,7 @@ def load_model(s: dict):
 
         tok = AutoTokenizer.from_pretrained(smollm2_135m())
         model = AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval()
-        return (
-            model,
-            tok,
-            "SmolLM2-135M (GGUF Q4_1 dequantised)",
-            str(shared_data_path("wikitext-2-v1-valid.txt")),
-        )
+        return (model, tok, "SmolLM2-135M (GGUF Q4_1 dequantised)", str(shared_data_path("wikitext-2-v1-valid.txt")))  # fmt: skip
     if s["model"] == "llama7b":
         if not torch.cuda.is_available():
             raise SystemExit("the llama7b row needs a CUDA device")
@@ -148,9 +143,7 @@ def write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
     with init_empty_weights():
         model = LlamaForCausalLM(cfg)
     layers = model.model.layers
-    groups = [
-        [m for n, m in model.named_children() if n != "model"] + [model.model.embed_tokens, model.model.norm]
-    ]
+    groups = [[m for n, m in model.named_children() if n != "model"] + [model.model.embed_tokens, model.model.norm]]  # fmt: skip
     groups += [list(layers[i : i + shard_blocks]) for i in range(0, len(layers), shard_blocks)]
     names, gen = {id(m): n for n, m in model.named_modules()}, torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
@@ -181,9 +174,7 @@ def stream_row(s: dict, args) -> dict:
     cfg = llama_config(m["hidden"], m["intermediate"], m["layers"], m["heads"], m["heads"], 32000,
                        max_positions=4096, tie_word_embeddings=False)  # fmt: skip
     config = config_of(s, device="cpu")
-    calibration = torch.randint(
-        0, 32000, (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0)
-    )
+    calibration = torch.randint(0, 32000, (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0))  # fmt: skip
     root = Path(tempfile.mkdtemp(prefix="compression-stream-bench-", dir=args.tmp))
     try:
         t0 = time.perf_counter()
@@ -285,9 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in rows:
         s = harness.row_settings(name, ROWS[name], args.quick, args.sets)
         payload = MODES[s["mode"]][0](s, args)
-        path = harness.write_json(
-            args.output or RESULTS / f"{OUTPUT.get(name, name)}{'_quick' if args.quick else ''}.json", payload
-        )
+        path = harness.write_json(args.output or RESULTS / f"{OUTPUT.get(name, name)}{'_quick' * args.quick}.json", payload)  # fmt: skip
         results[name] = payload
         print(f"\n{name} (JSON: {path})")
         print_table([payload["row"]], list(payload["row"]))

@@ -22,19 +22,18 @@ at once and ``--merge`` resumes (compressed rows are kept in ~/.cache/leanformer
 Extras: ``--conversion`` (a low-rank row's model and its PIFA conversion, both cast to each dtype:
 perplexity change, target < 0.5 %) and ``--minilm`` (all-MiniLM-L6-v2: mean cosine of mean-pooled
 sentence embeddings, dense vs compressed, on 512 held-back sentences).
-``--texts`` (§14, §19, §20): every row on the five texts of bench/five_texts.py (2 validation, 3 test),
-calibrated on the windows its ``calibration`` names (default wiki; "default": ``--default-calib``), 32 x
-512 unless the row sets ``nsamples``, seed ``--seed``; ``--heal-tokens N`` heals MPIFA rows by
-distillation on ``--heal-calib`` text, ``--facts`` adds the factual-answer check; cells are keyed by
-(row, density, calibration, windows, window length, seed, healing tokens). ``--texts --plot PNG`` only
-draws docs/mpifa.md's perplexity-vs-density picture from the committed JSON.
-Results: bench/results/mpifa_quality.json (zeroshot_table.json with --zero-shot, mpifa_robustness.json
-with --texts); with ``--merge`` a run replaces only its own cells, so a grid fills in several runs (or
-processes).
+``--texts`` (§14, §19, §20): every row on the five texts of bench/five_texts.py, on the windows its
+``calibration`` names (default wiki; "default": ``--default-calib``), 32 x 512 unless the row sets
+``nsamples``; ``--heal-tokens N`` heals MPIFA rows by distillation, ``--facts`` adds the factual-answer
+check; cells keyed by (row, density, calibration, windows, window length, seed, healing tokens);
+``--texts --plot PNG``: only docs/mpifa.md's picture from the committed JSON. Results:
+bench/results/mpifa_quality.json (zeroshot_table.json with --zero-shot, mpifa_robustness.json with
+--texts); with ``--merge`` a run replaces only its own cells, so a grid fills in several runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -171,9 +170,7 @@ def conversion_check(lowrank: nn.Module, ids: torch.Tensor, args) -> list[dict]:
     """Perplexity of a low-rank model and of its PIFA conversion, both cast to each dtype."""
     pifa = copy.deepcopy(lowrank)
     if lowrank_to_pifa(pifa) == 0:
-        raise RuntimeError(
-            f"--conversion-row {args.conversion_row} made no LowRankLinear: choose a low-rank row"
-        )
+        raise RuntimeError(f"--conversion-row {args.conversion_row} made no LowRankLinear: choose a low-rank row")  # fmt: skip
     out = []
     for name in args.conversion_dtypes:
         dtype = getattr(torch, name)
@@ -229,24 +226,16 @@ def minilm_rows(args) -> list[dict]:
         encoded = (tok(texts[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
                    for i in range(0, len(texts), 32))  # fmt: skip
         batches = [(e["input_ids"], e["attention_mask"]) for e in encoded]
-    dense, rows = embeddings(base, batches), []
+    dense, rows, cpu_args = embeddings(base, batches), [], argparse.Namespace(**vars(args) | {"batch_size": 16, "device": "cpu"})  # fmt: skip
     for density in args.minilm_densities:
         for row in args.minilm_rows:
             model, t0 = copy.deepcopy(base), time.perf_counter()
-            info = compress_row(
-                row, model, density, calibration, None, argparse_copy(args, batch_size=16, device="cpu")
-            )
+            info = compress_row(row, model, density, calibration, None, cpu_args)
             cos = torch.nn.functional.cosine_similarity(dense, embeddings(model, batches), dim=-1)
             rows.append({"model": label, "row": row, "density": density, "achieved_density": info["achieved_density"],
                          "mean cosine": round(cos.mean().item(), 4), "min cosine": round(cos.min().item(), 4),
                          "sentences": int(dense.shape[0]), "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
     return rows
-
-
-def argparse_copy(args, **changes):
-    out = copy.copy(args)
-    vars(out).update(changes)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -319,9 +308,7 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
                                     samples={task: list(range(start, stop))})  # fmt: skip
                 chunk = accuracy_table(results)[task]
                 if chunk["n"] != stop - start:
-                    raise RuntimeError(
-                        f"{name} {task}: asked for documents {start}-{stop}, lm-eval scored {chunk['n']}"
-                    )
+                    raise RuntimeError(f"{name} {task}: asked for documents {start}-{stop}, lm-eval scored {chunk['n']}")  # fmt: skip
                 entry.setdefault("chunks", {}).setdefault(task, []).append({**chunk, "start": start,
                                                                             "wall_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
                 entry["tasks"][task] = {**combine(entry["chunks"][task]), "of": payload["split_sizes"][task]}
@@ -335,9 +322,7 @@ def markdown(payload: dict) -> str:
     tasks = [t for t in ZERO_SHOT_TASKS if any(t in r["tasks"] for r in payload["rows"].values())]
     lines = ["| row | compression | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
     for row in payload["rows"].values():
-        comp = (
-            f"{row['achieved_density']} density, {row['compression_s']} s" if "compression_s" in row else "-"
-        )
+        comp = f"{row['achieved_density']} density, {row['compression_s']} s" if "compression_s" in row else "-"  # fmt: skip
         cells = []
         for c in (row["tasks"].get(t) for t in tasks):
             if c is None:
@@ -347,7 +332,7 @@ def markdown(payload: dict) -> str:
             value += f" / ppl {c['perplexity']:.2f}" if "perplexity" in c else ""
             cells.append(
                 f"{value} ({'all' if c['n'] == c['of'] else 'first'} {c['n']} of {c['of']}, {c['wall_s']:.0f} s)"
-            )
+            )  # fmt: skip
         lines.append(f"| {row['label']} | {comp} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -572,9 +557,7 @@ def main(argv: list[str] | None = None) -> dict:
                "evaluation": f"wikitext-2-raw-test.txt, first {args.eval_tokens:,} tokens, context {args.context}",
                "dtype": "float32", "device": args.device}  # fmt: skip
     if ood_ids is not None:
-        setting["ood_evaluation"] = (
-            f"{args.ood_text}, first {ood_ids.numel():,} tokens, context {args.context}"
-        )
+        setting["ood_evaluation"] = f"{args.ood_text}, first {ood_ids.numel():,} tokens, context {args.context}"  # fmt: skip
     store, keep_lowrank = ResultFile(path, merge=args.merge), None
 
     def add(kind, entries):
@@ -615,9 +598,7 @@ def main(argv: list[str] | None = None) -> dict:
             print_table(payload[kind], cols)
     print("\nTargets:\n  " + "\n  ".join(payload["targets"] or ["(no MPIFA cell yet)"]))
     if cells:
-        print(
-            f"\nCompression table - {cells[0]['model']}; {cells[0]['calibration']}; {cells[0]['evaluation']}"
-        )
+        print(f"\nCompression table - {cells[0]['model']}; {cells[0]['calibration']}; {cells[0]['evaluation']}")  # fmt: skip
         print_table(*pivot(cells))
     elif not extra:
         print("(no perplexity cell yet)")

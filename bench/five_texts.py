@@ -24,43 +24,26 @@ from torch import nn
 
 from leanformers import MPIFAConfig
 from leanformers.compression.calibration import calibration_windows_for, windows_sha256
-from leanformers.data.text import (
-    calibration_windows,
-    load_text,
-    mixed_calibration_windows,
-    parse_sources,
-    shared_data_path,
-    tokenize_text,
-    window_counts,
-)
+from leanformers.data import text as corpus
 from leanformers.eval import perplexity
 
 VALIDATION, TEST = ("ted", "torch"), ("wiki", "shakespeare", "stdlib")
 CODE_FOLDERS = ("torch", "stdlib", "calib_code")  # their top-level *.py files, sorted
 # calibration key -> (source, weight) parts, drawn by mixed_calibration_windows (§14)
-MIXES = {
-    "wiki": [("calib_wiki", 1.0)],
-    "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)],
-    "mix_code": [("calib_wiki", 2.0), ("calib_captions", 1.0), ("calib_code", 1.0)],
-    # the composition of mpifa-compress's default --calib before issue 20 (the local WikiText-2 v1 valid
-    # standing in for the online WikiText-2 raw train split)
-    "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)],
-}
+# ("wiki_code": the composition of mpifa-compress's default --calib before issue 20, the local WikiText-2 v1
+# valid standing in for the online WikiText-2 raw train split)
+MIXES = {"wiki": [("calib_wiki", 1.0)], "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)],
+         "mix_code": [("calib_wiki", 2.0), ("calib_captions", 1.0), ("calib_code", 1.0)],
+         "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)]}  # fmt: skip
 # calibration key -> a --calib SPEC (issue 20, §19): "{wiki}" is the local WikiText-2 v1 valid; a spec
 # without "self@" goes through the package's calibration_windows_for; "self@NAME" generates with the
 # SELF_VARIANTS[NAME] settings explicitly (the same mix: window_counts, source i seeded seed + i), so
-# that the cells measured before the package's default settings changed stay reproducible
-SPECS = {
-    "self": "self@t07",
-    "self_wiki": "self=1,{wiki}=1",
-    "self_own": "self@t07=3,python:leanformers=1",
-    "wiki_own": "{wiki}=3,python:leanformers=1",
-    "self_t1_own": "self@t1=3,python:leanformers=1",  # the package's default --calib (settings: t1)
-}
-SELF_VARIANTS = {  # top-p 0.95 in both
-    "t07": dict(temperature_start=1.0, temperature_end=0.7),  # the first settings (§19), 16 tokens
-    "t1": dict(temperature_start=1.0, temperature_end=1.0),  # plain sampling at T = 1
-}
+# that the cells measured before the package's default settings changed stay reproducible. self_t1_own is
+# the package's default --calib; t07 the first settings of §19 (1.0 -> 0.7 over 16 tokens), t1 plain
+# sampling at T = 1 (top-p 0.95 in both)
+SPECS = {"self": "self@t07", "self_wiki": "self=1,{wiki}=1", "self_own": "self@t07=3,python:leanformers=1",
+         "wiki_own": "{wiki}=3,python:leanformers=1", "self_t1_own": "self@t1=3,python:leanformers=1"}  # fmt: skip
+SELF_VARIANTS = {"t07": dict(temperature_start=1.0, temperature_end=0.7), "t1": dict(temperature_start=1.0, temperature_end=1.0)}  # fmt: skip
 CALIBRATIONS = [*MIXES, *SPECS]
 
 
@@ -68,12 +51,12 @@ def sources() -> dict[str, str]:
     """name -> where the text comes from (stated in the JSON)."""
     import transformers
 
-    return {"ted": str(shared_data_path("translation/iwslt14-de-en/valid.en")),
+    return {"ted": str(corpus.shared_data_path("translation/iwslt14-de-en/valid.en")),
             "torch": str(Path(torch.__file__).parent / "nn" / "modules"),
-            "wiki": str(shared_data_path("wikitext-2-raw-test.txt")),
-            "shakespeare": str(shared_data_path("tinyshakespeare.txt")), "stdlib": sysconfig.get_paths()["stdlib"],
-            "calib_wiki": str(shared_data_path("wikitext-2-v1-valid.txt")),
-            "calib_captions": str(shared_data_path("translation/multi30k/train.en")),
+            "wiki": str(corpus.shared_data_path("wikitext-2-raw-test.txt")),
+            "shakespeare": str(corpus.shared_data_path("tinyshakespeare.txt")), "stdlib": sysconfig.get_paths()["stdlib"],
+            "calib_wiki": str(corpus.shared_data_path("wikitext-2-v1-valid.txt")),
+            "calib_captions": str(corpus.shared_data_path("translation/multi30k/train.en")),
             "calib_code": str(Path(transformers.__file__).parent / "generation")}  # fmt: skip
 
 
@@ -86,13 +69,13 @@ class Texts:
 
     def text(self, name: str) -> str:
         if name.startswith("python:"):
-            return load_text(name)  # the package's .py files, recursively
+            return corpus.load_text(name)  # the package's .py files, recursively
         if name in CODE_FOLDERS:
             files = sorted(Path(self.src[name]).glob("*.py"))
             if not files:
                 raise FileNotFoundError(f"no *.py in {self.src[name]}")
             return "\n\n".join(f.read_text(encoding="utf-8", errors="replace") for f in files)
-        return load_text(self.src[name])
+        return corpus.load_text(self.src[name])
 
     def ids(self, name: str, limit: int | None = None) -> torch.Tensor:
         if name not in self._ids:
@@ -102,7 +85,7 @@ class Texts:
                 self._ids[name] = torch.tensor(list(data), dtype=torch.long).clamp_(max=127)
             else:  # a prefix long enough for the limit: tokenising MBs of text costs seconds each
                 head = text if limit is None else text[: max(64 * limit, 200_000)]
-                self._ids[name] = tokenize_text(head, self.tok)
+                self._ids[name] = corpus.tokenize_text(head, self.tok)
         return self._ids[name][:limit] if limit else self._ids[name]
 
     def windows(self, key: str, nsamples: int) -> dict:
@@ -111,7 +94,7 @@ class Texts:
         t0, label = time.perf_counter(), key
         if key in MIXES:
             parts = [(self.ids(name), w) for name, w in MIXES[key]]
-            windows = mixed_calibration_windows(parts, nsamples, self.seqlen, self.seed)
+            windows = corpus.mixed_calibration_windows(parts, nsamples, self.seqlen, self.seed)
         elif self.tok is None:
             raise ValueError(f"calibration {key!r} ({SPECS[key]}) needs a tokenizer: run without --quick")
         elif "self@" in SPECS[key]:
@@ -127,16 +110,16 @@ class Texts:
     def variant_windows(self, spec: str, nsamples: int) -> torch.Tensor:
         from leanformers.compression.self_calibration import SelfCalibrationSettings, self_calibration_windows
 
-        mix = parse_sources(spec.format(wiki=self.src["calib_wiki"]))
+        mix = corpus.parse_sources(spec.format(wiki=self.src["calib_wiki"]))
         parts = []
-        for i, ((src, _), count) in enumerate(zip(mix, window_counts([w for _, w in mix], nsamples))):
+        for i, ((src, _), count) in enumerate(zip(mix, corpus.window_counts([w for _, w in mix], nsamples))):
             if src.startswith("self@"):
                 settings = SelfCalibrationSettings(**SELF_VARIANTS[src[len("self@") :]])
                 parts.append(self_calibration_windows(self.model, self.tok, count, self.seqlen, self.seed + i,
                                                       settings, progress=False)[0])  # fmt: skip
             else:
-                ids = tokenize_text(load_text(src), self.tok)
-                parts.append(calibration_windows(ids, count, self.seqlen, self.seed + i))
+                ids = corpus.tokenize_text(corpus.load_text(src), self.tok)
+                parts.append(corpus.calibration_windows(ids, count, self.seqlen, self.seed + i))
         return torch.cat(parts)
 
     def perplexities(self, model: nn.Module, tokens: int, context: int) -> dict:

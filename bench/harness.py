@@ -80,11 +80,7 @@ def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[
         for key in row:
             if key not in allowed:
                 near = difflib.get_close_matches(key, allowed, n=3)
-                hint = (
-                    f" (did you mean {', '.join(near)}?)"
-                    if near
-                    else f"; allowed: {', '.join(sorted(allowed))}"
-                )
+                hint = f" (did you mean {', '.join(near)}?)" if near else f"; allowed: {', '.join(sorted(allowed))}"  # fmt: skip
                 raise ValueError(f"{path}: row {name!r} has unknown key {key!r}{hint}")
     return rows
 
@@ -192,9 +188,7 @@ def in_fresh_process(module: str, function: str, threads: int | None = None, **k
     code = f"import json, sys; sys.path.insert(0, {str(REPO_ROOT / 'bench')!r}); import {module} as m; "
     code += f"print(json.dumps(m.{function}(**json.loads(sys.argv[1]))))"
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env
-    )
+    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)  # fmt: skip
     if out.returncode != 0:
         raise RuntimeError(f"{module}.{function} in a fresh process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -205,10 +199,7 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     """Plain-text table of ``rows`` (dicts) in ``columns`` order (default: the first row's keys); floats
     print with 4 significant digits, a missing cell empty."""
     columns = columns or list(rows[0])
-    cells = [
-        {c: f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns}
-        for r in rows
-    ]
+    cells = [{c: f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns} for r in rows]  # fmt: skip
     widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-|-".join("-" * widths[c] for c in columns))

@@ -30,12 +30,9 @@ from leanformers.chts import CHTssConfig, CHTssController
 from leanformers.chts.predictors import l3n_scores, l3p_scores
 from leanformers.chts.rewiring import Rewiring
 
-SHAPES = {  # hidden, intermediate, blocks, heads, kv heads: LLaMA sparse subsets
-    "quick": (256, 688, 2, 4, 4),
-    "quick4": (256, 688, 4, 4, 4),
-    "llama130m": (768, 2048, 12, 12, 12),
-    "llama7b": (4096, 11008, 32, 32, 32),
-}
+# hidden, intermediate, blocks, heads, kv heads: LLaMA sparse subsets
+SHAPES = {"quick": (256, 688, 2, 4, 4), "quick4": (256, 688, 4, 4, 4), "llama130m": (768, 2048, 12, 12, 12),
+          "llama7b": (4096, 11008, 32, 32, 32)}  # fmt: skip
 
 
 class SparseSubset(nn.Module):
@@ -64,9 +61,7 @@ class SparseSubset(nn.Module):
 def random_mask(n_out: int, n_in: int, density: float, seed: int = 0) -> torch.Tensor:
     """(n_out, n_in) bool mask with exactly round(density * n_out * n_in) links, uniformly placed."""
     total = n_out * n_in
-    keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[
-        : max(1, round(density * total))
-    ]
+    keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[: max(1, round(density * total))]  # fmt: skip
     mask = torch.zeros(total, dtype=torch.bool)
     mask[keep] = True
     return mask.view(n_out, n_in)
@@ -170,9 +165,7 @@ def _tensors(obj, seen: set[int], depth: int = 0):
     elif isinstance(obj, (nn.Module, torch.optim.Optimizer, torch.Generator)):
         return
     elif isinstance(obj, (dict, list, tuple)) or hasattr(obj, "__dict__"):
-        values = (
-            obj.values() if isinstance(obj, dict) else vars(obj).values() if hasattr(obj, "__dict__") else obj
-        )
+        values = obj.values() if isinstance(obj, dict) else vars(obj).values() if hasattr(obj, "__dict__") else obj  # fmt: skip
         for v in values:
             yield from _tensors(v, seen, depth + 1)
 
@@ -180,9 +173,7 @@ def _tensors(obj, seen: set[int], depth: int = 0):
 def held_bytes(controller: CHTssController) -> int:
     """Bytes of distinct tensor storages the controller holds outside the model's parameters."""
     params = {p.untyped_storage().data_ptr() for p in controller.model.parameters()}
-    storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(controller, set())
-    }
+    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(controller, set())}  # fmt: skip
     return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
@@ -201,9 +192,7 @@ def mask_memory(s: dict, args) -> dict:
         x = torch.randn(4, hidden, dtype=dtype, device=device)
         for block in model.layers:  # one step touching every matrix, then the topology update of step 1
             a, m = block.self_attn, block.mlp
-            y = a.o_proj(
-                a.q_proj(x) + a.k_proj(x).repeat(1, heads // kv) + a.v_proj(x).repeat(1, heads // kv)
-            )
+            y = a.o_proj(a.q_proj(x) + a.k_proj(x).repeat(1, heads // kv) + a.v_proj(x).repeat(1, heads // kv))  # fmt: skip
             m.down_proj(m.gate_proj(y) * m.up_proj(y)).float().pow(2).mean().backward()
         opt.step()
         ctl.step()
@@ -219,10 +208,7 @@ def mask_memory(s: dict, args) -> dict:
                      "label": args.label, "command": args.command,
                      "leanformers_source": str(Path(leanformers.__file__).resolve().parents[1]),
                      "environment": environment()})  # fmt: skip
-    return {
-        "rows": rows,
-        "table": ["label", "shape", "dtype", "sparse_weights", "bytes_per_weight", "remask_ms"],
-    }
+    return {"rows": rows, "table": ["label", "shape", "dtype", "sparse_weights", "bytes_per_weight", "remask_ms"]}  # fmt: skip
 
 
 GiB, FP32, ADAM_MOMENTS = 1024**3, 4, 2
@@ -284,15 +270,11 @@ def scaling_memory(s: dict, args) -> dict:
         dense = build(shape)
         sparse = [m.weight.numel() for n, m in dense.named_modules()
                   if isinstance(m, nn.Linear) and any(p.search(n) for p in pattern)]  # fmt: skip
-        ranks = [
-            r if isinstance(r, int) else shape[0] // int(r.removeprefix("hidden/")) for r in s["sst_ranks"]
-        ]
+        ranks = [r if isinstance(r, int) else shape[0] // int(r.removeprefix("hidden/")) for r in s["sst_ranks"]]  # fmt: skip
         ssts = []
         for r in ranks:
             for dtype in ("float32", "bfloat16"):
-                config = SSTConfig(
-                    r=r, target_modules="all-linear", mode="pretrain", frozen_factor_dtype=dtype
-                )
+                config = SSTConfig(r=r, target_modules="all-linear", mode="pretrain", frozen_factor_dtype=dtype)  # fmt: skip
                 model = get_peft_model(build(shape), config)
                 frozen_factors_as_parameters(model)  # what SSTCallback does for FSDP2
                 ssts.append((r, dtype, model))
@@ -340,20 +322,14 @@ def sst_generate(s: dict, args) -> dict:
     cfg = llama_config(p["hidden"], p["ffn"], p["layers"], p["heads"], vocab=p["vocab"], max_positions=512,
                        tie_word_embeddings=False)  # fmt: skip
     sst = get_peft_model(LlamaForCausalLM(cfg), SSTConfig(r=p["r"])).eval()
-    models = {
-        "merged": copy.deepcopy(sst).merge_and_unload().eval(),
-        "sst": sst,
-        "sst_uncached": copy.deepcopy(sst),
-    }
+    models = {"merged": copy.deepcopy(sst).merge_and_unload().eval(), "sst": sst, "sst_uncached": copy.deepcopy(sst)}  # fmt: skip
     for layer in models["sst_uncached"].modules():
         if isinstance(layer, SSTLinear):
             layer.inference_cache = False
     ids = torch.randint(0, p["vocab"], (s["batch"], p["prompt"]), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = {name: m(ids).logits for name, m in models.items()}
-    outputs = {
-        name: _generate(m, ids, p["new"])[0] for name, m in models.items()
-    }  # warm-up, reference tokens
+    outputs = {name: _generate(m, ids, p["new"])[0] for name, m in models.items()}  # warm-up, reference
     names, times, cpu = list(models), {n: [] for n in models}, {n: [] for n in models}
     for rep in range(s["repeats"]):
         for name in names[rep % 3 :] + names[: rep % 3]:  # rotate: no variant always goes first

@@ -38,9 +38,7 @@ VARIANT_KEYS = {"model", "storage", "coefficients", "uv", "coefficient_dtype", "
 def row_keys(name: str, row: dict) -> set[str]:
     for variant, spec in (row.get("variants") or {}).items():
         if set(spec) - VARIANT_KEYS:
-            raise ValueError(
-                f"pifa_storage_dtype.yaml: {name} / {variant}: unknown {sorted(set(spec) - VARIANT_KEYS)}"
-            )
+            raise ValueError(f"pifa_storage_dtype.yaml: {name} / {variant}: unknown {sorted(set(spec) - VARIANT_KEYS)}")  # fmt: skip
     return {"compute", "variants", "shapes", "tokens", "reps", "quick"}
 
 
@@ -115,9 +113,7 @@ def build_variants(variants: dict, compute: str, dense: nn.Module, pifa: nn.Modu
             if v.get("uv"):
                 to_lowrank_(model)
             coeff = v.get("coefficients")
-            round_storage_(
-                model, v.get("storage") and getattr(torch, v["storage"]), coeff and getattr(torch, coeff)
-            )
+            round_storage_(model, v.get("storage") and getattr(torch, v["storage"]), coeff and getattr(torch, coeff))  # fmt: skip
         elif "reference" in v:  # bf16 compute: every variant but the fp32 references
             if v.get("coefficient_dtype") is not None:
                 set_coefficient_dtype_(model, v["coefficient_dtype"])
@@ -206,10 +202,7 @@ def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps:
                     runs.append(t.ms)
                 times[setting] = sorted(runs)[len(runs) // 2]
                 row = {"shape (out x in)": f"{m}x{n}", "rank": r, "form": form, "coefficient_dtype": setting}
-                row |= {
-                    "C dtype": str(layer.coeff.dtype).removeprefix("torch."),
-                    "ms": round(times[setting], 3),
-                }
+                row |= {"C dtype": str(layer.coeff.dtype).removeprefix("torch."), "ms": round(times[setting], 3)}  # fmt: skip
                 rows.append(row | {"vs all-bf16": round(times[setting] / times["same"], 3)})
     return rows
 
@@ -244,19 +237,15 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
     setting["storage"] = "emulated: parameters rounded to the storage dtype and back, forward in float32"
     if args.compressed is not None:
         pifa = AutoModelForCausalLM.from_pretrained(args.compressed, dtype=torch.float32).eval()
-        setting["compressed"] = (
-            f"loaded from {args.compressed}: {pifa.config.quantization_config.calibration}"
-        )
+        setting["compressed"] = f"loaded from {args.compressed}: {pifa.config.quantization_config.calibration}"  # fmt: skip
         return dense, pifa, test_ids, setting
     valid_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-v1-valid.txt"))), tok)
     calib = calibration_windows(valid_ids, args.nsamples, args.seqlen, seed=0)
     pifa = copy.deepcopy(dense)
     t0 = time.perf_counter()
     mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
-    setting["compressed"] = (
-        f"MPIFA density {args.density}, wikitext-2-v1-valid.txt {args.nsamples} x {args.seqlen}, seed 0, "
-        f"{time.perf_counter() - t0:.0f} s"
-    )
+    setting["compressed"] = (f"MPIFA density {args.density}, wikitext-2-v1-valid.txt {args.nsamples} x {args.seqlen}, seed 0, "
+                             f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
     if args.save_compressed is not None:
         save_compressed(pifa, tok, args.save_compressed)
     return dense, pifa.eval(), test_ids, setting
@@ -278,10 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     q = args.quick
     args.nsamples, args.seqlen = args.nsamples or (8 if q else 32), args.seqlen or (64 if q else 512)
-    args.eval_tokens, args.context = (
-        args.eval_tokens or (2048 if q else 65_536),
-        args.context or (256, 2048)[not q],
-    )
+    args.eval_tokens, args.context = (args.eval_tokens or (2048 if q else 65_536), args.context or (256, 2048)[not q])  # fmt: skip
     loaded, result = None, {}
     for name in args.rows:
         s = row_settings(name, ROWS[name], q, args.sets)
@@ -300,9 +286,7 @@ def main(argv: list[str] | None = None) -> dict:
         setting["evaluation"] = (f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
                                  f"{len(windows)} windows of {args.context}")  # fmt: skip
         if s["compute"] == "bf16":
-            setting["storage"] = (
-                "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
-            )
+            setting["storage"] = "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"  # fmt: skip
         models, reference = build_variants(s["variants"], s["compute"], dense, pifa)
         errors = {n: weight_error(models[reference[n]], m) for n, m in models.items()}
         base.update(setting)

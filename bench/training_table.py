@@ -28,24 +28,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    REPO_ROOT,
-    RESULTS,
-    ResultFile,
-    command_line,
-    environment,
-    in_fresh_process,
-    interleaved,
-    load_rows,
-    parser,
-    print_table,
-    row_settings,
-    rows_arguments,
-    sync,
-    timed,
-    write_json,
-)
+from harness import RESULTS, ResultFile, environment, in_fresh_process, interleaved, print_table, timed
 
 from leanformers.chts import CHTssConfig, CHTssController
 from leanformers.sst import SSTConfig, SSTController
@@ -62,7 +47,7 @@ KINDS = {
 }  # fmt: skip
 KINDS["finetune"] = set(["model", "methods", "rank", "steps", "batch", "split", "lrs", "repeats"])
 KINDS["overhead"] = KINDS["lm"]
-ROWS = load_rows("training_table", lambda name, row: KINDS[row["kind"]] | {"kind", "output", "quick"})
+ROWS = harness.load_rows("training_table", lambda name, row: KINDS[row["kind"]] | {"kind", "output", "quick"})
 LOOP = {"sampler": "blocks", "betas": [0.9, 0.999], "schedule": "cosine", "rank": 8, "sst_steps_per_iteration": 200,
         "density": 0.3, "update_interval": 10, "zeta": 0.1, "train_chars": None, "eval_tokens": 32768}  # fmt: skip
 
@@ -96,10 +81,7 @@ def wrap(model: torch.nn.Module, method: str, rank: int, steps_per_iteration: in
         return model, [{"params": regular}, {"params": galore, **extra}], None
     elif method in ("sst", "sst-bf16"):
         kw = {"frozen_factor_dtype": "bfloat16" if method == "sst-bf16" else "float32"}
-        kw |= {
-            "steps_per_iteration": steps_per_iteration,
-            "warmup_steps_per_iteration": max(1, steps_per_iteration // 10),
-        }
+        kw |= {"steps_per_iteration": steps_per_iteration, "warmup_steps_per_iteration": max(1, steps_per_iteration // 10)}  # fmt: skip
         model, controller = get_peft_model(model, SSTConfig(r=rank, **kw)), SSTController
     elif method not in ("full", "dense"):
         raise ValueError(f"unknown method {method!r}")
@@ -166,9 +148,7 @@ def lr_schedule(s: dict, optimizer):
 def block_density(model: torch.nn.Module) -> float:
     """Share of non-zero weights in the q/k/v/o/gate/up/down linears (read from the weights)."""
     mods = model.named_modules()
-    ws = [
-        m.weight for n, m in mods if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in BLOCK_LINEARS
-    ]
+    ws = [m.weight for n, m in mods if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in BLOCK_LINEARS]  # fmt: skip
     return sum(int(torch.count_nonzero(w)) for w in ws) / sum(w.numel() for w in ws)
 
 
@@ -181,9 +161,7 @@ def train_lm(
     model = llama(s["model"], data["vocab"], s["seq"], seed=seed).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     dst = method not in ("dense", "full", "lora", "sst", "sst-bf16")
-    model, groups, controller_cls = wrap(
-        model, "full" if dst else method, s["rank"], s["sst_steps_per_iteration"]
-    )
+    model, groups, controller_cls = wrap(model, "full" if dst else method, s["rank"], s["sst_steps_per_iteration"])  # fmt: skip
     optimizer = optimizer_for(method, groups, s["lr"], s["betas"])
     schedule = lr_schedule(s, optimizer)
     controller = controller_cls(model, optimizer) if controller_cls else None
@@ -207,7 +185,7 @@ def train_lm(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    sync(device)
+    harness.sync(device)
     row = {"method": method, "seed": seed, "parameters": n_params, "train_tokens": s["steps"] * s["batch"] * s["seq"],
            "train_seconds": round(time.perf_counter() - t0, 1), "final_train_loss": round(statistics.mean(losses[-10:]), 4)}  # fmt: skip
     if s["sampler"] == "blocks":
@@ -287,10 +265,7 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
         weights = sum(t.numel() * t.element_size() for t in tensors)
-        return row | {
-            "counted": "meta",
-            **model_state(n_dense, trainable, weights, trainable * 4, trainable * 8),
-        }
+        return row | {"counted": "meta", **model_state(n_dense, trainable, weights, trainable * 4, trainable * 8)}  # fmt: skip
     model = llama(size, vocab, s["seq"]).to(device)
     n_dense = sum(p.numel() for p in model.parameters())
     model, groups, controller_cls = wrap(model, method, rank)
@@ -304,7 +279,7 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
     grads = 0
     for step in range(2 + s["steps"]):
         if step == 2:
-            sync(device)
+            harness.sync(device)
             t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             loss = model(input_ids=ids, labels=ids).loss
@@ -315,7 +290,7 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
         optimizer.zero_grad(set_to_none=True)
         if controller is not None:
             controller.step(optimizer)
-    sync(device)
+    harness.sync(device)
     states = [v for st in optimizer.state.values() for v in st.values()]
     opt_bytes = tensor_bytes([getattr(v, "ortho_matrix", v) for v in states])  # GaLore's projector
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -352,7 +327,7 @@ def recipe_row(method: str, seed: int, s: dict, output_dir: Path) -> dict:
     sets = [f"method.name={method}", f"training.seed={seed}", f"model.seed={seed}"]
     sets += [f"training.output_dir={output_dir}", *s["overrides"]]
     sets += [f"method.{method}.seed={seed}"] if method in ("chtss", "set", "rigl", "sst") else []
-    out = run(REPO_ROOT / s["recipe"], sets)
+    out = run(harness.REPO_ROOT / s["recipe"], sets)
     m, model, trainer = out["metrics"], out["model"], out["trainer"]
     row = {"method": method, "seed": seed, "bleu": round(m["eval_bleu"], 2), "chrf": round(m["eval_chrf"], 2),
            "eval_loss": round(m["eval_loss"], 4), "bleu_signature": m["bleu_signature"], "chrf_signature": m["chrf_signature"],
@@ -360,19 +335,13 @@ def recipe_row(method: str, seed: int, s: dict, output_dir: Path) -> dict:
            "model_parameters": m["model_parameters"], "trainable_parameters": m["trainable_parameters"],
            "train_s": round(m["train_runtime"], 1), "eval_s": round(m["eval_runtime"], 1)}  # fmt: skip
     if "chtss/density_sparse_subset" in m:
-        targets = load_training_recipe(REPO_ROOT / s["recipe"], sets)["method"][method]["targets"]
+        targets = load_training_recipe(harness.REPO_ROOT / s["recipe"], sets)["method"][method]["targets"]
         mods = model.named_modules()
-        ws = [
-            x.weight
-            for n, x in mods
-            if isinstance(x, torch.nn.Linear) and any(re.search(t, n) for t in targets)
-        ]
+        ws = [x.weight for n, x in mods if isinstance(x, torch.nn.Linear) and any(re.search(t, n) for t in targets)]  # fmt: skip
         row["density"] = round(m["chtss/density_sparse_subset"], 5)
         row["nonzero_weights"] = round(sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws), 5)
         if row["nonzero_weights"] > row["density"] + 1e-9:  # a regrown link may stay 0, never the reverse
-            raise RuntimeError(
-                f"{method}: {row['nonzero_weights']} of the weights are non-zero, above the masks'"
-            )
+            raise RuntimeError(f"{method}: {row['nonzero_weights']} of the weights are non-zero, above the masks'")  # fmt: skip
     if hasattr(model, "peft_config"):
         configs = model.peft_config.values()
         ranks = {int(r) for c in configs for r in [c.r, *(getattr(c, "rank_pattern", None) or {}).values()]}
@@ -417,9 +386,7 @@ def padded(ids: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 def finetune_batches(data: list[list[int]], s: dict, seed: int) -> list[dict[str, torch.Tensor]]:
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[
-        : s["steps"] * s["batch"]
-    ]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[: s["steps"] * s["batch"]]  # fmt: skip
     return [padded([data[i] for i in order[k : k + s["batch"]]]) for k in range(0, len(order), s["batch"])]
 
 
@@ -503,11 +470,7 @@ def finetune_paths(s: dict, data: dict) -> dict:
 
     lora, sst = FinetuneRun("lora", s, 1e-4, 0).model, FinetuneRun("sst", s, 1e-4, 0).model
     batches = finetune_batches(data["train"], s, 0)[: max(2, s["repeats"])]
-    variants = {
-        "lora": (lora, None),
-        "sst_factored": (sst, "factored"),
-        "sst_materialized": (sst, "materialized"),
-    }
+    variants = {"lora": (lora, None), "sst_factored": (sst, "factored"), "sst_materialized": (sst, "materialized")}  # fmt: skip
 
     def call(model, path):
         def run(rep: int) -> None:
@@ -519,9 +482,7 @@ def finetune_paths(s: dict, data: dict) -> dict:
         return run
 
     times = interleaved({k: call(*v) for k, v in variants.items()}, len(batches))
-    ratio = {
-        k: round(statistics.median(a / b for a, b in zip(t, times["lora"])), 3) for k, t in times.items()
-    }
+    ratio = {k: round(statistics.median(a / b for a, b in zip(t, times["lora"])), 3) for k, t in times.items()}  # fmt: skip
     tokens = [int(b["input_ids"].numel()) for b in batches]
     return {"tokens_per_batch": tokens, "fwd_bwd_s": times, "ratio_vs_lora": ratio}
 
@@ -542,9 +503,7 @@ def adapter_bytes(runs: dict[str, FinetuneRun], s: dict, data: dict) -> dict:
         sst.save_pretrained(f"{tmp}/sst_full")
         config.save_format = "auto"
         runs["lora"].model.save_pretrained(f"{tmp}/lora")
-        out = {
-            f"{n}_adapter_bytes": (Path(tmp) / n / "adapter_model.safetensors").stat().st_size for n in runs
-        }
+        out = {f"{n}_adapter_bytes": (Path(tmp) / n / "adapter_model.safetensors").stat().st_size for n in runs}  # fmt: skip
         out["sst_full_adapter_bytes"] = (Path(tmp) / "sst_full" / "adapter_model.safetensors").stat().st_size
         out["sst_saved_format"] = json.loads((Path(tmp) / "sst" / "adapter_config.json").read_text())
         out["sst_saved_format"] = out["sst_saved_format"]["saved_format"]
@@ -562,10 +521,7 @@ def finetune_rss(method: str, s: dict) -> dict:
     fork + exec, so a child would report its parent's peak)."""
     from leanformers.compression.checkpoint_io import status_kib
 
-    run, ids = (
-        FinetuneRun(method, s, 1e-4, 0),
-        [[1 + (i * 7 + j) % 100 for j in range(24)] for i in range(12)],
-    )
+    run, ids = (FinetuneRun(method, s, 1e-4, 0), [[1 + (i * 7 + j) % 100 for j in range(24)] for i in range(12)])  # fmt: skip
     for batch in finetune_batches(ids, s | {"steps": 3}, 0):
         run.step(batch)
     return {"peak_rss_gb": round(status_kib("VmHWM") / 2**20, 3)}
@@ -598,17 +554,10 @@ def finetune(s: dict, args) -> dict:
         rows += [run_record(run, seed, data) | {"eval_loss": run.loss(data["eval"])} for run in runs.values()]
     out = {"benchmark": "sst_finetune", "preset": "quick" if args.quick else "default"}
     out |= {"settings": s | {"seeds": args.seeds}, "targets": list(BLOCK_LINEARS), "best_lr": lrs}
-    out |= {
-        "grid": grid,
-        "rows": rows,
-        "summary": [],
-        "step_ratio_sst_vs_lora": round(statistics.median(ratios), 3),
-    }
+    out |= {"grid": grid, "rows": rows, "summary": [], "step_ratio_sst_vs_lora": round(statistics.median(ratios), 3)}  # fmt: skip
     out |= {"step_ratio_per_run": ratios, "target_step_ratio": 1.5, "paths": finetune_paths(s, data)}
     threads = torch.get_num_threads()
-    out["peak_rss_gb"] = {
-        m: in_fresh_process("training_table", "finetune_rss", threads, method=m, s=s) for m in lrs
-    }
+    out["peak_rss_gb"] = {m: in_fresh_process("training_table", "finetune_rss", threads, method=m, s=s) for m in lrs}  # fmt: skip
     out["peak_rss_gb"] = {m: v["peak_rss_gb"] for m, v in out["peak_rss_gb"].items()}
     for m in s["methods"]:
         mine = [r for r in rows if r["method"] == m]
@@ -641,9 +590,8 @@ def tables(payload: dict) -> str:
     lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for m, rs in by.items():
         cells = [
-            mean_std([r[k] for r in rs if k in r], 3 if k in ("block_density", "final_train_loss") else 2)
-            for k in keys
-        ]
+            mean_std([r[k] for r in rs if k in r], 3 if k in ("block_density", "final_train_loss") else 2) for k in keys
+        ]  # fmt: skip
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     score = next((k for k in ("ppl_wikitext2_test", "val_ppl", "held_out_ppl") if k in keys), None)
     full = "dense" if "dense" in by else "full"
@@ -668,8 +616,8 @@ def tables(payload: dict) -> str:
 
 # ------------------------------------------------------------------------------------------ main
 def build_parser():
-    ap = parser(__doc__, "each row at its quick size (seconds, CPU)", "result JSON (one row only)")
-    rows_arguments(ap, ROWS)
+    ap = harness.parser(__doc__, "each row at its quick size (seconds, CPU)", "result JSON (one row only)")
+    harness.rows_arguments(ap, ROWS)
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the row's methods (or others)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
     ap.add_argument("--zero-shot", nargs="*", default=None, metavar="TASK", help="lm rows: lm-eval tasks "
@@ -685,13 +633,11 @@ def run_row(name: str, s: dict, args, path: Path, store: ResultFile) -> dict:
     setting = {k: v for k, v in s.items() if k not in ("kind", "methods", "output")}
     old = json.loads(path.read_text()) if args.merge and path.is_file() else {}
     if any(old.get("setting", {}).get(k, v) != v for k, v in setting.items()):
-        raise SystemExit(
-            f"{path} holds rows of another setting; write elsewhere with --output or drop --merge"
-        )
-    command, methods = command_line("training_table", args.argv), args.methods or s.get("methods")
+        raise SystemExit(f"{path} holds rows of another setting; write elsewhere with --output or drop --merge")  # fmt: skip
+    command, methods = harness.command_line("training_table", args.argv), args.methods or s.get("methods")
     fields = {"environment": environment(args.device), "setting": setting, "command": command}
     if s["kind"] == "finetune":
-        write_json(path, payload := {**finetune(s, args), "command": command})
+        harness.write_json(path, payload := {**finetune(s, args), "command": command})
         return payload
     if s["kind"] == "cost":
         sizes = [(size, False) for size in s["sizes"]] + [(size, True) for size in s["count_only"]]
@@ -728,9 +674,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     results = {}
     for name in rows:
-        s = (LOOP if ROWS[name]["kind"] in ("lm", "overhead") else {}) | row_settings(
-            name, ROWS[name], args.quick, args.sets
-        )
+        s = (LOOP if ROWS[name]["kind"] in ("lm", "overhead") else {}) | harness.row_settings(name, ROWS[name], args.quick, args.sets)  # fmt: skip
         path = Path(args.output or RESULTS / f"{s['output']}{'_quick' if args.quick else ''}.json")
         if args.table:
             results[name] = json.loads(path.read_text())
