@@ -32,18 +32,29 @@ CODE_FOLDERS = ("torch", "stdlib", "calib_code")  # their top-level *.py files, 
 # calibration key -> (source, weight) parts, drawn by mixed_calibration_windows (§14)
 # ("wiki_code": the composition of mpifa-compress's default --calib before issue 20, the local WikiText-2 v1
 # valid standing in for the online WikiText-2 raw train split)
-MIXES = {"wiki": [("calib_wiki", 1.0)], "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)],
-         "mix_code": [("calib_wiki", 2.0), ("calib_captions", 1.0), ("calib_code", 1.0)],
-         "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)]}  # fmt: skip
+MIXES = {
+    "wiki": [("calib_wiki", 1.0)],
+    "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)],
+    "mix_code": [("calib_wiki", 2.0), ("calib_captions", 1.0), ("calib_code", 1.0)],
+    "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)],
+}
 # calibration key -> a --calib SPEC (issue 20, §19): "{wiki}" is the local WikiText-2 v1 valid; a spec
 # without "self@" goes through the package's calibration_windows_for; "self@NAME" generates with the
 # SELF_VARIANTS[NAME] settings explicitly (the same mix: window_counts, source i seeded seed + i), so
 # that the cells measured before the package's default settings changed stay reproducible. self_t1_own is
 # the package's default --calib; t07 the first settings of §19 (1.0 -> 0.7 over 16 tokens), t1 plain
 # sampling at T = 1 (top-p 0.95 in both)
-SPECS = {"self": "self@t07", "self_wiki": "self=1,{wiki}=1", "self_own": "self@t07=3,python:leanformers=1",
-         "wiki_own": "{wiki}=3,python:leanformers=1", "self_t1_own": "self@t1=3,python:leanformers=1"}  # fmt: skip
-SELF_VARIANTS = {"t07": dict(temperature_start=1.0, temperature_end=0.7), "t1": dict(temperature_start=1.0, temperature_end=1.0)}  # fmt: skip
+SPECS = {
+    "self": "self@t07",
+    "self_wiki": "self=1,{wiki}=1",
+    "self_own": "self@t07=3,python:leanformers=1",
+    "wiki_own": "{wiki}=3,python:leanformers=1",
+    "self_t1_own": "self@t1=3,python:leanformers=1",
+}
+SELF_VARIANTS = {
+    "t07": dict(temperature_start=1.0, temperature_end=0.7),
+    "t1": dict(temperature_start=1.0, temperature_end=1.0),
+}
 CALIBRATIONS = [*MIXES, *SPECS]
 
 
@@ -51,13 +62,16 @@ def sources() -> dict[str, str]:
     """name -> where the text comes from (stated in the JSON)."""
     import transformers
 
-    return {"ted": str(corpus.shared_data_path("translation/iwslt14-de-en/valid.en")),
-            "torch": str(Path(torch.__file__).parent / "nn" / "modules"),
-            "wiki": str(corpus.shared_data_path("wikitext-2-raw-test.txt")),
-            "shakespeare": str(corpus.shared_data_path("tinyshakespeare.txt")), "stdlib": sysconfig.get_paths()["stdlib"],
-            "calib_wiki": str(corpus.shared_data_path("wikitext-2-v1-valid.txt")),
-            "calib_captions": str(corpus.shared_data_path("translation/multi30k/train.en")),
-            "calib_code": str(Path(transformers.__file__).parent / "generation")}  # fmt: skip
+    return {
+        "ted": str(corpus.shared_data_path("translation/iwslt14-de-en/valid.en")),
+        "torch": str(Path(torch.__file__).parent / "nn" / "modules"),
+        "wiki": str(corpus.shared_data_path("wikitext-2-raw-test.txt")),
+        "shakespeare": str(corpus.shared_data_path("tinyshakespeare.txt")),
+        "stdlib": sysconfig.get_paths()["stdlib"],
+        "calib_wiki": str(corpus.shared_data_path("wikitext-2-v1-valid.txt")),
+        "calib_captions": str(corpus.shared_data_path("translation/multi30k/train.en")),
+        "calib_code": str(Path(transformers.__file__).parent / "generation"),
+    }
 
 
 class Texts:
@@ -104,8 +118,12 @@ class Texts:
             cfg = MPIFAConfig(nsamples=nsamples, seqlen=self.seqlen, seed=self.seed)
             spec = SPECS[key].format(wiki=self.src["calib_wiki"])
             windows, label = calibration_windows_for(spec, self.tok, cfg, model=self.model, progress=False)
-        return {"calibration": windows, "calib_s": round(time.perf_counter() - t0, 1),
-                "calibration_label": label, "calibration_sha256": windows_sha256(windows)}  # fmt: skip
+        return {
+            "calibration": windows,
+            "calib_s": round(time.perf_counter() - t0, 1),
+            "calibration_label": label,
+            "calibration_sha256": windows_sha256(windows),
+        }
 
     def variant_windows(self, spec: str, nsamples: int) -> torch.Tensor:
         from leanformers.compression.self_calibration import SelfCalibrationSettings, self_calibration_windows
@@ -115,8 +133,11 @@ class Texts:
         for i, ((src, _), count) in enumerate(zip(mix, corpus.window_counts([w for _, w in mix], nsamples))):
             if src.startswith("self@"):
                 settings = SelfCalibrationSettings(**SELF_VARIANTS[src[len("self@") :]])
-                parts.append(self_calibration_windows(self.model, self.tok, count, self.seqlen, self.seed + i,
-                                                      settings, progress=False)[0])  # fmt: skip
+                parts.append(
+                    self_calibration_windows(
+                        self.model, self.tok, count, self.seqlen, self.seed + i, settings, progress=False
+                    )[0]
+                )
             else:
                 ids = corpus.tokenize_text(corpus.load_text(src), self.tok)
                 parts.append(corpus.calibration_windows(ids, count, self.seqlen, self.seed + i))
@@ -127,8 +148,14 @@ class Texts:
         out = {}
         for name in (*VALIDATION, *TEST):
             t0 = time.perf_counter()
-            res = perplexity(model, None, self.ids(name, tokens), seqlen=context, batch_size=1, progress=False)  # fmt: skip
-            out[name] = {"ppl": round(res.ppl, 4), "tokens": res.n_tokens, "s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+            res = perplexity(
+                model, None, self.ids(name, tokens), seqlen=context, batch_size=1, progress=False
+            )
+            out[name] = {
+                "ppl": round(res.ppl, 4),
+                "tokens": res.n_tokens,
+                "s": round(time.perf_counter() - t0, 1),
+            }
         val = sum(math.log(out[t]["ppl"]) for t in VALIDATION) / len(VALIDATION)
         return {"ppl": out, "validation_log_ppl": round(val, 4)}
 
@@ -154,15 +181,20 @@ def heal(
     cfg = HealingConfig(tokens=tokens, seqlen=seqlen, seed=seed, calibration=calibration)
     report = distil(model, base, tok, cfg).to_dict()
     report.pop("config")
-    return report | {"settings": {k: getattr(cfg, k) for k in ("batch_size", "gradient_accumulation", "learning_rate")}}  # fmt: skip
+    return report | {
+        "settings": {k: getattr(cfg, k) for k in ("batch_size", "gradient_accumulation", "learning_rate")}
+    }
 
 
 def series(cells: list[dict], **want) -> list[tuple[float, dict]]:
     """(density, ppl by text) of the cells matching ``want`` (cells before issue 20 lack seqlen, seed and
     heal_tokens: 512, 0, 0)."""
     defaults = {"seqlen": 512, "seed": 0, "heal_tokens": 0}
-    out = [(c["density"], {t: v["ppl"] for t, v in c["ppl"].items()}) for c in cells
-           if all(c.get(k, defaults.get(k)) == v for k, v in want.items())]  # fmt: skip
+    out = [
+        (c["density"], {t: v["ppl"] for t, v in c["ppl"].items()})
+        for c in cells
+        if all(c.get(k, defaults.get(k)) == v for k, v in want.items())
+    ]
     return sorted(out, key=lambda x: x[0])
 
 
@@ -180,12 +212,24 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     new = json.loads((RESULTS / "mpifa_calibration.json").read_text())["cells"]
     mine = dict(row="default", calibration=default_calib, nsamples=32)
     heal = max((c.get("heal_tokens", 0) for c in new if c.get("calibration") == default_calib), default=0)
-    lines = [(f"MPIFA, defaults (calibration: {default_calib})", series(new, **mine, heal_tokens=0), "C0", "o-"),
-             (f"MPIFA, defaults + healing ({heal:,} tokens)", series(new, **mine, heal_tokens=heal) if heal else [], "C0", "*--"),
-             ("MPIFA, old defaults (WikiText x3 + transformers code)", series(old, row="wiki_code_shrink"), "C7", "s:"),
-             ("SVD-LLM whitening + U (WikiText)", series(old, row="svdllm_u"), "C3", "^-"),
-             ("2:4 Wanda (WikiText, not healed)", series(old, row="wanda24"), "C2", "D"),
-             ("2:4 SparseGPT (WikiText, not healed)", series(old, row="sparsegpt24"), "C1", "P")]  # fmt: skip
+    lines = [
+        (f"MPIFA, defaults (calibration: {default_calib})", series(new, **mine, heal_tokens=0), "C0", "o-"),
+        (
+            f"MPIFA, defaults + healing ({heal:,} tokens)",
+            series(new, **mine, heal_tokens=heal) if heal else [],
+            "C0",
+            "*--",
+        ),
+        (
+            "MPIFA, old defaults (WikiText x3 + transformers code)",
+            series(old, row="wiki_code_shrink"),
+            "C7",
+            "s:",
+        ),
+        ("SVD-LLM whitening + U (WikiText)", series(old, row="svdllm_u"), "C3", "^-"),
+        ("2:4 Wanda (WikiText, not healed)", series(old, row="wanda24"), "C2", "D"),
+        ("2:4 SparseGPT (WikiText, not healed)", series(old, row="sparsegpt24"), "C1", "P"),
+    ]
     dense = series(old, row="dense")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     titles = {"wiki": "WikiText-2 raw test", "shakespeare": "Tiny Shakespeare", "stdlib": "Python stdlib"}

@@ -34,9 +34,28 @@ if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install cho
 
 from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402
 
-__all__ = ["REPO_ROOT", "RESULTS", "ROWS", "ResultFile", "command_line", "environment", "llama_config",
-           "in_fresh_process", "interleaved", "load_rows", "output_path", "parser", "print_table", "row_settings",
-           "rows_arguments", "sync", "timed", "tiny_bert", "tiny_llama", "write_json"]  # fmt: skip
+__all__ = [
+    "REPO_ROOT",
+    "RESULTS",
+    "ROWS",
+    "ResultFile",
+    "command_line",
+    "environment",
+    "llama_config",
+    "in_fresh_process",
+    "interleaved",
+    "load_rows",
+    "output_path",
+    "parser",
+    "print_table",
+    "row_settings",
+    "rows_arguments",
+    "sync",
+    "timed",
+    "tiny_bert",
+    "tiny_llama",
+    "write_json",
+]
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -80,7 +99,11 @@ def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[
         for key in row:
             if key not in allowed:
                 near = difflib.get_close_matches(key, allowed, n=3)
-                hint = f" (did you mean {', '.join(near)}?)" if near else f"; allowed: {', '.join(sorted(allowed))}"  # fmt: skip
+                hint = (
+                    f" (did you mean {', '.join(near)}?)"
+                    if near
+                    else f"; allowed: {', '.join(sorted(allowed))}"
+                )
                 raise ValueError(f"{path}: row {name!r} has unknown key {key!r}{hint}")
     return rows
 
@@ -105,10 +128,22 @@ def rows_arguments(
     ap: argparse.ArgumentParser, rows: dict[str, dict], default: list[str] | None = None
 ) -> None:
     """``--rows NAME...`` (choices: the rows file's names) and ``--set KEY=VALUE...`` (row settings)."""
-    ap.add_argument("--rows", nargs="*", choices=list(rows), default=default, metavar="ROW",
-                    help=f"rows of bench/rows/ to run: {', '.join(rows)}")  # fmt: skip
-    ap.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override a setting of the rows (VALUE is YAML)")  # fmt: skip
+    ap.add_argument(
+        "--rows",
+        nargs="*",
+        choices=list(rows),
+        default=default,
+        metavar="ROW",
+        help=f"rows of bench/rows/ to run: {', '.join(rows)}",
+    )
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        nargs="*",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the rows (VALUE is YAML)",
+    )
 
 
 # ---- environment ---------------------------------------------------------------------------------
@@ -188,7 +223,9 @@ def in_fresh_process(module: str, function: str, threads: int | None = None, **k
     code = f"import json, sys; sys.path.insert(0, {str(REPO_ROOT / 'bench')!r}); import {module} as m; "
     code += f"print(json.dumps(m.{function}(**json.loads(sys.argv[1]))))"
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    out = subprocess.run([sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env)  # fmt: skip
+    out = subprocess.run(
+        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env
+    )
     if out.returncode != 0:
         raise RuntimeError(f"{module}.{function} in a fresh process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -199,7 +236,10 @@ def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
     """Plain-text table of ``rows`` (dicts) in ``columns`` order (default: the first row's keys); floats
     print with 4 significant digits, a missing cell empty."""
     columns = columns or list(rows[0])
-    cells = [{c: f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns} for r in rows]  # fmt: skip
+    cells = [
+        {c: f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns}
+        for r in rows
+    ]
     widths = {c: max(len(c), *(len(r[c]) for r in cells)) for c in columns}
     print(" | ".join(c.ljust(widths[c]) for c in columns))
     print("-|-".join("-" * widths[c] for c in columns))

@@ -35,9 +35,14 @@ from leanformers.storage.layers import CompressedLinear, LowRankLinear, PIFALine
 from leanformers.storage.pifa_linear import auto_form, emit_in_order_
 from leanformers.storage.rank import lowrank_rank, pifa_rank
 
-KINDS = {"layers": "dtypes shapes tokens reps", "memory": "dtype shapes", "load_memory": "model density paths",
-         "end_to_end": "dtypes model prefill new_tokens decode reps", "profile": "dtypes shapes tokens reps cold compile",
-         "checkpoints": "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps rss_variants"}  # fmt: skip
+KINDS = {
+    "layers": "dtypes shapes tokens reps",
+    "memory": "dtype shapes",
+    "load_memory": "model density paths",
+    "end_to_end": "dtypes model prefill new_tokens decode reps",
+    "profile": "dtypes shapes tokens reps cold compile",
+    "checkpoints": "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps rss_variants",
+}
 ROWS = load_rows("pifa_speed", lambda name, row: {"kind", "output", "quick", *KINDS[row["kind"]].split()})
 
 
@@ -133,9 +138,11 @@ def layers(s: dict, args) -> tuple[dict, list[dict]]:
     summary = summarise_layers(raw)
     prefill = [x for x in summary if x["tokens"] == s["tokens"][0]]
     decode = [x for x in summary if x["tokens"] != s["tokens"][0]]
-    targets = {"PIFA >= 1.25x low-rank at r/d = 0.5, every shape (prefill)": (prefill, "pifa_vs_lowrank", 1.25),
-               "PIFA >= 1.5x dense at density 0.5 (prefill)": (prefill, "pifa_vs_dense@0.5", 1.5),
-               "PIFA >= 1.3x dense at density 0.5 (decode, 1-16 tokens)": (decode, "pifa_vs_dense@0.5", 1.3)}  # fmt: skip
+    targets = {
+        "PIFA >= 1.25x low-rank at r/d = 0.5, every shape (prefill)": (prefill, "pifa_vs_lowrank", 1.25),
+        "PIFA >= 1.5x dense at density 0.5 (prefill)": (prefill, "pifa_vs_dense@0.5", 1.5),
+        "PIFA >= 1.3x dense at density 0.5 (decode, 1-16 tokens)": (decode, "pifa_vs_dense@0.5", 1.3),
+    }
     targets = {k: all(x[key] >= bound for x in rows) for k, (rows, key, bound) in targets.items()}
     return {"layers": raw, "summary": summary, "targets": targets}, summary
 
@@ -147,7 +154,9 @@ def summarise_layers(raw: list[dict]) -> list[dict]:
         keyed.setdefault((r["dtype"], r["shape"], r["tokens"]), {})[r["row"]] = r["us"]
     out = []
     for (dtype, shape, tokens), t in keyed.items():
-        lr, ref, row, col, sl = (t[f"{k} r/d=.5"] for k in ("lowrank", "pifa-ref", "pifa-row", "pifa-col", "pifa-slice"))  # fmt: skip
+        lr, ref, row, col, sl = (
+            t[f"{k} r/d=.5"] for k in ("lowrank", "pifa-ref", "pifa-row", "pifa-col", "pifa-slice")
+        )
         entry = {"dtype": dtype, "shape": shape, "tokens": tokens, "dense_us": t["dense"], "lowrank_us": lr}
         entry |= {"ref_us": ref, "row_us": row, "col_us": col, "slice_us": sl}
         entry |= {"pifa_vs_lowrank": lr / min(row, col), "slice_vs_lowrank": lr / sl}
@@ -177,7 +186,13 @@ def memory(s: dict, args) -> tuple[dict, list[dict]]:
         rows.append(row | {"pifa_saving_vs_lowrank": 1 - row.pop("pifa_bytes") / row["lowrank_bytes"]})
     total_lr = sum(r["lowrank_bytes"] for r in rows)
     total_pifa = sum(min(r["pifa_row_bytes"], r["pifa_column_bytes"]) for r in rows)
-    rows.append({"shape": "all shapes", "lowrank_bytes": total_lr, "pifa_saving_vs_lowrank": 1 - total_pifa / total_lr})  # fmt: skip
+    rows.append(
+        {
+            "shape": "all shapes",
+            "lowrank_bytes": total_lr,
+            "pifa_saving_vs_lowrank": 1 - total_pifa / total_lr,
+        }
+    )
     return {"memory": rows}, rows
 
 
@@ -188,7 +203,9 @@ def random_llama(shape: dict, dtype, device, layout: str = "dense", density=0.5,
     from transformers import LlamaForCausalLM
 
     sizes = (shape[k] for k in ("hidden", "intermediate", "layers", "heads"))
-    cfg = harness.llama_config(*sizes, vocab=shape["vocab"], max_positions=positions, tie_word_embeddings=False)  # fmt: skip
+    cfg = harness.llama_config(
+        *sizes, vocab=shape["vocab"], max_positions=positions, tie_word_embeddings=False
+    )
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
@@ -241,7 +258,10 @@ def model_speed(model, s: dict, device, compiled: bool | None) -> dict:
         model.generate(prompt, **kw)
     peak_gib(device, reset=True)
     one = {**kw, "min_new_tokens": 1, "max_new_tokens": 1}
-    calls = {"first": lambda rep: model.generate(prompt, **one), "all": lambda r: model.generate(prompt, **kw)}  # fmt: skip
+    calls = {
+        "first": lambda rep: model.generate(prompt, **one),
+        "all": lambda r: model.generate(prompt, **kw),
+    }
     t = {k: statistics.median(v) for k, v in interleaved(calls, s["reps"], device=device).items()}
     out |= {"decode_tok_s": (new - 1) / max(t["all"] - t["first"], 1e-9), "decode_mode": mode}
     return out | {"peak_decode_gib": peak_gib(device)}
@@ -271,8 +291,10 @@ def end_to_end(s: dict, args) -> tuple[dict, list[dict]]:
             else:
                 out["pifa_vs_lowrank"].append(ratio)
     mpifa = [x for x in out["speedups"] if x["variant"] == "mpifa@0.5"]
-    out["targets"] = {"MPIFA >= 1.4x dense, end-to-end prefill at 0.5": {x["dtype"]: x["prefill"] >= 1.4 for x in mpifa},
-                      "MPIFA >= 1.3x dense, decode at 0.5": {x["dtype"]: (x["decode"] or 0) >= 1.3 for x in mpifa}}  # fmt: skip
+    out["targets"] = {
+        "MPIFA >= 1.4x dense, end-to-end prefill at 0.5": {x["dtype"]: x["prefill"] >= 1.4 for x in mpifa},
+        "MPIFA >= 1.3x dense, decode at 0.5": {x["dtype"]: (x["decode"] or 0) >= 1.3 for x in mpifa},
+    }
     return {"end_to_end": out}, table + out["speedups"]
 
 
@@ -294,7 +316,10 @@ def forward_ops(layer: PIFALinear, x2: torch.Tensor) -> dict[str, Callable[[], o
         z = F.linear(x2, layer.weight)
         zc = F.linear(z.to(cd), coeff).to(z.dtype)
         y = torch.cat([z, zc], dim=-1)
-        ops = {"weight GEMM": lambda: F.linear(x2, layer.weight), "coeff GEMM": lambda: F.linear(z.to(cd), coeff)}  # fmt: skip
+        ops = {
+            "weight GEMM": lambda: F.linear(x2, layer.weight),
+            "coeff GEMM": lambda: F.linear(z.to(cd), coeff),
+        }
         ops["cat"] = lambda: torch.cat([z, zc], dim=-1)
         ops["gather"] = lambda: y.index_select(1, layer.output_index)
         if layer.bias is not None:
@@ -328,7 +353,9 @@ def profile_layers(m: int, n: int, r: int, dtype, cold: bool) -> dict[str, list[
         "pifa-slice": lambda seed: random_pifa(m, n, r, "column", dtype, "cpu", seed, sliced=True),
     }
     for form in ("row", "column") if dtype == torch.bfloat16 else ():  # C in bf16: no fp32 product, no cast
-        builds[f"pifa-{form[:3]} same-C"] = lambda seed, form=form: random_pifa(m, n, r, form, dtype, "cpu", seed).set_coefficient_dtype_("same")  # fmt: skip
+        builds[f"pifa-{form[:3]} same-C"] = lambda seed, form=form: random_pifa(
+            m, n, r, form, dtype, "cpu", seed
+        ).set_coefficient_dtype_("same")
     copies = -(-COLD_BYTES // state_bytes(builds["dense"](0))) if cold else 1
     return {name: [build(i) for i in range(copies)] for name, build in builds.items()}
 
@@ -381,14 +408,18 @@ def profile(s: dict, args) -> tuple[dict, list[dict]]:
             best = min(us["pifa-row"], us["pifa-col"])
             row |= {"pifa_vs_lowrank": us["lowrank"] / best, "pifa_vs_dense": us["dense"] / best}
             if "pifa-row same-C" in us:
-                row["pifa_same_c_vs_lowrank"] = us["lowrank"] / min(us["pifa-row same-C"], us["pifa-col same-C"])  # fmt: skip
+                row["pifa_same_c_vs_lowrank"] = us["lowrank"] / min(
+                    us["pifa-row same-C"], us["pifa-col same-C"]
+                )
             row["new_vs_previous"] = {f: us[f"pifa-{f} previous"] / us[f"pifa-{f}"] for f in ("row", "col")}
             if s["compile"]:
                 first = {k: layers[k][0] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
                 row["compile"] = compile_row(first, x, reps)
             rows.append(row)
             cells = ("dtype", "shape", "rank", "tokens", "pifa_vs_lowrank", "pifa_vs_dense")
-            table.append({k: row[k] for k in cells} | {k: us[k] for k in ("dense", "lowrank", "pifa-row", "pifa-col")})  # fmt: skip
+            table.append(
+                {k: row[k] for k in cells} | {k: us[k] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
+            )
     load = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     return {"profile": rows, "environment": load}, table
 
@@ -621,7 +652,9 @@ def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
     tmp = Path(tempfile.mkdtemp(prefix="pifa-speed-ckpt-"))
     try:
         source, tokenizer, calibration, label, cache = checkpoint_source(s, tmp, args.cache_dir)
-        res["source"] = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)" if tokenizer else "tiny LLaMA (random)"  # fmt: skip
+        res["source"] = (
+            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)" if tokenizer else "tiny LLaMA (random)"
+        )
         res["calibration"] = f"{label}: {s['calibration'][0]} x {s['calibration'][1]} tokens"
         variants = {n: compressed_folder(source, n, calibration, label, s, cache) for n in s["variants"]}
         res["variants"] = variants
@@ -662,7 +695,10 @@ def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
     table = []
     for r in res["runs"]:
         table.append({k: r[k] for k in ("dtype", "measure", "variant", "tok_s", "paired_speedup_median")})
-        table[-1] |= {"ideal": ideal.get((r["dtype"], r["measure"], r["variant"])), "f": r["profile"]["linear_share"]}  # fmt: skip
+        table[-1] |= {
+            "ideal": ideal.get((r["dtype"], r["measure"], r["variant"])),
+            "f": r["profile"]["linear_share"],
+        }
     for dtype, check in res["batch8_equals_batch1"].items():
         equal = ", ".join(f"{n} {c['rows_equal']}/{c['rows_checked']}" for n, c in check.items())
         print(f"batch 8 (left-padded) == batch 1, {dtype}: {equal}")
@@ -731,7 +767,9 @@ def cpu_flags() -> dict:
         if key.strip() == "model name" and info["model"] is None:
             info["model"] = value.strip()
         elif key.strip() == "flags":
-            info["bf16_flags"] = sorted(set(value.split()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"})  # fmt: skip
+            info["bf16_flags"] = sorted(
+                set(value.split()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}
+            )
             break
     return info
 
@@ -743,7 +781,9 @@ MEASURE |= {"checkpoints": checkpoints, "profile": profile, "load_memory": load_
 def build_parser():
     ap = harness.parser(__doc__, "the rows at their quick sizes (CPU, seconds)", "result JSON (one output)")
     harness.rows_arguments(ap, ROWS, default=["layers", "end_to_end"])
-    ap.add_argument("--device", default=None, help="cuda or cpu (default cuda when available; cpu with --quick)")  # fmt: skip
+    ap.add_argument(
+        "--device", default=None, help="cuda or cpu (default cuda when available; cpu with --quick)"
+    )
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable on a shared CPU)")
     cache = "checkpoints: compressed folders (~/.cache/leanformers/pifa_speed); load_memory: its checkpoint"
     ap.add_argument("--cache-dir", type=Path, default=None, help=cache)
@@ -754,7 +794,9 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the rows; returns {output name: the payload written to its JSON}."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    args.device = torch.device(args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu"))  # fmt: skip
+    args.device = torch.device(
+        args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
+    )
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available; use --quick on a CPU")
     settings = {name: harness.row_settings(name, ROWS[name], args.quick, args.sets) for name in args.rows}

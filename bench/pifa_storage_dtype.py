@@ -38,7 +38,9 @@ VARIANT_KEYS = {"model", "storage", "coefficients", "uv", "coefficient_dtype", "
 def row_keys(name: str, row: dict) -> set[str]:
     for variant, spec in (row.get("variants") or {}).items():
         if set(spec) - VARIANT_KEYS:
-            raise ValueError(f"pifa_storage_dtype.yaml: {name} / {variant}: unknown {sorted(set(spec) - VARIANT_KEYS)}")  # fmt: skip
+            raise ValueError(
+                f"pifa_storage_dtype.yaml: {name} / {variant}: unknown {sorted(set(spec) - VARIANT_KEYS)}"
+            )
     return {"compute", "variants", "shapes", "tokens", "reps", "quick"}
 
 
@@ -113,7 +115,9 @@ def build_variants(variants: dict, compute: str, dense: nn.Module, pifa: nn.Modu
             if v.get("uv"):
                 to_lowrank_(model)
             coeff = v.get("coefficients")
-            round_storage_(model, v.get("storage") and getattr(torch, v["storage"]), coeff and getattr(torch, coeff))  # fmt: skip
+            round_storage_(
+                model, v.get("storage") and getattr(torch, v["storage"]), coeff and getattr(torch, coeff)
+            )
         elif "reference" in v:  # bf16 compute: every variant but the fp32 references
             if v.get("coefficient_dtype") is not None:
                 set_coefficient_dtype_(model, v["coefficient_dtype"])
@@ -202,7 +206,10 @@ def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps:
                     runs.append(t.ms)
                 times[setting] = sorted(runs)[len(runs) // 2]
                 row = {"shape (out x in)": f"{m}x{n}", "rank": r, "form": form, "coefficient_dtype": setting}
-                row |= {"C dtype": str(layer.coeff.dtype).removeprefix("torch."), "ms": round(times[setting], 3)}  # fmt: skip
+                row |= {
+                    "C dtype": str(layer.coeff.dtype).removeprefix("torch."),
+                    "ms": round(times[setting], 3),
+                }
                 rows.append(row | {"vs all-bf16": round(times[setting] / times["same"], 3)})
     return rows
 
@@ -237,15 +244,19 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
     setting["storage"] = "emulated: parameters rounded to the storage dtype and back, forward in float32"
     if args.compressed is not None:
         pifa = AutoModelForCausalLM.from_pretrained(args.compressed, dtype=torch.float32).eval()
-        setting["compressed"] = f"loaded from {args.compressed}: {pifa.config.quantization_config.calibration}"  # fmt: skip
+        setting["compressed"] = (
+            f"loaded from {args.compressed}: {pifa.config.quantization_config.calibration}"
+        )
         return dense, pifa, test_ids, setting
     valid_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-v1-valid.txt"))), tok)
     calib = calibration_windows(valid_ids, args.nsamples, args.seqlen, seed=0)
     pifa = copy.deepcopy(dense)
     t0 = time.perf_counter()
     mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
-    setting["compressed"] = (f"MPIFA density {args.density}, wikitext-2-v1-valid.txt {args.nsamples} x {args.seqlen}, seed 0, "
-                             f"{time.perf_counter() - t0:.0f} s")  # fmt: skip
+    setting["compressed"] = (
+        f"MPIFA density {args.density}, wikitext-2-v1-valid.txt {args.nsamples} x {args.seqlen}, seed 0, "
+        f"{time.perf_counter() - t0:.0f} s"
+    )
     if args.save_compressed is not None:
         save_compressed(pifa, tok, args.save_compressed)
     return dense, pifa.eval(), test_ids, setting
@@ -267,7 +278,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     q = args.quick
     args.nsamples, args.seqlen = args.nsamples or (8 if q else 32), args.seqlen or (64 if q else 512)
-    args.eval_tokens, args.context = (args.eval_tokens or (2048 if q else 65_536), args.context or (256, 2048)[not q])  # fmt: skip
+    args.eval_tokens, args.context = (
+        args.eval_tokens or (2048 if q else 65_536),
+        args.context or (256, 2048)[not q],
+    )
     loaded, result = None, {}
     for name in args.rows:
         s = row_settings(name, ROWS[name], q, args.sets)
@@ -283,10 +297,14 @@ def main(argv: list[str] | None = None) -> dict:
         loaded = loaded or _load(args)
         dense, pifa, ids, setting = loaded[0], loaded[1], loaded[2], dict(loaded[3])
         windows = evaluation_windows(ids, args.context, args.eval_tokens)
-        setting["evaluation"] = (f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
-                                 f"{len(windows)} windows of {args.context}")  # fmt: skip
+        setting["evaluation"] = (
+            f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
+            f"{len(windows)} windows of {args.context}"
+        )
         if s["compute"] == "bf16":
-            setting["storage"] = "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"  # fmt: skip
+            setting["storage"] = (
+                "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
+            )
         models, reference = build_variants(s["variants"], s["compute"], dense, pifa)
         errors = {n: weight_error(models[reference[n]], m) for n, m in models.items()}
         base.update(setting)
