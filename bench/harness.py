@@ -84,9 +84,9 @@ def command_line(script: str, argv: list[str] | None) -> str:
 def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[str]]) -> dict[str, dict]:
     """``bench/rows/<runner>.yaml``: row name -> settings, in file order.
 
-    ``keys``: the keys a row may hold, or ``(name, row) -> keys`` when they depend on the row (a
-    compressor's config fields). An unknown key is an error naming the row, the key and the close
-    matches: a typo never silently runs the default.
+    ``keys``: the keys a row may hold (a string: separated by spaces), or ``(name, row) -> keys`` when
+    they depend on the row (a compressor's config fields). An unknown key is an error naming the row,
+    the key and the close matches: a typo never silently runs the default.
     """
     import yaml
 
@@ -95,7 +95,8 @@ def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[
     if not isinstance(rows, dict) or not all(isinstance(r, dict) for r in rows.values()):
         raise ValueError(f"{path}: expected a mapping of row name -> settings")
     for name, row in rows.items():
-        allowed = set(keys(name, row) if callable(keys) else keys)
+        allowed = keys(name, row) if callable(keys) else keys
+        allowed = set(allowed.split() if isinstance(allowed, str) else allowed)
         for key in row:
             if key not in allowed:
                 near = difflib.get_close_matches(key, allowed, n=3)
@@ -232,10 +233,10 @@ def in_fresh_process(module: str, function: str, threads: int | None = None, **k
 
 
 # ---- output --------------------------------------------------------------------------------------
-def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """Plain-text table of ``rows`` (dicts) in ``columns`` order (default: the first row's keys); floats
-    print with 4 significant digits, a missing cell empty."""
-    columns = columns or list(rows[0])
+def print_table(rows: list[dict], columns: list[str] | str | None = None) -> None:
+    """Plain-text table of ``rows`` (dicts) in ``columns`` order (a string: names separated by spaces;
+    default: the first row's keys); floats print with 4 significant digits, a missing cell empty."""
+    columns = columns.split() if isinstance(columns, str) else columns or list(rows[0])
     cells = [
         {c: f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns}
         for r in rows

@@ -41,8 +41,9 @@ KINDS = {
     "load_memory": "model density paths",
     "end_to_end": "dtypes model prefill new_tokens decode reps",
     "profile": "dtypes shapes tokens reps cold compile",
-    "checkpoints": "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps rss_variants",
+    "checkpoints": "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps",
 }
+KINDS["checkpoints"] += " rss_variants"
 ROWS = load_rows("pifa_speed", lambda name, row: {"kind", "output", "quick", *KINDS[row["kind"]].split()})
 
 
@@ -186,13 +187,8 @@ def memory(s: dict, args) -> tuple[dict, list[dict]]:
         rows.append(row | {"pifa_saving_vs_lowrank": 1 - row.pop("pifa_bytes") / row["lowrank_bytes"]})
     total_lr = sum(r["lowrank_bytes"] for r in rows)
     total_pifa = sum(min(r["pifa_row_bytes"], r["pifa_column_bytes"]) for r in rows)
-    rows.append(
-        {
-            "shape": "all shapes",
-            "lowrank_bytes": total_lr,
-            "pifa_saving_vs_lowrank": 1 - total_pifa / total_lr,
-        }
-    )
+    total = {"shape": "all shapes", "lowrank_bytes": total_lr}
+    rows.append(total | {"pifa_saving_vs_lowrank": 1 - total_pifa / total_lr})
     return {"memory": rows}, rows
 
 
@@ -203,9 +199,8 @@ def random_llama(shape: dict, dtype, device, layout: str = "dense", density=0.5,
     from transformers import LlamaForCausalLM
 
     sizes = (shape[k] for k in ("hidden", "intermediate", "layers", "heads"))
-    cfg = harness.llama_config(
-        *sizes, vocab=shape["vocab"], max_positions=positions, tie_word_embeddings=False
-    )
+    kw = {"vocab": shape["vocab"], "max_positions": positions, "tie_word_embeddings": False}
+    cfg = harness.llama_config(*sizes, **kw)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
@@ -258,10 +253,8 @@ def model_speed(model, s: dict, device, compiled: bool | None) -> dict:
         model.generate(prompt, **kw)
     peak_gib(device, reset=True)
     one = {**kw, "min_new_tokens": 1, "max_new_tokens": 1}
-    calls = {
-        "first": lambda rep: model.generate(prompt, **one),
-        "all": lambda r: model.generate(prompt, **kw),
-    }
+    calls = {"first": lambda rep: model.generate(prompt, **one)}
+    calls["all"] = lambda rep: model.generate(prompt, **kw)
     t = {k: statistics.median(v) for k, v in interleaved(calls, s["reps"], device=device).items()}
     out |= {"decode_tok_s": (new - 1) / max(t["all"] - t["first"], 1e-9), "decode_mode": mode}
     return out | {"peak_decode_gib": peak_gib(device)}
@@ -316,10 +309,8 @@ def forward_ops(layer: PIFALinear, x2: torch.Tensor) -> dict[str, Callable[[], o
         z = F.linear(x2, layer.weight)
         zc = F.linear(z.to(cd), coeff).to(z.dtype)
         y = torch.cat([z, zc], dim=-1)
-        ops = {
-            "weight GEMM": lambda: F.linear(x2, layer.weight),
-            "coeff GEMM": lambda: F.linear(z.to(cd), coeff),
-        }
+        ops = {"weight GEMM": lambda: F.linear(x2, layer.weight)}
+        ops["coeff GEMM"] = lambda: F.linear(z.to(cd), coeff)
         ops["cat"] = lambda: torch.cat([z, zc], dim=-1)
         ops["gather"] = lambda: y.index_select(1, layer.output_index)
         if layer.bias is not None:
@@ -408,18 +399,16 @@ def profile(s: dict, args) -> tuple[dict, list[dict]]:
             best = min(us["pifa-row"], us["pifa-col"])
             row |= {"pifa_vs_lowrank": us["lowrank"] / best, "pifa_vs_dense": us["dense"] / best}
             if "pifa-row same-C" in us:
-                row["pifa_same_c_vs_lowrank"] = us["lowrank"] / min(
-                    us["pifa-row same-C"], us["pifa-col same-C"]
-                )
+                same_c = min(us["pifa-row same-C"], us["pifa-col same-C"])
+                row["pifa_same_c_vs_lowrank"] = us["lowrank"] / same_c
             row["new_vs_previous"] = {f: us[f"pifa-{f} previous"] / us[f"pifa-{f}"] for f in ("row", "col")}
             if s["compile"]:
                 first = {k: layers[k][0] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
                 row["compile"] = compile_row(first, x, reps)
             rows.append(row)
             cells = ("dtype", "shape", "rank", "tokens", "pifa_vs_lowrank", "pifa_vs_dense")
-            table.append(
-                {k: row[k] for k in cells} | {k: us[k] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
-            )
+            layouts = ("dense", "lowrank", "pifa-row", "pifa-col")
+            table.append({k: row[k] for k in cells} | {k: us[k] for k in layouts})
     load = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     return {"profile": rows, "environment": load}, table
 
@@ -652,9 +641,8 @@ def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
     tmp = Path(tempfile.mkdtemp(prefix="pifa-speed-ckpt-"))
     try:
         source, tokenizer, calibration, label, cache = checkpoint_source(s, tmp, args.cache_dir)
-        res["source"] = (
-            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)" if tokenizer else "tiny LLaMA (random)"
-        )
+        smollm2 = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)"
+        res["source"] = smollm2 if tokenizer else "tiny LLaMA (random)"
         res["calibration"] = f"{label}: {s['calibration'][0]} x {s['calibration'][1]} tokens"
         variants = {n: compressed_folder(source, n, calibration, label, s, cache) for n in s["variants"]}
         res["variants"] = variants
@@ -695,10 +683,8 @@ def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
     table = []
     for r in res["runs"]:
         table.append({k: r[k] for k in ("dtype", "measure", "variant", "tok_s", "paired_speedup_median")})
-        table[-1] |= {
-            "ideal": ideal.get((r["dtype"], r["measure"], r["variant"])),
-            "f": r["profile"]["linear_share"],
-        }
+        table[-1]["ideal"] = ideal.get((r["dtype"], r["measure"], r["variant"]))
+        table[-1]["f"] = r["profile"]["linear_share"]
     for dtype, check in res["batch8_equals_batch1"].items():
         equal = ", ".join(f"{n} {c['rows_equal']}/{c['rows_checked']}" for n, c in check.items())
         print(f"batch 8 (left-padded) == batch 1, {dtype}: {equal}")
@@ -759,6 +745,9 @@ def load_memory(s: dict, args) -> tuple[dict, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------------- main
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}
+
+
 def cpu_flags() -> dict:
     """The CPU model and the flags that decide bf16 speed (/proc/cpuinfo)."""
     info = {"model": None, "bf16_flags": []}
@@ -767,9 +756,7 @@ def cpu_flags() -> dict:
         if key.strip() == "model name" and info["model"] is None:
             info["model"] = value.strip()
         elif key.strip() == "flags":
-            info["bf16_flags"] = sorted(
-                set(value.split()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}
-            )
+            info["bf16_flags"] = sorted(set(value.split()) & BF16_FLAGS)
             break
     return info
 
@@ -781,9 +768,8 @@ MEASURE |= {"checkpoints": checkpoints, "profile": profile, "load_memory": load_
 def build_parser():
     ap = harness.parser(__doc__, "the rows at their quick sizes (CPU, seconds)", "result JSON (one output)")
     harness.rows_arguments(ap, ROWS, default=["layers", "end_to_end"])
-    ap.add_argument(
-        "--device", default=None, help="cuda or cpu (default cuda when available; cpu with --quick)"
-    )
+    device = "cuda or cpu (default cuda when available; cpu with --quick)"
+    ap.add_argument("--device", default=None, help=device)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable on a shared CPU)")
     cache = "checkpoints: compressed folders (~/.cache/leanformers/pifa_speed); load_memory: its checkpoint"
     ap.add_argument("--cache-dir", type=Path, default=None, help=cache)
@@ -794,9 +780,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the rows; returns {output name: the payload written to its JSON}."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    args.device = torch.device(
-        args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    )
+    cuda = torch.cuda.is_available() and not args.quick
+    args.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available; use --quick on a CPU")
     settings = {name: harness.row_settings(name, ROWS[name], args.quick, args.sets) for name in args.rows}
@@ -809,7 +794,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     try:
         for name, s in settings.items():
-            path = args.output or harness.RESULTS / f"{s['output']}{'_quick' if args.quick else ''}.json"
+            path = harness.output_path(args, s["output"])
             new = {"environment": env | {"dtypes": s.get("dtypes", [s.get("dtype")])}}
             payload = payloads.setdefault(path, new | {"command": harness.command_line("pifa_speed", argv)})
             args.save_partial = lambda part, p=payload, to=path: harness.write_json(to, p | {"partial": part})
