@@ -1,4 +1,4 @@
-"""Compression table: rows x densities -> compress (leanformers.compress) -> perplexity, zero-shot, density, bytes.
+"""Compression table: rows x densities -> leanformers.compress -> perplexity, zero-shot, density, bytes.
 
   python bench/compression_table.py --densities 0.8 --rows dense svd svdllm_whiten mpifa --merge   # §1
   python bench/compression_table.py --densities 0.5 --rows mpifa wanda24 sparsegpt24 --merge
@@ -67,18 +67,14 @@ def row_keys(name: str, row: dict) -> set[str]:
 
 ROWS = load_rows("compression_table", row_keys)
 TEXT_ROWS = ["dense", "wanda24", "sparsegpt24", "paper", "alpha1", "shrink", "n64", "mix", "mix_code"]  # §14
-KEYS = {
-    "cells": lambda c: (c["row"], c["density"]),
-    "conversion": lambda c: (c["source row"], c["density"], c["dtype"]),
-    "minilm": lambda c: (c["row"], c["density"]),
-}
+KEYS = {"cells": lambda c: (c["row"], c["density"]), "minilm": lambda c: (c["row"], c["density"])}
+KEYS["conversion"] = lambda c: (c["source row"], c["density"], c["dtype"])
 
 
 # ------------------------------------------------------------------------------------------ data
 def byte_ids(name: str, n: int) -> torch.Tensor:
     """--quick: ASCII bytes of a shared text as ids of a 128-token vocabulary."""
-    data = load_text(str(shared_data_path(name))).encode("ascii", "replace")[:n]
-    return torch.tensor(list(data), dtype=torch.long).clamp_(max=127)
+    return harness.ascii_ids(load_text(str(shared_data_path(name))), n)
 
 
 def text_ids(name: str, tokenizer) -> torch.Tensor:
@@ -98,24 +94,20 @@ def load_base(args) -> tuple[nn.Module, object, str]:
     with --zero-shot, SmolLM2's tokenizer and vocabulary, which lm-eval needs)."""
     if args.quick and not args.zero_shot:
         return harness.tiny_llama(), None, TINY
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
 
     from leanformers.hub import smollm2_135m
 
     tok = AutoTokenizer.from_pretrained(smollm2_135m())
     if args.quick:
         torch.manual_seed(0)
-        cfg = LlamaConfig(
-            vocab_size=len(tok),
-            hidden_size=64,
-            intermediate_size=96,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=2048,
-        )
+        cfg = harness.llama_config(64, 96, 2, 4, 2, vocab=len(tok), max_positions=2048)
         return LlamaForCausalLM(cfg).eval(), tok, "tiny LLaMA (random init, --quick)"
     return AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval(), tok, SMOLLM2
+
+
+def calibration_text(args) -> str:
+    return f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}"
 
 
 def ids_of(name: str, tok, n: int) -> torch.Tensor:
@@ -142,23 +134,16 @@ def compress_row(row: str, model: nn.Module, density: float, windows: torch.Tens
     config = cls(**{"batch_size": args.batch_size, "device": device, **sizes, **spec})
     t0 = time.perf_counter()
     report = compress(model, tok, config, calibration=windows, progress=False)
-    return {
-        "compress_s": round(time.perf_counter() - t0, 1),
-        "achieved_density": round(report.achieved_density, 4),
-        "stored_bytes": stored_bytes(model),
-        "config": config.to_dict(),
-    }
+    out = {"compress_s": round(time.perf_counter() - t0, 1)}
+    out["achieved_density"] = round(report.achieved_density, 4)
+    return out | {"stored_bytes": stored_bytes(model), "config": config.to_dict()}
 
 
 def evaluate(model: nn.Module, ids: torch.Tensor, args) -> dict:
     t0 = time.perf_counter()
     res = perplexity(model, None, ids, seqlen=args.context, batch_size=args.eval_batch_size, progress=False)
-    return {
-        "ppl": round(res.ppl, 4),
-        "predicted_tokens": res.n_tokens,
-        "windows": res.n_windows,
-        "eval_s": round(time.perf_counter() - t0, 1),
-    }
+    out = {"ppl": round(res.ppl, 4), "predicted_tokens": res.n_tokens, "windows": res.n_windows}
+    return out | {"eval_s": round(time.perf_counter() - t0, 1)}
 
 
 def cells_to_run(args) -> list[tuple[str, float]]:
@@ -178,12 +163,8 @@ def lowrank_to_pifa(model: nn.Module) -> int:
     for name, m in list(model.named_modules()):
         if isinstance(m, LowRankLinear):
             bias = None if m.bias is None else m.bias.detach().float()
-            model.set_submodule(
-                name,
-                PIFALinear.from_factors(
-                    m.weight.detach().float(), m.weight_in.detach().float(), bias, dtype=m.weight.dtype
-                ),
-            )
+            factors = (m.weight.detach().float(), m.weight_in.detach().float(), bias)
+            model.set_submodule(name, PIFALinear.from_factors(*factors, dtype=m.weight.dtype))
             swapped += 1
     return swapped
 
@@ -192,27 +173,17 @@ def conversion_check(lowrank: nn.Module, ids: torch.Tensor, args) -> list[dict]:
     """Perplexity of a low-rank model and of its PIFA conversion, both cast to each dtype."""
     pifa = copy.deepcopy(lowrank)
     if lowrank_to_pifa(pifa) == 0:
-        raise RuntimeError(
-            f"--conversion-row {args.conversion_row} made no LowRankLinear: choose a low-rank row"
-        )
+        row = args.conversion_row
+        raise RuntimeError(f"--conversion-row {row} made no LowRankLinear: choose a low-rank row")
     out = []
     for name in args.conversion_dtypes:
         dtype = getattr(torch, name)
         lr, pf = (evaluate(copy.deepcopy(m).to(dtype), ids, args) for m in (lowrank, pifa))
         change = abs(pf["ppl"] - lr["ppl"]) / lr["ppl"]
-        out.append(
-            {
-                "source row": args.conversion_row,
-                "density": args.conversion_density,
-                "dtype": name,
-                "ppl low-rank": lr["ppl"],
-                "ppl PIFA": pf["ppl"],
-                "change %": round(100 * change, 4),
-                "target": "< 0.5 %",
-                "met": "yes" if change < 0.005 else "NO",
-                "eval_s": lr["eval_s"] + pf["eval_s"],
-            }
-        )
+        row = {"source row": args.conversion_row, "density": args.conversion_density, "dtype": name}
+        row |= {"ppl low-rank": lr["ppl"], "ppl PIFA": pf["ppl"], "change %": round(100 * change, 4)}
+        row |= {"target": "< 0.5 %", "met": "yes" if change < 0.005 else "NO"}
+        out.append(row | {"eval_s": lr["eval_s"] + pf["eval_s"]})
     return out
 
 
@@ -256,33 +227,21 @@ def minilm_rows(args) -> list[dict]:
         edge = torch.ones(body.shape[0], 1, dtype=torch.long)
         calibration = torch.cat([edge * tok.cls_token_id, body, edge * tok.sep_token_id], dim=1)
         texts = sentences(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), args.minilm_sentences)
-        encoded = (
-            tok(texts[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-            for i in range(0, len(texts), 32)
-        )
+        kw = {"padding": True, "truncation": True, "max_length": 128, "return_tensors": "pt"}
+        encoded = (tok(texts[i : i + 32], **kw) for i in range(0, len(texts), 32))
         batches = [(e["input_ids"], e["attention_mask"]) for e in encoded]
-    dense, rows, cpu_args = (
-        embeddings(base, batches),
-        [],
-        argparse.Namespace(**vars(args) | {"batch_size": 16, "device": "cpu"}),
-    )
+    dense, rows = embeddings(base, batches), []
+    cpu_args = argparse.Namespace(**vars(args) | {"batch_size": 16, "device": "cpu"})
     for density in args.minilm_densities:
         for row in args.minilm_rows:
             model, t0 = copy.deepcopy(base), time.perf_counter()
             info = compress_row(row, model, density, calibration, None, cpu_args)
             cos = torch.nn.functional.cosine_similarity(dense, embeddings(model, batches), dim=-1)
-            rows.append(
-                {
-                    "model": label,
-                    "row": row,
-                    "density": density,
-                    "achieved_density": info["achieved_density"],
-                    "mean cosine": round(cos.mean().item(), 4),
-                    "min cosine": round(cos.min().item(), 4),
-                    "sentences": int(dense.shape[0]),
-                    "seconds": round(time.perf_counter() - t0, 1),
-                }
-            )
+            cell = {"model": label, "row": row, "density": density}
+            cell["achieved_density"] = info["achieved_density"]
+            cell |= {"mean cosine": round(cos.mean().item(), 4), "min cosine": round(cos.min().item(), 4)}
+            cell["sentences"] = int(dense.shape[0])
+            rows.append(cell | {"seconds": round(time.perf_counter() - t0, 1)})
     return rows
 
 
@@ -332,26 +291,14 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
     payload = json.loads(path.read_text()) if args.merge and path.is_file() else {"rows": {}}
     data_dir = resolve_data_dir(args.data_dir, args.tasks)
     files = {t: LOCAL_TASKS[t]["files"] for t in args.tasks}
-    payload.update(
-        environment=environment(),
-        setting={
-            "model": args.model_label,
-            "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
-            "evaluation": "lm-eval zero-shot, local files of ../shared/data/zeroshot, "
-            + ("full splits" if args.limit is None else f"first {args.limit} documents per task"),
-            "batch_size": args.zs_batch_size,
-            "threads": torch.get_num_threads(),
-            "command": args.command,
-        },
-    )
-    payload["split_sizes"] = {
-        t: sum(
-            1
-            for line in (data_dir / (f.get("test") or f["validation"])).read_text().splitlines()
-            if line.strip()
-        )
-        for t, f in files.items()
-    }
+    documents = "full splits" if args.limit is None else f"first {args.limit} documents per task"
+    setting = {"model": args.model_label, "calibration": calibration_text(args)}
+    setting["evaluation"] = f"lm-eval zero-shot, local files of ../shared/data/zeroshot, {documents}"
+    setting |= {"batch_size": args.zs_batch_size, "threads": torch.get_num_threads(), "command": args.command}
+    payload.update(environment=environment(), setting=setting)
+    paths = {t: data_dir / (f.get("test") or f["validation"]) for t, f in files.items()}
+    lines = {t: path.read_text().splitlines() for t, path in paths.items()}
+    payload["split_sizes"] = {t: sum(1 for line in lines[t] if line.strip()) for t in files}
     models, cells = {}, [(r, d) for r, d in cells_to_run(args)]
     for task in args.tasks:
         total = min(args.limit or math.inf, payload["split_sizes"][task])
@@ -365,22 +312,14 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
                 if name not in models:
                     models[name] = zero_shot_model(row, density, base, tok, windows, args, entry)
                 stop, t0 = int(min(total, start + args.chunk)), time.perf_counter()
-                results = zero_shot(
-                    models[name],
-                    tok,
-                    [task],
-                    batch_size=args.zs_batch_size,
-                    data_dir=args.data_dir,
-                    samples={task: list(range(start, stop))},
-                )
+                kw = {"batch_size": args.zs_batch_size, "data_dir": args.data_dir}
+                results = zero_shot(models[name], tok, [task], samples={task: list(range(start, stop))}, **kw)
                 chunk = accuracy_table(results)[task]
                 if chunk["n"] != stop - start:
-                    raise RuntimeError(
-                        f"{name} {task}: asked for documents {start}-{stop}, lm-eval scored {chunk['n']}"
-                    )
-                entry.setdefault("chunks", {}).setdefault(task, []).append(
-                    {**chunk, "start": start, "wall_s": round(time.perf_counter() - t0, 1)}
-                )
+                    asked = f"{name} {task}: asked for documents {start}-{stop}"
+                    raise RuntimeError(f"{asked}, lm-eval scored {chunk['n']}")
+                chunk |= {"start": start, "wall_s": round(time.perf_counter() - t0, 1)}
+                entry.setdefault("chunks", {}).setdefault(task, []).append(chunk)
                 entry["tasks"][task] = {**combine(entry["chunks"][task]), "of": payload["split_sizes"][task]}
                 payload["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 harness.write_json(path, payload)
@@ -388,13 +327,13 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
 
 
 def markdown(payload: dict) -> str:
-    """The §10 table: acc / acc_norm (LAMBADA: acc / perplexity), documents scored of the split, wall time."""
+    """The §10 table: acc / acc_norm (LAMBADA: acc / perplexity), documents scored of a split, wall time."""
     tasks = [t for t in ZERO_SHOT_TASKS if any(t in r["tasks"] for r in payload["rows"].values())]
     lines = ["| row | compression | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
     for row in payload["rows"].values():
-        comp = (
-            f"{row['achieved_density']} density, {row['compression_s']} s" if "compression_s" in row else "-"
-        )
+        comp = "-"
+        if "compression_s" in row:
+            comp = f"{row['achieved_density']} density, {row['compression_s']} s"
         cells = []
         for c in (row["tasks"].get(t) for t in tasks):
             if c is None:
@@ -402,9 +341,8 @@ def markdown(payload: dict) -> str:
                 continue
             value = f"{c['acc']:.4f}" + (f" / {c['acc_norm']:.4f}" if "acc_norm" in c else "")
             value += f" / ppl {c['perplexity']:.2f}" if "perplexity" in c else ""
-            cells.append(
-                f"{value} ({'all' if c['n'] == c['of'] else 'first'} {c['n']} of {c['of']}, {c['wall_s']:.0f} s)"
-            )
+            scored = f"{'all' if c['n'] == c['of'] else 'first'} {c['n']} of {c['of']}"
+            cells.append(f"{value} ({scored}, {c['wall_s']:.0f} s)")
         lines.append(f"| {row['label']} | {comp} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -422,18 +360,16 @@ def targets(cells: list[dict]) -> list[str]:
         if others:
             best = min(others, key=lambda r: others[r]["ppl"])
             gap = mp["ppl"] - others[best]["ppl"]
-            lines.append(
-                f"density {d:g}: MPIFA {mp['ppl']:.3f} vs best other low-rank row {best} {others[best]['ppl']:.3f} "
-                f"({len(others)} rows measured): {'met' if gap < 0 else 'NOT met'} (gap {gap:+.3f})"
-            )
+            versus = f"MPIFA {mp['ppl']:.3f} vs best other low-rank row {best} {others[best]['ppl']:.3f}"
+            met = f"{'met' if gap < 0 else 'NOT met'} (gap {gap:+.3f})"
+            lines.append(f"density {d:g}: {versus} ({len(others)} rows measured): {met}")
         for row in (r for (r, dd) in by if dd == d and ROWS.get(r, {}).get("method", "").endswith("2:4")):
             for key, where in (("ppl", ""), ("ppl_ood", ", out of domain")):
                 if key in mp and key in by[(row, d)]:
                     a, b = mp[key], by[(row, d)][key]
-                    lines.append(
-                        f"density {d:g}{where}: MPIFA {a:.3f} vs {ROWS[row]['label'].split(' (')[0]} {b:.3f}: "
-                        f"{'met' if a <= b else 'NOT met'} (gap {a - b:+.3f})"
-                    )
+                    versus = f"MPIFA {a:.3f} vs {ROWS[row]['label'].split(' (')[0]} {b:.3f}"
+                    met = f"{'met' if a <= b else 'NOT met'} (gap {a - b:+.3f})"
+                    lines.append(f"density {d:g}{where}: {versus}: {met}")
     return lines
 
 
@@ -487,15 +423,8 @@ def plot(cells: list[dict], path: Path, title: str, minilm: list[dict]) -> None:
 def text_key(c: dict) -> tuple:
     """A --texts cell: row, density, calibration, windows, window length, seed and healing tokens (cells
     written before issue 20 lack the last three: 512, 0 and 0)."""
-    return (
-        c["row"],
-        c["density"],
-        c.get("calibration"),
-        c.get("nsamples"),
-        c.get("seqlen", 512),
-        c.get("seed", 0),
-        c.get("heal_tokens", 0),
-    )
+    key = (c["row"], c["density"], c.get("calibration"), c.get("nsamples"))
+    return key + (c.get("seqlen", 512), c.get("seed", 0), c.get("heal_tokens", 0))
 
 
 def run_texts(args, argv: list[str] | None) -> dict:
@@ -513,18 +442,11 @@ def run_texts(args, argv: list[str] | None) -> dict:
     torch.manual_seed(args.seed)
     base, tok, label = load_base(args)
     texts, facts_cache = five_texts.Texts(tok, base, args.seqlen, args.seed), {}
-    setting = {
-        "model": label,
-        "texts": texts.src,
-        "validation": names[:2],
-        "test": names[2:],
-        "calibration_mixes": five_texts.MIXES,
-        "calibration_specs": five_texts.SPECS,
-        "eval": f"first {args.eval_tokens} tokens of each text, context {args.context}",
-        "calibration_size": f"{args.nsamples} x {args.seqlen} (unless a row sets nsamples)",
-        "threads": torch.get_num_threads(),
-        "command": command_line("compression_table", argv),
-    }
+    setting = {"model": label, "texts": texts.src, "validation": names[:2], "test": names[2:]}
+    setting |= {"calibration_mixes": five_texts.MIXES, "calibration_specs": five_texts.SPECS}
+    setting["eval"] = f"first {args.eval_tokens} tokens of each text, context {args.context}"
+    setting["calibration_size"] = f"{args.nsamples} x {args.seqlen} (unless a row sets nsamples)"
+    setting |= {"threads": torch.get_num_threads(), "command": command_line("compression_table", argv)}
     store = ResultFile(args.output or RESULTS / f"mpifa_robustness{'_quick' * q}.json", args.merge)
     payload, fixed = {}, {r: ROWS[r].get("density") for r in args.rows}
     cells = [(r, d) for d in args.densities for r in args.rows if math.isclose(fixed[r] or d, d)]
@@ -532,70 +454,42 @@ def run_texts(args, argv: list[str] | None) -> dict:
         spec, method = ROWS[row], ROWS[row]["method"]
         key, n = spec.get("calibration", "wiki"), spec.get("nsamples", args.nsamples)
         key = args.default_calib if key == "default" else key
-        cell = {
-            "row": row,
-            "density": density,
-            "calibration": key,
-            "nsamples": n,
-            "seqlen": args.seqlen,
-            "seed": args.seed,
-        }
+        cell = {"row": row, "density": density, "calibration": key, "nsamples": n, "seqlen": args.seqlen}
+        cell["seed"] = args.seed
         calib = texts.windows(key, n) if method != "dense" else {"calibration": None, "calib_s": 0.0}
         model = copy.deepcopy(base)
         info = compress_row(row, model, density, calib.pop("calibration"), tok, args)
         cell |= info | {"compress_s": round(info["compress_s"] + calib["calib_s"], 1)}  # self-generation too
         if args.heal_tokens and method == "mpifa":
             cell["heal_tokens"] = args.heal_tokens
-            cell["healing"] = five_texts.heal(
-                model, base, tok, args.heal_tokens, args.seqlen, args.seed, args.heal_calib
-            )
+            heal = (args.heal_tokens, args.seqlen, args.seed, args.heal_calib)
+            cell["healing"] = five_texts.heal(model, base, tok, *heal)
         cell |= calib if method != "dense" else {}
         cell |= texts.perplexities(model, args.eval_tokens, args.context)
         if args.facts and tok is not None:
             cell["facts"] = five_texts.facts(model, base, tok, facts_cache)
         payload = store.update("cells", [cell], text_key, env=environment(), setting=setting)
-        print(
-            f"{row} @ {density}: " + ", ".join(f"{t} {v['ppl']:.2f}" for t, v in cell["ppl"].items()),
-            flush=True,
-        )
-    print_table(
-        [
-            {
-                "row": c["row"],
-                "density": c["density"],
-                "calibration": c.get("calibration"),
-                "windows": c.get("nsamples"),
-                **{t: c["ppl"][t]["ppl"] for t in names},
-            }
-            for c in payload.get("cells", [])
-        ]
-    )
+        ppl = ", ".join(f"{t} {v['ppl']:.2f}" for t, v in cell["ppl"].items())
+        print(f"{row} @ {density}: {ppl}", flush=True)
+    table = []
+    for c in payload.get("cells", []):
+        table.append({"row": c["row"], "density": c["density"], "calibration": c.get("calibration")})
+        table[-1] |= {"windows": c.get("nsamples"), **{t: c["ppl"][t]["ppl"] for t in names}}
+    print_table(table)
     return payload
 
 
 # ------------------------------------------------------------------------------------------ main
 def build_parser():
     ap = parser(__doc__, "tiny random LLaMA + tiny data (CI smoke test)")
-    ap.add_argument(
-        "--rows",
-        nargs="*",
-        default=None,
-        choices=list(ROWS),
-        metavar="ROW",
-        help=f"rows of bench/rows/compression_table.yaml (default: the §1 rows): {', '.join(ROWS)}",
-    )
+    rows = f"rows of bench/rows/compression_table.yaml (default: the §1 rows): {', '.join(ROWS)}"
+    ap.add_argument("--rows", nargs="*", default=None, choices=list(ROWS), metavar="ROW", help=rows)
     ap.add_argument("--json", dest="output", type=Path, help="the same as --output (older name)")
     ap.add_argument("--densities", type=float, nargs="+", default=None)
-    for flag, kind in (
-        ("--eval-tokens", int),
-        ("--context", int),
-        ("--nsamples", int),
-        ("--seqlen", int),
-        ("--eval-batch-size", int),
-        ("--conversion-density", float),
-        ("--minilm-densities", float),
-    ):
-        ap.add_argument(flag, type=kind, default=None, nargs="+" if flag == "--minilm-densities" else None)
+    for flag in ("--eval-tokens", "--context", "--nsamples", "--seqlen", "--eval-batch-size"):
+        ap.add_argument(flag, type=int, default=None)
+    ap.add_argument("--conversion-density", type=float, default=None)
+    ap.add_argument("--minilm-densities", type=float, default=None, nargs="+")
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default cuda when available, else cpu (cpu with --quick)")
@@ -618,20 +512,11 @@ def build_parser():
     ap.add_argument("--data-dir", default=None, help="--zero-shot: the task files (../shared/data/zeroshot)")
     ap.add_argument("--markdown", action="store_true", help="--zero-shot: print the table of --output, exit")
     ap.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
-    ap.add_argument(
-        "--plot",
-        type=Path,
-        default=None,
-        help="PNG of perplexity (and MiniLM cosine) vs density; "
-        "with --texts: only the picture of docs/mpifa.md from the committed JSON (no model run)",
-    )
+    plot = "PNG of perplexity (and MiniLM cosine) vs density; with --texts: only the picture of docs/mpifa.md"
+    ap.add_argument("--plot", type=Path, default=None, help=f"{plot} from the committed JSON (no model run)")
     ap.add_argument("--texts", action="store_true", help="the five texts of §14/§19 (bench/five_texts.py)")
-    ap.add_argument(
-        "--default-calib",
-        default="wiki",
-        choices=five_texts.CALIBRATIONS,
-        help="--texts: the calibration of rows whose calibration is 'default'",
-    )
+    calib = "--texts: the calibration of rows whose calibration is 'default'"
+    ap.add_argument("--default-calib", default="wiki", choices=five_texts.CALIBRATIONS, help=calib)
     ap.add_argument("--heal-tokens", type=int, default=0, help="--texts: heal MPIFA rows by distillation")
     ap.add_argument("--heal-calib", default="self", help="--texts: distillation text of --heal-tokens")
     ap.add_argument("--facts", action="store_true", help="--texts: also the factual-answer check per cell")
@@ -664,10 +549,8 @@ def main(argv: list[str] | None = None) -> dict:
         return run_texts(args, argv)
     defaults(args)
     if any("calibration" in ROWS[r] for r in args.rows):
-        raise SystemExit(
-            f"rows {[r for r in args.rows if 'calibration' in ROWS[r]]} calibrate on other text than "
-            "the §1 windows: run them with --texts (the five texts of §14)"
-        )
+        rows = [r for r in args.rows if "calibration" in ROWS[r]]
+        raise SystemExit(f"rows {rows} calibrate on other text than the §1 windows: run them with --texts")
     args.command = command_line("compression_table", argv)
     name = f"{'zeroshot_table' if args.zero_shot else 'mpifa_quality'}{'_quick' if args.quick else ''}"
     path = Path(args.output or RESULTS / f"{name}.json")
@@ -686,27 +569,18 @@ def main(argv: list[str] | None = None) -> dict:
     windows = calibration_windows(valid, args.nsamples, args.seqlen, seed=args.seed) if need_lm else None
     if args.zero_shot:
         payload = run_zero_shot(args, base, tok, windows, path)
-        print_table(
-            [
-                {"row": r["label"], **{t: f"{c['acc']:.4f}" for t, c in r["tasks"].items()}}
-                for r in payload["rows"].values()
-            ],
-            ["row", *args.tasks],
-        )
+        rows = payload["rows"].values()
+        table = [{"row": r["label"], **{t: f"{c['acc']:.4f}" for t, c in r["tasks"].items()}} for r in rows]
+        print_table(table, ["row", *args.tasks])
         return payload
     eval_ids = ids_of("wikitext-2-raw-test.txt", tok, args.eval_tokens) if need_lm else None
     ood_ids = ids_of(args.ood_text, tok, args.eval_tokens) if need_lm and args.ood_text else None
-    setting = {
-        "model": args.model_label,
-        "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
-        "evaluation": f"wikitext-2-raw-test.txt, first {args.eval_tokens:,} tokens, context {args.context}",
-        "dtype": "float32",
-        "device": args.device,
-    }
+    setting = {"model": args.model_label, "calibration": calibration_text(args)}
+    window = f"tokens, context {args.context}"
+    setting["evaluation"] = f"wikitext-2-raw-test.txt, first {args.eval_tokens:,} {window}"
+    setting |= {"dtype": "float32", "device": args.device}
     if ood_ids is not None:
-        setting["ood_evaluation"] = (
-            f"{args.ood_text}, first {ood_ids.numel():,} tokens, context {args.context}"
-        )
+        setting["ood_evaluation"] = f"{args.ood_text}, first {ood_ids.numel():,} {window}"
     store, keep_lowrank = ResultFile(path, merge=args.merge), None
 
     def add(kind, entries):
@@ -749,9 +623,8 @@ def main(argv: list[str] | None = None) -> dict:
             print_table(payload[kind], cols)
     print("\nTargets:\n  " + "\n  ".join(payload["targets"] or ["(no MPIFA cell yet)"]))
     if cells:
-        print(
-            f"\nCompression table - {cells[0]['model']}; {cells[0]['calibration']}; {cells[0]['evaluation']}"
-        )
+        first = cells[0]
+        print(f"\nCompression table - {first['model']}; {first['calibration']}; {first['evaluation']}")
         print_table(*pivot(cells))
     elif not extra:
         print("(no perplexity cell yet)")

@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from harness import RESULTS
+from harness import RESULTS, ascii_ids
 from torch import nn
 
 from leanformers import MPIFAConfig
@@ -95,8 +95,7 @@ class Texts:
         if name not in self._ids:
             text = self.text(name)
             if self.tok is None:
-                data = text.encode("ascii", "replace")[: limit or 400_000]
-                self._ids[name] = torch.tensor(list(data), dtype=torch.long).clamp_(max=127)
+                self._ids[name] = ascii_ids(text, limit or 400_000)
             else:  # a prefix long enough for the limit: tokenising MBs of text costs seconds each
                 head = text if limit is None else text[: max(64 * limit, 200_000)]
                 self._ids[name] = corpus.tokenize_text(head, self.tok)
@@ -118,12 +117,8 @@ class Texts:
             cfg = MPIFAConfig(nsamples=nsamples, seqlen=self.seqlen, seed=self.seed)
             spec = SPECS[key].format(wiki=self.src["calib_wiki"])
             windows, label = calibration_windows_for(spec, self.tok, cfg, model=self.model, progress=False)
-        return {
-            "calibration": windows,
-            "calib_s": round(time.perf_counter() - t0, 1),
-            "calibration_label": label,
-            "calibration_sha256": windows_sha256(windows),
-        }
+        out = {"calibration": windows, "calib_s": round(time.perf_counter() - t0, 1)}
+        return out | {"calibration_label": label, "calibration_sha256": windows_sha256(windows)}
 
     def variant_windows(self, spec: str, nsamples: int) -> torch.Tensor:
         from leanformers.compression.self_calibration import SelfCalibrationSettings, self_calibration_windows
@@ -133,11 +128,8 @@ class Texts:
         for i, ((src, _), count) in enumerate(zip(mix, corpus.window_counts([w for _, w in mix], nsamples))):
             if src.startswith("self@"):
                 settings = SelfCalibrationSettings(**SELF_VARIANTS[src[len("self@") :]])
-                parts.append(
-                    self_calibration_windows(
-                        self.model, self.tok, count, self.seqlen, self.seed + i, settings, progress=False
-                    )[0]
-                )
+                args = (self.model, self.tok, count, self.seqlen, self.seed + i, settings)
+                parts.append(self_calibration_windows(*args, progress=False)[0])
             else:
                 ids = corpus.tokenize_text(corpus.load_text(src), self.tok)
                 parts.append(corpus.calibration_windows(ids, count, self.seqlen, self.seed + i))
@@ -147,15 +139,10 @@ class Texts:
         """text -> {ppl, tokens (predicted), s}, then the validation texts' mean log perplexity."""
         out = {}
         for name in (*VALIDATION, *TEST):
-            t0 = time.perf_counter()
-            res = perplexity(
-                model, None, self.ids(name, tokens), seqlen=context, batch_size=1, progress=False
-            )
-            out[name] = {
-                "ppl": round(res.ppl, 4),
-                "tokens": res.n_tokens,
-                "s": round(time.perf_counter() - t0, 1),
-            }
+            t0, ids = time.perf_counter(), self.ids(name, tokens)
+            res = perplexity(model, None, ids, seqlen=context, batch_size=1, progress=False)
+            out[name] = {"ppl": round(res.ppl, 4), "tokens": res.n_tokens}
+            out[name]["s"] = round(time.perf_counter() - t0, 1)
         val = sum(math.log(out[t]["ppl"]) for t in VALIDATION) / len(VALIDATION)
         return {"ppl": out, "validation_log_ppl": round(val, 4)}
 
@@ -181,21 +168,17 @@ def heal(
     cfg = HealingConfig(tokens=tokens, seqlen=seqlen, seed=seed, calibration=calibration)
     report = distil(model, base, tok, cfg).to_dict()
     report.pop("config")
-    return report | {
-        "settings": {k: getattr(cfg, k) for k in ("batch_size", "gradient_accumulation", "learning_rate")}
-    }
+    settings = {k: getattr(cfg, k) for k in ("batch_size", "gradient_accumulation", "learning_rate")}
+    return report | {"settings": settings}
 
 
 def series(cells: list[dict], **want) -> list[tuple[float, dict]]:
     """(density, ppl by text) of the cells matching ``want`` (cells before issue 20 lack seqlen, seed and
     heal_tokens: 512, 0, 0)."""
     defaults = {"seqlen": 512, "seed": 0, "heal_tokens": 0}
-    out = [
-        (c["density"], {t: v["ppl"] for t, v in c["ppl"].items()})
-        for c in cells
-        if all(c.get(k, defaults.get(k)) == v for k, v in want.items())
-    ]
-    return sorted(out, key=lambda x: x[0])
+    chosen = [c for c in cells if all(c.get(k, defaults.get(k)) == v for k, v in want.items())]
+    points = [(c["density"], {t: v["ppl"] for t, v in c["ppl"].items()}) for c in chosen]
+    return sorted(points, key=lambda x: x[0])
 
 
 def plot(path: Path, default_calib: str = "self_t1_own") -> None:
@@ -212,20 +195,12 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     new = json.loads((RESULTS / "mpifa_calibration.json").read_text())["cells"]
     mine = dict(row="default", calibration=default_calib, nsamples=32)
     heal = max((c.get("heal_tokens", 0) for c in new if c.get("calibration") == default_calib), default=0)
+    healed = series(new, **mine, heal_tokens=heal) if heal else []
+    old_defaults = series(old, row="wiki_code_shrink")
     lines = [
         (f"MPIFA, defaults (calibration: {default_calib})", series(new, **mine, heal_tokens=0), "C0", "o-"),
-        (
-            f"MPIFA, defaults + healing ({heal:,} tokens)",
-            series(new, **mine, heal_tokens=heal) if heal else [],
-            "C0",
-            "*--",
-        ),
-        (
-            "MPIFA, old defaults (WikiText x3 + transformers code)",
-            series(old, row="wiki_code_shrink"),
-            "C7",
-            "s:",
-        ),
+        (f"MPIFA, defaults + healing ({heal:,} tokens)", healed, "C0", "*--"),
+        ("MPIFA, old defaults (WikiText x3 + transformers code)", old_defaults, "C7", "s:"),
         ("SVD-LLM whitening + U (WikiText)", series(old, row="svdllm_u"), "C3", "^-"),
         ("2:4 Wanda (WikiText, not healed)", series(old, row="wanda24"), "C2", "D"),
         ("2:4 SparseGPT (WikiText, not healed)", series(old, row="sparsegpt24"), "C1", "P"),

@@ -39,6 +39,7 @@ __all__ = [
     "RESULTS",
     "ROWS",
     "ResultFile",
+    "ascii_ids",
     "command_line",
     "environment",
     "llama_config",
@@ -145,6 +146,11 @@ def rows_arguments(
         metavar="KEY=VALUE",
         help="override a setting of the rows (VALUE is YAML)",
     )
+
+
+def ascii_ids(text: str, n: int | None = None) -> torch.Tensor:
+    """--quick data: the first ``n`` ASCII bytes of ``text`` as ids of a 128-token vocabulary."""
+    return torch.tensor(list(text.encode("ascii", "replace")[:n]), dtype=torch.long).clamp_(max=127)
 
 
 # ---- environment ---------------------------------------------------------------------------------

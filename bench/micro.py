@@ -300,16 +300,15 @@ def scaling_memory(s: dict, args) -> dict:
                 row["frozen_U_Vh_GiB"] = round(sum(p.numel() * p.element_size() for p in frozen) / GiB, 6)
                 per_gpu_bytes = sum(shard_numel(p, world) * p.element_size() for p in frozen)
                 rows.append(row | {"frozen_U_Vh_per_gpu_GiB": round(per_gpu_bytes / GiB, 6)})
-    return {
-        "command": args.command,
-        "leanformers": leanformers.__version__,
-        "rows": rows,
-        "environment": {**environment(), "device": "meta (shapes only: computed, not measured)"},
-        "units": "GiB per GPU under FSDP2 (dim-0 shards): fp32 parameters (SST's frozen U/Vh at frozen_dtype, "
+    out = {"command": args.command, "leanformers": leanformers.__version__, "rows": rows}
+    out["environment"] = {**environment(), "device": "meta (shapes only: computed, not measured)"}
+    out["units"] = (
+        "GiB per GPU under FSDP2 (dim-0 shards): fp32 parameters (SST's frozen U/Vh at frozen_dtype, "
         "sharded) / gradients / AdamW moments of trainable parameters, method state (CHTss masks sharded, "
-        "buffers replicated); peak_unit and update_transient are transient, not in total",
-        "table": "model world method params grads moments method_state total peak_unit update_transient",
-    }
+        "buffers replicated); peak_unit and update_transient are transient, not in total"
+    )
+    out["table"] = "model world method params grads moments method_state total peak_unit update_transient"
+    return out
 
 
 def _generate(model, ids, new: int) -> tuple[torch.Tensor, float, float]:
