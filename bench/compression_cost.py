@@ -123,18 +123,15 @@ def time_row(s: dict, args) -> dict:
     target_s, target_gb = s.get("target_s"), s.get("target_host_gb")
     met = (target_s is None or seconds <= target_s) and (target_gb is None or peak_gb <= target_gb)
     gpu = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if torch.cuda.is_available() else "-"
-    target = (f"<= {target_s / 60:.0f} min" if target_s else "-") + (
-        f", <= {target_gb} GB host" * bool(target_gb)
-    )
+    target = f"<= {target_s / 60:.0f} min" if target_s else "-"
+    target += f", <= {target_gb} GB host" if target_gb else ""
     row = {"model": label, "device": "cuda" if torch.cuda.is_available() else "cpu"}
     row |= {"calibration": f"{s['nsamples']} x {s['seqlen']}", "density": f"{report.achieved_density:.4f}"}
     row |= {"wall time (s)": f"{seconds:.3g}", "peak host RSS (GB)": f"{peak_gb:.2f}", "peak GPU (GB)": gpu}
     row |= {"target": target, "met": ("yes" if met else "NO") if target_s else "-"}
     if s.get("layers") and s["layers"] != 32:  # a part of LLaMA-7B: the whole is extrapolated, marked
-        row |= {
-            "model": f"{label}, first {s['layers']} of 32 blocks",
-            "s per block": f"{seconds / s['layers']:.1f}",
-        }
+        row |= {"model": f"{label}, first {s['layers']} of 32 blocks"}
+        row["s per block"] = f"{seconds / s['layers']:.1f}"
         row |= {"32 blocks (extrapolated, not measured)": f"{32 * seconds / s['layers']:.0f} s", "met": "-"}
     return {"env": environment(), "row": row, "report": report.to_dict()}
 
@@ -151,9 +148,8 @@ def write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
     with init_empty_weights():
         model = LlamaForCausalLM(cfg)
     layers = model.model.layers
-    groups = [
-        [m for n, m in model.named_children() if n != "model"] + [model.model.embed_tokens, model.model.norm]
-    ]
+    outside = [m for n, m in model.named_children() if n != "model"]  # the head: the first shard
+    groups = [outside + [model.model.embed_tokens, model.model.norm]]
     groups += [list(layers[i : i + shard_blocks]) for i in range(0, len(layers), shard_blocks)]
     names, gen = {id(m): n for n, m in model.named_modules()}, torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
@@ -230,8 +226,6 @@ def profile_row(s: dict, args) -> dict:
     report = compress(model, tok, config_of(s, device="cpu"), calibration=windows, progress=False)
     profiler.disable()
     compress_s = time.perf_counter() - start
-    if args.pstats:
-        profiler.dump_stats(args.pstats)
     payload = {"what": f"cProfile of compress ({s['method']}) on {label}, WikiText-2 v1 valid calibration"}
     payload |= {"label": args.label, "leanformers_file": leanformers.__file__, "env": environment()}
     payload |= {"threads": torch.get_num_threads(), "blocks": s["blocks"] or len(model.model.layers)}
@@ -271,7 +265,6 @@ def build_parser():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     ap.add_argument("--tmp", default=None, help="stream: folder for the random model (default /tmp)")
     ap.add_argument("--save-state", default=None, help="profile: write the compressed state dict here")
-    ap.add_argument("--pstats", default=None, help="profile: also dump the raw cProfile statistics here")
     ap.add_argument("--label", default="", help="profile: free text stored in the JSON (the code version)")
     return ap
 

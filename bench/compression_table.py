@@ -67,6 +67,7 @@ def row_keys(name: str, row: dict) -> set[str]:
 
 ROWS = load_rows("compression_table", row_keys)
 TEXT_ROWS = ["dense", "wanda24", "sparsegpt24", "paper", "alpha1", "shrink", "n64", "mix", "mix_code"]  # §14
+MINILM_ROWS = ["svd", "svdllm_whiten", "mpifa"]  # --minilm: these rows at every density
 KEYS = {"cells": lambda c: (c["row"], c["density"]), "minilm": lambda c: (c["row"], c["density"])}
 KEYS["conversion"] = lambda c: (c["source row"], c["density"], c["dtype"])
 
@@ -208,8 +209,8 @@ def embeddings(model: nn.Module, batches) -> torch.Tensor:
 
 
 def minilm_rows(args) -> list[dict]:
-    """all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings, dense vs compressed, held-back sentences
-    of the raw test text; calibration: windows of the v1 validation text ([CLS] + 126 + [SEP])."""
+    """all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings, dense vs compressed, 512 held-back sentences
+    of the raw test text; calibration: 64 windows of the v1 validation text ([CLS] + 126 + [SEP])."""
     if args.quick:
         base, label = harness.tiny_bert(), "tiny BERT (random)"
         calibration = byte_ids("wikitext-2-v1-valid.txt", 8 * 32).view(8, 32)
@@ -223,17 +224,17 @@ def minilm_rows(args) -> list[dict]:
         tok, label = AutoTokenizer.from_pretrained(all_minilm_l6_v2()), "all-MiniLM-L6-v2"
         base = AutoModel.from_pretrained(all_minilm_l6_v2(), dtype=torch.float32).eval()
         valid = text_ids("wikitext-2-v1-valid.txt", tok)
-        body = calibration_windows(valid, args.minilm_nsamples, 126, seed=args.seed)
+        body = calibration_windows(valid, 64, 126, seed=args.seed)
         edge = torch.ones(body.shape[0], 1, dtype=torch.long)
         calibration = torch.cat([edge * tok.cls_token_id, body, edge * tok.sep_token_id], dim=1)
-        texts = sentences(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), args.minilm_sentences)
+        texts = sentences(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), 512)
         kw = {"padding": True, "truncation": True, "max_length": 128, "return_tensors": "pt"}
         encoded = (tok(texts[i : i + 32], **kw) for i in range(0, len(texts), 32))
         batches = [(e["input_ids"], e["attention_mask"]) for e in encoded]
     dense, rows = embeddings(base, batches), []
     cpu_args = argparse.Namespace(**vars(args) | {"batch_size": 16, "device": "cpu"})
-    for density in args.minilm_densities:
-        for row in args.minilm_rows:
+    for density in args.densities:
+        for row in MINILM_ROWS:
             model, t0 = copy.deepcopy(base), time.perf_counter()
             info = compress_row(row, model, density, calibration, None, cpu_args)
             cos = torch.nn.functional.cosine_similarity(dense, embeddings(model, batches), dim=-1)
@@ -289,7 +290,7 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
     from leanformers.eval.zeroshot import accuracy_table, zero_shot
 
     payload = json.loads(path.read_text()) if args.merge and path.is_file() else {"rows": {}}
-    data_dir = resolve_data_dir(args.data_dir, args.tasks)
+    data_dir = resolve_data_dir(None, args.tasks)  # ../shared/data/zeroshot
     files = {t: LOCAL_TASKS[t]["files"] for t in args.tasks}
     documents = "full splits" if args.limit is None else f"first {args.limit} documents per task"
     setting = {"model": args.model_label, "calibration": calibration_text(args)}
@@ -312,8 +313,8 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
                 if name not in models:
                     models[name] = zero_shot_model(row, density, base, tok, windows, args, entry)
                 stop, t0 = int(min(total, start + args.chunk)), time.perf_counter()
-                kw = {"batch_size": args.zs_batch_size, "data_dir": args.data_dir}
-                results = zero_shot(models[name], tok, [task], samples={task: list(range(start, stop))}, **kw)
+                samples = {task: list(range(start, stop))}
+                results = zero_shot(models[name], tok, [task], batch_size=args.zs_batch_size, samples=samples)
                 chunk = accuracy_table(results)[task]
                 if chunk["n"] != stop - start:
                     asked = f"{name} {task}: asked for documents {start}-{stop}"
@@ -488,8 +489,6 @@ def build_parser():
     ap.add_argument("--densities", type=float, nargs="+", default=None)
     for flag in ("--eval-tokens", "--context", "--nsamples", "--seqlen", "--eval-batch-size"):
         ap.add_argument(flag, type=int, default=None)
-    ap.add_argument("--conversion-density", type=float, default=None)
-    ap.add_argument("--minilm-densities", type=float, default=None, nargs="+")
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default cuda when available, else cpu (cpu with --quick)")
@@ -500,16 +499,12 @@ def build_parser():
     dtypes = ["bfloat16", "float16", "float32"]
     ap.add_argument("--conversion-dtypes", nargs="+", default=["bfloat16"], choices=dtypes)
     ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 embedding cosine rows")
-    ap.add_argument("--minilm-rows", nargs="+", default=["svd", "svdllm_whiten", "mpifa"], choices=list(ROWS))
-    ap.add_argument("--minilm-nsamples", type=int, default=64)
-    ap.add_argument("--minilm-sentences", type=int, default=512)
     ap.add_argument("--no-extras", action="store_true", help="--quick: skip the conversion and MiniLM checks")
     ap.add_argument("--zero-shot", action="store_true", help="lm-eval zero-shot cells instead of perplexity")
     ap.add_argument("--tasks", nargs="*", default=ZERO_SHOT_TASKS)
     ap.add_argument("--limit", type=int, default=None, help="--zero-shot: documents per task (default all)")
     ap.add_argument("--chunk", type=int, default=200, help="--zero-shot: documents per saved chunk of a cell")
     ap.add_argument("--zs-batch-size", type=int, default=16, help="--zero-shot: lm-eval batch size")
-    ap.add_argument("--data-dir", default=None, help="--zero-shot: the task files (../shared/data/zeroshot)")
     ap.add_argument("--markdown", action="store_true", help="--zero-shot: print the table of --output, exit")
     ap.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
     plot = "PNG of perplexity (and MiniLM cosine) vs density; with --texts: only the picture of docs/mpifa.md"
@@ -533,12 +528,11 @@ def defaults(args) -> None:
     args.context = args.context or (128 if q else 2048)
     args.nsamples = args.nsamples or ((4 if zs else 8) if q else 64)
     args.seqlen = args.seqlen or (64 if q else 512)
-    args.conversion_density = args.conversion_density or max(args.densities)
+    args.conversion_density = max(args.densities)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
-    args.minilm_densities = args.minilm_densities or args.densities
     args.limit = args.limit or (4 if q and zs else None)
     if q and not args.no_extras and not zs:
-        args.conversion, args.minilm, args.minilm_nsamples = True, True, 8
+        args.conversion, args.minilm = True, True
         args.conversion_dtypes = ["bfloat16", "float32"]
 
 
@@ -552,8 +546,7 @@ def main(argv: list[str] | None = None) -> dict:
         rows = [r for r in args.rows if "calibration" in ROWS[r]]
         raise SystemExit(f"rows {rows} calibrate on other text than the §1 windows: run them with --texts")
     args.command = command_line("compression_table", argv)
-    name = f"{'zeroshot_table' if args.zero_shot else 'mpifa_quality'}{'_quick' if args.quick else ''}"
-    path = Path(args.output or RESULTS / f"{name}.json")
+    path = harness.output_path(args, "zeroshot_table" if args.zero_shot else "mpifa_quality")
     if args.markdown:
         payload = json.loads(path.read_text())
         print(markdown(payload))

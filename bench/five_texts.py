@@ -32,29 +32,18 @@ CODE_FOLDERS = ("torch", "stdlib", "calib_code")  # their top-level *.py files, 
 # calibration key -> (source, weight) parts, drawn by mixed_calibration_windows (§14)
 # ("wiki_code": the composition of mpifa-compress's default --calib before issue 20, the local WikiText-2 v1
 # valid standing in for the online WikiText-2 raw train split)
-MIXES = {
-    "wiki": [("calib_wiki", 1.0)],
-    "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)],
-    "mix_code": [("calib_wiki", 2.0), ("calib_captions", 1.0), ("calib_code", 1.0)],
-    "wiki_code": [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)],
-}
+MIXES = {"wiki": [("calib_wiki", 1.0)], "mix": [("calib_wiki", 2.0), ("calib_captions", 1.0)]}
+MIXES["mix_code"] = [*MIXES["mix"], ("calib_code", 1.0)]
+MIXES["wiki_code"] = [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)]
 # calibration key -> a --calib SPEC (issue 20, §19): "{wiki}" is the local WikiText-2 v1 valid; a spec
 # without "self@" goes through the package's calibration_windows_for; "self@NAME" generates with the
 # SELF_VARIANTS[NAME] settings explicitly (the same mix: window_counts, source i seeded seed + i), so
 # that the cells measured before the package's default settings changed stay reproducible. self_t1_own is
 # the package's default --calib; t07 the first settings of §19 (1.0 -> 0.7 over 16 tokens), t1 plain
 # sampling at T = 1 (top-p 0.95 in both)
-SPECS = {
-    "self": "self@t07",
-    "self_wiki": "self=1,{wiki}=1",
-    "self_own": "self@t07=3,python:leanformers=1",
-    "wiki_own": "{wiki}=3,python:leanformers=1",
-    "self_t1_own": "self@t1=3,python:leanformers=1",
-}
-SELF_VARIANTS = {
-    "t07": dict(temperature_start=1.0, temperature_end=0.7),
-    "t1": dict(temperature_start=1.0, temperature_end=1.0),
-}
+SPECS = {"self": "self@t07", "self_wiki": "self=1,{wiki}=1", "self_own": "self@t07=3,python:leanformers=1"}
+SPECS |= {"wiki_own": "{wiki}=3,python:leanformers=1", "self_t1_own": "self@t1=3,python:leanformers=1"}
+SELF_VARIANTS = {v: dict(temperature_start=1.0, temperature_end=t) for v, t in (("t07", 0.7), ("t1", 1.0))}
 CALIBRATIONS = [*MIXES, *SPECS]
 
 

@@ -32,31 +32,9 @@ if str(REPO_ROOT) not in sys.path:  # ``tests.tiny_models``, the model factory
 if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install chooses the checkout first
     sys.path.append(str(REPO_ROOT / "src"))
 
-from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402
-
-__all__ = [
-    "REPO_ROOT",
-    "RESULTS",
-    "ROWS",
-    "ResultFile",
-    "ascii_ids",
-    "command_line",
-    "environment",
-    "llama_config",
-    "in_fresh_process",
-    "interleaved",
-    "load_rows",
-    "output_path",
-    "parser",
-    "print_table",
-    "row_settings",
-    "rows_arguments",
-    "sync",
-    "timed",
-    "tiny_bert",
-    "tiny_llama",
-    "write_json",
-]
+# the model factory, re-exported for the runners (bench/README.md)
+# the model factory, re-exported for the runners (bench/README.md)
+from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402, F401
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -101,11 +79,8 @@ def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[
         for key in row:
             if key not in allowed:
                 near = difflib.get_close_matches(key, allowed, n=3)
-                hint = (
-                    f" (did you mean {', '.join(near)}?)"
-                    if near
-                    else f"; allowed: {', '.join(sorted(allowed))}"
-                )
+                hint = f"; allowed: {', '.join(sorted(allowed))}"
+                hint = f" (did you mean {', '.join(near)}?)" if near else hint
                 raise ValueError(f"{path}: row {name!r} has unknown key {key!r}{hint}")
     return rows
 
@@ -130,22 +105,10 @@ def rows_arguments(
     ap: argparse.ArgumentParser, rows: dict[str, dict], default: list[str] | None = None
 ) -> None:
     """``--rows NAME...`` (choices: the rows file's names) and ``--set KEY=VALUE...`` (row settings)."""
-    ap.add_argument(
-        "--rows",
-        nargs="*",
-        choices=list(rows),
-        default=default,
-        metavar="ROW",
-        help=f"rows of bench/rows/ to run: {', '.join(rows)}",
-    )
-    ap.add_argument(
-        "--set",
-        dest="sets",
-        nargs="*",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a setting of the rows (VALUE is YAML)",
-    )
+    names = f"rows of bench/rows/ to run: {', '.join(rows)}"
+    ap.add_argument("--rows", nargs="*", choices=list(rows), default=default, metavar="ROW", help=names)
+    sets = "override a setting of the rows (VALUE is YAML)"
+    ap.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE", help=sets)
 
 
 def ascii_ids(text: str, n: int | None = None) -> torch.Tensor:
@@ -230,9 +193,8 @@ def in_fresh_process(module: str, function: str, threads: int | None = None, **k
     code = f"import json, sys; sys.path.insert(0, {str(REPO_ROOT / 'bench')!r}); import {module} as m; "
     code += f"print(json.dumps(m.{function}(**json.loads(sys.argv[1]))))"
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env
-    )
+    command = [sys.executable, "-c", code, json.dumps(kwargs)]
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{module}.{function} in a fresh process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])

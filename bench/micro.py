@@ -22,7 +22,7 @@ from pathlib import Path
 
 import harness
 import torch
-from harness import RESULTS, environment, llama_config, load_rows, print_table, row_settings, timed
+from harness import environment, interleaved, llama_config, load_rows, print_table, row_settings, timed
 from torch import nn
 
 import leanformers
@@ -69,13 +69,9 @@ def random_mask(n_out: int, n_in: int, density: float, seed: int = 0) -> torch.T
     return mask.view(n_out, n_in)
 
 
-def best_seconds(fn, repeats: int, device: str = "cpu") -> float:
-    times = []
-    for _ in range(repeats):
-        with timed(device) as t:
-            fn()
-        times.append(t.seconds)
-    return min(times)
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn``."""
+    return min(interleaved({"call": lambda rep: fn()}, repeats)["call"])
 
 
 # ------------------------------------------------------------------------------------ the benchmarks
@@ -413,7 +409,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.rows:
         sets = args.sets + ([f"repeats={args.repeats}"] if args.repeats and "repeats" in ROWS[name] else [])
         settings = row_settings(name, ROWS[name], args.quick, sets)
-        args.path = args.output or RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
+        args.path = harness.output_path(args, name)
         payload = BENCHES[settings["bench"]][0](settings, args)
         columns = payload.pop("table")
         results[name] = payload

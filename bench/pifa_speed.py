@@ -198,9 +198,7 @@ def random_llama(shape: dict, dtype, device, layout: str = "dense", density=0.5,
     layout) or U V layer at ``density`` (the values do not affect speed)."""
     from transformers import LlamaForCausalLM
 
-    sizes = (shape[k] for k in ("hidden", "intermediate", "layers", "heads"))
-    kw = {"vocab": shape["vocab"], "max_positions": positions, "tie_word_embeddings": False}
-    cfg = harness.llama_config(*sizes, **kw)
+    cfg = harness.llama_config(**shape, max_positions=positions, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
@@ -610,7 +608,7 @@ def rss_probe(folder: str, dtype: str, new_tokens: int, load_kwargs: dict) -> di
     return out | {"load_s": load.seconds, "load_kwargs": {k: str(v) for k, v in load_kwargs.items()}}
 
 
-def checkpoint_source(s: dict, tmp: Path, cache: Path | None):
+def checkpoint_source(s: dict, tmp: Path):
     """(source folder, tokenizer, calibration, its label, cache folder)."""
     from transformers import AutoTokenizer
 
@@ -621,8 +619,8 @@ def checkpoint_source(s: dict, tmp: Path, cache: Path | None):
     from leanformers.data import shared_data_path
     from leanformers.hub import cache_dir, smollm2_135m
 
-    source, calib, cache = smollm2_135m(), shared_data_path("wikitext-2-v1-valid.txt"), cache or cache_dir()
-    return source, AutoTokenizer.from_pretrained(source), str(calib), calib.name, cache / "pifa_speed"
+    source, calib = smollm2_135m(), shared_data_path("wikitext-2-v1-valid.txt")
+    return source, AutoTokenizer.from_pretrained(source), str(calib), calib.name, cache_dir() / "pifa_speed"
 
 
 def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
@@ -640,7 +638,7 @@ def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
     res |= {"batch8_equals_batch1": {}, "rss": {}}
     tmp = Path(tempfile.mkdtemp(prefix="pifa-speed-ckpt-"))
     try:
-        source, tokenizer, calibration, label, cache = checkpoint_source(s, tmp, args.cache_dir)
+        source, tokenizer, calibration, label, cache = checkpoint_source(s, tmp)
         smollm2 = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)"
         res["source"] = smollm2 if tokenizer else "tiny LLaMA (random)"
         res["calibration"] = f"{label}: {s['calibration'][0]} x {s['calibration'][1]} tokens"
@@ -727,7 +725,7 @@ def load_memory(s: dict, args) -> tuple[dict, list[dict]]:
     unknown = set(s["paths"]) - set(LOAD_PATHS)
     if unknown:
         raise SystemExit(f"load_memory paths: unknown {sorted(unknown)}; choose from {', '.join(LOAD_PATHS)}")
-    tmp = Path(tempfile.mkdtemp(prefix="pifa-load-memory-", dir=args.cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix="pifa-load-memory-"))
     try:
         built, rows = save_random_compressed(s, tmp / "model"), []
         for path in s["paths"]:
@@ -771,8 +769,6 @@ def build_parser():
     device = "cuda or cpu (default cuda when available; cpu with --quick)"
     ap.add_argument("--device", default=None, help=device)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable on a shared CPU)")
-    cache = "checkpoints: compressed folders (~/.cache/leanformers/pifa_speed); load_memory: its checkpoint"
-    ap.add_argument("--cache-dir", type=Path, default=None, help=cache)
     return ap
 
 

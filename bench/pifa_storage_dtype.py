@@ -46,9 +46,7 @@ def row_keys(name: str, row: dict) -> set[str]:
 ROWS = load_rows("pifa_storage_dtype", row_keys)
 
 
-# ---------------------------------------------------------------------------------------------
-# storage emulation
-# ---------------------------------------------------------------------------------------------
+# ---- storage emulation ----------------------------------------------------------------------------
 @torch.no_grad()
 def to_lowrank_(model: nn.Module) -> int:
     """Replace every PIFALinear by the balanced low-rank U V of the same matrix (fp32 SVD), in place."""
@@ -122,9 +120,7 @@ def build_variants(variants: dict, compute: str, dense: nn.Module, pifa: nn.Modu
     return models, reference
 
 
-# ---------------------------------------------------------------------------------------------
-# evaluation: every variant on the same windows, KL against its reference
-# ---------------------------------------------------------------------------------------------
+# ---- evaluation: every variant on the same windows, KL against its reference ----------------------
 @torch.no_grad()
 def evaluate(
     models: dict[str, nn.Module], reference: dict[str, str], windows: torch.Tensor, on_window=None
@@ -174,9 +170,7 @@ def rows_from(acc: dict[str, dict], reference: dict[str, str], errors: dict[str,
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# speed of the real bf16 layer with each coefficient storage
-# ---------------------------------------------------------------------------------------------
+# ---- speed of the real bf16 layer with each coefficient storage -----------------------------------
 @torch.no_grad()
 def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps: int) -> list[dict]:
     rows = []
@@ -187,10 +181,10 @@ def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps:
         x = torch.randn(tokens, n, generator=g).to(torch.bfloat16)
         for form in ("row", "column"):
             base = PIFALinear.from_factors(U, V, None, form=form)
-            layers = {}
-            for setting in ("same", "auto", "float32"):
-                layers[setting] = copy.deepcopy(base).set_coefficient_dtype_(setting).to(torch.bfloat16)
-            runs = harness.interleaved({k: lambda rep, f=f: f(x) for k, f in layers.items()}, reps, warmup=1)
+            settings = ("same", "auto", "float32")
+            layers = {k: copy.deepcopy(base).set_coefficient_dtype_(k).to(torch.bfloat16) for k in settings}
+            calls = {k: lambda rep, f=f, x=x: f(x) for k, f in layers.items()}
+            runs = harness.interleaved(calls, reps, warmup=1)
             times = {k: statistics.median(v) * 1000 for k, v in runs.items()}
             for setting, layer in layers.items():
                 row = {"shape (out x in)": f"{m}x{n}", "rank": r, "form": form, "coefficient_dtype": setting}
@@ -200,9 +194,7 @@ def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps:
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------------
+# ---- models ---------------------------------------------------------------------------------------
 def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
     """(dense fp32 model, compressed fp32 model, evaluation ids, setting)."""
     cfg_kw = dict(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")

@@ -31,26 +31,21 @@ from pathlib import Path
 
 import harness
 import torch
-from harness import RESULTS, ResultFile, environment, in_fresh_process, interleaved, print_table, timed
+from harness import ResultFile, environment, in_fresh_process, interleaved, print_table, timed
 
 from leanformers.chts import CHTssConfig, CHTssController
 from leanformers.sst import SSTConfig, SSTController
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SIZES = {  # SST paper's LLaMA-130M and 1.3B (vocab 32000); small and tiny: vocab 4096
-    "130m": (768, 2048, 12, 12),
-    "1.3b": (2048, 5461, 24, 32),
-    "small": (256, 688, 4, 4),
-    "tiny": (128, 344, 2, 4),
-}
+# SST paper's LLaMA-130M and 1.3B (vocab 32000); small and tiny: vocab 4096
+SIZES = {"130m": (768, 2048, 12, 12), "1.3b": (2048, 5461, 24, 32), "small": (256, 688, 4, 4)}
+SIZES["tiny"] = (128, 344, 2, 4)
 LOOP = {"sampler": "blocks", "betas": [0.9, 0.999], "schedule": "cosine", "rank": 8, "density": 0.3}
 LOOP |= {"sst_steps_per_iteration": 200, "update_interval": 10, "zeta": 0.1, "train_chars": None}
-LOOP["eval_tokens"] = 32768
+LOOP["eval_tokens"] = 32768  # the lm rows' defaults; each key may also be set by a row
+# the columns of the tables, in order
 SCORES = ("block_density", "ppl_wikitext2_test", "ppl_tinyshakespeare", "val_ppl", "held_out_ppl", "bleu")
-SCORES += (
-    "chrf",
-    "final_train_loss",
-)  # the columns of the tables, in order  # the lm rows' defaults; each key may also be set by a row
+SCORES += ("chrf", "final_train_loss")
 KINDS = {
     "lm": " ".join(LOOP) + " data model methods steps batch seq lr zero_shot_limit",
     "cost": "sizes count_only methods batch seq steps",
@@ -501,9 +496,8 @@ def finetune_paths(s: dict, data: dict) -> dict:
         return run
 
     times = interleaved({k: call(*v) for k, v in variants.items()}, len(batches))
-    ratio = {
-        k: round(statistics.median(a / b for a, b in zip(t, times["lora"])), 3) for k, t in times.items()
-    }
+    lora = times["lora"]
+    ratio = {k: round(statistics.median(a / b for a, b in zip(t, lora)), 3) for k, t in times.items()}
     tokens = [int(b["input_ids"].numel()) for b in batches]
     return {"tokens_per_batch": tokens, "fwd_bwd_s": times, "ratio_vs_lora": ratio}
 
@@ -662,9 +656,8 @@ def run_row(name: str, s: dict, args, path: Path, store: ResultFile) -> dict:
     setting = {k: v for k, v in s.items() if k not in ("kind", "methods", "output")}
     old = json.loads(path.read_text()) if args.merge and path.is_file() else {}
     if any(old.get("setting", {}).get(k, v) != v for k, v in setting.items()):
-        raise SystemExit(
-            f"{path} holds rows of another setting; write elsewhere with --output or drop --merge"
-        )
+        fix = "write elsewhere with --output or drop --merge"
+        raise SystemExit(f"{path} holds rows of another setting; {fix}")
     command, methods = harness.command_line("training_table", args.argv), args.methods or s.get("methods")
     fields = {"environment": environment(args.device), "setting": setting, "command": command}
     if s["kind"] == "finetune":
