@@ -44,16 +44,13 @@ class SparseSubset(nn.Module):
         attention = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden)}
         attention["o_proj"] = (hidden, hidden)
         mlp = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
-        shapes = {"self_attn": attention, "mlp": mlp}
-        self.layers = nn.ModuleList()
-        for _ in range(layers):
-            block = nn.Module()
-            for part, linears in shapes.items():
-                holder = nn.Module()
-                for name, (o, i) in linears.items():
-                    setattr(holder, name, nn.Linear(i, o, bias=False, dtype=dtype, device=device))
-                setattr(block, part, holder)
-            self.layers.append(block)
+
+        def part(shapes: dict) -> nn.ModuleDict:
+            kw = {"bias": False, "dtype": dtype, "device": device}
+            return nn.ModuleDict({k: nn.Linear(i, o, **kw) for k, (o, i) in shapes.items()})
+
+        blocks = ({"self_attn": part(attention), "mlp": part(mlp)} for _ in range(layers))
+        self.layers = nn.ModuleList(nn.ModuleDict(block) for block in blocks)
         with torch.no_grad():
             for p in self.parameters():
                 p.normal_(0, 0.02)

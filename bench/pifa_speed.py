@@ -15,6 +15,7 @@ Each row prints its table; the rows of one ``output`` share bench/results/<outpu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -319,13 +320,8 @@ def forward_ops(layer: PIFALinear, x2: torch.Tensor) -> dict[str, Callable[[], o
 
 def cycle(fns: list[Callable[[], object]]) -> Callable[[], object]:
     """One callable running the next of ``fns`` at each call."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(fns)
-        return fns[state["i"]]()
-
-    return call
+    calls = itertools.cycle(fns)
+    return lambda: next(calls)()
 
 
 COLD_BYTES = 96 * 2**20  # > 2x a 32 MB L3: cycling through this many bytes of copies reads from DRAM

@@ -264,13 +264,12 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
     rank = {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16)
     vocab = 32000 if size in ("130m", "1.3b") else 4096
     row = {"size": size, "method": method, "rank": rank}
-    if count_only or method == "galore":
+    if method == "galore":
         try:
             assert not count_only, "counted only when measured (projector state)"
             import galore_torch  # noqa: F401
         except Exception as exc:  # AssertionError, ImportError, or bitsandbytes missing at import
-            if method == "galore":
-                return {**row, "error": str(exc) if count_only else f"galore-torch not importable ({exc})"}
+            return {**row, "error": str(exc) if count_only else f"galore-torch not importable ({exc})"}
     if count_only:
         with torch.device("meta"):
             model = llama(size, vocab, 256)
@@ -408,10 +407,9 @@ def finetune_base(s: dict) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from leanformers.hub import smollm2_135m
-    from tests.tiny_models import tiny_llama
 
     if s["model"] == "tiny":
-        return tiny_llama(seed=0).train()
+        return harness.tiny_llama(seed=0).train()
     return AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).train()
 
 
