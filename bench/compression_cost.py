@@ -216,16 +216,12 @@ def profile_row(s: dict, args) -> dict:
     windows = calibration_windows(valid, s["nsamples"], s["seqlen"], 0)
     with torch.no_grad():
         model(input_ids=windows[:1, :16], use_cache=False)  # warm-up (allocator, kernels)
-        start = time.perf_counter()
-        for batch in windows.split(s["batch_size"]):
-            model(input_ids=batch, use_cache=False)
-        dense_s = time.perf_counter() - start
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.enable()
-    report = compress(model, tok, config_of(s, device="cpu"), calibration=windows, progress=False)
-    profiler.disable()
-    compress_s = time.perf_counter() - start
+        with timed() as dense:
+            for batch in windows.split(s["batch_size"]):
+                model(input_ids=batch, use_cache=False)
+    with timed() as compressing, cProfile.Profile() as profiler:
+        report = compress(model, tok, config_of(s, device="cpu"), calibration=windows, progress=False)
+    dense_s, compress_s = dense.seconds, compressing.seconds
     payload = {"what": f"cProfile of compress ({s['method']}) on {label}, WikiText-2 v1 valid calibration"}
     payload |= {"label": args.label, "leanformers_file": leanformers.__file__, "env": environment()}
     payload |= {"threads": torch.get_num_threads(), "blocks": s["blocks"] or len(model.model.layers)}

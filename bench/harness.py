@@ -117,13 +117,6 @@ def ascii_ids(text: str, n: int | None = None) -> torch.Tensor:
 
 
 # ---- environment ---------------------------------------------------------------------------------
-def describe_device(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def environment(device: torch.device | str | None = None) -> dict:
     """Date, machine, CPU threads, library versions (and the GPU / the device when there is one)."""
     import peft
@@ -137,8 +130,9 @@ def environment(device: torch.device | str | None = None) -> dict:
     env |= {"leanformers": leanformers.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     if device is not None:
-        env["device"] = describe_device(device)
+        env["device"] = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu
     return env
 
 
