@@ -87,13 +87,10 @@ def random_llama(shape: dict, dtype: torch.dtype):
 def load_model(s: dict):
     """(model, tokenizer or None, label, calibration: ids or a file path)."""
     if s["model"] == "smollm2":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from leanformers.data import shared_data_path
-        from leanformers.hub import smollm2_135m
+        from leanformers.hub import load_causal_lm, smollm2_135m
 
-        tok = AutoTokenizer.from_pretrained(smollm2_135m())
-        model = AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval()
+        model, tok = load_causal_lm(smollm2_135m(), dtype=torch.float32)
         calibration = str(shared_data_path("wikitext-2-v1-valid.txt"))
         return model, tok, "SmolLM2-135M (GGUF Q4_1 dequantised)", calibration
     if s["model"] == "llama7b" and not torch.cuda.is_available():

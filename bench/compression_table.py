@@ -95,16 +95,16 @@ def load_base(args) -> tuple[nn.Module, object, str]:
     with --zero-shot, SmolLM2's tokenizer and vocabulary, which lm-eval needs)."""
     if args.quick and not args.zero_shot:
         return harness.tiny_llama(), None, TINY
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from leanformers.hub import smollm2_135m
+    from leanformers.hub import load_causal_lm, smollm2_135m
 
+    if not args.quick:
+        return (*load_causal_lm(smollm2_135m(), dtype=torch.float32), SMOLLM2)
     tok = AutoTokenizer.from_pretrained(smollm2_135m())
-    if args.quick:
-        torch.manual_seed(0)
-        cfg = harness.llama_config(64, 96, 2, 4, 2, vocab=len(tok), max_positions=2048)
-        return LlamaForCausalLM(cfg).eval(), tok, "tiny LLaMA (random init, --quick)"
-    return AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval(), tok, SMOLLM2
+    torch.manual_seed(0)
+    cfg = harness.llama_config(64, 96, 2, 4, 2, vocab=len(tok), max_positions=2048)
+    return LlamaForCausalLM(cfg).eval(), tok, "tiny LLaMA (random init, --quick)"
 
 
 def calibration_text(args) -> str:

