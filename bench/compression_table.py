@@ -485,7 +485,6 @@ def build_parser():
     ap = parser(__doc__, "tiny random LLaMA + tiny data (CI smoke test)")
     rows = f"rows of bench/rows/compression_table.yaml (default: the §1 rows): {', '.join(ROWS)}"
     ap.add_argument("--rows", nargs="*", default=None, choices=list(ROWS), metavar="ROW", help=rows)
-    ap.add_argument("--json", dest="output", type=Path, help="the same as --output (older name)")
     ap.add_argument("--densities", type=float, nargs="+", default=None)
     for flag in ("--eval-tokens", "--context", "--nsamples", "--seqlen", "--eval-batch-size"):
         ap.add_argument(flag, type=int, default=None)
