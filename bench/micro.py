@@ -22,7 +22,7 @@ from pathlib import Path
 
 import harness
 import torch
-from harness import RESULTS, environment, llama_config, load_rows, print_table, row_settings, timed
+from harness import environment, interleaved, llama_config, load_rows, print_table, row_settings, timed
 from torch import nn
 
 import leanformers
@@ -30,12 +30,9 @@ from leanformers.chts import CHTssConfig, CHTssController
 from leanformers.chts.predictors import l3n_scores, l3p_scores
 from leanformers.chts.rewiring import Rewiring
 
-SHAPES = {  # hidden, intermediate, blocks, heads, kv heads: LLaMA sparse subsets
-    "quick": (256, 688, 2, 4, 4),
-    "quick4": (256, 688, 4, 4, 4),
-    "llama130m": (768, 2048, 12, 12, 12),
-    "llama7b": (4096, 11008, 32, 32, 32),
-}
+# hidden, intermediate, blocks, heads, kv heads: LLaMA sparse subsets
+SHAPES = {"quick": (256, 688, 2, 4, 4), "quick4": (256, 688, 4, 4, 4), "llama130m": (768, 2048, 12, 12, 12)}
+SHAPES["llama7b"] = (4096, 11008, 32, 32, 32)
 
 
 class SparseSubset(nn.Module):
@@ -44,18 +41,16 @@ class SparseSubset(nn.Module):
     def __init__(self, hidden: int, inter: int, layers: int, heads: int, kv_heads: int, dtype, device):
         super().__init__()
         kv = kv_heads * (hidden // heads)
-        shapes = {"self_attn": {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden),
-                                "o_proj": (hidden, hidden)},
-                  "mlp": {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}}  # fmt: skip
-        self.layers = nn.ModuleList()
-        for _ in range(layers):
-            block = nn.Module()
-            for part, linears in shapes.items():
-                holder = nn.Module()
-                for name, (o, i) in linears.items():
-                    setattr(holder, name, nn.Linear(i, o, bias=False, dtype=dtype, device=device))
-                setattr(block, part, holder)
-            self.layers.append(block)
+        attention = {"q_proj": (hidden, hidden), "k_proj": (kv, hidden), "v_proj": (kv, hidden)}
+        attention["o_proj"] = (hidden, hidden)
+        mlp = {"gate_proj": (inter, hidden), "up_proj": (inter, hidden), "down_proj": (hidden, inter)}
+
+        def part(shapes: dict) -> nn.ModuleDict:
+            kw = {"bias": False, "dtype": dtype, "device": device}
+            return nn.ModuleDict({k: nn.Linear(i, o, **kw) for k, (o, i) in shapes.items()})
+
+        blocks = ({"self_attn": part(attention), "mlp": part(mlp)} for _ in range(layers))
+        self.layers = nn.ModuleList(nn.ModuleDict(block) for block in blocks)
         with torch.no_grad():
             for p in self.parameters():
                 p.normal_(0, 0.02)
@@ -64,21 +59,16 @@ class SparseSubset(nn.Module):
 def random_mask(n_out: int, n_in: int, density: float, seed: int = 0) -> torch.Tensor:
     """(n_out, n_in) bool mask with exactly round(density * n_out * n_in) links, uniformly placed."""
     total = n_out * n_in
-    keep = torch.randperm(total, generator=torch.Generator().manual_seed(seed))[
-        : max(1, round(density * total))
-    ]
+    gen = torch.Generator().manual_seed(seed)
+    keep = torch.randperm(total, generator=gen)[: max(1, round(density * total))]
     mask = torch.zeros(total, dtype=torch.bool)
     mask[keep] = True
     return mask.view(n_out, n_in)
 
 
-def best_seconds(fn, repeats: int, device: str = "cpu") -> float:
-    times = []
-    for _ in range(repeats):
-        with timed(device) as t:
-            fn()
-        times.append(t.seconds)
-    return min(times)
+def best_seconds(fn, repeats: int) -> float:
+    """The fastest of ``repeats`` calls of ``fn``."""
+    return min(interleaved({"call": lambda rep: fn()}, repeats)["call"])
 
 
 # ------------------------------------------------------------------------------------ the benchmarks
@@ -107,9 +97,9 @@ def predictor_cost(s: dict, args) -> dict:
         (d0, t0), (d1, t1) = measured[0], measured[-1]
         exponent = round(math.log(t1 / t0) / math.log(d1 / d0), 2)
     print(f"L3p time grows as degree^{exponent} between the measured densities (theory: 3 at large d).")
-    return {"environment": environment("cpu"), "threads": torch.get_num_threads(), "rows": rows,
-            "l3p_degree_exponent": exponent,
-            "table": ["size", "density", "mean_degree", "l3n_s", "l3p_s", "l3p_over_l3n", "l3p"]}  # fmt: skip
+    out = {"environment": environment("cpu"), "threads": torch.get_num_threads(), "rows": rows}
+    out["l3p_degree_exponent"] = exponent
+    return out | {"table": "size density mean_degree l3n_s l3p_s l3p_over_l3n l3p"}
 
 
 def _update_row(name: str, device: str, repeats: int) -> dict:
@@ -141,10 +131,11 @@ def _update_row(name: str, device: str, repeats: int) -> dict:
         with timed(device) as t:
             ctl.update(u)
         t_update.append(t.ms)
-    row = {"model": name, "device": device, "matrices": len(masks),
-           "sparse_subset_weights": sum(p.numel() for p in model.parameters()), "density": 0.3,
-           "predictor_batched_ms": statistics.median(t_batched), "predictor_per_matrix_ms": statistics.median(t_loop),
-           "full_update_ms": statistics.median(t_update), "repeats": repeats}  # fmt: skip
+    row = {"model": name, "device": device, "matrices": len(masks)}
+    row |= {"sparse_subset_weights": sum(p.numel() for p in model.parameters()), "density": 0.3}
+    row["predictor_batched_ms"] = statistics.median(t_batched)
+    row["predictor_per_matrix_ms"] = statistics.median(t_loop)
+    row |= {"full_update_ms": statistics.median(t_update), "repeats": repeats}
     row["batched_speedup"] = row["predictor_per_matrix_ms"] / row["predictor_batched_ms"]
     target = 2000.0 if name == "llama7b" else 50.0
     met = "met" if row["full_update_ms"] <= target else "not met"
@@ -155,8 +146,8 @@ def update_cost(s: dict, args) -> dict:
     cuda = args.device.startswith("cuda")
     shapes, repeats = (s["cuda_shapes"], s["cuda_repeats"]) if cuda else (s["shapes"], s["repeats"])
     rows = [_update_row(name, args.device, repeats) for name in shapes]
-    columns = ["model", "device", "matrices", "predictor_per_matrix_ms", "predictor_batched_ms",
-               "batched_speedup", "full_update_ms", "target"]  # fmt: skip
+    columns = "model device matrices predictor_per_matrix_ms predictor_batched_ms batched_speedup"
+    columns += " full_update_ms target"
     return {"environment": environment(args.device), "rows": rows, "table": columns}
 
 
@@ -170,19 +161,16 @@ def _tensors(obj, seen: set[int], depth: int = 0):
     elif isinstance(obj, (nn.Module, torch.optim.Optimizer, torch.Generator)):
         return
     elif isinstance(obj, (dict, list, tuple)) or hasattr(obj, "__dict__"):
-        values = (
-            obj.values() if isinstance(obj, dict) else vars(obj).values() if hasattr(obj, "__dict__") else obj
-        )
-        for v in values:
+        values = vars(obj).values() if hasattr(obj, "__dict__") else obj
+        for v in obj.values() if isinstance(obj, dict) else values:
             yield from _tensors(v, seen, depth + 1)
 
 
 def held_bytes(controller: CHTssController) -> int:
     """Bytes of distinct tensor storages the controller holds outside the model's parameters."""
     params = {p.untyped_storage().data_ptr() for p in controller.model.parameters()}
-    storages = {
-        t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in _tensors(controller, set())
-    }
+    held = [t.untyped_storage() for t in _tensors(controller, set())]
+    storages = {s.data_ptr(): s.nbytes() for s in held}
     return sum(n for ptr, n in storages.items() if ptr not in params)
 
 
@@ -191,19 +179,19 @@ def mask_memory(s: dict, args) -> dict:
     out = Path(args.path)
     rows = json.loads(out.read_text()).get("rows", []) if out.is_file() else []
     rows = [r for r in rows if r.get("label") != args.label]
+    source = Path(leanformers.__file__).resolve().parents[1]
     for name in s["dtypes"]:
         dtype, device = getattr(torch, name), args.device
         torch.manual_seed(0)
         model = SparseSubset(hidden, inter, blocks, heads, kv, dtype, device)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        ctl = CHTssController(model, opt, CHTssConfig(final_density=0.3, update_interval=1, regrowth="random"),
-                              total_steps=100)  # fmt: skip
+        config = CHTssConfig(final_density=0.3, update_interval=1, regrowth="random")
+        ctl = CHTssController(model, opt, config, total_steps=100)
         x = torch.randn(4, hidden, dtype=dtype, device=device)
         for block in model.layers:  # one step touching every matrix, then the topology update of step 1
             a, m = block.self_attn, block.mlp
-            y = a.o_proj(
-                a.q_proj(x) + a.k_proj(x).repeat(1, heads // kv) + a.v_proj(x).repeat(1, heads // kv)
-            )
+            group = heads // kv
+            y = a.o_proj(a.q_proj(x) + a.k_proj(x).repeat(1, group) + a.v_proj(x).repeat(1, group))
             m.down_proj(m.gate_proj(y) * m.up_proj(y)).float().pow(2).mean().backward()
         opt.step()
         ctl.step()
@@ -214,15 +202,11 @@ def mask_memory(s: dict, args) -> dict:
         with timed(device) as t:
             for _ in range(s["repeats"]):
                 ctl.apply_masks_()
-        rows.append({"shape": s["shape"], "dtype": name, "device": device, "sparse_weights": weights,
-                     "mask_bytes": held, "bytes_per_weight": held / weights, "remask_ms": t.ms / s["repeats"],
-                     "label": args.label, "command": args.command,
-                     "leanformers_source": str(Path(leanformers.__file__).resolve().parents[1]),
-                     "environment": environment()})  # fmt: skip
-    return {
-        "rows": rows,
-        "table": ["label", "shape", "dtype", "sparse_weights", "bytes_per_weight", "remask_ms"],
-    }
+        row = {"shape": s["shape"], "dtype": name, "device": device, "sparse_weights": weights}
+        row |= {"mask_bytes": held, "bytes_per_weight": held / weights, "remask_ms": t.ms / s["repeats"]}
+        row |= {"label": args.label, "command": args.command, "leanformers_source": str(source)}
+        rows.append(row | {"environment": environment()})
+    return {"rows": rows, "table": "label shape dtype sparse_weights bytes_per_weight remask_ms"}
 
 
 GiB, FP32, ADAM_MOMENTS = 1024**3, 4, 2
@@ -242,8 +226,8 @@ def per_gpu(model: nn.Module, world: int, mask_numel: int = 0) -> dict:
     params = sum(shard_numel(p, world) * p.element_size() for p in model.parameters())
     grads = sum(shard_numel(p, world) * FP32 for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() * b.element_size() for b in model.buffers())
-    out = {"params": params, "grads": grads, "moments": grads * ADAM_MOMENTS,
-           "method_state": -(-mask_numel // world) + buffers}  # fmt: skip
+    out = {"params": params, "grads": grads, "moments": grads * ADAM_MOMENTS}
+    out["method_state"] = -(-mask_numel // world) + buffers
     out["total"] = sum(out.values())
     return {k: round(v / GiB, 6) for k, v in out.items()}
 
@@ -282,48 +266,49 @@ def scaling_memory(s: dict, args) -> dict:
     rows, pattern = [], [re.compile(p) for p in DEFAULT_TARGETS]
     for name, shape in s["models"].items():
         dense = build(shape)
-        sparse = [m.weight.numel() for n, m in dense.named_modules()
-                  if isinstance(m, nn.Linear) and any(p.search(n) for p in pattern)]  # fmt: skip
-        ranks = [
-            r if isinstance(r, int) else shape[0] // int(r.removeprefix("hidden/")) for r in s["sst_ranks"]
-        ]
+        linears = [(n, m) for n, m in dense.named_modules() if isinstance(m, nn.Linear)]
+        sparse = [m.weight.numel() for n, m in linears if any(p.search(n) for p in pattern)]
+        ranks = [r if isinstance(r, int) else shape[0] // int(r.split("/")[1]) for r in s["sst_ranks"]]
         ssts = []
         for r in ranks:
             for dtype in ("float32", "bfloat16"):
-                config = SSTConfig(
-                    r=r, target_modules="all-linear", mode="pretrain", frozen_factor_dtype=dtype
-                )
+                kw = {"target_modules": "all-linear", "mode": "pretrain", "frozen_factor_dtype": dtype}
+                config = SSTConfig(r=r, **kw)
                 model = get_peft_model(build(shape), config)
                 frozen_factors_as_parameters(model)  # what SSTCallback does for FSDP2
                 ssts.append((r, dtype, model))
         for world in s["worlds"]:
-            base = {"model": name, "parameters_M": round(sum(p.numel() for p in dense.parameters()) / 1e6, 1),
-                    "world": world}  # fmt: skip
+            base = {"model": name, "parameters_M": round(sum(p.numel() for p in dense.parameters()) / 1e6, 1)}
+            base |= {"world": world}
             rows.append({**base, "method": "dense", **per_gpu(dense, world), "peak_unit": peak_unit(dense)})
-            rows.append({**base, "method": "chtss d=0.3", **per_gpu(dense, world, sum(sparse)),
-                         "peak_unit": peak_unit(dense),
-                         "update_transient": round((2 * sum(sparse) + 4 * FP32 * max(sparse)) / GiB, 6)})  # fmt: skip
+            chtss = {**base, "method": "chtss d=0.3", **per_gpu(dense, world, sum(sparse))}
+            transient = (2 * sum(sparse) + 4 * FP32 * max(sparse)) / GiB
+            rows.append(chtss | {"peak_unit": peak_unit(dense), "update_transient": round(transient, 6)})
             for r, dtype, model in ssts:
                 frozen = [p for p in model.parameters() if not p.requires_grad]
-                rows.append({**base, "method": f"sst r={r} {dtype}", "r": r, "frozen_dtype": dtype,
-                             **per_gpu(model, world), "peak_unit": peak_unit(model),
-                             "sst_trainable_M": round(sum(p.numel() for p in model.parameters() if p.requires_grad) / 1e6, 1),
-                             "frozen_U_Vh_GiB": round(sum(p.numel() * p.element_size() for p in frozen) / GiB, 6),
-                             "frozen_U_Vh_per_gpu_GiB": round(sum(shard_numel(p, world) * p.element_size() for p in frozen) / GiB, 6)})  # fmt: skip
-    return {"command": args.command, "leanformers": leanformers.__version__, "rows": rows,
-            "environment": {**environment(), "device": "meta (shapes only: computed, not measured)"},
-            "units": "GiB per GPU under FSDP2 (dim-0 shards): fp32 parameters (SST's frozen U/Vh at frozen_dtype, "
-            "sharded) / gradients / AdamW moments of trainable parameters, method state (CHTss masks sharded, "
-            "buffers replicated); peak_unit and update_transient are transient, not in total",
-            "table": ["model", "world", "method", "params", "grads", "moments", "method_state", "total",
-                      "peak_unit", "update_transient"]}  # fmt: skip
+                trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+                row = {**base, "method": f"sst r={r} {dtype}", "r": r, "frozen_dtype": dtype}
+                row |= {**per_gpu(model, world), "peak_unit": peak_unit(model)}
+                row["sst_trainable_M"] = round(trainable / 1e6, 1)
+                row["frozen_U_Vh_GiB"] = round(sum(p.numel() * p.element_size() for p in frozen) / GiB, 6)
+                per_gpu_bytes = sum(shard_numel(p, world) * p.element_size() for p in frozen)
+                rows.append(row | {"frozen_U_Vh_per_gpu_GiB": round(per_gpu_bytes / GiB, 6)})
+    out = {"command": args.command, "leanformers": leanformers.__version__, "rows": rows}
+    out["environment"] = {**environment(), "device": "meta (shapes only: computed, not measured)"}
+    out["units"] = (
+        "GiB per GPU under FSDP2 (dim-0 shards): fp32 parameters (SST's frozen U/Vh at frozen_dtype, "
+        "sharded) / gradients / AdamW moments of trainable parameters, method state (CHTss masks sharded, "
+        "buffers replicated); peak_unit and update_transient are transient, not in total"
+    )
+    out["table"] = "model world method params grads moments method_state total peak_unit update_transient"
+    return out
 
 
 def _generate(model, ids, new: int) -> tuple[torch.Tensor, float, float]:
     start, cpu = time.perf_counter(), time.process_time()
+    kw = {"max_new_tokens": new, "min_new_tokens": new, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
-                             min_new_tokens=new, do_sample=False, pad_token_id=0)  # fmt: skip
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
     return out, time.perf_counter() - start, time.process_time() - cpu
 
 
@@ -337,23 +322,18 @@ def sst_generate(s: dict, args) -> dict:
 
     p = s["model"]
     torch.manual_seed(0)
-    cfg = llama_config(p["hidden"], p["ffn"], p["layers"], p["heads"], vocab=p["vocab"], max_positions=512,
-                       tie_word_embeddings=False)  # fmt: skip
+    shape = (p["hidden"], p["ffn"], p["layers"], p["heads"])
+    cfg = llama_config(*shape, vocab=p["vocab"], max_positions=512, tie_word_embeddings=False)
     sst = get_peft_model(LlamaForCausalLM(cfg), SSTConfig(r=p["r"])).eval()
-    models = {
-        "merged": copy.deepcopy(sst).merge_and_unload().eval(),
-        "sst": sst,
-        "sst_uncached": copy.deepcopy(sst),
-    }
+    merged = copy.deepcopy(sst).merge_and_unload().eval()
+    models = {"merged": merged, "sst": sst, "sst_uncached": copy.deepcopy(sst)}
     for layer in models["sst_uncached"].modules():
         if isinstance(layer, SSTLinear):
             layer.inference_cache = False
     ids = torch.randint(0, p["vocab"], (s["batch"], p["prompt"]), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = {name: m(ids).logits for name, m in models.items()}
-    outputs = {
-        name: _generate(m, ids, p["new"])[0] for name, m in models.items()
-    }  # warm-up, reference tokens
+    outputs = {name: _generate(m, ids, p["new"])[0] for name, m in models.items()}  # warm-up, reference
     names, times, cpu = list(models), {n: [] for n in models}, {n: [] for n in models}
     for rep in range(s["repeats"]):
         for name in names[rep % 3 :] + names[: rep % 3]:  # rotate: no variant always goes first
@@ -365,19 +345,25 @@ def sst_generate(s: dict, args) -> dict:
     def ratio(name, series):
         return statistics.median(a / b for a, b in zip(series[name], series["merged"], strict=True))
 
-    rows = [{"variant": n, "median_s": round(statistics.median(times[n]), 4), "vs_merged": round(ratio(n, times), 3),
-             "median_cpu_s": round(statistics.median(cpu[n]), 4), "cpu_vs_merged": round(ratio(n, cpu), 3),
-             "tokens_equal_merged": bool(torch.equal(outputs[n], outputs["merged"]))} for n in names]  # fmt: skip
-    return {"benchmark": "sst_generate", "preset": "quick" if args.quick else "default",
-            "model": {**p, "batch": s["batch"]}, "repeats": s["repeats"], "times_s": times, "cpu_times_s": cpu,
-            "rows": rows, "ratio_sst_vs_merged": ratio("sst", times),
-            "ratio_uncached_vs_merged": ratio("sst_uncached", times), "cpu_ratio_sst_vs_merged": ratio("sst", cpu),
-            "cpu_ratio_uncached_vs_merged": ratio("sst_uncached", cpu), "target_ratio": 1.2,
-            "max_logit_diff_sst_vs_uncached": float((logits["sst"] - logits["sst_uncached"]).abs().max()),
-            "max_logit_diff_sst_vs_merged": float((logits["sst"] - logits["merged"]).abs().max()),
-            "tokens_identical": all(torch.equal(outputs[n], outputs["merged"]) for n in names),
-            "environment": environment(),
-            "table": ["variant", "median_s", "vs_merged", "median_cpu_s", "cpu_vs_merged", "tokens_equal_merged"]}  # fmt: skip
+    rows = []
+    for n in names:
+        row = {"variant": n, "median_s": round(statistics.median(times[n]), 4)}
+        row["vs_merged"] = round(ratio(n, times), 3)
+        row |= {"median_cpu_s": round(statistics.median(cpu[n]), 4), "cpu_vs_merged": round(ratio(n, cpu), 3)}
+        rows.append(row | {"tokens_equal_merged": bool(torch.equal(outputs[n], outputs["merged"]))})
+    out = {"benchmark": "sst_generate", "preset": "quick" if args.quick else "default"}
+    out |= {"model": {**p, "batch": s["batch"]}, "repeats": s["repeats"], "times_s": times}
+    out["cpu_times_s"] = cpu
+    out |= {"rows": rows, "ratio_sst_vs_merged": ratio("sst", times)}
+    out["ratio_uncached_vs_merged"] = ratio("sst_uncached", times)
+    out["cpu_ratio_sst_vs_merged"] = ratio("sst", cpu)
+    out |= {"cpu_ratio_uncached_vs_merged": ratio("sst_uncached", cpu), "target_ratio": 1.2}
+    out["max_logit_diff_sst_vs_uncached"] = float((logits["sst"] - logits["sst_uncached"]).abs().max())
+    out["max_logit_diff_sst_vs_merged"] = float((logits["sst"] - logits["merged"]).abs().max())
+    out["tokens_identical"] = all(torch.equal(outputs[n], outputs["merged"]) for n in names)
+    out |= {"environment": environment(), "table": "variant median_s vs_merged median_cpu_s cpu_vs_merged"}
+    out["table"] += " tokens_equal_merged"
+    return out
 
 
 BENCHES = {  # bench -> (function, its settings)
@@ -420,7 +406,7 @@ def main(argv: list[str] | None = None) -> dict:
     for name in args.rows:
         sets = args.sets + ([f"repeats={args.repeats}"] if args.repeats and "repeats" in ROWS[name] else [])
         settings = row_settings(name, ROWS[name], args.quick, sets)
-        args.path = args.output or RESULTS / f"{name}{'_quick' if args.quick else ''}.json"
+        args.path = harness.output_path(args, name)
         payload = BENCHES[settings["bench"]][0](settings, args)
         columns = payload.pop("table")
         results[name] = payload

@@ -34,9 +34,7 @@ from leanformers.chts.mlp import MLP_TARGETS, MLPClassifier, mnist_split
 from leanformers.chts.topology import input_correlation
 
 SECTIONS = ("model", "method", "training")
-ROWS = load_rows(
-    "mlp_mnist", {"methods", "sizes", "seeds", "training", "options", "suffix", "output", "quick"}
-)
+ROWS = load_rows("mlp_mnist", "methods sizes seeds training options suffix output quick")
 DEFAULT_SIZES = (784, 1568, 1568, 1568, 10)
 QUICK = ["model.sizes=[784, 48, 10]", "training.epochs=1", "training.n_train=256", "training.device=cpu"]
 
@@ -50,9 +48,8 @@ def _controller(method, model, opt, x_train, steps_per_epoch, epochs, updates_pe
     if method == "dense":
         return None
     interval = max(1, steps_per_epoch // updates_per_epoch)
-    cfg = CHTssConfig.for_method(
-        method, **{**MLP_REFERENCE, "update_interval": interval, "seed": seed, **options}
-    )
+    options = MLP_REFERENCE | {"update_interval": interval, "seed": seed} | options
+    cfg = CHTssConfig.for_method(method, **options)
     corr = input_correlation(x_train) if cfg.init_topology == "correlated" else None
     sched = CHTssController(model, opt, cfg, total_steps=epochs * steps_per_epoch, input_correlation=corr)
     sched.check_schedule()
@@ -65,11 +62,9 @@ def _sparse_summary(sched: CHTssController, model: MLPClassifier) -> dict:
     # whether the classifier is sparse (default targets) or dense (targets 0|2|4).
     classifier = f"layers.{len(model.layers) - 1}"
     hidden = [m[f"chtss/active_out/{layer.name}"] for layer in sched.layers if layer.name != classifier]
-    out = {
-        "density_sparse_subset": m["chtss/density_sparse_subset"],
-        "active_neurons_mean": m["chtss/active_neurons_mean"],
-    }
-    out |= {"active_hidden_neurons": hidden, "updates": len(sched.history)}
+    out = {"density_sparse_subset": m["chtss/density_sparse_subset"]}
+    out |= {"active_neurons_mean": m["chtss/active_neurons_mean"], "active_hidden_neurons": hidden}
+    out["updates"] = len(sched.history)
     return out | {"filled_uniform": sum(h["chtss/filled_uniform"] for h in sched.history)}
 
 
@@ -108,13 +103,11 @@ def train_mlp(
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
     lr_sched = None
     if lr_end_factor is not None:
-        lr_sched = torch.optim.lr_scheduler.LinearLR(
-            opt, 1.0, lr_end_factor, total_iters=max(1, int(epochs * lr_decay_epochs))
-        )
+        decay_epochs = max(1, int(epochs * lr_decay_epochs))
+        lr_sched = torch.optim.lr_scheduler.LinearLR(opt, 1.0, lr_end_factor, total_iters=decay_epochs)
     steps_per_epoch = len(y_train) // batch_size
-    sched = _controller(
-        method, model, opt, x_train, steps_per_epoch, epochs, updates_per_epoch, seed, chts_options
-    )
+    schedule = (steps_per_epoch, epochs, updates_per_epoch, seed)
+    sched = _controller(method, model, opt, x_train, *schedule, chts_options)
     gen = torch.Generator().manual_seed(seed)
     best = 0.0
     start = time.perf_counter()
@@ -144,7 +137,7 @@ def train_mlp(
 
 
 def run_recipe(recipe: dict | str | Path, overrides: list[str] | None = None, log=print) -> dict:
-    """Run an MLP recipe (see recipes/chts_mlp_mnist.yaml): model.sizes, method.{name, <name>: {...}}, training."""
+    """Run an MLP recipe (recipes/chts_mlp_mnist.yaml): model.sizes, method.{name, <name>: {}}, training."""
     recipe = recipes.load_recipe(recipe, overrides, sections=SECTIONS, what="MLP recipe sections")
     method = dict(recipe.get("method") or {"name": "chts"})
     name = method.get("name", "chts")
@@ -165,21 +158,20 @@ def run_rows(args, argv) -> dict:
     payload = {}
     for name in args.rows:
         s = row_settings(name, ROWS[name], args.quick, args.overrides)
-        path = args.output or harness.RESULTS / f"{s['output']}{'_quick' if args.quick else ''}.json"
+        path = harness.output_path(args, s["output"])
         store, options = ResultFile(path, merge=args.merge), dict(s.get("options") or {})
         options["targets"] = tuple(options.get("targets", MLP_TARGETS))
         for seed in range(s["seeds"]):
             for method in s["methods"]:
-                row = train_mlp(
-                    method, sizes=tuple(s["sizes"]), seed=seed, log=print, **s["training"], **options
-                )
+                kw = {"sizes": tuple(s["sizes"]), "seed": seed, "log": print, **s["training"], **options}
+                row = train_mlp(method, **kw)
                 row["method"] += s.get("suffix", "")
-                fields = {"environment": harness.environment(s["training"].get("device", "cpu")), "epochs": s["training"]["epochs"],
-                          "sizes": s["sizes"], "command": harness.command_line("mlp_mnist", argv)}  # fmt: skip
+                fields = {"environment": harness.environment(s["training"].get("device", "cpu"))}
+                fields |= {"epochs": s["training"]["epochs"], "sizes": s["sizes"]}
+                fields["command"] = harness.command_line("mlp_mnist", argv)
                 payload = store.update("rows", [row], lambda r: (r["method"], r["seed"]), **fields)
-        table = [{k: r.get(k) for k in ("method", "seed", "test_accuracy", "best_test_accuracy", "active_neurons_mean")}
-                 for r in payload["rows"]]  # fmt: skip
-        harness.print_table(table, list(table[0]))
+        columns = "method seed test_accuracy best_test_accuracy active_neurons_mean"
+        harness.print_table([{k: r.get(k) for k in columns.split()} for r in payload["rows"]], columns)
     return payload
 
 
@@ -187,13 +179,9 @@ def build_parser():
     quick = "784-48-10 for 1 epoch on 256 images (on top of the recipe and --set); --rows: their quick sizes"
     ap = harness.parser(__doc__, quick, "also write the result JSON here (--rows: default bench/results/)")
     recipe = str(harness.REPO_ROOT / "recipes" / "chts_mlp_tiny_cpu.yaml")
-    ap.add_argument(
-        "recipe", nargs="?", default=recipe, help="MLP recipe (default: recipes/chts_mlp_tiny_cpu.yaml)"
-    )
+    ap.add_argument("recipe", nargs="?", default=recipe, help="MLP recipe (default: the tiny CPU recipe)")
     ap.add_argument("--set", dest="overrides", nargs="*", default=[], metavar="KEY=VALUE")
-    ap.add_argument(
-        "--rows", nargs="+", choices=list(ROWS), default=None, help=f"experiments: {', '.join(ROWS)}"
-    )
+    ap.add_argument("--rows", nargs="+", choices=list(ROWS), help=f"experiments: {', '.join(ROWS)}")
     ap.add_argument("--merge", action="store_true", help="--rows: keep the (method, seed) rows already saved")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
     return ap

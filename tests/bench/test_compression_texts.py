@@ -1,0 +1,58 @@
+"""bench/compression_table.py --texts: the --quick run (tiny LLaMA, byte ids of the five real texts)."""
+
+import json
+
+import pytest
+
+from tests.bench.conftest import load_bench
+
+
+def test_quick_texts_run_writes_every_row_on_five_texts_and_merges(run_bench, capsys):
+    rows = ["dense", "wanda24", "sparsegpt24", "paper", "shrink", "spectrum", "mix_code", "svd", "asvd"]
+    rows.append("n64")
+    result, out = run_bench("compression_table", "--texts", "--rows", *rows)
+    saved = json.loads(out.read_text())
+    assert saved["cells"] == result["cells"]
+    assert [c["row"] for c in saved["cells"]] == rows
+    texts = {"ted", "torch", "wiki", "shakespeare", "stdlib"}
+    for c in saved["cells"]:
+        assert set(c["ppl"]) == texts and all(v["ppl"] > 1 and v["tokens"] > 0 for v in c["ppl"].values())
+        assert c["density"] == 0.5 and c["seqlen"] == 32 and c["seed"] == 0
+        if c["row"] not in ("dense", "wanda24", "sparsegpt24"):
+            assert 0.4 < c["achieved_density"] <= 0.5, c
+            assert len(c["calibration_sha256"]) == 64
+    by = {c["row"]: c for c in saved["cells"]}
+    assert by["shrink"]["config"]["shrinkage"] == 0.1 and by["spectrum"]["config"]["allocation"] == "spectrum"
+    assert by["paper"]["config"]["shrinkage"] == 0.0 and by["svd"]["config"]["shrinkage"] == 0.0
+    assert by["mix_code"]["calibration"] == "mix_code" and by["paper"]["calibration"] == "wiki"
+    # n64: the row's own window count; other windows, so another sha256 than paper's
+    assert by["n64"]["nsamples"] == 64 and by["paper"]["nsamples"] == 4
+    assert by["n64"]["calibration_sha256"] != by["paper"]["calibration_sha256"]
+    assert by["mix_code"]["calibration_sha256"] != by["paper"]["calibration_sha256"]
+    # the two 2:4 pruners differ only in how they choose and compensate: same windows, other weights
+    assert by["sparsegpt24"]["calibration_sha256"] == by["wanda24"]["calibration_sha256"]
+    assert by["sparsegpt24"]["ppl"]["wiki"]["ppl"] != by["wanda24"]["ppl"]["wiki"]["ppl"]
+    # compression changes the function: a row identical to dense would mean nothing was compressed
+    assert by["paper"]["ppl"]["wiki"]["ppl"] != by["dense"]["ppl"]["wiki"]["ppl"]
+    # --merge adds a cell (another seed of a row is another cell) without dropping the others
+    ct = load_bench("compression_table")
+    ct.main(["--quick", "--texts", "--rows", "paper", "--seed", "1", "--merge", "--output", str(out)])
+    merged = json.loads(out.read_text())
+    assert [(c["row"], c["seed"]) for c in merged["cells"]] == [*((r, 0) for r in rows), ("paper", 1)]
+    assert merged["cells"][-1]["calibration_sha256"] != by["paper"]["calibration_sha256"]
+    assert capsys.readouterr().out.rstrip().splitlines()[-1].startswith("paper")
+
+
+def test_texts_rows_are_refused_outside_texts_and_specs_need_the_tokenizer(tmp_path):
+    ct = load_bench("compression_table")
+    with pytest.raises(SystemExit, match="--texts"):
+        ct.main(["--quick", "--rows", "mix_code", "--output", str(tmp_path / "x.json")])
+    with pytest.raises(ValueError, match="tokenizer"):
+        ct.main(["--quick", "--texts", "--rows", "default", "--default-calib", "self_t1_own",
+                 "--output", str(tmp_path / "y.json")])  # fmt: skip
+
+
+def test_texts_plot_draws_from_the_committed_json_without_a_model(tmp_path):
+    png = tmp_path / "ppl.png"
+    assert load_bench("compression_table").main(["--texts", "--plot", str(png)]) == {}
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
