@@ -55,7 +55,7 @@ def test_healing_trains_only_the_factors_lowers_the_kl_and_reloads_exactly(tmp_p
         and report.tokens == 1024
         and report.trained_params == sum(p.numel() for p in trainable_factors(model).values())
     )
-    assert report.kl_after < 0.95 * report.kl_before, report  # 8 small steps on a random tiny model
+    assert report.kl_after < 0.95 * report.kl_before and report.kept, report  # 8 small steps, random tiny
     after = model.state_dict()
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed and changed <= factors  # embeddings, norms, head, index buffers: bit-identical
@@ -76,6 +76,19 @@ def test_healing_trains_only_the_factors_lowers_the_kl_and_reloads_exactly(tmp_p
             print(torch.equal(model(input_ids=data["ids"]).logits, data["ref"]))
     """)
     assert out.strip().splitlines()[-1] == "True"
+
+
+def test_a_run_that_raises_the_kl_is_discarded_and_said(caplog):
+    # lr 1.0 wrecks the factors in one step: the KL on the training windows rises, so the model must come
+    # back exactly as it was before healing, the report must say so, and a warning must name it
+    model, teacher = _compressed()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = HealingConfig(tokens=8 * 32, seqlen=32, batch_size=4, gradient_accumulation=2, learning_rate=1.0)
+    with caplog.at_level("WARNING", logger="leanformers.compressors.healing"):
+        report = heal(model, teacher, None, cfg, windows=random_ids(8, 32, seed=2))
+    assert report.kl_after > report.kl_before and report.kept is False, report
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert "healing discarded" in caplog.text and "learning rate 1" in caplog.text
 
 
 def test_an_interrupted_run_resumes_to_the_uninterrupted_result(tmp_path):

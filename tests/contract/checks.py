@@ -98,8 +98,12 @@ def wrap(row: Row, seed: int = 0, **overrides):
         if dense is not None:  # healing (issue 20): the dense model distilled into the factors
             from leanformers.compressors.healing import HealingConfig, heal
 
-            cfg = HealingConfig(tokens=row.method.options["heal_tokens"], seqlen=config.seqlen, batch_size=2)
-            heal(model, dense, None, cfg, windows=calib)
+            # tiny random models start within 1e-3 of the dense model's KL, where two steps at the default
+            # lr (1e-4) overshoot on gpt2 and the run is discarded: a small lr keeps them a descent
+            tokens = row.method.options["heal_tokens"]
+            cfg = HealingConfig(tokens=tokens, seqlen=config.seqlen, batch_size=2, learning_rate=3e-5)
+            report = heal(model, dense, None, cfg, windows=calib)
+            assert report.kept, report  # the rows below test a healed model, not a discarded run
         return model, []
     raise ValueError(f"unknown method kind {kind!r}")
 
@@ -796,6 +800,32 @@ def check_distill_recipe(row: Row, tmp_path: Path) -> None:
         and len(lines) == 1
         and "task: distill trains the compressed layers' own factors" in lines[0]
     )
+
+
+def check_heal_discard(row: Row, tmp_path: Path) -> None:
+    """Issue 20: a healing run that raises the KL to the dense model (lr 1.0 wrecks the factors) hands back
+    the compressed model bit for bit, says ``kept=False`` and warns; it is never passed on silently."""
+    from leanformers import compress
+    from leanformers.compressors.healing import HealingConfig, heal
+
+    model = row.family.build(seed=0)
+    dense = copy.deepcopy(model)
+    config, calib = compression_of(row)
+    compress(model, None, config, calibration=calib, progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cfg = HealingConfig(tokens=calib.numel(), seqlen=config.seqlen, batch_size=2, learning_rate=1.0)
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("leanformers.compressors.healing")
+    log.addHandler(handler)
+    try:
+        report = heal(model, dense, None, cfg, windows=calib)
+    finally:
+        log.removeHandler(handler)
+    assert report.kl_after > report.kl_before and not report.kept, report
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert any("healing discarded" in m for m in seen), seen
 
 
 CHECKS = {

@@ -255,7 +255,7 @@ METHODS: dict[str, Method] = {
             "mpifa_healed",
             "compress",
             dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, heal_tokens=64),
-            operations=("persist", "eval", "generate", "distill_recipe"),
+            operations=("persist", "eval", "generate", "distill_recipe", "heal_discard"),
             families=("llama", "qwen2", "opt", "gpt2"),
         ),
     )

@@ -87,6 +87,8 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
             f"{healing.tokens:,} tokens, {healing.steps} steps, KL to the dense model {healing.kl_before:.4g} -> "
             f"{healing.kl_after:.4g}, {healing.seconds:.0f} s"
         )
+        if not healing.kept:
+            summary["healing"] = f"DISCARDED (the KL rose; the model is saved unhealed): {summary['healing']}"
     if before is not None:
         summary[f"ppl before ({before.seqlen} ctx, {before.n_tokens:,} tok)"] = f"{before.ppl:.3f}"
         summary["ppl after"] = f"{after.ppl:.3f}"

@@ -12,11 +12,16 @@ dense model generates, compression/self_calibration.py), which is never an evalu
 the Hugging Face ``Trainer`` (accelerate underneath: devices, mixed precision, gradient accumulation), and
 a run with ``output_dir`` saves checkpoints that ``resume=True`` continues from.
 
+A run that ends with a higher KL than it started from (measured on the same training windows) is
+discarded: the factors go back to their values before healing, the report says ``kept=False`` and a
+warning names the KL and the learning rate. Healing that made the model worse is never handed on silently.
+
 2:4 pruned models are not healed here: their masks would have to be kept through every update.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -30,6 +35,8 @@ from transformers import Trainer
 from leanformers.compression.calibration import calibration_windows_for
 from leanformers.compression.config import CompressionConfig, check_finite
 from leanformers.storage.integration import compressed_modules
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "DistillationTrainer",
@@ -99,13 +106,14 @@ class HealingConfig:
 @dataclass
 class HealingReport:
     """What a healing run did: tokens, steps, the KL before and after (on the first 8 training windows, in
-    eval mode), the trained parameter count, wall time and peak memory (CUDA, or the process's peak host
-    RSS on CPU)."""
+    eval mode), whether the result was kept (False: the KL rose, the factors were restored), the trained
+    parameter count, wall time and peak memory (CUDA, or the process's peak host RSS on CPU)."""
 
     tokens: int = 0
     steps: int = 0
     kl_before: float = 0.0
     kl_after: float = 0.0
+    kept: bool = True
     trained_params: int = 0
     seconds: float = 0.0
     peak_memory_bytes: int | None = None
@@ -262,7 +270,9 @@ def heal(
         windows: (n, seqlen) token ids to train on instead of ``config.calibration``.
         resume: continue from the last checkpoint in ``config.output_dir``.
     Returns:
-        A HealingReport.
+        A HealingReport. When the KL after training exceeds the KL before, the factors are restored to
+        their values on entry (a host copy is kept during the run: the size of the factors) and
+        ``report.kept`` is False.
     """
     cfg = config or HealingConfig()
     params = trainable_factors(model)
@@ -279,11 +289,27 @@ def heal(
     teacher.eval()
     try:
         freeze_all_but_factors(model)
+        entry = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
         kl_before = _mean_kl(model, teacher, windows, cfg)
         with tempfile.TemporaryDirectory() as scratch:
             trainer = _trainer(model, teacher, windows, cfg, cfg.output_dir or scratch)
             result = trainer.train(resume_from_checkpoint=True if resume else None)
         kl_after = _mean_kl(model, teacher, windows, cfg)
+        kept = not kl_after > kl_before  # a NaN KL is not kept either
+        if not kept:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(entry[name])
+            logger.warning(
+                "healing discarded: the KL to the dense model rose from %.4g to %.4g on the training windows "
+                "(learning rate %g, %d tokens); the compressed model is kept as it was before healing. Try a "
+                "lower learning rate (HealingConfig.learning_rate) or more tokens.",
+                kl_before,
+                kl_after,
+                cfg.learning_rate,
+                windows.numel(),
+            )
+        del entry
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(frozen[name])
@@ -294,6 +320,7 @@ def heal(
         steps=int(result.global_step),
         kl_before=kl_before,
         kl_after=kl_after,
+        kept=kept,
         trained_params=sum(p.numel() for p in params.values()),
         seconds=time.perf_counter() - start,
         calibration=label,
