@@ -805,13 +805,11 @@ def check_distill_recipe(row: Row, tmp_path: Path) -> None:
 def check_heal_discard(row: Row, tmp_path: Path) -> None:
     """Issue 20: a healing run that raises the KL to the dense model (lr 1.0 wrecks the factors) hands back
     the compressed model bit for bit, says ``kept=False`` and warns; it is never passed on silently."""
-    from leanformers import compress
     from leanformers.compressors.healing import HealingConfig, heal
 
-    model = row.family.build(seed=0)
-    dense = copy.deepcopy(model)
+    model, _ = wrap(row)  # compressed and healed (kept) at seed 0
+    dense = row.family.build(seed=0)  # the same dense model wrap started from
     config, calib = compression_of(row)
-    compress(model, None, config, calibration=calib, progress=False)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = HealingConfig(tokens=calib.numel(), seqlen=config.seqlen, batch_size=2, learning_rate=1.0)
     seen: list[str] = []
