@@ -422,10 +422,11 @@ def plot(cells: list[dict], path: Path, title: str, minilm: list[dict]) -> None:
 
 # ------------------------------------------------------------------------------------------ --texts
 def text_key(c: dict) -> tuple:
-    """A --texts cell: row, density, calibration, windows, window length, seed and healing tokens (cells
-    written before issue 20 lack the last three: 512, 0 and 0)."""
+    """A --texts cell: row, density, calibration, windows, window length, seed, healing tokens and learning
+    rate (cells written before issue 20 lack window length, seed and healing: 512, 0, 0)."""
     key = (c["row"], c["density"], c.get("calibration"), c.get("nsamples"))
-    return key + (c.get("seqlen", 512), c.get("seed", 0), c.get("heal_tokens", 0))
+    lr = c.get("healing", {}).get("settings", {}).get("learning_rate")
+    return key + (c.get("seqlen", 512), c.get("seed", 0), c.get("heal_tokens", 0), lr)
 
 
 def run_texts(args, argv: list[str] | None) -> dict:
@@ -462,9 +463,8 @@ def run_texts(args, argv: list[str] | None) -> dict:
         info = compress_row(row, model, density, calib.pop("calibration"), tok, args)
         cell |= info | {"compress_s": round(info["compress_s"] + calib["calib_s"], 1)}  # self-generation too
         if args.heal_tokens and method == "mpifa":
-            cell["heal_tokens"] = args.heal_tokens
-            heal = (args.heal_tokens, args.seqlen, args.seed, args.heal_calib)
-            cell["healing"] = five_texts.heal(model, base, tok, *heal)
+            heal = (args.heal_tokens, args.seqlen, args.seed, args.heal_calib, args.heal_lr)
+            cell |= {"heal_tokens": args.heal_tokens, "healing": five_texts.heal(model, base, tok, *heal)}
         cell |= calib if method != "dense" else {}
         cell |= texts.perplexities(model, args.eval_tokens, args.context)
         if args.facts and tok is not None:
@@ -513,6 +513,7 @@ def build_parser():
     ap.add_argument("--default-calib", default="wiki", choices=five_texts.CALIBRATIONS, help=calib)
     ap.add_argument("--heal-tokens", type=int, default=0, help="--texts: heal MPIFA rows by distillation")
     ap.add_argument("--heal-calib", default="self", help="--texts: distillation text of --heal-tokens")
+    ap.add_argument("--heal-lr", type=float, default=None, help="--texts: learning rate of --heal-tokens")
     ap.add_argument("--facts", action="store_true", help="--texts: also the factual-answer check per cell")
     return ap
 

@@ -148,15 +148,14 @@ def facts(model: nn.Module, base: nn.Module, tok, cache: dict) -> dict:
 
 
 def heal(
-    model: nn.Module, base: nn.Module, tok, tokens: int, seqlen: int, seed: int, calibration: str
+    model: nn.Module, base: nn.Module, tok, tokens: int, seqlen: int, seed: int, calibration: str, lr=None
 ) -> dict:
-    """Healing by distillation (compressors/healing.py) on ``calibration`` text, in place."""
-    from leanformers.compressors.healing import HealingConfig
-    from leanformers.compressors.healing import heal as distil
+    """Healing by distillation (compressors/healing.py) on ``calibration`` text in place; lr None: default."""
+    from leanformers.compressors import healing
 
-    cfg = HealingConfig(tokens=tokens, seqlen=seqlen, seed=seed, calibration=calibration)
-    report = distil(model, base, tok, cfg).to_dict()
-    report.pop("config")
+    rate = {} if lr is None else {"learning_rate": lr}
+    cfg = healing.HealingConfig(tokens=tokens, seqlen=seqlen, seed=seed, calibration=calibration, **rate)
+    report = {k: v for k, v in healing.heal(model, base, tok, cfg).to_dict().items() if k != "config"}
     settings = {k: getattr(cfg, k) for k in ("batch_size", "gradient_accumulation", "learning_rate")}
     return report | {"settings": settings}
 

@@ -1,6 +1,7 @@
 """bench/compression_table.py --texts: the --quick run (tiny LLaMA, byte ids of the five real texts)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -56,3 +57,17 @@ def test_texts_plot_draws_from_the_committed_json_without_a_model(tmp_path):
     png = tmp_path / "ppl.png"
     assert load_bench("compression_table").main(["--texts", "--plot", str(png)]) == {}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+
+
+def test_healed_cells_at_two_learning_rates_are_two_cells():
+    """--merge must not let a healing run at another --heal-lr replace the committed one (same row,
+    density, windows, seed and tokens)."""
+    text_key = load_bench("compression_table").text_key
+    base = {"row": "default", "density": 0.8, "calibration": "self_t1_own", "nsamples": 32, "seqlen": 512}
+    rates = ({"settings": {"learning_rate": lr}} for lr in (1e-4, 3e-5))
+    healed = [base | {"seed": 0, "heal_tokens": 16384, "healing": h} for h in rates]
+    assert text_key(healed[0]) != text_key(healed[1])
+    assert text_key(base) == ("default", 0.8, "self_t1_own", 32, 512, 0, 0, None)  # cells before issue 20
+    committed = json.loads((Path(__file__).parents[2] / "bench/results/mpifa_calibration.json").read_text())
+    keys = [text_key(c) for c in committed["cells"]]
+    assert len(keys) == len(set(keys))
