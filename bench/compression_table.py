@@ -456,8 +456,7 @@ def run_texts(args, argv: list[str] | None) -> dict:
         spec, method = ROWS[row], ROWS[row]["method"]
         key, n = spec.get("calibration", "wiki"), spec.get("nsamples", args.nsamples)
         key = args.default_calib if key == "default" else key
-        cell = {"row": row, "density": density, "calibration": key, "nsamples": n, "seqlen": args.seqlen}
-        cell["seed"] = args.seed
+        cell = dict(row=row, density=density, calibration=key, nsamples=n, seqlen=args.seqlen, seed=args.seed)
         calib = texts.windows(key, n) if method != "dense" else {"calibration": None, "calib_s": 0.0}
         model = copy.deepcopy(base)
         info = compress_row(row, model, density, calib.pop("calibration"), tok, args)
@@ -472,11 +471,8 @@ def run_texts(args, argv: list[str] | None) -> dict:
         payload = store.update("cells", [cell], text_key, env=environment(), setting=setting)
         ppl = ", ".join(f"{t} {v['ppl']:.2f}" for t, v in cell["ppl"].items())
         print(f"{row} @ {density}: {ppl}", flush=True)
-    table = []
-    for c in payload.get("cells", []):
-        table.append({"row": c["row"], "density": c["density"], "calibration": c.get("calibration")})
-        table[-1] |= {"windows": c.get("nsamples"), **{t: c["ppl"][t]["ppl"] for t in names}}
-    print_table(table)
+    cells, keys = payload.get("cells", []), ("row", "density", "calibration", "nsamples")
+    print_table([{k: c.get(k) for k in keys} | {t: c["ppl"][t]["ppl"] for t in names} for c in cells])
     return payload
 
 

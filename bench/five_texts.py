@@ -13,6 +13,7 @@ CHOSEN on the validation texts, never on the test texts:
 
 from __future__ import annotations
 
+import json
 import math
 import sysconfig
 import time
@@ -172,8 +173,6 @@ def series(cells: list[dict], **want) -> list[tuple[float, dict]]:
 def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     """Perplexity vs density on WikiText-2 and two out-of-domain texts from the committed JSON of §14
     (old defaults, SVD-LLM, 2:4 baselines; WikiText calibration) and §19/§20 (defaults, healing)."""
-    import json
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -183,11 +182,15 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     new = json.loads((RESULTS / "mpifa_calibration.json").read_text())["cells"]
     mine = dict(row="default", calibration=default_calib, nsamples=32)
     heal = max((c.get("heal_tokens", 0) for c in new if c.get("calibration") == default_calib), default=0)
-    healed = series(new, **mine, heal_tokens=heal) if heal else []
+    runs = [c for c in new if c.get("heal_tokens") == heal and all(c.get(k) == v for k, v in mine.items())]
+    runs = [c for c in runs if c["healing"]["kl_after"] < c["healing"]["kl_before"]]  # what heal() keeps
+    best = {c["density"]: c for c in sorted(runs, key=lambda c: -c["validation_log_ppl"])}  # validation picks
+    healed = series(list(best.values()), heal_tokens=heal)
+    rates = "/".join(f"{best[d]['healing']['settings']['learning_rate']:g}" for d, _ in healed)
     old_defaults = series(old, row="wiki_code_shrink")
     lines = [
         (f"MPIFA, defaults (calibration: {default_calib})", series(new, **mine, heal_tokens=0), "C0", "o-"),
-        (f"MPIFA, defaults + healing ({heal:,} tokens)", healed, "C0", "*--"),
+        (f"MPIFA, defaults + healing ({heal:,} tokens, lr {rates})", healed, "C0", "*--"),
         ("MPIFA, old defaults (WikiText x3 + transformers code)", old_defaults, "C7", "s:"),
         ("SVD-LLM whitening + U (WikiText)", series(old, row="svdllm_u"), "C3", "^-"),
         ("2:4 Wanda (WikiText, not healed)", series(old, row="wanda24"), "C2", "D"),
