@@ -108,6 +108,23 @@ def check_yaml_wrong_type(row: Row, tmp_path: Path) -> None:
     load_config_file(path)
 
 
+def _compress_command(tmp_path: Path, *flags: str) -> None:
+    """The command line's own checks, up to where the model would load (none of these gets that far)."""
+    from leanformers.compression.cli import run
+    from leanformers.compression.options import resolve_options
+
+    run(resolve_options([str(tmp_path / "model"), "--output", str(tmp_path / "out"), *flags]))
+
+
+def check_heal_lr_without_healing(row: Row, tmp_path: Path) -> None:
+    """--heal-lr with no --heal-tokens: a learning rate for a healing that would not run (issue 20)."""
+    _compress_command(tmp_path, "--heal-lr", "3e-5")
+
+
+def check_negative_heal_lr(row: Row, tmp_path: Path) -> None:
+    _compress_command(tmp_path, "--heal-tokens", "64", "--heal-lr=-3e-5")
+
+
 def check_nan_setting(row: Row, tmp_path: Path) -> None:
     from leanformers import MPIFAConfig
 

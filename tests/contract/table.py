@@ -130,6 +130,8 @@ BAD_INPUT_OPS = (
     "negative_setting",
     "non_utf8_calibration",
     "rank_deficient_weight",
+    "heal_lr_without_healing",
+    "negative_heal_lr",
 )
 
 # ----------------------------------------------------------------------------- methods
@@ -285,6 +287,11 @@ _BAD_INPUTS = {
     "nan_setting": ("ValueError", "damping must be a finite number, got nan"),
     "negative_setting": ("ValueError", "damping must be >= 0"),
     "non_utf8_calibration": ("ValueError", "calib.json is not UTF-8 text"),
+    "heal_lr_without_healing": (
+        "ValueError",
+        "--heal-lr sets the learning rate of healing, which runs only with",
+    ),
+    "negative_heal_lr": ("ValueError", "healing learning_rate must be > 0, got -3e-05"),
 }
 
 QUIRKS: dict[tuple[str, str, str], dict] = {

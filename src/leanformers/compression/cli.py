@@ -84,8 +84,8 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
     summary["load time"] = f"{load_seconds:.1f} s"
     if healing is not None:
         summary["healing"] = (
-            f"{healing.tokens:,} tokens, {healing.steps} steps, KL to the dense model {healing.kl_before:.4g} -> "
-            f"{healing.kl_after:.4g}, {healing.seconds:.0f} s"
+            f"{healing.tokens:,} tokens, {healing.steps} steps at learning rate {healing.config['learning_rate']:g}, "
+            f"KL to the dense model {healing.kl_before:.4g} -> {healing.kl_after:.4g}, {healing.seconds:.0f} s"
         )
         if not healing.kept:
             summary["healing"] = f"DISCARDED (the KL rose; the model is saved unhealed): {summary['healing']}"
@@ -119,10 +119,16 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
 
 def _heal(opts, config: CompressionConfig, model, teacher, tokenizer):
     """--heal-tokens: distil ``teacher`` into the compressed factors (compressors/healing.py)."""
-    from leanformers.compressors.healing import HealingConfig, heal
+    from leanformers.compressors.healing import heal
 
-    cfg = HealingConfig(tokens=opts.heal_tokens, seqlen=config.seqlen, seed=config.seed)
-    return heal(model, teacher, tokenizer, cfg)
+    return heal(model, teacher, tokenizer, _healing_config(opts, config))
+
+
+def _healing_config(opts: argparse.Namespace, config: CompressionConfig):
+    from leanformers.compressors.healing import HealingConfig
+
+    rate = {} if opts.heal_lr is None else {"learning_rate": opts.heal_lr}
+    return HealingConfig(tokens=opts.heal_tokens, seqlen=config.seqlen, seed=config.seed, **rate)
 
 
 def run_streaming(opts: argparse.Namespace, config: CompressionConfig, output: Path, dtype, tasks) -> dict:
@@ -193,10 +199,15 @@ def _write_report(
 
 
 def _check_healing(opts: argparse.Namespace, configs: list[CompressionConfig]) -> None:
+    if opts.heal_lr is not None and not opts.heal_tokens:
+        raise ValueError(
+            "--heal-lr sets the learning rate of healing, which runs only with --heal-tokens N: add it"
+        )
     if not opts.heal_tokens:
         return
     if opts.heal_tokens < 0:
         raise ValueError(f"--heal-tokens must be >= 0, got {opts.heal_tokens}")
+    _healing_config(opts, configs[0])  # a bad --heal-lr (<= 0, nan) stops here, before any model work
     where = "--stream" if opts.stream else "--compare" if opts.compare else None
     if where:
         raise ValueError(f"--heal-tokens needs the dense and the compressed model in memory: drop {where}")

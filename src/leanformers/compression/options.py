@@ -87,6 +87,11 @@ CLI_OPTIONS: dict[str, tuple] = {
         "after compressing, distil the dense model into the compressed layers' own factors on N tokens of "
         "text the dense model generates (low-rank methods, in memory; see docs/mpifa.md, healing)",
     ),
+    "heal_lr": (
+        float,
+        None,
+        "peak learning rate of --heal-tokens (default: HealingConfig.learning_rate; docs/mpifa.md, healing)",
+    ),
 }
 
 # Config fields without a flag of their own: ``output`` is --storage (--output is the folder), the lists
