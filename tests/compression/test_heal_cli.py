@@ -22,7 +22,7 @@ def test_heal_tokens_heals_and_saves_a_folder_that_reloads(tiny_lm_folder, tmp_p
         main([*base, "--output", str(tmp_path / "o"), "--heal-tokens", "128", "--report", str(report)]) == 0
     )
     healing = json.loads(report.read_text())["summary"]["healing"]
-    assert healing.startswith("128 tokens, 1 steps at learning rate 0.0001, KL to the dense model")
+    assert healing.startswith("128 tokens, 1 steps at learning rate 3e-05, KL to the dense model")
     before, after = (float(x) for x in healing.split("model ")[1].split(",")[0].split(" -> "))
     assert after < before
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "o")

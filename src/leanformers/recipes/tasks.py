@@ -151,7 +151,12 @@ def _distill(recipe: dict, tokenizer) -> TaskParts:
 
     from leanformers.compression.calibration import calibration_windows_for
     from leanformers.compression.config import CompressionConfig
-    from leanformers.compressors.healing import DistillationTrainer, TokenWindows, freeze_all_but_factors
+    from leanformers.compressors.healing import (
+        DistillationTrainer,
+        HealingConfig,
+        TokenWindows,
+        freeze_all_but_factors,
+    )
     from leanformers.hub import load_causal_lm
 
     if isinstance(tokenizer, ByteTokenizer):
@@ -178,7 +183,7 @@ def _distill(recipe: dict, tokenizer) -> TaskParts:
     windows, _ = calibration_windows_for(data.get("text", "self"), tokenizer, spec, model=teacher)
     training = dict(recipe["training"])
     for key, value in (
-        ("learning_rate", 1e-4),
+        ("learning_rate", HealingConfig.learning_rate),  # heal()'s default
         ("lr_scheduler_type", "cosine"),
         ("warmup_steps", 0.1),
         ("weight_decay", 0.0),
