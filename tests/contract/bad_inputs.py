@@ -125,6 +125,11 @@ def check_negative_heal_lr(row: Row, tmp_path: Path) -> None:
     _compress_command(tmp_path, "--heal-tokens", "64", "--heal-lr=-3e-5")
 
 
+def check_tasks_data_dir_without_tasks(row: Row, tmp_path: Path) -> None:
+    """--tasks-data-dir with no --tasks: a zero-shot data folder nothing would read."""
+    _compress_command(tmp_path, "--tasks-data-dir", str(tmp_path))
+
+
 def check_nan_setting(row: Row, tmp_path: Path) -> None:
     from leanformers import MPIFAConfig
 

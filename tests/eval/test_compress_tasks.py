@@ -69,3 +69,44 @@ def test_unknown_task_fails_before_loading_the_model(tmp_path, shared_data, caps
     rc = main(_args(tmp_path / "no-model", tmp_path / "out", shared_data, "--tasks", "arc_eazy"))
     assert rc == 1
     assert "unknown task(s) arc_eazy" in capsys.readouterr().err
+
+
+def test_tasks_data_dir_is_the_folder_the_tasks_read(dense_folder, shared_data, tmp_path, monkeypatch):
+    """--tasks-data-dir: PIQA read from a copy whose labels are flipped scores 1 - the real accuracy (the
+    flag wins over LEANFORMERS_ZEROSHOT_DATA and the ../shared default)."""
+    flipped = tmp_path / "zeroshot"
+    flipped.mkdir()
+    source = shared_data / "zeroshot"
+    (flipped / "piqa-valid.jsonl").write_bytes((source / "piqa-valid.jsonl").read_bytes())
+    labels = (source / "piqa-valid-labels.lst").read_text().split()
+    (flipped / "piqa-valid-labels.lst").write_text("\n".join(str(1 - int(x)) for x in labels) + "\n")
+    monkeypatch.setenv("LEANFORMERS_ZEROSHOT_DATA", str(tmp_path / "not-this-one"))
+    reports = {}
+    for name, folder in (("real", source), ("flipped", flipped)):
+        reports[name] = tmp_path / f"{name}.json"
+        args = ["--tasks", "piqa", "--tasks-limit", str(LIMIT), "--tasks-data-dir", str(folder)]
+        rc = main(_args(dense_folder, tmp_path / name, shared_data, *args, "--report", str(reports[name])))
+        assert rc == 0
+    real, flip = (
+        json.loads(reports[n].read_text())["zero_shot"]["before"]["piqa"] for n in ("real", "flipped")
+    )
+    assert flip["n"] == real["n"] == LIMIT
+    assert flip["acc"] == pytest.approx(1 - real["acc"])
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--tasks-data-dir", "{shared}/zeroshot"], "--tasks-data-dir names where --tasks reads its files"),
+        (["--tasks", "piqa", "--tasks-data-dir", "{tmp}/empty"], "lacks piqa: piqa-valid.jsonl"),
+        (["--tasks", "piqa", "--tasks-data-dir", "{tmp}/missing"], "does not exist"),
+    ],
+    ids=["without_tasks", "folder_lacks_files", "missing_folder"],
+)
+def test_tasks_data_dir_errors_come_before_the_model_loads(tmp_path, shared_data, capsys, extra, message):
+    (tmp_path / "empty").mkdir()
+    extra = [e.format(shared=shared_data, tmp=tmp_path) for e in extra]
+    # the source does not exist: the error raised first proves the check comes before the load
+    rc = main(_args(tmp_path / "no-model", tmp_path / "out", shared_data, *extra))
+    assert rc == 1
+    assert message in capsys.readouterr().err

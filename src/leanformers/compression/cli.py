@@ -45,10 +45,14 @@ _ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, FloatingPoin
 
 def _tasks(opts: argparse.Namespace) -> list[str]:
     tasks = [t.strip() for t in (opts.tasks or "").split(",") if t.strip()]
+    if opts.tasks_data_dir is not None and not tasks:
+        raise ValueError(
+            "--tasks-data-dir names where --tasks reads its files; add --tasks (e.g. arc_easy,piqa)"
+        )
     if tasks:  # unknown task names and missing data files fail here, before any model work
         from leanformers.eval.zeroshot import task_manager
 
-        task_manager(tasks)
+        task_manager(tasks, opts.tasks_data_dir)
     return tasks
 
 
@@ -68,14 +72,18 @@ def run_in_memory(opts: argparse.Namespace, config: CompressionConfig, output: P
         eval_ids = tokenize_text(load_text(opts.eval), tokenizer)
         before = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
         print(f"perplexity before: {before}", file=sys.stderr)
-    zs_before = zero_shot_table(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
+    zs_before = (
+        zero_shot_table(model, tokenizer, tasks, opts.tasks_limit, opts.tasks_data_dir) if tasks else None
+    )
     teacher = copy.deepcopy(model) if opts.heal_tokens else None  # the dense model healing distils
     with PeakHostMemory() as memory:
         report = compress(model, tokenizer, config, calibration=opts.calib)
         healing = _heal(opts, config, model, teacher, tokenizer) if teacher is not None else None
     report.peak_host_rss_bytes = memory.peak
     del teacher
-    zs_after = zero_shot_table(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
+    zs_after = (
+        zero_shot_table(model, tokenizer, tasks, opts.tasks_limit, opts.tasks_data_dir) if tasks else None
+    )
     if eval_ids is not None:
         after = perplexity(model, text=eval_ids, seqlen=opts.eval_seqlen, max_tokens=opts.eval_tokens)
         print(f"perplexity after:  {after}", file=sys.stderr)

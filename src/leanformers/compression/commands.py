@@ -71,11 +71,14 @@ def load_source(opts: argparse.Namespace, dtype):
     return model, tokenizer, time.perf_counter() - t0
 
 
-def zero_shot_table(model, tokenizer, tasks: list[str], limit: int | None) -> dict:
-    """lm-eval zero-shot accuracy table of the in-memory model (local task files when present)."""
+def zero_shot_table(
+    model, tokenizer, tasks: list[str], limit: int | None, data_dir: str | None = None
+) -> dict:
+    """lm-eval zero-shot accuracy table of the in-memory model (local task files from ``data_dir``, default
+    ``eval.tasks.default_data_dir()`` when present)."""
     from leanformers.eval.zeroshot import accuracy_table, format_accuracy_table, zero_shot
 
-    table = accuracy_table(zero_shot(model, tokenizer, tasks, limit=limit))
+    table = accuracy_table(zero_shot(model, tokenizer, tasks, limit=limit, data_dir=data_dir))
     print("zero-shot: " + "; ".join(format_accuracy_table(table)), file=sys.stderr)
     return table
 

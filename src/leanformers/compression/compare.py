@@ -112,7 +112,9 @@ def run_compare(
             if opts.eval
             else None
         )
-        zs = zero_shot_table(model, tokenizer, tasks, opts.tasks_limit) if tasks else None
+        zs = (
+            zero_shot_table(model, tokenizer, tasks, opts.tasks_limit, opts.tasks_data_dir) if tasks else None
+        )
         return ppl, zs
 
     ppl, zs = evaluate(base)

@@ -70,6 +70,12 @@ CLI_OPTIONS: dict[str, tuple] = {
     "eval_tokens": (int, None, "evaluate on the first N tokens only"),
     "tasks": (str, None, "lm-eval zero-shot tasks to score before and after, e.g. arc_easy,piqa"),
     "tasks_limit": (int, None, "documents per zero-shot task (default: all)"),
+    "tasks_data_dir": (
+        str,
+        None,
+        "folder of the local zero-shot task files that --tasks reads offline (default: "
+        "$LEANFORMERS_ZEROSHOT_DATA, else ../shared/data/zeroshot when present; 'none': lm-eval's Hub datasets)",
+    ),
     "push_to_hub": (str, None, "publish the output folder to this Hub repo (org/name)"),
     "private": (bool, False, "make the Hub repo private"),
     "overwrite": (bool, False, "replace an existing non-empty output folder"),
