@@ -751,17 +751,12 @@ def check_compact_adapter(row: Row, tmp_path: Path) -> None:
     assert torch.equal(logits_of(reloaded, inputs), want), "the compact adapter did not reload exactly"
 
 
-def check_distill_recipe(row: Row, tmp_path: Path) -> None:
-    """Issue 20: `leanformers-train` with `task: distill` heals a saved PIFA folder: exit 0, final/ reloads
-    with the same layers at the same ranks, only the compressed factors changed (embeddings, norms, head
-    and every index tensor bit-identical); a method other than the task's own exits 2 with one line."""
-    import yaml
-    from safetensors.torch import load_file
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM
+def _distill_folders(tmp_path: Path):
+    """A tiny dense Llama with SmolLM2's tokenizer, its MPIFA folder, and a distill recipe healing it."""
+    from transformers import AutoTokenizer, LlamaForCausalLM
 
     from leanformers import MPIFAConfig, compress, save_compressed
     from leanformers.hub import smollm2_135m
-    from leanformers.recipes import cli
     from tests.tiny_models import llama_config
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_135m()))  # a real tokenizer: the text becomes windows
@@ -776,17 +771,33 @@ def check_distill_recipe(row: Row, tmp_path: Path) -> None:
     save_compressed(model, tok, tmp_path / "pifa")
     text = tmp_path / "corpus.txt"
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 40)
-    recipe = {
+    return {
         "task": "distill",
         "model": {"pretrained": str(tmp_path / "pifa")},
         "tokenizer": str(tmp_path / "pifa"),
         "data": {"teacher": str(tmp_path / "dense"), "text": str(text), "tokens": 64, "seqlen": 16},
         "training": {"output_dir": str(tmp_path / "out"), "per_device_train_batch_size": 2, "use_cpu": True},
-    }
+    }, model
+
+
+def check_distill_recipe(row: Row, tmp_path: Path) -> None:
+    """Issue 20: `leanformers-train` with `task: distill` heals a saved PIFA folder: exit 0, final/ reloads
+    with the same layers at the same ranks, only the compressed factors changed (embeddings, norms, head
+    and every index tensor bit-identical), results.json says the KL fell; a method other than the task's
+    own exits 2 with one line."""
+    import yaml
+    from safetensors.torch import load_file
+    from transformers import AutoModelForCausalLM
+
+    from leanformers.recipes import cli
+
+    recipe, model = _distill_folders(tmp_path)
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     assert cli.main([str(path)]) == 0
     final = tmp_path / "out" / "final"
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["distill_kept"] is True and results["distill_kl_after"] < results["distill_kl_before"]
     healed = AutoModelForCausalLM.from_pretrained(final)
     assert healed.config.quantization_config.modules == model.config.quantization_config.modules
     before, after = load_file(str(tmp_path / "pifa" / "model.safetensors")), healed.state_dict()
@@ -801,6 +812,35 @@ def check_distill_recipe(row: Row, tmp_path: Path) -> None:
         and len(lines) == 1
         and "task: distill trains the compressed layers' own factors" in lines[0]
     )
+
+
+def check_distill_recipe_discard(row: Row, tmp_path: Path) -> None:
+    """Issue 20: a distill recipe whose training raises the KL (learning rate 1.0) writes final/ with the
+    compressed model's tensors bit for bit, says distill_kept false in results.json and warns."""
+    import yaml
+    from safetensors.torch import load_file
+
+    from leanformers.recipes import cli
+
+    recipe, _ = _distill_folders(tmp_path)
+    recipe["training"]["learning_rate"] = 1.0
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe))
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("leanformers.compressors.healing")
+    log.addHandler(handler)
+    try:
+        assert cli.main([str(path)]) == 0
+    finally:
+        log.removeHandler(handler)
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    assert results["distill_kept"] is False and results["distill_kl_after"] > results["distill_kl_before"]
+    before = load_file(str(tmp_path / "pifa" / "model.safetensors"))
+    after = load_file(str(tmp_path / "out" / "final" / "model.safetensors"))
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert any("healing discarded" in m and "learning rate 1" in m for m in seen), seen
 
 
 def check_heal_discard(row: Row, tmp_path: Path) -> None:

@@ -258,7 +258,14 @@ METHODS: dict[str, Method] = {
             "mpifa_healed",
             "compress",
             dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, heal_tokens=64),
-            operations=("persist", "eval", "generate", "distill_recipe", "heal_discard"),
+            operations=(
+                "persist",
+                "eval",
+                "generate",
+                "distill_recipe",
+                "distill_recipe_discard",
+                "heal_discard",
+            ),
             families=("llama", "qwen2", "opt", "gpt2"),
         ),
     )
@@ -322,6 +329,7 @@ def _applies(method: Method, family: Family, op: str) -> bool:
         "no_controller_warns",
         "recipe_errors",
         "distill_recipe",
+        "distill_recipe_discard",
     )
     if op in method_level and family.name != "llama":
         return False  # method-level properties: one family is enough

@@ -15,6 +15,8 @@ a run with ``output_dir`` saves checkpoints that ``resume=True`` continues from.
 A run that ends with a higher KL than it started from (measured on the same training windows) is
 discarded: the factors go back to their values before healing, the report says ``kept=False`` and a
 warning names the KL and the learning rate. Healing that made the model worse is never handed on silently.
+The guard lives in ``DistillationTrainer.train``, so ``heal()``, ``mpifa-compress --heal-tokens`` and the
+``task: distill`` recipe of ``leanformers-train`` all have it.
 
 2:4 pruned models are not healed here: their masks would have to be kept through every update.
 """
@@ -171,12 +173,26 @@ class DistillationTrainer(Trainer):
 
     The teacher runs without gradients and follows the student's device on the first batch; everything
     else (optimizer, schedule, accumulation, checkpoints, resume, accelerate) is the Trainer's own.
+
+    ``train`` is guarded (``discard_if_worse``, default on): it measures the mean KL on the first 8
+    training windows before and after, and when the KL rose (or is not a number) it puts the trainable
+    parameters back to their values on entry (a host copy of them is kept during the run), warns, and
+    records ``kl_before`` / ``kl_after`` / ``kept`` on the trainer and in the returned metrics
+    (``distill_kl_before``, ``distill_kl_after``, ``distill_kept``). On resume, "on entry" is the model as
+    given (before the checkpoint loads), i.e. the model before any healing. Multi-process runs are not
+    guarded (a sharded model cannot be measured and restored from one process); a warning says so.
     """
 
-    def __init__(self, *args, teacher: nn.Module, temperature: float = 1.0, **kwargs):
+    def __init__(
+        self, *args, teacher: nn.Module, temperature: float = 1.0, discard_if_worse: bool = True, **kwargs
+    ):
         super().__init__(*args, **kwargs)
         self.teacher = teacher.eval()
         self.temperature = float(temperature)
+        self.discard_if_worse = discard_if_worse
+        self.kl_before: float | None = None
+        self.kl_after: float | None = None
+        self.kept = True
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         ids = inputs["input_ids"]
@@ -187,6 +203,45 @@ class DistillationTrainer(Trainer):
         outputs = model(input_ids=ids)
         loss = distillation_loss(outputs.logits, target, self.temperature)
         return (loss, outputs) if return_outputs else loss
+
+    def train(self, *args, **kwargs):
+        if not self.discard_if_worse:
+            return super().train(*args, **kwargs)
+        if self.args.world_size > 1:
+            logger.warning(
+                "distillation on %d processes: the KL guard (discard a run that raised the KL) runs in "
+                "single-process runs only; check the KL of the result yourself",
+                self.args.world_size,
+            )
+            return super().train(*args, **kwargs)
+        dataset = self.train_dataset
+        windows = torch.stack([dataset[i]["input_ids"] for i in range(min(8, len(dataset)))])
+        params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
+        entry = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
+        micro = self.args.per_device_train_batch_size
+        self.kl_before = _mean_kl(self.model, self.teacher, windows, micro, self.temperature)
+        result = super().train(*args, **kwargs)
+        self.kl_after = _mean_kl(self.model, self.teacher, windows, micro, self.temperature)
+        self.kept = not self.kl_after > self.kl_before  # a NaN KL is not kept either
+        if not self.kept:
+            with torch.no_grad():
+                for name, p in params.items():
+                    p.copy_(entry[name])
+            logger.warning(
+                "healing discarded: the KL to the dense model rose from %.4g to %.4g on the training windows "
+                "(learning rate %g, %d tokens); the compressed model is kept as it was before healing. Try a "
+                "lower learning rate (HealingConfig.learning_rate; mpifa-compress --heal-lr; the distill "
+                "recipe's training.learning_rate) or more tokens.",
+                self.kl_before,
+                self.kl_after,
+                self.args.learning_rate,
+                len(dataset) * windows.shape[1],
+            )
+        del entry
+        result.metrics.update(
+            distill_kl_before=self.kl_before, distill_kl_after=self.kl_after, distill_kept=self.kept
+        )
+        return result
 
 
 def freeze_all_but_factors(model: nn.Module) -> dict[str, nn.Parameter]:
@@ -200,18 +255,20 @@ def freeze_all_but_factors(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 @torch.no_grad()
-def _mean_kl(student: nn.Module, teacher: nn.Module, windows: torch.Tensor, cfg: HealingConfig) -> float:
-    """The mean KL on the first (at most) 8 training windows, in eval mode (a cheap progress measure)."""
-    windows = windows[:8]
+def _mean_kl(
+    student: nn.Module, teacher: nn.Module, windows: torch.Tensor, micro: int, temperature: float
+) -> float:
+    """The mean KL on ``windows`` (n, seqlen) in micro-batches of ``micro``, in eval mode (a cheap progress
+    measure; the teacher moves to the student's device)."""
     was = student.training
     student.eval()
     device = next(student.parameters()).device
-    micro = cfg.batch_size // cfg.gradient_accumulation
+    teacher.to(device)
     total = 0.0
     for batch in windows.split(micro):
         batch = batch.to(device)
         loss = distillation_loss(
-            student(input_ids=batch).logits, teacher(input_ids=batch).logits, cfg.temperature
+            student(input_ids=batch).logits, teacher(input_ids=batch).logits, temperature
         )
         total += float(loss) * batch.shape[0]
     student.train(was)
@@ -290,27 +347,9 @@ def heal(
     teacher.eval()
     try:
         freeze_all_but_factors(model)
-        entry = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
-        kl_before = _mean_kl(model, teacher, windows, cfg)
         with tempfile.TemporaryDirectory() as scratch:
             trainer = _trainer(model, teacher, windows, cfg, cfg.output_dir or scratch)
             result = trainer.train(resume_from_checkpoint=True if resume else None)
-        kl_after = _mean_kl(model, teacher, windows, cfg)
-        kept = not kl_after > kl_before  # a NaN KL is not kept either
-        if not kept:
-            with torch.no_grad():
-                for name, p in params.items():
-                    p.copy_(entry[name])
-            logger.warning(
-                "healing discarded: the KL to the dense model rose from %.4g to %.4g on the training windows "
-                "(learning rate %g, %d tokens); the compressed model is kept as it was before healing. Try a "
-                "lower learning rate (HealingConfig.learning_rate) or more tokens.",
-                kl_before,
-                kl_after,
-                cfg.learning_rate,
-                windows.numel(),
-            )
-        del entry
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(frozen[name])
@@ -319,9 +358,9 @@ def heal(
     report = HealingReport(
         tokens=int(windows.numel()),
         steps=int(result.global_step),
-        kl_before=kl_before,
-        kl_after=kl_after,
-        kept=kept,
+        kl_before=trainer.kl_before,
+        kl_after=trainer.kl_after,
+        kept=trainer.kept,
         trained_params=sum(p.numel() for p in params.values()),
         seconds=time.perf_counter() - start,
         calibration=label,
