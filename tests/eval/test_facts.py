@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from leanformers.eval.facts import FACTS, answer_finding, fact_check, greedy_answers, is_correct
+from leanformers.eval.facts import FACTS, _prompt_ids, answer_finding, fact_check, greedy_answers, is_correct
 
 
 def test_the_set_has_twenty_or_more_distinct_questions_each_with_an_answer():
@@ -55,3 +55,11 @@ def test_dense_smollm2_knows_the_demo_question_and_keeps_all_its_own_answers(smo
     assert is_correct(answers[0], ("Paris",)), answers[0]
     assert answers == greedy_answers(model, tok, [q for q, _ in facts], max_new_tokens=12)  # greedy
     assert fact_check(answers, answers, facts).share == 1.0
+    # prompts of different lengths answered together (left-padded, masked) as one at a time, unpadded
+    prompts = [FACTS[0][0], FACTS[18][0], FACTS[7][0]]
+    lengths = {len(_prompt_ids(tok, p)) for p in prompts}
+    assert len(lengths) == 3  # the batch is padded
+    together = greedy_answers(model, tok, prompts, max_new_tokens=12)
+    assert together == greedy_answers(model, tok, prompts, max_new_tokens=12, batch_size=1)
+    with pytest.raises(ValueError, match="batch_size must be >= 1"):
+        greedy_answers(model, tok, ["?"], batch_size=0)

@@ -15,7 +15,11 @@ needs no dataset, and works offline. The settings and the code here are ours:
 - windows: ``nsamples`` windows of exactly ``seqlen`` tokens, generated in batches with a KV cache. Every
   row advances one token per step (a prompt's tokens are fed one per step as well), so no padding is
   needed. Window ``k`` draws its turn order and its sampling numbers from its own generator, seeded from
-  (seed, k): its text does not depend on which windows share its batch;
+  (seed, k), so in exact arithmetic its text does not depend on which windows share its batch. In
+  floating point a batch of another size can change a logit's last bits and, at a near tie, a sampled
+  token (SmolLM2-135M, 24 x 512 windows: batches of 16 + 8 and one batch of 24 gave the same windows but
+  one, which parted at its token 356); ``batch_size`` is therefore part of the cache key. The thread
+  count can change them the same way (docs/benchmarks.md §20);
 - cache: windows are stored under ``leanformers.hub.cache_dir() / "self-calibration"``, keyed by the
   sha256 of the model's weights, the prompt and stop tokens, the settings, the window shape, the seed and
   the torch version; a cache hit returns the same windows (their hash is checked on read).
@@ -91,7 +95,10 @@ class SelfCalibrationSettings:
         temperature_start, temperature_end: the temperature of the first sampled token of an answer /
             document, and the one reached after ``temperature_tokens`` tokens (linear in between).
         top_p: nucleus sampling mass in (0, 1].
-        batch_size: windows generated together (memory: the KV cache of batch_size x seqlen tokens).
+        batch_size: windows generated together (memory: the KV cache of batch_size x seqlen tokens). A
+            step's cost on a CPU is mostly reading the weights, so a batch of 24 costs little more per step
+            than one of 16: the demo's 24 x 512 windows took 138 s in one batch against 193 s in 16 + 8
+            (one thread, SmolLM2-135M).
         turns: the user turns of instruct models.
         version: bumped whenever the generation procedure changes (it invalidates cached windows).
     """
@@ -100,7 +107,7 @@ class SelfCalibrationSettings:
     temperature_end: float = 1.0
     temperature_tokens: int = 16
     top_p: float = 0.95
-    batch_size: int = 16
+    batch_size: int = 32
     turns: tuple[str, ...] = NEUTRAL_TURNS
     version: int = 1
 
