@@ -751,6 +751,20 @@ def check_compact_adapter(row: Row, tmp_path: Path) -> None:
     assert torch.equal(logits_of(reloaded, inputs), want), "the compact adapter did not reload exactly"
 
 
+@contextlib.contextmanager
+def _healing_messages():
+    """The messages leanformers.compressors.healing logs inside the block (a list filled as they come)."""
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    log = logging.getLogger("leanformers.compressors.healing")
+    log.addHandler(handler)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+
+
 def _distill_folders(tmp_path: Path):
     """A tiny dense Llama with SmolLM2's tokenizer, its MPIFA folder, and a distill recipe healing it."""
     from transformers import AutoTokenizer, LlamaForCausalLM
@@ -826,15 +840,8 @@ def check_distill_recipe_discard(row: Row, tmp_path: Path) -> None:
     recipe["training"]["learning_rate"] = 1.0
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    log = logging.getLogger("leanformers.compressors.healing")
-    log.addHandler(handler)
-    try:
+    with _healing_messages() as seen:
         assert cli.main([str(path)]) == 0
-    finally:
-        log.removeHandler(handler)
     results = json.loads((tmp_path / "out" / "results.json").read_text())
     assert results["distill_kept"] is False and results["distill_kl_after"] > results["distill_kl_before"]
     before = load_file(str(tmp_path / "pifa" / "model.safetensors"))
@@ -853,15 +860,8 @@ def check_heal_discard(row: Row, tmp_path: Path) -> None:
     config, calib = compression_of(row)
     before = {k: v.clone() for k, v in model.state_dict().items()}
     cfg = HealingConfig(tokens=calib.numel(), seqlen=config.seqlen, batch_size=2, learning_rate=1.0)
-    seen: list[str] = []
-    handler = logging.Handler()
-    handler.emit = lambda record: seen.append(record.getMessage())
-    log = logging.getLogger("leanformers.compressors.healing")
-    log.addHandler(handler)
-    try:
+    with _healing_messages() as seen:
         report = heal(model, dense, None, cfg, windows=calib)
-    finally:
-        log.removeHandler(handler)
     assert report.kl_after > report.kl_before and not report.kept, report
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert any("healing discarded" in m for m in seen), seen
