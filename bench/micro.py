@@ -86,7 +86,7 @@ def predictor_cost(s: dict, args) -> dict:
             measured.append((degree, row["l3p_s"]))
         elif measured:
             d0, t0 = measured[-1]
-            row["l3p_s"] = round(t0 * (degree / d0) ** 3, 1)
+            row["l3p_s"] = float(f"{t0 * (degree / d0) ** 3:.4g}")  # 4 digits: a fast run extrapolates < 1 s
             row["l3p"] = "extrapolated (d^3 from the last measured point)"
         if "l3p_s" in row:
             row["l3p_over_l3n"] = round(row["l3p_s"] / row["l3n_s"], 2)
