@@ -221,3 +221,48 @@ def test_the_distill_recipe_refuses_what_it_cannot_do(tmp_path):
         run({**base, "tokenizer": "smollm2", "data": {"text": "self"}})
     with pytest.raises(RecipeError, match="compress it with mpifa"):
         run({**base, "tokenizer": "smollm2", "data": {"teacher": str(tmp_path / "dense")}})
+
+
+def _distillation_trainer(model, teacher, dataset, tmp_path):
+    from transformers import TrainingArguments
+
+    from leanformers.compressors.healing import DistillationTrainer
+
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        per_device_train_batch_size=4,
+        learning_rate=1e-3,
+        num_train_epochs=1,
+        save_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        use_cpu=True,
+        disable_tqdm=True,
+    )
+    return DistillationTrainer(model=model, args=args, train_dataset=dataset, teacher=teacher)
+
+
+def test_the_guard_reads_a_datasets_dataset_whose_examples_are_lists(tmp_path):
+    # a `datasets.Dataset` returns lists of ids, not tensors: the guard measures them like TokenWindows'
+    import datasets
+
+    from leanformers.compressors.healing import freeze_all_but_factors
+
+    model, teacher = _compressed()
+    freeze_all_but_factors(model)
+    ids = random_ids(8, 32, seed=2)
+    dataset = datasets.Dataset.from_dict({"input_ids": ids.tolist()})
+    assert isinstance(dataset[0]["input_ids"], list)
+    trainer = _distillation_trainer(model, teacher, dataset, tmp_path)
+    metrics = trainer.train().metrics
+    assert metrics["distill_kept"] and metrics["distill_kl_after"] < metrics["distill_kl_before"], metrics
+
+
+def test_the_guard_refuses_examples_of_different_lengths_and_names_the_way_out(tmp_path):
+    import datasets
+
+    model, teacher = _compressed()
+    dataset = datasets.Dataset.from_dict({"input_ids": [list(range(1, 33)), list(range(1, 17))]})
+    trainer = _distillation_trainer(model, teacher, dataset, tmp_path)
+    with pytest.raises(ValueError, match=r"shapes \[\(16,\), \(32,\)\].*discard_if_worse=False"):
+        trainer.train()

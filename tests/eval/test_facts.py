@@ -63,3 +63,18 @@ def test_dense_smollm2_knows_the_demo_question_and_keeps_all_its_own_answers(smo
     assert together == greedy_answers(model, tok, prompts, max_new_tokens=12, batch_size=1)
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         greedy_answers(model, tok, ["?"], batch_size=0)
+
+
+@pytest.mark.integration
+def test_a_tokenizer_without_pad_or_eos_still_answers_a_padded_batch(smollm2_path):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    prompts = [FACTS[0][0], FACTS[18][0]]
+    want = greedy_answers(model, tok, prompts, max_new_tokens=8)
+    tok.pad_token, tok.eos_token = None, None
+    assert tok.pad_token_id is None and tok.eos_token_id is None
+    assert len({len(_prompt_ids(tok, p)) for p in prompts}) == 2  # the batch is padded
+    assert greedy_answers(model, tok, prompts, max_new_tokens=8) == want  # the masked pad id does not matter

@@ -215,7 +215,7 @@ class DistillationTrainer(Trainer):
             )
             return super().train(*args, **kwargs)
         dataset = self.train_dataset
-        windows = torch.stack([dataset[i]["input_ids"] for i in range(min(8, len(dataset)))])
+        windows = _guard_windows(dataset)
         params = {name: p for name, p in self.model.named_parameters() if p.requires_grad}
         entry = {name: p.detach().to("cpu", copy=True) for name, p in params.items()}
         micro = self.args.per_device_train_batch_size
@@ -242,6 +242,20 @@ class DistillationTrainer(Trainer):
             distill_kl_before=self.kl_before, distill_kl_after=self.kl_after, distill_kept=self.kept
         )
         return result
+
+
+def _guard_windows(dataset) -> torch.Tensor:
+    """The KL guard's windows: (min(8, n), seqlen) ids from the first examples (tensors or lists, as a
+    ``datasets.Dataset`` returns them). ValueError when they differ in length."""
+    rows = [torch.as_tensor(dataset[i]["input_ids"], dtype=torch.long) for i in range(min(8, len(dataset)))]
+    shapes = sorted({tuple(row.shape) for row in rows})
+    if len(shapes) > 1 or len(shapes[0]) != 1:
+        raise ValueError(
+            f"the distillation KL guard measures the first 8 training examples as one batch, and their "
+            f"input_ids have shapes {shapes}: give windows of one length (TokenWindows, or a recipe's "
+            f"`data.seqlen`), or pass discard_if_worse=False to train without the guard"
+        )
+    return torch.stack(rows)
 
 
 def freeze_all_but_factors(model: nn.Module) -> dict[str, nn.Parameter]:

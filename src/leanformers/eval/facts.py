@@ -109,7 +109,8 @@ def greedy_answers(
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     device = next(model.parameters()).device
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad = next((i for i in (tokenizer.pad_token_id, tokenizer.eos_token_id) if i is not None), 0)
+    # without pad and EOS any id pads: the attention mask hides the padded positions
     answers = []
     for start in range(0, len(prompts), batch_size):
         rows = [_prompt_ids(tokenizer, p) for p in prompts[start : start + batch_size]]
