@@ -443,7 +443,7 @@ def run_texts(args, argv: list[str] | None) -> dict:
     args.device = args.device or ("cuda" if torch.cuda.is_available() and not q else "cpu")
     torch.manual_seed(args.seed)
     base, tok, label = load_base(args)
-    texts, facts_cache = five_texts.Texts(tok, base, args.seqlen, args.seed), {}
+    texts, facts_cache = five_texts.Texts(tok, base.to(args.device), args.seqlen, args.seed), {}
     setting = {"model": label, "texts": texts.src, "validation": names[:2], "test": names[2:]}
     setting |= {"calibration_mixes": five_texts.MIXES, "calibration_specs": five_texts.SPECS}
     setting["eval"] = f"first {args.eval_tokens} tokens of each text, context {args.context}"

@@ -68,6 +68,14 @@ def test_dry_run_every_part_produces_its_result_keys(dry_run):
         }
         assert [r["dtype"] for r in e2e["pifa_vs_lowrank"]] == ["float32"]
     assert set(parts["pifa_layers"]["targets"]) and parts["chtss_cost"]["rows"][0]["full_update_ms"] > 0
+    # issue 20: the default calibration's MPIFA healed by distillation, five texts and the factual check
+    (heal,) = parts["mpifa_heal"]["cells"]
+    assert (heal["row"], heal["density"], heal["heal_tokens"]) == ("default", 0.8, 256)
+    assert all(math.isfinite(heal["healing"][k]) for k in ("kl_before", "kl_after"))
+    assert heal["healing"]["kept"] == (heal["healing"]["kl_after"] < heal["healing"]["kl_before"])
+    assert set(heal["ppl"]) == {"ted", "torch", "wiki", "shakespeare", "stdlib"}
+    assert all(math.isfinite(v["ppl"]) and v["ppl"] > 1 for v in heal["ppl"].values())
+    assert heal["facts"]["dense_correct"] > 0 and len(heal["facts"]["answers"]) >= 20
     log, table = (out / "gpu_suite.log").read_text(), (out / "gpu_suite.md").read_text()
     assert all(f"== {name}" in log and f"| {name} |" in table for name in suite.PART_NAMES)
 
