@@ -1,5 +1,5 @@
-"""The five texts of docs/benchmarks.md §14, §19, §20 and their calibration sources, for ``compression_table.py
---texts``: ids, calibration windows, perplexities, healing, the factual check, the perplexity-vs-density plot.
+"""The five texts of docs/benchmarks.md §14, §19, §20 and their calibration sources for
+``compression_table.py --texts``: ids, calibration windows, perplexities, healing, facts, the plot.
 
 Texts (the first ``--eval-tokens`` of each, non-overlapping windows of ``--context``); defaults are
 CHOSEN on the validation texts, never on the test texts:
