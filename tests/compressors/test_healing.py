@@ -266,3 +266,13 @@ def test_the_guard_refuses_examples_of_different_lengths_and_names_the_way_out(t
     trainer = _distillation_trainer(model, teacher, dataset, tmp_path)
     with pytest.raises(ValueError, match=r"shapes \[\(16,\), \(32,\)\].*discard_if_worse=False"):
         trainer.train()
+
+
+def test_an_empty_training_dataset_is_refused_by_name(tmp_path):
+    import datasets
+
+    model, teacher = _compressed()
+    dataset = datasets.Dataset.from_dict({"input_ids": []})
+    trainer = _distillation_trainer(model, teacher, dataset, tmp_path)
+    with pytest.raises(ValueError, match="training dataset is empty"):
+        trainer.train()

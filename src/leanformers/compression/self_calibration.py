@@ -12,7 +12,8 @@ needs no dataset, and works offline. The settings and the code here are ours:
   far tail. A schedule (``temperature_start`` for the first token of every answer or document, linear to
   ``temperature_end`` over ``temperature_tokens``) is available; 1.0 -> 0.7 (more coherent text) was worse
   on the validation texts (docs/benchmarks.md §19: a narrower text calibrates a narrower model);
-- windows: ``nsamples`` windows of exactly ``seqlen`` tokens, generated in batches with a KV cache. Every
+- windows: ``nsamples`` windows of exactly ``seqlen`` tokens, generated in batches with a KV cache (one
+  allocated once, ``kv_buffer.buffered_cache``: the same logits as transformers' own). Every
   row advances one token per step (a prompt's tokens are fed one per step as well), so no padding is
   needed. Window ``k`` draws its turn order and its sampling numbers from its own generator, seeded from
   (seed, k), so in exact arithmetic its text does not depend on which windows share its batch. In
@@ -44,6 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from leanformers.compression.kv_buffer import buffered_cache
 from leanformers.compression.text_sampling import sample_top_p, temperature_at, window_seed
 
 __all__ = [
@@ -254,7 +256,9 @@ def _generate_batch(model, prompting, indices, seqlen, seed, settings, device, b
     position = torch.zeros(len(indices), dtype=torch.long)  # tokens sampled since the last prompt
     stops = torch.tensor(prompting.stops or [-1])
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    result = model(input_ids=out[:, :start].to(device), use_cache=True)
+    cache = buffered_cache(model, seqlen)  # bitwise DynamicCache's numbers, without its copies
+    first = {} if cache is None else {cache_arg: cache}
+    result = model(input_ids=out[:, :start].to(device), use_cache=True, **first)
     bar.update(start * len(indices))
     for s in range(start, seqlen):
         logits = result.logits[:, -1].float().cpu()

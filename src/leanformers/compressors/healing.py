@@ -246,7 +246,12 @@ class DistillationTrainer(Trainer):
 
 def _guard_windows(dataset) -> torch.Tensor:
     """The KL guard's windows: (min(8, n), seqlen) ids from the first examples (tensors or lists, as a
-    ``datasets.Dataset`` returns them). ValueError when they differ in length."""
+    ``datasets.Dataset`` returns them). ValueError when there are none or they differ in length."""
+    if len(dataset) == 0:
+        raise ValueError(
+            "the distillation training dataset is empty: give it at least one window of token ids "
+            "(TokenWindows, or a recipe's `data` with enough text for one `data.seqlen` window)"
+        )
     rows = [torch.as_tensor(dataset[i]["input_ids"], dtype=torch.long) for i in range(min(8, len(dataset)))]
     shapes = sorted({tuple(row.shape) for row in rows})
     if len(shapes) > 1 or len(shapes[0]) != 1:
