@@ -125,6 +125,19 @@ def check_negative_heal_lr(row: Row, tmp_path: Path) -> None:
     _compress_command(tmp_path, "--heal-tokens", "64", "--heal-lr=-3e-5")
 
 
+def check_empty_distill_dataset(row: Row, tmp_path: Path) -> None:
+    """A distillation (healing) run handed no training windows (issue 20): refused before any step."""
+    import datasets
+    from transformers import TrainingArguments
+
+    from leanformers.compressors.healing import DistillationTrainer
+    from tests.tiny_models import tiny_llama
+
+    args = TrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[], max_steps=1)
+    empty = datasets.Dataset.from_dict({"input_ids": []})
+    DistillationTrainer(model=tiny_llama(), args=args, train_dataset=empty, teacher=tiny_llama()).train()
+
+
 def check_tasks_data_dir_without_tasks(row: Row, tmp_path: Path) -> None:
     """--tasks-data-dir with no --tasks: a zero-shot data folder nothing would read."""
     _compress_command(tmp_path, "--tasks-data-dir", str(tmp_path))

@@ -132,6 +132,7 @@ BAD_INPUT_OPS = (
     "rank_deficient_weight",
     "heal_lr_without_healing",
     "negative_heal_lr",
+    "empty_distill_dataset",
     "tasks_data_dir_without_tasks",
 )
 
@@ -300,6 +301,7 @@ _BAD_INPUTS = {
         "--heal-lr sets the learning rate of healing, which runs only with",
     ),
     "negative_heal_lr": ("ValueError", "healing learning_rate must be > 0, got -3e-05"),
+    "empty_distill_dataset": ("ValueError", "the distillation training dataset is empty"),
     "tasks_data_dir_without_tasks": ("ValueError", "--tasks-data-dir names where --tasks reads its files"),
 }
 
