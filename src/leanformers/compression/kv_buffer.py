@@ -2,9 +2,11 @@
 
 transformers' ``DynamicCache`` grows by ``torch.cat``: every decode step copies the whole cache of every
 layer, a third of a step of SmolLM2-135M at batch 24 and position 256 on a CPU (docs/benchmarks.md §20).
-``buffered_cache`` keeps its layers' keys and values in buffers of the final length and hands attention
-the filled prefix, a view of the same numbers: the logits are bitwise those of ``DynamicCache``
-(tests/compression/test_kv_buffer.py), so the sampled windows do not change, only the time they take.
+``buffer_kv_cache_`` moves the layers of such a cache, after the prompt's forward, into buffers of the
+final length and hands attention the filled prefix, a view of the same numbers: the logits are bitwise
+those of ``DynamicCache`` (tests/compression/test_kv_buffer.py), so the sampled windows do not change,
+only the time they take. Only the cache the model chose itself is converted, and only its plain
+full-attention layers: a model with its own cache class (state-space, hybrid, offloaded) keeps it.
 """
 
 from __future__ import annotations
@@ -13,33 +15,28 @@ import functools
 
 import torch
 
-__all__ = ["buffered_cache"]
+__all__ = ["buffer_kv_cache_"]
 
 
 @functools.cache
-def _buffer_layer_class():
+def _buffered_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):
         """A ``DynamicLayer`` whose keys / values are the first ``length`` positions of fixed buffers."""
 
-        def __init__(self, capacity: int) -> None:
+        def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
             super().__init__()
-            self.capacity = capacity
-            self.length = 0
-
-        def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-            self.device = key_states.device
-            batch, heads, _, _ = key_states.shape
-            shape = (batch, heads, self.capacity)
-            self._keys = key_states.new_empty(*shape, key_states.shape[-1])
-            self._values = value_states.new_empty(*shape, value_states.shape[-1])
-            self.keys, self.values = self._keys[:, :, :0], self._values[:, :, :0]
+            batch, heads, length, _ = keys.shape
+            self._keys = keys.new_empty(batch, heads, capacity, keys.shape[-1])
+            self._values = values.new_empty(batch, heads, capacity, values.shape[-1])
+            self._keys[:, :, :length] = keys
+            self._values[:, :, :length] = values
+            self.capacity, self.length, self.device = capacity, length, keys.device
+            self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
             self.is_initialized = True
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
             end = self.length + key_states.shape[-2]
             if end > self.capacity:
                 raise ValueError(f"KV buffer of {self.capacity} positions cannot take position {end}")
@@ -49,27 +46,32 @@ def _buffer_layer_class():
             self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
             return self.keys, self.values
 
-        def reset(self) -> None:
-            self.length = 0
-            super().reset()
-
     return BufferedLayer
 
 
-def buffered_cache(model, capacity: int):
-    """A ``DynamicCache`` for ``model`` whose full-attention layers hold up to ``capacity`` positions in
-    preallocated buffers; None where this transformers' cache API differs (the caller then lets the
-    model build its own cache, which gives the same numbers, only slower). Sliding-window and other
-    special layers stay as transformers builds them."""
+def buffer_kv_cache_(cache, capacity: int) -> bool:
+    """In place: every filled plain ``DynamicLayer`` of ``cache`` (a ``DynamicCache`` a model returned)
+    becomes a layer holding up to ``capacity`` positions in preallocated buffers, its keys and values
+    copied over. Returns whether anything was converted; any other cache (another class, a transformers
+    whose cache API differs) is left as it is, which gives the same numbers, only slower.
+
+    Args:
+        cache: the model's cache after a forward; its layers' keys / values are (batch, heads, length, dim).
+        capacity: the most positions any layer will hold (the window length).
+    """
     try:
         from transformers.cache_utils import DynamicCache, DynamicLayer
-
-        cache = DynamicCache(config=model.config)
-        layers = cache.layers
-    except (ImportError, AttributeError, TypeError, KeyError):
-        return None
-    if not layers or not isinstance(layers, list):
-        return None
-    buffered = _buffer_layer_class()
-    cache.layers = [buffered(capacity) if type(layer) is DynamicLayer else layer for layer in layers]
-    return cache
+    except ImportError:
+        return False
+    if type(cache) is not DynamicCache or not isinstance(getattr(cache, "layers", None), list):
+        return False
+    if getattr(cache, "offloading", False):  # offloading moves the layers' tensors between devices
+        return False
+    buffered = _buffered_layer_class()
+    converted = False
+    for i, layer in enumerate(cache.layers):
+        plain = type(layer) is DynamicLayer and layer.is_initialized and layer.keys.dim() == 4
+        if plain and layer.keys.shape[-2] <= capacity:
+            cache.layers[i] = buffered(layer.keys, layer.values, capacity)
+            converted = True
+    return converted

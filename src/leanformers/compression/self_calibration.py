@@ -12,10 +12,10 @@ needs no dataset, and works offline. The settings and the code here are ours:
   far tail. A schedule (``temperature_start`` for the first token of every answer or document, linear to
   ``temperature_end`` over ``temperature_tokens``) is available; 1.0 -> 0.7 (more coherent text) was worse
   on the validation texts (docs/benchmarks.md §19: a narrower text calibrates a narrower model);
-- windows: ``nsamples`` windows of exactly ``seqlen`` tokens, generated in batches with a KV cache (one
-  allocated once, ``kv_buffer.buffered_cache``: the same logits as transformers' own). Every
-  row advances one token per step (a prompt's tokens are fed one per step as well), so no padding is
-  needed. Window ``k`` draws its turn order and its sampling numbers from its own generator, seeded from
+- windows: ``nsamples`` windows of exactly ``seqlen`` tokens, generated in batches with a KV cache
+  (allocated once after the prompt's forward, ``kv_buffer.buffer_kv_cache_``: the same logits as
+  transformers' growing cache). Every row advances one token per step (a prompt's tokens are fed one per
+  step as well), so no padding is needed. Window ``k`` draws its turn order and its sampling numbers from its own generator, seeded from
   (seed, k), so in exact arithmetic its text does not depend on which windows share its batch. In
   floating point a batch of another size can change a logit's last bits and, at a near tie, a sampled
   token (SmolLM2-135M, 24 x 512 windows: batches of 16 + 8 and one batch of 24 gave the same windows but
@@ -45,7 +45,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from leanformers.compression.kv_buffer import buffered_cache
+from leanformers.compression.kv_buffer import buffer_kv_cache_
 from leanformers.compression.text_sampling import sample_top_p, temperature_at, window_seed
 
 __all__ = [
@@ -240,6 +240,12 @@ def _check_model(model, prompting: Prompting, seqlen: int) -> torch.device:
     return next(model.parameters()).device
 
 
+def _cache_of(result):
+    """The cache a forward returned (``past_key_values`` before transformers 5.25)."""
+    past = getattr(result, "cache", None)
+    return result.past_key_values if past is None else past
+
+
 def _generate_batch(model, prompting, indices, seqlen, seed, settings, device, bar) -> torch.Tensor:
     """Windows ``indices`` of one run: (len(indices), seqlen) ids (see the module docstring)."""
     gens = [torch.Generator().manual_seed(window_seed(seed, k)) for k in indices]
@@ -256,9 +262,8 @@ def _generate_batch(model, prompting, indices, seqlen, seed, settings, device, b
     position = torch.zeros(len(indices), dtype=torch.long)  # tokens sampled since the last prompt
     stops = torch.tensor(prompting.stops or [-1])
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-    cache = buffered_cache(model, seqlen)  # bitwise DynamicCache's numbers, without its copies
-    first = {} if cache is None else {cache_arg: cache}
-    result = model(input_ids=out[:, :start].to(device), use_cache=True, **first)
+    result = model(input_ids=out[:, :start].to(device), use_cache=True)
+    buffer_kv_cache_(_cache_of(result), seqlen)  # the same numbers without a copy per step
     bar.update(start * len(indices))
     for s in range(start, seqlen):
         logits = result.logits[:, -1].float().cpu()
@@ -281,9 +286,9 @@ def _generate_batch(model, prompting, indices, seqlen, seed, settings, device, b
             turns_done[b] += 1
             position[b] = 0
         if s + 1 < seqlen:
-            past = getattr(result, "cache", None)  # ``past_key_values`` before transformers 5.25
-            past = result.past_key_values if past is None else past
-            result = model(input_ids=out[:, s : s + 1].to(device), use_cache=True, **{cache_arg: past})
+            result = model(
+                input_ids=out[:, s : s + 1].to(device), use_cache=True, **{cache_arg: _cache_of(result)}
+            )
         bar.update(len(indices))
     return out
 
