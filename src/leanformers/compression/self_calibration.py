@@ -15,12 +15,12 @@ needs no dataset, and works offline. The settings and the code here are ours:
 - windows: ``nsamples`` windows of exactly ``seqlen`` tokens, generated in batches with a KV cache
   (allocated once after the prompt's forward, ``kv_buffer.buffer_kv_cache_``: the same logits as
   transformers' growing cache). Every row advances one token per step (a prompt's tokens are fed one per
-  step as well), so no padding is needed. Window ``k`` draws its turn order and its sampling numbers from its own generator, seeded from
-  (seed, k), so in exact arithmetic its text does not depend on which windows share its batch. In
-  floating point a batch of another size can change a logit's last bits and, at a near tie, a sampled
-  token (SmolLM2-135M, 24 x 512 windows: batches of 16 + 8 and one batch of 24 gave the same windows but
-  one, which parted at its token 356); ``batch_size`` is therefore part of the cache key. The thread
-  count can change them the same way (docs/benchmarks.md §20);
+  step as well), so no padding is needed. Window ``k`` draws its turn order and its sampling numbers from
+  its own generator, seeded from (seed, k), so in exact arithmetic its text does not depend on which windows
+  share its batch. In floating point a batch of another size can change a logit's last bits and, at a near
+  tie, a sampled token (SmolLM2-135M, 24 x 512 windows: batches of 16 + 8 and one batch of 24 gave the same
+  windows but one, which parted at its token 356); ``batch_size`` is therefore part of the cache key. The
+  thread count can change them the same way (docs/benchmarks.md §20);
 - cache: windows are stored under ``leanformers.hub.cache_dir() / "self-calibration"``, keyed by the
   sha256 of the model's weights, the prompt and stop tokens, the settings, the window shape, the seed and
   the torch version; a cache hit returns the same windows (their hash is checked on read).
