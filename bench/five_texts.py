@@ -1,8 +1,7 @@
 """The five texts of docs/benchmarks.md §14, §19, §20 and their calibration sources for
-``compression_table.py --texts``: ids, calibration windows, perplexities, healing, facts, the plot.
-
-Texts (the first ``--eval-tokens`` of each, non-overlapping windows of ``--context``); defaults are
-CHOSEN on the validation texts, never on the test texts:
+``compression_table.py --texts``: ids, calibration windows, perplexities, healing, facts, the plot. Texts
+(the first ``--eval-tokens`` of each, non-overlapping windows of ``--context``); defaults are CHOSEN on the
+validation texts, never on the test texts:
   validation  ted     IWSLT14 valid.en (TED talks, lowercased and tokenised; ../shared/data/translation)
               torch   Python source of the installed torch package: torch/nn/modules/*.py, sorted
   test        wiki    WikiText-2 raw test (the WikiText calibration's domain)
@@ -37,13 +36,14 @@ MIXES["mix_code"] = [*MIXES["mix"], ("calib_code", 1.0)]
 MIXES["wiki_code"] = [("calib_wiki", 3.0), ("python:transformers.generation", 1.0)]
 # calibration key -> a --calib SPEC (issue 20, §19): "{wiki}" is the local WikiText-2 v1 valid; a spec
 # without "self@" goes through the package's calibration_windows_for; "self@NAME" generates with the
-# SELF_VARIANTS[NAME] settings explicitly (the same mix: window_counts, source i seeded seed + i), so
-# that the cells measured before the package's default settings changed stay reproducible. self_t1_own is
-# the package's default --calib; t07 the first settings of §19 (1.0 -> 0.7 over 16 tokens), t1 plain
-# sampling at T = 1 (top-p 0.95 in both)
+# SELF_VARIANTS[NAME] settings pinned (source i of a mix seeded seed + i), so cells measured before a
+# default changed stay reproducible: t07 is §19's first schedule (1.0 -> 0.7 over 16 tokens), t1 plain
+# sampling at T = 1, t1sN the same in N segments per window (§20); top-p 0.95 in all
 SPECS = {"self": "self@t07", "self_wiki": "self=1,{wiki}=1", "self_own": "self@t07=3,python:leanformers=1"}
 SPECS |= {"wiki_own": "{wiki}=3,python:leanformers=1", "self_t1_own": "self@t1=3,python:leanformers=1"}
-SELF_VARIANTS = {v: dict(temperature_start=1.0, temperature_end=t) for v, t in (("t07", 0.7), ("t1", 1.0))}
+SPECS |= {f"self_{v}_own": f"self@{v}=3,python:leanformers=1" for v in ("t1s2", "t1s4")}
+SELF_GRID = (("t07", 0.7, 1), ("t1", 1.0, 1), ("t1s2", 1.0, 2), ("t1s4", 1.0, 4))  # name, T end, segments
+SELF_VARIANTS = {v: dict(temperature_start=1.0, temperature_end=t, segments=n) for v, t, n in SELF_GRID}
 CALIBRATIONS = [*MIXES, *SPECS]
 
 

@@ -101,6 +101,10 @@ class SelfCalibrationSettings:
             step's cost on a CPU is mostly reading the weights, so a batch of 24 costs little more per step
             than one of 16: the demo's 24 x 512 windows took 138 s in one batch against 193 s in 16 + 8
             (one thread, SmolLM2-135M).
+        segments: independent rows (conversations / documents) a window is made of: a window of seqlen
+            tokens concatenates ``segments`` rows of about seqlen / segments tokens, generated side by
+            side, so a batch of windows takes 1 / segments of the decode steps with ``segments`` times the
+            rows per step (the same KV cache memory).
         turns: the user turns of instruct models.
         version: bumped whenever the generation procedure changes (it invalidates cached windows).
     """
@@ -110,6 +114,7 @@ class SelfCalibrationSettings:
     temperature_tokens: int = 16
     top_p: float = 0.95
     batch_size: int = 32
+    segments: int = 1
     turns: tuple[str, ...] = NEUTRAL_TURNS
     version: int = 1
 
@@ -123,8 +128,9 @@ class SelfCalibrationSettings:
                 raise ValueError(f"{name} must be a positive number, got {getattr(self, name)!r}")
         if not (0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1], got {self.top_p!r}")
-        if self.temperature_tokens < 1 or self.batch_size < 1:
-            raise ValueError("temperature_tokens and batch_size must be >= 1")
+        for name in ("temperature_tokens", "batch_size", "segments"):
+            if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {getattr(self, name)!r}")
         if not self.turns or not all(isinstance(t, str) and t.strip() for t in self.turns):
             raise ValueError("turns must be a non-empty list of non-empty strings")
 
@@ -246,26 +252,27 @@ def _cache_of(result):
     return result.past_key_values if past is None else past
 
 
-def _generate_batch(model, prompting, indices, seqlen, seed, settings, device, bar) -> torch.Tensor:
-    """Windows ``indices`` of one run: (len(indices), seqlen) ids (see the module docstring)."""
-    gens = [torch.Generator().manual_seed(window_seed(seed, k)) for k in indices]
+def _generate_rows(model, prompting, seeds, length, settings, device, bar) -> torch.Tensor:
+    """One batch of rows, row i sampled from a generator seeded ``seeds[i]``: (len(seeds), length) ids (see
+    the module docstring)."""
+    gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     n_turns = len(prompting.first)
     orders = [torch.randperm(n_turns, generator=g).tolist() for g in gens]
-    uniform = torch.stack([torch.rand(seqlen, generator=g, dtype=torch.float64) for g in gens])
+    uniform = torch.stack([torch.rand(length, generator=g, dtype=torch.float64) for g in gens])
     queues = [list(prompting.first[order[0]]) for order in orders]
-    turns_done = [1] * len(indices)
-    out = torch.empty(len(indices), seqlen, dtype=torch.long)
-    start = min(seqlen, *(len(q) for q in queues))  # the forced prefix every row has: one forward
+    turns_done = [1] * len(seeds)
+    out = torch.empty(len(seeds), length, dtype=torch.long)
+    start = min(length, *(len(q) for q in queues))  # the forced prefix every row has: one forward
     for b, q in enumerate(queues):
         out[b, :start] = torch.tensor(q[:start])
         del q[:start]
-    position = torch.zeros(len(indices), dtype=torch.long)  # tokens sampled since the last prompt
+    position = torch.zeros(len(seeds), dtype=torch.long)  # tokens sampled since the last prompt
     stops = torch.tensor(prompting.stops or [-1])
     cache_arg = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     result = model(input_ids=out[:, :start].to(device), use_cache=True)
-    buffer_kv_cache_(_cache_of(result), seqlen)  # the same numbers without a copy per step
-    bar.update(start * len(indices))
-    for s in range(start, seqlen):
+    buffer_kv_cache_(_cache_of(result), length)  # the same numbers without a copy per step
+    bar.update(start * len(seeds))
+    for s in range(start, length):
         logits = result.logits[:, -1].float().cpu()
         forced = torch.tensor([bool(q) for q in queues])
         free = (~forced).nonzero().flatten()
@@ -285,12 +292,24 @@ def _generate_batch(model, prompting, indices, seqlen, seed, settings, device, b
             queues[b] = list(prompting.follow[orders[b][turns_done[b] % n_turns] if n_turns > 1 else 0])
             turns_done[b] += 1
             position[b] = 0
-        if s + 1 < seqlen:
+        if s + 1 < length:
             result = model(
                 input_ids=out[:, s : s + 1].to(device), use_cache=True, **{cache_arg: _cache_of(result)}
             )
-        bar.update(len(indices))
+        bar.update(len(seeds))
     return out
+
+
+def _generate_windows(model, prompting, indices, seqlen, seed, settings, device, bar) -> torch.Tensor:
+    """Windows ``indices`` of a run: (len(indices), seqlen) ids. A window concatenates its
+    ``settings.segments`` rows, the first seqlen % segments of them ceil(seqlen / segments) tokens long and
+    the others one token shorter (all generated to the longer length, then cut)."""
+    segments = settings.segments
+    short, extra = divmod(seqlen, segments)
+    seeds = [window_seed(seed, k, j) for k in indices for j in range(segments)]
+    rows = _generate_rows(model, prompting, seeds, short + (extra > 0), settings, device, bar)
+    rows = rows.reshape(len(indices), segments, -1)
+    return torch.cat([rows[:, j, : short + (j < extra)] for j in range(segments)], dim=1)
 
 
 @torch.no_grad()
@@ -312,15 +331,21 @@ def generate_self_calibration(
     """
     if nsamples < 1 or seqlen < 2:
         raise ValueError(f"self-calibration needs nsamples >= 1 and seqlen >= 2, got {nsamples} and {seqlen}")
+    if seqlen // settings.segments < 2:
+        raise ValueError(
+            f"self-calibration: {settings.segments} segments leave fewer than 2 tokens each in a window of "
+            f"{seqlen}: use at most {seqlen // 2} segments, or longer windows"
+        )
     _check_generative(model)
     prompting = prompting_for(model, tokenizer, settings)
     device = _check_model(model, prompting, seqlen)
     was_training = model.training
     model.eval()
     try:
-        with tqdm(total=nsamples * seqlen, unit="tok", desc="self-calibration", disable=not progress) as bar:
+        total = nsamples * settings.segments * -(-seqlen // settings.segments)
+        with tqdm(total=total, unit="tok", desc="self-calibration", disable=not progress) as bar:
             parts = [
-                _generate_batch(
+                _generate_windows(
                     model,
                     prompting,
                     range(i, min(i + settings.batch_size, nsamples)),

@@ -65,9 +65,8 @@ def inverse_cdf(
     return order.gather(-1, pick).squeeze(-1)
 
 
-def window_seed(seed: int, index: int) -> int:
-    """The generator seed of window ``index`` of a run seeded ``seed`` (63 bits of a sha256)."""
-    return (
-        int.from_bytes(hashlib.sha256(f"self-calibration:{seed}:{index}".encode()).digest()[:8], "little")
-        >> 1
-    )
+def window_seed(seed: int, index: int, segment: int = 0) -> int:
+    """The generator seed of segment ``segment`` of window ``index`` of a run seeded ``seed`` (63 bits of a
+    sha256); segment 0 has the seed a whole window had before windows were split into segments."""
+    key = f"self-calibration:{seed}:{index}" + (f":{segment}" if segment else "")
+    return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "little") >> 1
