@@ -79,6 +79,32 @@ def test_windows_are_deterministic_for_a_seed_differ_across_seeds_and_ignore_the
     assert len({tuple(r[:40]) for r in a.tolist()}) > 1  # seeded turn order: windows open differently
 
 
+def test_a_window_in_segments_concatenates_independent_chats_generated_side_by_side(chat):
+    """segments=3: a window of 145 tokens is three chats of 49, 48 and 48 tokens, each from its own
+    generator (the same text in a batch of one), the first one the whole window's first tokens."""
+    model, tok = chat
+    three = SelfCalibrationSettings(segments=3)
+    a = generate_self_calibration(model, tok, 2, 145, seed=4, settings=three, progress=False)
+    assert a.shape == (2, 145)
+    assert torch.equal(
+        a, generate_self_calibration(model, tok, 2, 145, seed=4, settings=three, progress=False)
+    )
+    alone = SelfCalibrationSettings(segments=3, batch_size=1)
+    assert torch.equal(
+        a, generate_self_calibration(model, tok, 2, 145, seed=4, settings=alone, progress=False)
+    )
+    whole = generate_self_calibration(model, tok, 2, 145, seed=4, progress=False)
+    assert torch.equal(a[:, :49], whole[:, :49]) and not torch.equal(a, whole)
+    firsts = prompting_for(model, tok).first
+    for row in a.tolist():
+        for start, end in ((0, 49), (49, 97), (97, 145)):  # every segment opens a chat
+            assert any(row[start:end][: len(f)] == list(f)[: end - start] for f in firsts)
+    with pytest.raises(ValueError, match="use at most 72 segments"):
+        generate_self_calibration(model, tok, 1, 145, settings=SelfCalibrationSettings(segments=73))
+    with pytest.raises(ValueError, match="segments must be an integer >= 1"):
+        SelfCalibrationSettings(segments=0)
+
+
 def test_a_chat_continues_with_the_next_neutral_turn_after_each_end_of_turn(chat):
     """A model that nearly always ends its turn: every answer is followed by the next turn's template."""
     from transformers import LlamaForCausalLM

@@ -23,7 +23,7 @@ def _buffered_layer_class():
     from transformers.cache_utils import DynamicLayer
 
     class BufferedLayer(DynamicLayer):
-        """A ``DynamicLayer`` whose keys / values are the first ``length`` positions of fixed buffers."""
+        """A ``DynamicLayer`` whose keys / values are the filled first positions of fixed buffers."""
 
         def __init__(self, keys: torch.Tensor, values: torch.Tensor, capacity: int) -> None:
             super().__init__()
@@ -32,17 +32,17 @@ def _buffered_layer_class():
             self._values = values.new_empty(batch, heads, capacity, values.shape[-1])
             self._keys[:, :, :length] = keys
             self._values[:, :, :length] = values
-            self.capacity, self.length, self.device = capacity, length, keys.device
+            self.capacity, self.device = capacity, keys.device
             self.keys, self.values = self._keys[:, :, :length], self._values[:, :, :length]
             self.is_initialized = True
 
         def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
-            end = self.length + key_states.shape[-2]
+            start = self.keys.shape[-2]  # the filled positions
+            end = start + key_states.shape[-2]
             if end > self.capacity:
                 raise ValueError(f"KV buffer of {self.capacity} positions cannot take position {end}")
-            self._keys[:, :, self.length : end] = key_states
-            self._values[:, :, self.length : end] = value_states
-            self.length = end
+            self._keys[:, :, start:end] = key_states
+            self._values[:, :, start:end] = value_states
             self.keys, self.values = self._keys[:, :, :end], self._values[:, :, :end]
             return self.keys, self.values
 
