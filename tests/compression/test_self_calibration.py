@@ -99,6 +99,10 @@ def test_a_window_in_segments_concatenates_independent_chats_generated_side_by_s
     for row in a.tolist():
         for start, end in ((0, 49), (49, 97), (97, 145)):  # every segment opens a chat
             assert any(row[start:end][: len(f)] == list(f)[: end - start] for f in firsts)
+    _, label = self_calibration_windows(
+        model, tok, 2, 145, seed=4, settings=three, cache=False, progress=False
+    )
+    assert label.endswith("2 x 145 tokens, seed 4, 3 segments per window")
     with pytest.raises(ValueError, match="use at most 72 segments"):
         generate_self_calibration(model, tok, 1, 145, settings=SelfCalibrationSettings(segments=73))
     with pytest.raises(ValueError, match="segments must be an integer >= 1"):

@@ -125,6 +125,15 @@ def check_negative_heal_lr(row: Row, tmp_path: Path) -> None:
     _compress_command(tmp_path, "--heal-tokens", "64", "--heal-lr=-3e-5")
 
 
+def check_too_many_self_segments(row: Row, tmp_path: Path) -> None:
+    """Self-calibration asked to cut a window into segments shorter than 2 tokens: refused by name."""
+    from leanformers.compression.self_calibration import SelfCalibrationSettings, generate_self_calibration
+    from tests.tiny_models import tiny_llama
+
+    settings = SelfCalibrationSettings(segments=17)
+    generate_self_calibration(tiny_llama(), None, 1, 32, settings=settings, progress=False)
+
+
 def check_empty_distill_dataset(row: Row, tmp_path: Path) -> None:
     """A distillation (healing) run handed no training windows (issue 20): refused before any step."""
     import datasets

@@ -133,6 +133,7 @@ BAD_INPUT_OPS = (
     "heal_lr_without_healing",
     "negative_heal_lr",
     "empty_distill_dataset",
+    "too_many_self_segments",
     "tasks_data_dir_without_tasks",
 )
 
@@ -302,6 +303,7 @@ _BAD_INPUTS = {
     ),
     "negative_heal_lr": ("ValueError", "healing learning_rate must be > 0, got -3e-05"),
     "empty_distill_dataset": ("ValueError", "the distillation training dataset is empty"),
+    "too_many_self_segments": ("ValueError", "17 segments leave fewer than 2 tokens each in a window of 32"),
     "tasks_data_dir_without_tasks": ("ValueError", "--tasks-data-dir names where --tasks reads its files"),
 }
 

@@ -458,5 +458,6 @@ def self_calibration_windows(
     label = (
         f"self ({prompting.mode} prompting, settings v{settings.version}, {origin}, key {key[:12]}): "
         f"{nsamples} x {seqlen} tokens, seed {seed}"
+        + (f", {settings.segments} segments per window" if settings.segments > 1 else "")
     )
     return windows, label
