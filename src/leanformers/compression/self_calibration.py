@@ -24,9 +24,10 @@ needs no dataset, and works offline. The settings and the code here are ours:
   that many shorter, independent chats / documents (segment j seeded from (seed, k, j)) generated side by
   side (fewer, wider decode steps: 2.3x faster at 4 segments on a CPU); the default keeps one, which the
   validation texts preferred (§20);
-- cache: windows are stored under ``leanformers.hub.cache_dir() / "self-calibration"``, keyed by the
-  sha256 of the model's weights, the prompt and stop tokens, the settings, the window shape, the seed and
-  the torch version; a cache hit returns the same windows (their hash is checked on read).
+- cache (``self_calibration_cache``): windows are stored under ``leanformers.hub.cache_dir() /
+  "self-calibration"``, keyed by the sha256 of the model's weights, the prompt and stop tokens, the
+  settings, the window shape, the seed and the torch version; a cache hit returns the same windows (their
+  hash is checked on read).
 
 The bytes of sampled text depend on floating-point results, so they may differ across torch versions,
 devices and CPUs: the windows' hash is recorded with every compression (``report.calibration_sha256``),
@@ -36,19 +37,21 @@ not promised.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import inspect
-import json
-import os
-import tempfile
 from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
 
 import torch
 from tqdm.auto import tqdm
 
 from leanformers.compression.kv_buffer import buffer_kv_cache_
+from leanformers.compression.self_calibration_cache import (
+    cache_path,
+    model_sha256,
+    read_windows,
+    windows_key,
+    write_windows,
+)
 from leanformers.compression.text_sampling import sample_top_p, temperature_at, window_seed
 
 __all__ = [
@@ -365,62 +368,6 @@ def generate_self_calibration(
     return torch.cat(parts)
 
 
-# ----------------------------------------------------------------------------- content-addressed cache
-
-
-def model_sha256(model) -> str:
-    """sha256 of a model's parameters and buffers (names, dtypes, shapes, bytes), shared weights once."""
-    digest = hashlib.sha256()
-    named = chain(model.named_parameters(), model.named_buffers())
-    for name, tensor in sorted(named, key=lambda item: item[0]):
-        t = tensor.detach().to("cpu").contiguous().reshape(-1)
-        digest.update(f"{name}|{t.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
-
-
-def _cache_file(key: str) -> Path:
-    from leanformers.hub import cache_dir
-
-    return cache_dir() / "self-calibration" / f"{key}.safetensors"
-
-
-def _read_cached(path: Path, nsamples: int, seqlen: int) -> torch.Tensor | None:
-    from safetensors import SafetensorError, safe_open
-
-    from leanformers.data.text import windows_sha256
-
-    try:
-        with safe_open(str(path), "pt") as f:
-            windows, recorded = f.get_tensor("windows"), (f.metadata() or {}).get("windows_sha256")
-    except (OSError, ValueError, RuntimeError, SafetensorError):
-        return None  # unreadable (a partial copy, another format): generate again
-    if tuple(windows.shape) != (nsamples, seqlen) or windows_sha256(windows) != recorded:
-        return None
-    return windows
-
-
-def _write_cached(path: Path, windows: torch.Tensor, key_material: dict) -> None:
-    from safetensors.torch import save_file
-
-    from leanformers.data.text import windows_sha256
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        metadata = {
-            "windows_sha256": windows_sha256(windows),
-            "key": json.dumps(key_material, sort_keys=True),
-        }
-        save_file({"windows": windows.contiguous()}, tmp, metadata=metadata)
-        os.chmod(tmp, 0o644)  # like the other cache files (mkstemp creates 0600)
-        os.replace(tmp, path)  # atomic: a reader sees the old file or the whole new one
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def self_calibration_windows(
     model,
     tokenizer,
@@ -444,9 +391,9 @@ def self_calibration_windows(
         "seed": seed,
         "torch": torch.__version__,
     }
-    key = hashlib.sha256(json.dumps(material, sort_keys=True).encode()).hexdigest()
-    path = _cache_file(key)
-    windows = _read_cached(path, nsamples, seqlen) if cache and path.exists() else None
+    key = windows_key(material)
+    path = cache_path(key)
+    windows = read_windows(path, nsamples, seqlen) if cache and path.exists() else None
     origin = "cached"
     if windows is None:
         windows = generate_self_calibration(
@@ -454,7 +401,7 @@ def self_calibration_windows(
         )
         origin = "generated"
         if cache:
-            _write_cached(path, windows, material)
+            write_windows(path, windows, material)
     label = (
         f"self ({prompting.mode} prompting, settings v{settings.version}, {origin}, key {key[:12]}): "
         f"{nsamples} x {seqlen} tokens, seed {seed}"
