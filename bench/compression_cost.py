@@ -76,11 +76,11 @@ def random_llama(shape: dict, dtype: torch.dtype):
 
     with torch.device("meta"):
         model = LlamaForCausalLM(llama_config(**shape, max_positions=4096))
-    model.to_empty(device="cpu")
+    model.to_empty(device="cpu")  # leaves every tensor unset, RoPE's buffers (LLaMA's only ones) too: rebuild
+    model.model.rotary_emb = type(model.model.rotary_emb)(config=model.config)
     gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 0.02, generator=gen)
+    for p in model.requires_grad_(False).parameters():
+        p.fill_(1.0) if p.dim() == 1 else p.normal_(0, 0.02, generator=gen)
     return model.to(dtype).eval()
 
 

@@ -36,6 +36,24 @@ def test_stream_row_measures_peak_rss_and_cleans_up(run_bench, tmp_path):
     assert list(scratch.iterdir()) == []  # the random model and the output were deleted
 
 
+def test_random_llama_has_the_buffers_of_a_model_built_normally():
+    """to_empty() leaves buffers as uninitialised memory (sometimes NaN: a flaky non-finite-activations
+    failure of the GPU suite's dry run); the random model must carry RoPE's real inverse frequencies."""
+    import torch
+    from transformers import LlamaForCausalLM
+
+    bench = load_bench("compression_cost")
+    shape, dtype = bench.RANDOM_MODELS["tiny"]
+    built = LlamaForCausalLM(bench.llama_config(**shape, max_positions=4096))
+    for _ in range(3):  # a fresh allocation each time: garbage differs between tries
+        model = bench.random_llama(shape, dtype)
+        buffers = dict(model.named_buffers())
+        assert buffers.keys() == dict(built.named_buffers()).keys()
+        for name, expected in built.named_buffers():
+            assert torch.equal(buffers[name], expected), name
+        assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_profile_split_sums_each_stage_under_old_and_new_names():
     bench = load_bench("compression_cost")
 
