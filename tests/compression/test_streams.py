@@ -49,6 +49,27 @@ def test_reusing_finished_submodules_gives_bitwise_identical_weights(build, monk
         assert torch.equal(reference[name], fast[name]), name
 
 
+@pytest.mark.parametrize("build", [tiny_llama, tiny_gpt2], ids=["llama", "gpt2"])
+def test_every_compressed_linear_runs_once_per_batch(build, monkeypatch):
+    """The compressed stream replays a block once per group and once more to advance; with the memo each
+    compressed linear still runs once per calibration batch, the MLP's first linears included (their
+    scatter-free reorder comes after the advance, so it does not void their recorded outputs)."""
+    calls: dict[int, int] = {}
+    forward = PIFALinear.forward
+
+    def counting(self, x):
+        calls[id(self)] = calls.get(id(self), 0) + 1
+        return forward(self, x)
+
+    monkeypatch.setattr(PIFALinear, "forward", counting)
+    model = build()
+    config = MPIFAConfig(density=0.5, nsamples=8, seqlen=32, batch_size=4, device="cpu")
+    mpifa_compress(model, None, config, calibration=random_ids(8, 32, seed=1), progress=False)
+    layers = [m for m in model.modules() if isinstance(m, PIFALinear)]
+    assert len(layers) > 4 and any(m.input_permuted for m in layers)  # the scatter-free reorder ran
+    assert all(calls.get(id(m)) == 2 for m in layers), sorted(calls.values())  # 2 batches of 4 windows
+
+
 @pytest.mark.parametrize("offload", ["cpu", "disk"])
 def test_no_memo_with_offloaded_streams(offload, monkeypatch):
     """Offloaded streams keep activations off the compute device: the memo (which holds some there) is off."""

@@ -169,3 +169,37 @@ def test_the_alternating_steps_give_the_same_bits_every_time():
         heap.append(torch.empty(1000 + 37 * i))
         again = alternating_steps(W.clone(), U.clone(), V.clone(), stats, steps=2)
         assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+@pytest.mark.parametrize("n", [5, 383, 384, 577, 1536])
+def test_gram_in_strips_is_the_symmetric_input_gram(n):
+    """gram(x) = x^T x to float32 rounding, exactly symmetric once it is computed in strips (n >= 384)."""
+    from leanformers.compressors.reconstruct import gram
+
+    x = torch.randn(300, n, generator=torch.Generator().manual_seed(n)) * torch.logspace(-1, 1, n)
+    G = gram(x)
+    reference = x.double().T @ x.double()
+    assert G.dtype == x.dtype and G.shape == (n, n)
+    scale = reference.diagonal().max()
+    assert (G.double() - reference).abs().max() <= 1e-5 * scale
+    if n >= 384:
+        assert torch.equal(G, G.T)
+    # a column slice (strided rows) gives the same as its contiguous copy
+    assert torch.equal(gram(x[:, : n // 2 * 2 : 2]), gram(x[:, : n // 2 * 2 : 2].contiguous()))
+
+
+def test_square_norms_are_the_gram_diagonal_and_name_a_non_finite_input():
+    from leanformers.compressors.reconstruct import accumulate_grams, accumulate_square_norms
+
+    cpu = torch.device("cpu")
+    batches = [torch.randn(2, 7, 9, generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    pairs = [(None, b) for b in batches]
+    norms = accumulate_square_norms(pairs, cpu, name="q")
+    G = accumulate_grams(pairs, cpu, need_gram=True, need_cross=False, need_dense=False).G
+    assert norms.dtype == torch.float64 and norms.shape == (9,)
+    assert torch.allclose(norms, G.diagonal(), rtol=1e-6)
+    for bad in (float("nan"), float("inf")):
+        broken = batches[1].clone()
+        broken[0, 3, 4] = bad
+        with pytest.raises(FloatingPointError, match="non-finite activations at the input of q"):
+            accumulate_square_norms([(None, batches[0]), (None, broken)], cpu, name="q")

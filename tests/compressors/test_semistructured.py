@@ -72,6 +72,21 @@ def test_scores_use_the_inputs_of_the_already_pruned_blocks():
     assert torch.equal(model.model.layers[1].self_attn.q_proj.weight != 0, expected)
 
 
+def test_wanda_reads_only_the_gram_diagonal_and_refuses_a_full_gram_as_norms():
+    from leanformers.compressors.wanda import wanda_prune_by_norms, wanda_prune_weight
+
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(6, 16, generator=g), torch.randn(40, 16, generator=g)
+    G = (X.T @ X).double()
+    off_diagonal = G + torch.randn(16, 16, generator=g).double()  # Wanda must not read it
+    off_diagonal.diagonal().copy_(G.diagonal())
+    expected = wanda_prune_by_norms(W, G.diagonal())
+    assert torch.equal(wanda_prune_weight(W, G), expected)
+    assert torch.equal(wanda_prune_weight(W, off_diagonal), expected)
+    with pytest.raises(ValueError, match=r"square_norms must be \(16,\).*wanda_prune_weight"):
+        wanda_prune_by_norms(W, G)
+
+
 def test_saved_folder_reloads_without_leanformers(tmp_path):
     model = tiny_llama()
     compress(model, None, CONFIG, calibration=CALIB, progress=False)

@@ -142,8 +142,10 @@ def compress_blocks(
                 block, i, group[0], lambda pairs, g=group: compressor.group_statistics(g, pairs)
             )
             report.modules += compressor.compress_group(block, i, group, stats)
-        specs.update(compressor.finish_block(block, i))
+        # Advance before finish_block: its reorder (scatter-free MLP) is function-preserving, but it
+        # changes gate/up, so the replay memo would run them again on every batch.
         streams.advance(block, i)
+        specs.update(compressor.finish_block(block, i))
         source.store(block, i)
         bar.set_postfix(density=f"{report.achieved_density:.3f}")
     return specs

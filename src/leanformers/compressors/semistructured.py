@@ -5,8 +5,9 @@ As in the Wanda and SparseGPT code, blocks are pruned one after another: the inp
 from the already pruned blocks 0..i-1; every linear of a block gets its input statistics from one pass
 of the (not yet pruned) block on those inputs (``StreamNeeds(compressed=True, sequential=False)``), then
 the block is pruned and replayed to feed block i + 1. A method only says how to prune one weight given
-the Gram of its inputs (``prune``). The weights stay dense tensors with exact zeros, so the checkpoint
-reloads without leanformers; ``config.sparsity`` records the pattern (storage/sparsity.py).
+its input statistics (``prune``; the Gram by default, only its diagonal for Wanda). The weights stay
+dense tensors with exact zeros, so the checkpoint reloads without leanformers; ``config.sparsity``
+records the pattern (storage/sparsity.py).
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ class SemiStructuredConfig(CompressionConfig):
 
 
 class SemiStructuredCompressor(Compressor):
-    """Prunes every targeted linear to ``config.pattern`` given the Gram of its inputs (``prune``)."""
+    """Prunes every targeted linear to ``config.pattern`` given its input statistics (``prune``)."""
 
     config_class = SemiStructuredConfig
     config: SemiStructuredConfig
@@ -84,7 +85,8 @@ class SemiStructuredCompressor(Compressor):
         ).G
 
     def prune(self, W: torch.Tensor, G: torch.Tensor) -> torch.Tensor:
-        """The pruned copy of W (out, in) float32 given the input Gram G (in, in)."""
+        """The pruned copy of W (out, in) float32 given the group's ``group_statistics`` (by default the
+        input Gram G (in, in))."""
         raise NotImplementedError
 
     @torch.no_grad()
