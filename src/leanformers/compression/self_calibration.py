@@ -306,6 +306,11 @@ def _generate_rows(model, prompting, seeds, length, settings, device, bar) -> to
     return out
 
 
+def _row_length(seqlen: int, segments: int) -> int:
+    """Tokens generated per row: ceil(seqlen / segments)."""
+    return -(-seqlen // segments)
+
+
 def _generate_windows(model, prompting, indices, seqlen, seed, settings, device, bar) -> torch.Tensor:
     """Windows ``indices`` of a run: (len(indices), seqlen) ids. A window concatenates its
     ``settings.segments`` rows, the first seqlen % segments of them ceil(seqlen / segments) tokens long and
@@ -313,7 +318,7 @@ def _generate_windows(model, prompting, indices, seqlen, seed, settings, device,
     segments = settings.segments
     short, extra = divmod(seqlen, segments)
     seeds = [window_seed(seed, k, j) for k in indices for j in range(segments)]
-    rows = _generate_rows(model, prompting, seeds, short + (extra > 0), settings, device, bar)
+    rows = _generate_rows(model, prompting, seeds, _row_length(seqlen, segments), settings, device, bar)
     rows = rows.reshape(len(indices), segments, -1)
     return torch.cat([rows[:, j, : short + (j < extra)] for j in range(segments)], dim=1)
 
@@ -348,7 +353,7 @@ def generate_self_calibration(
     was_training = model.training
     model.eval()
     try:
-        total = nsamples * settings.segments * -(-seqlen // settings.segments)
+        total = nsamples * settings.segments * _row_length(seqlen, settings.segments)
         with tqdm(total=total, unit="tok", desc="self-calibration", disable=not progress) as bar:
             parts = [
                 _generate_windows(
