@@ -130,7 +130,7 @@ def evaluate(
 
     def log_probs(name: str, batch: torch.Tensor) -> torch.Tensor:
         with timed() as t:
-            logits = models[name](input_ids=batch, use_cache=False).logits[0, :-1].float()
+            logits = models[name](input_ids=batch, use_cache=False).logits[0, :-1].double()
             out = F.log_softmax(logits, dim=-1)
         acc[name]["s"] += t.seconds
         return out

@@ -250,6 +250,23 @@ def test_flags_come_from_mpifa_config_with_its_defaults_and_docs():
     )
 
 
+def test_owl_flag_is_auto_by_default_and_turns_off_with_no_owl():
+    from leanformers.compression.options import build_configs, build_parser, resolve_options
+
+    def owl(*flags):
+        (config,) = build_configs(resolve_options(["src", "--output", "o", *flags]))
+        return config.owl
+
+    assert owl() is True  # auto: MPIFA's M reads the calibration data anyway
+    assert owl("--no-owl") is False
+    assert owl("--attn-density", "0.6") is False  # auto yields to an explicit attention split
+    assert owl("--init", "svd", "--steps", "0") is False  # plain SVD stays calibration-free
+    with pytest.raises(ValueError, match="choose either owl or attn_density"):
+        owl("--owl", "--attn-density", "0.6")
+    help_text = build_parser().format_help()
+    assert "--owl, --no-owl" in help_text and "(default: auto" in help_text
+
+
 def test_unknown_config_key_names_the_valid_ones(tmp_path, capsys):
     from leanformers.compression.options import resolve_options
 

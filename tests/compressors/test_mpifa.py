@@ -52,8 +52,8 @@ def test_density_budget_and_quantization_config(family):
     report = mpifa_compress(model, None, MPIFAConfig(density=0.5, batch_size=4), CALIB, progress=False)
     assert report.achieved_density <= 0.5
     assert report.achieved_density >= 0.45  # tiny 64-wide shapes round coarsely; SmolLM2 is checked to 1 %
-    for m in report.modules:
-        assert m.stored_params <= 0.5 * m.dense_params
+    for m in report.modules:  # OWL (the default) gives each block its own density
+        assert m.stored_params <= m.target_density * m.dense_params
     qc = model.config.quantization_config
     assert qc.quant_method in ("mpifa", "MPIFA") or str(qc.quant_method).endswith("mpifa")
     modules = dict(_compressed_modules(model))
@@ -104,6 +104,48 @@ def test_attention_density_and_owl_keep_the_budget():
     assert len(set(per_block.values())) > 1  # OWL differentiates the layers
     assert sum(per_block.values()) / 3 == pytest.approx(0.5, abs=1e-9)
     assert report.achieved_density <= 0.5 + 1e-9
+
+
+def test_owl_is_on_by_default_wherever_it_applies_and_explicit_settings_win():
+    assert MPIFAConfig().owl is True  # whitening init + M steps: the run reads calibration data anyway
+    assert MPIFAConfig(init="svd", alpha=0.0, steps=2).owl is True
+    # plain SVD reads no calibration data: auto stays off, so it still needs none
+    assert MPIFAConfig(init="svd", steps=0).owl is False
+    assert not MPIFAConfig(init="svd", steps=0).needs_statistics
+    # the other allocations set densities themselves: auto yields to them instead of refusing
+    assert MPIFAConfig(attn_density=0.6).owl is False
+    assert MPIFAConfig(allocation="spectrum").owl is False
+    assert MPIFAConfig(owl=False).owl is False
+    # owl_lambda by default: half the distance to the nearer of 0 and 1
+    assert [MPIFAConfig(density=d).owl_lambda for d in (0.5, 0.8, 0.2)] == pytest.approx([0.25, 0.1, 0.1])
+    assert MPIFAConfig(density=0.05, owl_lambda=0.08).owl is False  # no room to differ by 0.08
+    assert MPIFAConfig(density=1.0).owl is False  # every block full: nothing to allocate
+    with pytest.raises(ValueError, match=r"owl_lambda must lie in \[0, density=0.05\) with owl"):
+        MPIFAConfig(density=0.05, owl=True, owl_lambda=0.08)
+    with pytest.raises(ValueError, match=r"owl_lambda must lie in \[0, 1\), got 1.5"):
+        MPIFAConfig(owl_lambda=1.5)
+    with pytest.raises(ValueError, match="choose either owl or attn_density"):
+        MPIFAConfig(owl=True, attn_density=0.6)
+    with pytest.raises(ValueError, match="drop owl / attn_density"):
+        MPIFAConfig(owl=True, allocation="spectrum")
+
+
+def test_default_config_compresses_with_owl_block_densities_and_records_them():
+    model = tiny_llama(layers=3, hidden=96, intermediate=160)
+    report = mpifa_compress(model, None, MPIFAConfig(density=0.5, batch_size=4), CALIB, progress=False)
+    per_block = {int(m.name.split(".")[2]): m.target_density for m in report.modules}
+    assert len(set(per_block.values())) == 3  # OWL: one density per block
+    assert max(per_block.values()) - min(per_block.values()) == pytest.approx(2 * 0.25)  # owl_lambda
+    assert sum(per_block.values()) / 3 == pytest.approx(0.5, abs=1e-9)
+    assert report.achieved_density <= 0.5 + 1e-9
+    off = mpifa_compress(
+        tiny_llama(layers=3, hidden=96, intermediate=160),
+        None,
+        MPIFAConfig(density=0.5, owl=False, batch_size=4),
+        CALIB,
+        progress=False,
+    )
+    assert {m.target_density for m in off.modules} == {0.5}
 
 
 def test_targets_select_modules():

@@ -29,11 +29,12 @@ REPO = Path(__file__).resolve().parents[2]
 FAMILIES = ["tiny_llama", "tiny_qwen2", "tiny_opt", "tiny_gpt2", "tiny_bert_cls", "tiny_bart"]
 # Explicit configs (defaults may change; these settings may not): the paper's M + PIFA, the data-driven
 # allocation with shrinkage, OWL with low-rank output and host offload, and an init without whitening.
+# ``owl`` is stated wherever the default (auto since stop 32) would turn it on.
 CONFIGS = {
-    "paper": dict(density=0.5, shrinkage=0.0),
+    "paper": dict(density=0.5, shrinkage=0.0, owl=False),
     "spectrum": dict(density=0.5, allocation="spectrum", shrinkage=0.1),
     "owl_lowrank": dict(density=0.6, owl=True, owl_lambda=0.05, output="lowrank", offload="cpu"),
-    "svd_init": dict(density=0.4, init="svd", alpha=0.0, steps=2),
+    "svd_init": dict(density=0.4, init="svd", alpha=0.0, steps=2, owl=False),
 }
 COMMON = dict(nsamples=4, seqlen=16, device="cpu")
 
@@ -146,7 +147,7 @@ def test_streamed_outputs_equal_the_reference_on_smollm2_blocks(
     model.save_pretrained(source)
     AutoTokenizer.from_pretrained(smollm2_path).save_pretrained(source)
     calib = str(shared_data / "wikitext-2-v1-valid.txt")
-    settings = dict(density=0.5, nsamples=2, seqlen=64, device="cpu", shrinkage=0.1)
+    settings = dict(density=0.5, nsamples=2, seqlen=64, device="cpu", shrinkage=0.1, owl=False)
     _run_reference(
         reference_src,
         f"""

@@ -231,6 +231,14 @@ METHODS: dict[str, Method] = {
                 *BAD_INPUT_OPS,
             ),
         ),
+        # The "mpifa" row runs the defaults, OWL block densities included (issue 20, stop 32); the opt-out
+        # (owl=False, `--no-owl`: one density for every block) must save and reload the same way.
+        Method(
+            "mpifa_no_owl",
+            "compress",
+            dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, owl=False),
+            operations=("persist", "eval"),
+        ),
         # MPIFA with the data-driven rank allocation and Gram shrinkage (issue 10): uneven ranks per
         # linear must survive save / reload in every family.
         Method(

@@ -183,9 +183,10 @@ def build_parser(prog: str = "leanformers-compress") -> argparse.ArgumentParser:
         help_text = help_text.replace("``", "").replace("%", "%%")
         if name in flags and len(flags[name][3]) < len(COMPRESSORS):
             help_text += f" [{', '.join(flags[name][3])}]"
-        if typ is bool and default:  # on by default: --no-<flag> turns it off
+        if typ is bool and default is not False:  # on or auto by default: --no-<flag> turns it off
+            shown = " (default: on)" if default else " (default: auto, as described)"
             parser.add_argument(
-                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text + " (default: on)"
+                flag, action=argparse.BooleanOptionalAction, default=None, help=help_text + shown
             )
         elif typ is bool:
             parser.add_argument(flag, action="store_true", default=None, help=help_text)

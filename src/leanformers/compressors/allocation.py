@@ -60,6 +60,8 @@ def owl_densities(ratios: list[float], sizes: list[int], density: float, lam: fl
     """
     if not 0.0 <= lam < density:
         raise ValueError(f"OWL lambda {lam} must lie in [0, density={density})")
+    if density >= 1.0:  # every layer full: nothing to move (clipping at 1 would not converge to it)
+        return [1.0] * len(ratios)
     r = torch.tensor(ratios, dtype=torch.float64)
     w = torch.tensor(sizes, dtype=torch.float64)
     spread = r.max() - r.min()

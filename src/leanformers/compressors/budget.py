@@ -16,8 +16,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from leanformers.compression.layout import BlockLayout, linear_weight
+from leanformers.compression.pipeline import check_weights_finite
 from leanformers.compression.precision import single_threaded_linalg
-from leanformers.compression.replay import BlockCall, input_of, run_block, run_block_capturing
+from leanformers.compression.replay import BlockCall, run_block_capturing
+from leanformers.compression.streams import DENSE_ERROR, block_errors
 from leanformers.compressors.allocation import (
     default_rank_multiple,
     module_ranks,
@@ -64,16 +66,22 @@ class RankPlan:
     block_densities: dict[int, float] = field(default_factory=dict)
 
 
-def _group_input_norm(block, group, states, calls, device) -> torch.Tensor:
-    """||X_j|| over all calibration tokens for each input feature j of the group's first linear."""
-    sq = None
-    first = block.get_submodule(group[0])
-    for s, c in zip(states, calls):
-        x = input_of(block, first, s, c, device, torch.float32)
-        x = x.reshape(-1, x.shape[-1]).float()
-        part = (x * x).sum(0)
-        sq = part if sq is None else sq + part
-    return sq.sqrt()
+def _dense_input_norms(block, first_modules, states, calls, device):
+    """One dense pass of ``block`` per batch: its outputs, and ||X_j|| over all calibration tokens of each
+    input feature j of every module in ``first_modules`` (a group's first linear; its first call)."""
+    sq: dict[str, torch.Tensor] = {}
+    outputs = []
+    for s, c in zip(states, calls):  # per batch: only one batch's inputs are held at a time
+        out, captured = run_block_capturing(block, [s], [c], first_modules, device, torch.float32)
+        outputs.extend(out)
+        for name in first_modules:
+            if not captured[name]:
+                raise RuntimeError(f"{name} was not called by its block")
+            x = captured[name][0]
+            x = x.reshape(-1, x.shape[-1]).float()
+            part = (x * x).sum(0)
+            sq[name] = part if name not in sq else sq[name] + part
+    return outputs, {name: v.sqrt() for name, v in sq.items()}
 
 
 def owl_block_densities(
@@ -84,24 +92,26 @@ def owl_block_densities(
     config: BudgetOptions,
     device: torch.device,
 ) -> list[float]:
-    """Per-block densities from the outlier share of each block (dense model, calibration inputs)."""
+    """Per-block densities from the outlier share of each block (dense model, calibration inputs): one
+    dense pass per block."""
     ratios, sizes = [], []
     states = hidden
-    for block in tqdm(blocks, desc="OWL outlier scan", leave=False):
+    for i, block in enumerate(tqdm(blocks, desc="OWL outlier scan", leave=False)):
+        check_weights_finite(block, i, layout.modules)  # the same errors as the compression's own pass
         orig = next(block.parameters())
         block.to(device, torch.float32)
+        with block_errors(i, DENSE_ERROR):
+            states, norms = _dense_input_norms(block, [g[0] for g in layout.groups], states, calls, device)
         outliers = total = 0
         for group in layout.groups:
-            norm = _group_input_norm(block, group, states, calls, device)
             for name in group:
                 o, t = outlier_ratio(
-                    linear_weight(block.get_submodule(name)).detach(), norm, config.owl_threshold
+                    linear_weight(block.get_submodule(name)).detach(), norms[group[0]], config.owl_threshold
                 )
                 outliers += o
                 total += t
         ratios.append(outliers / total)
         sizes.append(total)
-        states = [run_block(block, s, c, device, torch.float32) for s, c in zip(states, calls)]
         block.to(orig.device, orig.dtype)
     return owl_densities(ratios, sizes, config.density, config.owl_lambda)
 
@@ -123,11 +133,13 @@ def spectrum_scan(
     spectra: dict[str, torch.Tensor] = {}
     states = hidden
     for i, block in enumerate(tqdm(blocks, desc="rank allocation scan", leave=False)):
+        check_weights_finite(block, i, layout.modules)
         orig = next(block.parameters())
         block.to(device, torch.float32)
-        states, inputs = run_block_capturing(
-            block, states, calls, [g[0] for g in layout.groups], device, torch.float32
-        )
+        with block_errors(i, DENSE_ERROR):
+            states, inputs = run_block_capturing(
+                block, states, calls, [g[0] for g in layout.groups], device, torch.float32
+            )
         for group in layout.groups:
             S = None
             for x in inputs.pop(group[0]):

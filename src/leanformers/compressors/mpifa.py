@@ -36,7 +36,8 @@ INITS = ("whiten", "svd")
 @dataclass
 class MPIFAConfig(LowRankConfig):
     """How MPIFA compresses. Defaults follow the paper (M with alpha 0.25 and 2 steps, PIFA output,
-    128 x 2048 calibration tokens) except ``shrinkage`` 0.1 (docs/benchmarks.md §14).
+    128 x 2048 calibration tokens) except ``shrinkage`` 0.1 (docs/benchmarks.md §14) and OWL block
+    densities (``owl``, §20).
 
     Fields of ``LowRankConfig`` and ``CompressionConfig`` are documented there.
 
@@ -48,8 +49,14 @@ class MPIFAConfig(LowRankConfig):
             whitened singular values, then ranks go greedily where they remove the largest share of
             that linear's output energy per stored parameter, under the global budget; each linear's
             density stays within [density / 2, min(1, 1.5 density)]).
-        owl: follow the OWL outlier share layer by layer (computed on the calibration data).
-        owl_lambda: largest deviation of a layer's density from ``density`` under OWL, in [0, density).
+        owl: block densities follow the OWL outlier share (computed on the calibration data). None
+            (default) turns it on wherever it applies: uniform allocation, no ``attn_density``,
+            ``owl_lambda`` < ``density``, and a run that reads calibration data anyway (whitening init or
+            M steps); chosen on the validation texts (docs/benchmarks.md §20). True with ``attn_density``
+            or spectrum allocation is an error.
+        owl_lambda: largest deviation of a block's density from ``density`` under OWL, in [0, density).
+            None (default): half the distance from ``density`` to the nearer of 0 and 1, so every block
+            stays within [density / 2, (1 + density) / 2] (0.25 at density 0.5, 0.1 at 0.8; §20).
         owl_threshold: OWL outlier threshold M (|W_ij| ||X_j|| > M x mean), > 0.
         alpha: weight of the dense-model target in Y = (1 - alpha) W X_c + alpha W X_d, in [0, 1].
         steps: closed-form alternating steps after the init (0: init only, 1: U-step, 2: U then V).
@@ -63,8 +70,8 @@ class MPIFAConfig(LowRankConfig):
     output: str = "pifa"
     attn_density: float | None = None
     allocation: str = "uniform"
-    owl: bool = False
-    owl_lambda: float = 0.08
+    owl: bool | None = None
+    owl_lambda: float | None = None
     owl_threshold: float = 5.0
     alpha: float = 0.25
     steps: int = 2
@@ -83,9 +90,11 @@ class MPIFAConfig(LowRankConfig):
         self.damping = check_finite("damping", self.damping)
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0 (a relative ridge, e.g. 1e-2), got {self.damping}")
+        if self.owl_lambda is None:
+            self.owl_lambda = 0.5 * min(self.density, 1.0 - self.density)
         self.owl_lambda = check_finite("owl_lambda", self.owl_lambda)
-        if not 0.0 <= self.owl_lambda < self.density:
-            raise ValueError(f"owl_lambda must lie in [0, density={self.density}), got {self.owl_lambda}")
+        if not 0.0 <= self.owl_lambda < 1.0:
+            raise ValueError(f"owl_lambda must lie in [0, 1), got {self.owl_lambda}")
         self.owl_threshold = check_finite("owl_threshold", self.owl_threshold)
         if self.owl_threshold <= 0:
             raise ValueError(f"owl_threshold must be > 0, got {self.owl_threshold}")
@@ -99,6 +108,18 @@ class MPIFAConfig(LowRankConfig):
         self._check_int("steps", low=0)
         if self.init not in INITS:
             raise ValueError(f"init must be 'whiten' or 'svd', got {self.init!r}")
+        if self.owl is None:  # auto: on wherever it applies (see the docstring)
+            self.owl = (
+                self.attn_density is None
+                and self.allocation == "uniform"
+                and (self.init == "whiten" or self.steps > 0)
+                and self.owl_lambda < self.density < 1.0
+            )
+        if self.owl and not self.owl_lambda < self.density:
+            raise ValueError(
+                f"owl_lambda must lie in [0, density={self.density}) with owl, got {self.owl_lambda}; lower "
+                "owl_lambda or turn owl off"
+            )
 
     @property
     def needs_statistics(self) -> bool:
