@@ -138,6 +138,9 @@ def test_default_config_compresses_with_owl_block_densities_and_records_them():
     assert max(per_block.values()) - min(per_block.values()) == pytest.approx(2 * 0.25)  # owl_lambda
     assert sum(per_block.values()) / 3 == pytest.approx(0.5, abs=1e-9)
     assert report.achieved_density <= 0.5 + 1e-9
+    extra = model.config.quantization_config.extra  # the checkpoint says how its densities were chosen
+    assert extra["owl"] is True
+    assert {int(k): v for k, v in extra["block_densities"].items()} == pytest.approx(per_block)
     off = mpifa_compress(
         tiny_llama(layers=3, hidden=96, intermediate=160),
         None,
