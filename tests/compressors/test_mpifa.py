@@ -116,8 +116,8 @@ def test_owl_is_on_by_default_wherever_it_applies_and_explicit_settings_win():
     assert MPIFAConfig(attn_density=0.6).owl is False
     assert MPIFAConfig(allocation="spectrum").owl is False
     assert MPIFAConfig(owl=False).owl is False
-    # owl_lambda by default: half the distance to the nearer of 0 and 1
-    assert [MPIFAConfig(density=d).owl_lambda for d in (0.5, 0.8, 0.2)] == pytest.approx([0.25, 0.1, 0.1])
+    # owl_lambda by default: OWL_SPREAD (0.8) of the distance to the nearer of 0 and 1
+    assert [MPIFAConfig(density=d).owl_lambda for d in (0.5, 0.8, 0.2)] == pytest.approx([0.4, 0.16, 0.16])
     assert MPIFAConfig(density=0.05, owl_lambda=0.08).owl is False  # no room to differ by 0.08
     assert MPIFAConfig(density=1.0).owl is False  # every block full: nothing to allocate
     with pytest.raises(ValueError, match=r"owl_lambda must lie in \[0, density=0.05\) with owl"):
@@ -135,7 +135,7 @@ def test_default_config_compresses_with_owl_block_densities_and_records_them():
     report = mpifa_compress(model, None, MPIFAConfig(density=0.5, batch_size=4), CALIB, progress=False)
     per_block = {int(m.name.split(".")[2]): m.target_density for m in report.modules}
     assert len(set(per_block.values())) == 3  # OWL: one density per block
-    assert max(per_block.values()) - min(per_block.values()) == pytest.approx(2 * 0.25)  # owl_lambda
+    assert max(per_block.values()) - min(per_block.values()) == pytest.approx(2 * 0.4)  # owl_lambda
     assert sum(per_block.values()) / 3 == pytest.approx(0.5, abs=1e-9)
     assert report.achieved_density <= 0.5 + 1e-9
     extra = model.config.quantization_config.extra  # the checkpoint says how its densities were chosen
