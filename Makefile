@@ -6,7 +6,8 @@ VENV ?= .venv
 # The developer/CI machines carry a CPU wheel of torch 2.13.0; an unpinned torch pulls a CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 PYTEST_ARGS ?=
-# Two pytest workers (one test file each at a time: files share session fixtures and ports).
+# Two pytest workers (one test file each at a time: files share session fixtures and ports), handed files
+# in collection order, the slowest first (tests/conftest.py), not xdist's default by number of tests.
 # Every test process runs one compute thread (tests/conftest.py), so two workers use the 2 cores.
 TEST_WORKERS ?= 2
 BIN := $(VENV)/bin
@@ -31,7 +32,7 @@ demo: setup
 
 # pytest exits 5 when a marker selection collects nothing; that is not a failure here.
 test: setup
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder $(PYTEST_ARGS); rc=$$?; [ $$rc -eq 5 ] && rc=0; exit $$rc
 
 lint: setup
 	$(BIN)/ruff check src tests bench

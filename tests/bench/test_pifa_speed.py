@@ -120,7 +120,9 @@ def test_load_memory_quick_measures_peak_rss_against_the_checkpoint_size(run_ben
     model = saved["model"]
     assert row["path"] == "default" and model["stored_params"] < 0.7 * model["dense_params"]
     probe = row["probe"]
-    assert probe["peak_rss"] >= probe["rss_after_load"] > probe["rss_after_imports"]
+    # VmHWM and psutil's RSS come from the kernel's per-CPU-batched counters, read at different moments:
+    # the peak may read a few pages below an RSS sampled earlier (seen: 4 KiB), never megabytes.
+    assert probe["peak_rss"] + 2**20 >= probe["rss_after_load"] > probe["rss_after_imports"]
     bound = probe["rss_after_imports"] + model["safetensors_bytes"]
     assert row["peak_over_size_plus_fixed"] == pytest.approx(probe["peak_rss"] / bound)
     assert row["met_1.1x"] == (probe["peak_rss"] <= 1.1 * bound)
