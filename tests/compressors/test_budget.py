@@ -62,3 +62,23 @@ def test_owl_scan_runs_each_block_once_per_batch_with_the_per_group_replays_dens
     assert calls_per_block == {i: 2 for i in range(3)}  # one dense pass per block and batch
     assert len(set(densities)) > 1  # the blocks differ
     assert densities == _per_group_replays(blocks, layout, hidden, calls, config)
+
+
+@pytest.mark.parametrize(
+    "config, bar",
+    [
+        ({"owl": True, "owl_lambda": 0.1}, "OWL outlier scan"),
+        ({"allocation": "spectrum"}, "rank allocation scan"),
+    ],
+    ids=["owl", "spectrum"],
+)
+def test_the_scans_show_a_progress_bar_only_when_compress_may(config, bar, capfd):
+    from leanformers import MPIFAConfig, compress
+
+    ids = random_ids(4, 16, seed=5)
+    for progress in (True, False):
+        model = tiny_llama(layers=2).eval()
+        compress(model, None, MPIFAConfig(density=0.5, **config), calibration=ids, progress=progress)
+        err = capfd.readouterr().err
+        assert (bar in err) == progress, err[-400:]
+        assert ("mpifa blocks" in err) == progress  # the block loop's bar follows the same switch

@@ -68,10 +68,13 @@ class Compressor(ABC):
         """The layout (targets applied), the blocks' path in the model (for names) and the compute device."""
         self.layout, self.prefix, self.device = layout, prefix, device
 
-    def plan(self, blocks: nn.ModuleList, streams, scan: Iterable[nn.Module]) -> None:
+    def plan(
+        self, blocks: nn.ModuleList, streams, scan: Iterable[nn.Module], *, progress: bool = True
+    ) -> None:
         """Decide the budget before any block changes. ``streams.dense`` / ``streams.calls`` hold the
         first block's dense inputs; ``scan`` yields every block with its weights loaded (for a dense scan);
-        ``blocks`` gives the shapes (may be on the meta device). Default: nothing to plan."""
+        ``blocks`` gives the shapes (may be on the meta device); ``progress``: whether a scan may show a
+        progress bar. Default: nothing to plan."""
         return None
 
     # -- per group -------------------------------------------------------------------------------

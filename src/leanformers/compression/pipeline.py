@@ -200,7 +200,7 @@ def compress(
         move_except(model, blocks, device)
         batches = windows.split(config.batch_size)
         streams = make_streams(model, blocks, batches, device, config.offload, needs, config.offload_folder)
-        compressor.plan(blocks, streams, source.scan())
+        compressor.plan(blocks, streams, source.scan(), progress=progress)
         specs = compress_blocks(
             compressor, streams, source, report, progress=progress, desc=f"{compressor.name} blocks"
         )

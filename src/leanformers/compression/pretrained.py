@@ -289,7 +289,7 @@ def compress_pretrained(
         move_except(model, blocks, _META)  # embeddings and head are not needed again: free them
         model.tie_weights()  # a move to meta makes new Parameters: tie them again (the saved keys follow)
         release(blocks[0])
-        compressor.plan(blocks, streams, loader.scan())
+        compressor.plan(blocks, streams, loader.scan(), progress=progress)
         loader.dense = dense_skeleton(model)  # once: rebuilding it for every block would cost O(blocks^2)
 
         staging = staging_folder(output)

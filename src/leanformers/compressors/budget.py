@@ -91,12 +91,14 @@ def owl_block_densities(
     calls: list[BlockCall],
     config: BudgetOptions,
     device: torch.device,
+    *,
+    progress: bool = True,
 ) -> list[float]:
     """Per-block densities from the outlier share of each block (dense model, calibration inputs): one
-    dense pass per block."""
+    dense pass per block (a progress bar unless ``progress`` is False)."""
     ratios, sizes = [], []
     states = hidden
-    for i, block in enumerate(tqdm(blocks, desc="OWL outlier scan", leave=False)):
+    for i, block in enumerate(tqdm(blocks, desc="OWL outlier scan", leave=False, disable=not progress)):
         check_weights_finite(block, i, layout.modules)  # the same errors as the compression's own pass
         orig = next(block.parameters())
         block.to(device, torch.float32)
@@ -124,15 +126,17 @@ def spectrum_scan(
     calls: list[BlockCall],
     config: BudgetOptions,
     device: torch.device,
+    *,
+    progress: bool = True,
 ) -> dict[str, torch.Tensor]:
     """Whitened spectrum of every targeted linear of the DENSE model, key ``"{block}.{name}"``.
 
-    One dense pass per block over the calibration inputs; S = X X^T of each group's input (shrunk by
+    One dense pass per block over the calibration inputs (a progress bar unless ``progress`` is False); S = X X^T of each group's input (shrunk by
     ``config.shrinkage`` like the statistics the compression will use), then ``whitened_spectrum``.
     """
     spectra: dict[str, torch.Tensor] = {}
     states = hidden
-    for i, block in enumerate(tqdm(blocks, desc="rank allocation scan", leave=False)):
+    for i, block in enumerate(tqdm(blocks, desc="rank allocation scan", leave=False, disable=not progress)):
         check_weights_finite(block, i, layout.modules)
         orig = next(block.parameters())
         block.to(device, torch.float32)
@@ -167,14 +171,16 @@ def _split_densities(shapes: dict[str, tuple[int, int]], layout: BlockLayout, co
     return {k: (config.attn_density if k in attn else d_mlp) for k in shapes}
 
 
-def _uniform(shapes, blocks, layout, config: BudgetOptions, device, hidden, calls, scan) -> RankPlan:
+def _uniform(
+    shapes, blocks, layout, config: BudgetOptions, device, hidden, calls, scan, progress
+) -> RankPlan:
     """Every module at ``density``, or the attention split, or OWL per-block densities; ranks from them."""
     densities = {k: config.density for k in shapes}
     block_densities: dict[int, float] = {}
     if config.attn_density is not None:
         densities = _split_densities(shapes, layout, config)
     if config.owl:
-        per_block = owl_block_densities(scan, layout, hidden, calls, config, device)
+        per_block = owl_block_densities(scan, layout, hidden, calls, config, device, progress=progress)
         densities = {k: per_block[int(k.split(".", 1)[0])] for k in shapes}
         block_densities = dict(enumerate(per_block))
     ranks = module_ranks(
@@ -183,9 +189,11 @@ def _uniform(shapes, blocks, layout, config: BudgetOptions, device, hidden, call
     return RankPlan(densities, ranks, block_densities)
 
 
-def _spectrum(shapes, blocks, layout, config: BudgetOptions, device, hidden, calls, scan) -> RankPlan:
+def _spectrum(
+    shapes, blocks, layout, config: BudgetOptions, device, hidden, calls, scan, progress
+) -> RankPlan:
     """Ranks placed greedily from each linear's whitened spectrum (one dense scan)."""
-    spectra = spectrum_scan(scan, layout, hidden, calls, config, device)
+    spectra = spectrum_scan(scan, layout, hidden, calls, config, device, progress=progress)
     multiple = config.rank_multiple or default_rank_multiple(device)
     ranks = spectrum_ranks(spectra, shapes, config.density, kind=config.kind, rank_multiple=multiple)
     params = pifa_num_params if config.kind == "pifa" else lowrank_num_params
@@ -205,12 +213,14 @@ def plan_ranks(
     hidden: list[torch.Tensor],
     calls: list[BlockCall],
     scan_blocks=None,
+    *,
+    progress: bool = True,
 ) -> RankPlan:
     """Densities and ranks of every targeted module, by ``config.allocation`` (a key of ``ALLOCATIONS``).
     ``hidden``/``calls`` (the first block's dense inputs) are only read by the OWL and spectrum scans.
     ``scan_blocks``: what those scans iterate instead of ``blocks`` (the streaming mode passes an iterator
     that loads each block's weights for the scan and frees them); the shapes are read from ``blocks``,
-    which may be on the meta device."""
+    which may be on the meta device. ``progress``: the scans' progress bars."""
     if config.allocation not in ALLOCATIONS:
         raise ValueError(f"allocation must be one of {sorted(ALLOCATIONS)}, got {config.allocation!r}")
     if config.owl and config.attn_density is not None:
@@ -221,4 +231,6 @@ def plan_ranks(
         for name in layout.modules
     }
     scan = blocks if scan_blocks is None else scan_blocks
-    return ALLOCATIONS[config.allocation](shapes, blocks, layout, config, device, hidden, calls, scan)
+    return ALLOCATIONS[config.allocation](
+        shapes, blocks, layout, config, device, hidden, calls, scan, progress
+    )

@@ -94,9 +94,16 @@ class LowRankCompressor(Compressor):
     config_class = LowRankConfig
     config: LowRankConfig
 
-    def plan(self, blocks, streams, scan) -> None:
+    def plan(self, blocks, streams, scan, *, progress: bool = True) -> None:
         self.rank_plan: RankPlan = plan_ranks(
-            blocks, self.layout, self.config.budget(), self.device, streams.dense, streams.calls, scan
+            blocks,
+            self.layout,
+            self.config.budget(),
+            self.device,
+            streams.dense,
+            streams.calls,
+            scan,
+            progress=progress,
         )
         self.consumer = chain_consumer(self.layout, self.config)
 
