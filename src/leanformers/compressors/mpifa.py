@@ -95,7 +95,8 @@ class MPIFAConfig(LowRankConfig):
         if self.damping < 0:
             raise ValueError(f"damping must be >= 0 (a relative ridge, e.g. 1e-2), got {self.damping}")
         if self.owl_lambda is None:
-            self.owl_lambda = OWL_SPREAD * min(self.density, 1.0 - self.density)
+            # rounded so that reports and quantization_config read 0.16, not 0.15999999999999998
+            self.owl_lambda = round(OWL_SPREAD * min(self.density, 1.0 - self.density), 12)
         self.owl_lambda = check_finite("owl_lambda", self.owl_lambda)
         if not 0.0 <= self.owl_lambda < 1.0:
             raise ValueError(f"owl_lambda must lie in [0, 1), got {self.owl_lambda}")
