@@ -170,7 +170,7 @@ def series(cells: list[dict], **want) -> list[tuple[float, dict]]:
 
 def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     """Perplexity vs density on WikiText-2 and two out-of-domain texts from the committed JSON of §14
-    (old defaults, SVD-LLM, 2:4 baselines) and §19/§20 (defaults; the most tokens healed at 0.5 and 0.8)."""
+    (SVD-LLM, 2:4) and §19/§20 (defaults with OWL; before OWL, and the most tokens healed at 0.5 and 0.8)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -178,6 +178,7 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
 
     old = json.loads((RESULTS / "mpifa_robustness.json").read_text())["cells"]
     new = json.loads((RESULTS / "mpifa_calibration.json").read_text())["cells"]
+    owl = json.loads((RESULTS / "mpifa_owl_density.json").read_text())["cells"]
     me = dict(row="default", calibration=default_calib, nsamples=32)
     extra = [json.loads(f.read_text()).get("cells", []) for f in sorted(RESULTS.glob("mpifa_healing_*.json"))]
     runs = [c for c in sum(extra, new) if me.items() <= c.items() and c.get("heal_tokens")]
@@ -188,11 +189,10 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     best = {c["density"]: c for c in sorted(runs, key=lambda c: -c["validation_log_ppl"])}  # validation picks
     healed = series(list(best.values()), heal_tokens=heal)
     rates = "/".join(f"{best[d]['healing']['settings']['learning_rate']:g}" for d, _ in healed)
-    old_defaults = series(old, row="wiki_code_shrink")
     lines = [
-        (f"MPIFA, defaults (calibration: {default_calib})", series(new, **me, heal_tokens=0), "C0", "o-"),
-        (f"MPIFA, defaults + healing ({heal:,} tokens, lr {rates})", healed, "C0", "*--"),
-        ("MPIFA, old defaults (WikiText x3 + transformers code)", old_defaults, "C7", "s:"),
+        (f"MPIFA, defaults (OWL, calibration {default_calib})", series(owl, **me, heal_tokens=0), "C0", "o-"),
+        (f"MPIFA before OWL + healing ({heal:,} tokens, lr {rates})", healed, "C9", "*--"),
+        ("MPIFA before OWL (stop 31's defaults)", series(new, **me, heal_tokens=0), "C7", "s:"),
         ("SVD-LLM whitening + U (WikiText)", series(old, row="svdllm_u"), "C3", "^-"),
         ("2:4 Wanda (WikiText, not healed)", series(old, row="wanda24"), "C2", "D"),
         ("2:4 SparseGPT (WikiText, not healed)", series(old, row="sparsegpt24"), "C1", "P"),

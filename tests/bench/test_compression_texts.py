@@ -57,6 +57,19 @@ def test_texts_plot_draws_from_the_committed_json_without_a_model(tmp_path):
     png = tmp_path / "ppl.png"
     assert load_bench("compression_table").main(["--texts", "--plot", str(png)]) == {}
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 20_000
+    # the picture's default line: every density, one source and one draw of windows, whose 0.5 and 0.8 cells
+    # are those of §20's tables run separately (the same windows give the same numbers)
+    results = Path(__file__).parents[2] / "bench/results"
+    owl = {c["density"]: c for c in json.loads((results / "mpifa_owl_density.json").read_text())["cells"]}
+    assert (
+        sorted(owl) == [0.5, 0.6, 0.7, 0.8, 0.9] and len({c["calibration_sha256"] for c in owl.values()}) == 1
+    )
+    for name, density in (("mpifa_owl_shrink_m.json", 0.5), ("mpifa_owl_wide_d08.json", 0.8)):
+        (cell,) = [c for c in json.loads((results / name).read_text())["cells"] if c["row"] == "default"]
+        same = {t: (v["ppl"], v["tokens"]) for t, v in cell["ppl"].items()}
+        assert cell["density"] == density and same == {
+            t: (v["ppl"], v["tokens"]) for t, v in owl[density]["ppl"].items()
+        }
 
 
 def test_healed_cells_at_two_learning_rates_are_two_cells():
