@@ -598,6 +598,20 @@ def check_config_method(row: Row, tmp_path: Path) -> None:
     )
 
 
+def check_quiet(row: Row, tmp_path: Path) -> None:
+    """``compress(..., progress=False)`` draws no progress bar: not the block loop's, not the OWL / spectrum
+    scans' (which ignored it until stop 34), not the self-generation's."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):  # tqdm writes to the sys.stderr of the moment
+        wrap(row)
+    bars = [
+        line
+        for line in err.getvalue().replace("\r", "\n").splitlines()
+        if re.search(r"it/s|s/it|tok/s", line)
+    ]
+    assert not bars, bars[:3]
+
+
 def check_stream(row: Row, tmp_path: Path) -> None:
     """Streaming the saved dense model from its shards (compress_pretrained) writes bit for bit the folder
     that compressing it in memory and save_compressed write."""

@@ -228,6 +228,7 @@ METHODS: dict[str, Method] = {
                 "generate",
                 "bf16_storage",
                 "stream",
+                "quiet",
                 *BAD_INPUT_OPS,
             ),
         ),
@@ -245,7 +246,7 @@ METHODS: dict[str, Method] = {
             "mpifa_spectrum",
             "compress",
             dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, allocation="spectrum", shrinkage=0.1),
-            operations=("persist", "eval", "generate"),
+            operations=("persist", "eval", "generate", "quiet"),
         ),
         # The baselines (issue 18): the same user workflows as MPIFA. Low-rank ones reload through the
         # quantizer; pruned ones (2:4) are plain checkpoints that reload without leanformers.
@@ -259,7 +260,7 @@ METHODS: dict[str, Method] = {
             "mpifa_self",
             "compress",
             dict(method="mpifa", density=0.5, nsamples=4, seqlen=16, calibration="self"),
-            operations=("persist", "eval", "generate", "stream"),
+            operations=("persist", "eval", "generate", "stream", "quiet"),
             families=("llama", "opt"),
         ),
         # Healing by distillation (issue 20): the compressed factors trained to match the dense model
