@@ -140,8 +140,7 @@ def facts(model: nn.Module, base: nn.Module, tok, cache: dict) -> dict:
     from leanformers.eval.facts import FACTS, fact_check, greedy_answers
 
     questions = [q for q, _ in FACTS]
-    if "dense" not in cache:
-        cache["dense"] = greedy_answers(base, tok, questions, max_new_tokens=16)
+    cache["dense"] = cache.get("dense") or greedy_answers(base, tok, questions, max_new_tokens=16)
     check = fact_check(cache["dense"], greedy_answers(model, tok, questions, max_new_tokens=16))
     return {**check.to_dict(), "summary": check.summary()}
 
@@ -170,7 +169,7 @@ def series(cells: list[dict], **want) -> list[tuple[float, dict]]:
 
 def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     """Perplexity vs density on WikiText-2 and two out-of-domain texts from the committed JSON of §14
-    (SVD-LLM, 2:4) and §19/§20 (defaults with OWL; before OWL, and the most tokens healed at 0.5 and 0.8)."""
+    (SVD-LLM, 2:4) and §19/§20 (the OWL defaults, healed with the most tokens at 0.5 and 0.8; before OWL)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -181,7 +180,8 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     owl = json.loads((RESULTS / "mpifa_owl_density.json").read_text())["cells"]
     me = dict(row="default", calibration=default_calib, nsamples=32)
     extra = [json.loads(f.read_text()).get("cells", []) for f in sorted(RESULTS.glob("mpifa_healing_*.json"))]
-    runs = [c for c in sum(extra, new) if me.items() <= c.items() and c.get("heal_tokens")]
+    cells = sum(extra, new)
+    runs = [c for c in cells if me.items() <= c.items() and c.get("heal_tokens") and c["config"].get("owl")]
     runs = [c for c in runs if c["healing"]["kl_after"] < c["healing"]["kl_before"]]  # what heal() keeps
     at = {d: {c["heal_tokens"] for c in runs if c["density"] == d} for d in (0.5, 0.8)}
     heal = max(at[0.5] & at[0.8], default=0)  # the most tokens healed at both densities
@@ -191,11 +191,12 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
     rates = "/".join(f"{best[d]['healing']['settings']['learning_rate']:g}" for d, _ in healed)
     lines = [
         (f"MPIFA, defaults (OWL, calibration {default_calib})", series(owl, **me, heal_tokens=0), "C0", "o-"),
-        (f"MPIFA before OWL + healing ({heal:,} tokens, lr {rates})", healed, "C9", "*--"),
+        (f"MPIFA, defaults + healing ({heal:,} tokens, lr {rates})", healed, "C4", "*-"),
         ("MPIFA before OWL (stop 31's defaults)", series(new, **me, heal_tokens=0), "C7", "s:"),
         ("SVD-LLM whitening + U (WikiText)", series(old, row="svdllm_u"), "C3", "^-"),
         ("2:4 Wanda (WikiText, not healed)", series(old, row="wanda24"), "C2", "D"),
         ("2:4 SparseGPT (WikiText, not healed)", series(old, row="sparsegpt24"), "C1", "P"),
+        ("2:4 SparseGPT (default windows, not healed)", series(cells, row="sparsegpt24_default"), "C5", "X"),
     ]
     dense = series(old, row="dense")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
