@@ -70,6 +70,16 @@ def test_texts_plot_draws_from_the_committed_json_without_a_model(tmp_path):
         assert cell["density"] == density and same == {
             t: (v["ppl"], v["tokens"]) for t, v in owl[density]["ppl"].items()
         }
+    # the healed line (OWL defaults, kept at 0.5 and 0.8) and the 2:4 point it is compared with share windows
+    cells = json.loads((results / "mpifa_healing_owl_245k.json").read_text())["cells"]
+    healed = {c["density"]: c for c in cells if c["row"] == "default" and c.get("heal_tokens")}
+    (sparsegpt,) = [c for c in cells if c["row"] == "sparsegpt24_default"]
+    assert sorted(healed) == [0.5, 0.8] and all(
+        c["config"]["owl"] and c["healing"]["kept"] for c in healed.values()
+    )
+    assert {c["calibration_sha256"] for c in [*healed.values(), sparsegpt]} == {
+        sparsegpt["calibration_sha256"]
+    }
 
 
 def test_healed_cells_at_two_learning_rates_are_two_cells():
