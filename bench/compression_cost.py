@@ -36,16 +36,16 @@ from leanformers.compression.compressor import get_compressor
 
 # (label, function-name substrings [@file], "ct" cumulative or "tt" self time): names of old and new code
 PARTS = [
-    ("Gram products G, K, S (self time)", ("group_input_stats", "accumulate_grams"), "tt"),
+    ("Gram products G, K, S (self time)", ("group_input_stats", "gram@reconstruct.py"), "tt"),
     ("compressed-stream replays up to each group (input_of)", ("input_of",), "ct"),
-    ("dense pass, one per block (run_block_capturing)", ("run_block_capturing",), "ct"),
+    ("dense passes, one per block (run_block_capturing; OWL's scan too)", ("run_block_capturing",), "ct"),
+    ("  OWL outlier scan (its own dense pass)", ("owl_block_densities",), "ct"),
     ("compressed pass after each block (advance)", ("advance",), "ct"),
     ("reconstruct (whitening SVD + M steps)", ("reconstruct",), "ct"),
     ("  float64 SVD / Gram eigendecomposition", ("linalg_svd>", "linalg_eigh"), "tt"),
     ("  solves, lstsq, Cholesky", ("linalg_solve", "linalg_lstsq", "cholesky"), "tt"),
     ("PIFA conversion (from_factors, QR with column pivoting)", ("from_factors",), "ct"),
-    ("PIFALinear.forward (compressed stream)", ("forward@layer.py", "forward@pifa_linear.py"), "ct"),
-    ("  index_select (PIFA gathers)", ("index_select",), "tt"),
+    ("PIFALinear.forward (compressed stream, gathers included)", ("forward@pifa_linear.py",), "ct"),
     ("replay memo checks", ("memo_forward", "_same", "_module_state", "equal"), "tt"),
 ]
 

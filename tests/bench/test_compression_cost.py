@@ -60,14 +60,18 @@ def test_profile_split_sums_each_stage_under_old_and_new_names():
     class Stats:  # (file, line, name) -> (cc, nc, tt, ct, callers), as pstats holds them
         stats = {
             ("a/reconstruct.py", 1, "accumulate_grams"): (1, 1, 2.0, 3.0, {}),
+            ("a/reconstruct.py", 2, "gram"): (1, 1, 4.0, 4.0, {}),  # the strips' products (stop 31 on)
             ("b/group.py", 1, "group_input_stats"): (1, 1, 1.0, 9.0, {}),
             ("c/pifa_linear.py", 1, "forward"): (1, 1, 0.5, 4.0, {}),
             ("d/other.py", 1, "forward"): (1, 1, 0.5, 7.0, {}),
+            ("e/kernels/layer/layer.py", 1, "new_forward"): (1, 1, 0.5, 8.0, {}),  # a hub kernel's MLP
         }
 
     parts = bench.split_profile(Stats())
-    assert parts["Gram products G, K, S (self time)"] == 3.0  # self times of both names
-    assert parts["PIFALinear.forward (compressed stream)"] == 4.0  # only the PIFA layer's file
+    assert parts["Gram products G, K, S (self time)"] == 7.0  # self times of all three names
+    assert (
+        parts["PIFALinear.forward (compressed stream, gathers included)"] == 4.0
+    )  # only the PIFA layer's file
 
 
 @pytest.mark.slow
