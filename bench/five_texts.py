@@ -198,13 +198,12 @@ def plot(path: Path, default_calib: str = "self_t1_own") -> None:
         ("2:4 SparseGPT (WikiText, not healed)", series(old, row="sparsegpt24"), "C1", "P"),
         ("2:4 SparseGPT (default windows, not healed)", series(cells, row="sparsegpt24_default"), "C5", "X"),
     ]
-    dense = series(old, row="dense")
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.6))
     titles = {"wiki": "WikiText-2 raw test", "shakespeare": "Tiny Shakespeare", "stdlib": "Python stdlib"}
     for ax, (text, title) in zip(axes, titles.items()):
         for label, points, color, style in (line for line in lines if line[1]):
             ax.plot([d for d, _ in points], [v[text] for _, v in points], style, color=color, label=label)
-        ax.axhline(dense[0][1][text], color="k", lw=0.8, ls="--", label="dense")
+        ax.axhline(series(old, row="dense")[0][1][text], color="k", lw=0.8, ls="--", label="dense")
         ax.set(title=title, xlabel="density of the targeted linears", yscale="log", xlim=(0.47, 0.93))
         ax.grid(alpha=0.3, which="both")
     axes[0].set_ylabel("perplexity (first 8,192 tokens, context 2048)")

@@ -680,7 +680,8 @@ def run_row(name: str, s: dict, args, path: Path, store: ResultFile) -> dict:
                 row = recipe_row(method, seed, s, Path(tmp) / f"{method}_{seed}")
             else:
                 row = train_lm(method, seed, s, data, args.device, tasks)
-            return store.update("rows", [row], lambda r: (r["method"], r["seed"]), **fields)
+            payload = store.update("rows", [row], lambda r: (r["method"], r["seed"]), **fields)
+    return payload
 
 
 def main(argv: list[str] | None = None) -> dict:
