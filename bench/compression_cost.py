@@ -41,10 +41,9 @@ PARTS = [
     ("dense passes, one per block (run_block_capturing; OWL's scan too)", ("run_block_capturing",), "ct"),
     ("  OWL outlier scan (its own dense pass)", ("owl_block_densities",), "ct"),
     ("compressed pass after each block (advance)", ("advance",), "ct"),
-    ("reconstruct (whitening SVD + M steps)", ("reconstruct",), "ct"),
-    ("  float64 SVD / Gram eigendecomposition", ("linalg_svd>", "linalg_eigh"), "tt"),
-    ("  solves, lstsq, Cholesky", ("linalg_solve", "linalg_lstsq", "cholesky"), "tt"),
-    ("PIFA conversion (from_factors, QR with column pivoting)", ("from_factors",), "ct"),
+    ("fitting the linears (wall; a group's side by side)", ("map_single_threaded",), "ct"),
+    ("  reconstruct (whitening SVD + M steps), main thread only", ("reconstruct",), "ct"),
+    ("  PIFA conversion (from_factors, pivoted QR), main thread only", ("from_factors",), "ct"),
     ("PIFALinear.forward (compressed stream, gathers included)", ("forward@pifa_linear.py",), "ct"),
     ("replay memo checks", ("memo_forward", "_same", "_module_state", "equal"), "tt"),
 ]

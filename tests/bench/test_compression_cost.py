@@ -65,13 +65,15 @@ def test_profile_split_sums_each_stage_under_old_and_new_names():
             ("c/pifa_linear.py", 1, "forward"): (1, 1, 0.5, 4.0, {}),
             ("d/other.py", 1, "forward"): (1, 1, 0.5, 7.0, {}),
             ("e/kernels/layer/layer.py", 1, "new_forward"): (1, 1, 0.5, 8.0, {}),  # a hub kernel's MLP
+            # the linears' fitting: its wall time on the main thread (the workers are not profiled)
+            ("f/precision.py", 1, "map_single_threaded"): (1, 1, 0.1, 5.0, {}),
         }
 
     parts = bench.split_profile(Stats())
     assert parts["Gram products G, K, S (self time)"] == 7.0  # self times of all three names
-    assert (
-        parts["PIFALinear.forward (compressed stream, gathers included)"] == 4.0
-    )  # only the PIFA layer's file
+    # only the PIFA layer's file
+    assert parts["PIFALinear.forward (compressed stream, gathers included)"] == 4.0
+    assert parts["fitting the linears (wall; a group's side by side)"] == 5.0
 
 
 @pytest.mark.slow
@@ -83,5 +85,5 @@ def test_profile_row_splits_a_smollm2_compression_by_stage(run_bench):
     assert saved["ratio_compress_to_dense_forward"] == pytest.approx(
         saved["compress_seconds"] / saved["dense_forward_seconds"], rel=1e-2
     )
-    assert saved["seconds_by_part"]["reconstruct (whitening SVD + M steps)"] > 0
+    assert saved["seconds_by_part"]["  reconstruct (whitening SVD + M steps), main thread only"] > 0
     assert result["profile"]["seconds_by_part"] == saved["seconds_by_part"]

@@ -21,9 +21,9 @@ DOCS = REPO_ROOT / "docs" / "benchmarks.md"
 # a command runs to the end of its code span, table cell or line; a trailing backslash continues it
 COMMAND = re.compile(r"python3? bench/(\w+)\.py((?:\\\n|[^`|\n])*)")
 BENCH_LINES = 4000  # issue 18, acceptance 3: bench/ <= 4,000 lines (code does not move into src/ to meet it)
-# Not met yet: honestly formatted (no '# fmt: skip', ruff format at 110 columns) bench/ is 4,068 lines. This
-# ceiling stops it growing while the last 68 lines wait for a real simplification; lower it, never raise it.
-BENCH_CEILING = 4068
+# Not met yet: honestly formatted (no '# fmt: skip', ruff format at 110 columns) bench/ is 4,067 lines. This
+# ceiling stops it growing while the last 67 lines wait for a real simplification; lower it, never raise it.
+BENCH_CEILING = 4067
 
 
 def quoted_commands() -> list[tuple[str, list[str]]]:

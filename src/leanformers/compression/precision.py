@@ -4,10 +4,16 @@ linear algebra on the CPU, and the compute device."""
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import torch
 
-__all__ = ["full_precision_matmul", "resolve_device", "single_threaded_linalg"]
+__all__ = ["full_precision_matmul", "map_single_threaded", "resolve_device", "single_threaded_linalg"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def _matmul_precision_state() -> tuple[str | None, str | None, str | None]:
@@ -65,3 +71,21 @@ def single_threaded_linalg(device: torch.device):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def map_single_threaded(fn: Callable[[T], R], items: Sequence[T], device: torch.device) -> list[R]:
+    """``[fn(x) for x in items]`` with every call on one thread, as ``single_threaded_linalg`` runs it.
+
+    On the CPU up to ``torch.get_num_threads()`` calls run at once (the independent linears of a group:
+    gate and up, or q, k and v), each in a worker thread limited to one thread; the results are those of
+    the serial loop, bit for bit (each call's arithmetic is unchanged), in the order of ``items``. Other
+    devices, one item or one thread: the plain loop inside ``single_threaded_linalg``. The first error
+    raised by a call is raised here.
+    """
+    workers = min(len(items), torch.get_num_threads()) if device.type == "cpu" else 1
+    with single_threaded_linalg(device):
+        if workers <= 1:
+            return [fn(x) for x in items]
+        # torch's thread count is per thread (OpenMP / MKL): each worker limits its own before any call.
+        with ThreadPoolExecutor(workers, initializer=torch.set_num_threads, initargs=(1,)) as pool:
+            return list(pool.map(fn, items))

@@ -21,7 +21,7 @@ from leanformers._version import __version__
 from leanformers.compression.compressor import Compressor
 from leanformers.compression.config import CompressionConfig, check_fraction
 from leanformers.compression.layout import BlockLayout, linear_weight
-from leanformers.compression.precision import single_threaded_linalg
+from leanformers.compression.precision import map_single_threaded, single_threaded_linalg
 from leanformers.compression.report import CompressionReport, ModuleReport, module_path
 from leanformers.compressors.allocation import default_rank_multiple
 from leanformers.compressors.budget import BudgetOptions, RankPlan, plan_ranks
@@ -120,7 +120,11 @@ class LowRankCompressor(Compressor):
     ) -> list[ModuleReport]:
         with single_threaded_linalg(self.device):
             prepared = self._linalg(index, group[0], self.prepare_group, stats)
-        return [self._compress_linear(block, index, name, prepared) for name in group]
+        # The linears of a group are independent given its statistics: fitted side by side on the CPU.
+        fits = map_single_threaded(
+            lambda name: self._fit_linear(block, index, name, prepared), group, self.device
+        )
+        return [self._install(block, index, name, fit) for name, fit in zip(group, fits)]
 
     def _linalg(self, index: int, name: str, fn, *args):
         """``fn(*args)`` with its linear-algebra failures named: block, module and the setting to change."""
@@ -148,35 +152,43 @@ class LowRankCompressor(Compressor):
         U, V, _ = numerical_rank_factors(U, V, keep="left" if form == "row" else "right")
         return layer_cls.from_factors(U.float(), V.float(), bias, dtype=torch.float32, **kwargs), True
 
-    def _compress_linear(self, block: nn.Module, index: int, name: str, prepared: Any) -> ModuleReport:
-        config, t0, key = self.config, time.perf_counter(), f"{index}.{name}"
+    def _fit_linear(self, block: nn.Module, index: int, name: str, prepared: Any) -> tuple[nn.Module, float]:
+        """The compressed layer of one linear and the seconds it took; reads ``block``, changes nothing
+        (it may run beside the group's other linears, see ``map_single_threaded``)."""
+        t0, key = time.perf_counter(), f"{index}.{name}"
         module = block.get_submodule(name)
         W = linear_weight(module).detach()
         bias = module.bias.detach() if getattr(module, "bias", None) is not None else None
         kwargs = (
-            {"form": "column" if name == self.consumer else config.form} if config.output == "pifa" else {}
+            {"form": "column" if name == self.consumer else self.config.form}
+            if self.config.output == "pifa"
+            else {}
         )
+        U, V = self._linalg(index, name, self.factorize, W, self.rank_plan.ranks[key], prepared)
+        new, _ = self._layer(U, V, bias, kwargs)
+        if not all(torch.isfinite(p).all() for p in new.parameters()):
+            raise FloatingPointError(f"block {index} {name}: non-finite factors after reconstruction")
+        return new, time.perf_counter() - t0
+
+    def _install(self, block: nn.Module, index: int, name: str, fit: tuple[nn.Module, float]) -> ModuleReport:
+        """Put the fitted layer in place of the linear ``name`` of ``block``; its report."""
+        (new, seconds), key = fit, f"{index}.{name}"
+        m, n = linear_weight(block.get_submodule(name)).shape
         planned = self.rank_plan.ranks[key]
-        with single_threaded_linalg(self.device):
-            U, V = self._linalg(index, name, self.factorize, W, planned, prepared)
-            new, _ = self._layer(U, V, bias, kwargs)
         note = None
         if new.rank < planned:
             note = f"stored at rank {new.rank} (planned {planned}): the fitted factors have no higher numerical rank (the weight or its calibration inputs span fewer directions)"
-        if not all(torch.isfinite(p).all() for p in new.parameters()):
-            raise FloatingPointError(f"block {index} {name}: non-finite factors after reconstruction")
         block.set_submodule(name, new.to(self.device))
-        m, n = W.shape
         return ModuleReport(
             module_path(self.prefix, index, name),
             m,
             n,
             new.rank,
-            config.output,
+            self.config.output,
             m * n,
             new.num_parameters,
             self.rank_plan.densities[key],
-            time.perf_counter() - t0,
+            seconds,
             note,
         )
 
