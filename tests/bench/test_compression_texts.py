@@ -82,6 +82,22 @@ def test_texts_plot_draws_from_the_committed_json_without_a_model(tmp_path):
     }
 
 
+@pytest.mark.parametrize(
+    ("name", "seed"), [("mpifa_healing_owl_245k.json", 0), ("mpifa_healing_owl_245k_seed1.json", 1)]
+)
+def test_healing_target_cells_pair_the_healed_model_with_2_4_on_its_own_windows(name, seed):
+    """§20's healing table compares healed MPIFA with 2:4 rows of the same calibration windows: every cell of
+    a seed's file has one windows hash, the healed cell kept its healing, and the 2:4 rows are not healed."""
+    cells = json.loads((Path(__file__).parents[2] / "bench/results" / name).read_text())["cells"]
+    at_half = [c for c in cells if c["density"] == 0.5]
+    rows = {(c["row"], bool(c.get("heal_tokens"))) for c in at_half}
+    assert {("default", True), ("default", False), ("sparsegpt24_default", False)} <= rows
+    assert {c["seed"] for c in cells} == {seed} and len({c["calibration_sha256"] for c in at_half}) == 1
+    healed = [c for c in at_half if c.get("heal_tokens")]
+    assert [c["row"] for c in healed] == ["default"] and healed[0]["healing"]["kept"]
+    assert healed[0]["heal_tokens"] == 245760 and healed[0]["config"]["owl"]
+
+
 def test_healed_cells_at_two_learning_rates_are_two_cells():
     """--merge must not let a healing run at another --heal-lr replace the committed one (same row,
     density, windows, seed and tokens)."""

@@ -131,8 +131,9 @@ def spectrum_scan(
 ) -> dict[str, torch.Tensor]:
     """Whitened spectrum of every targeted linear of the DENSE model, key ``"{block}.{name}"``.
 
-    One dense pass per block over the calibration inputs (a progress bar unless ``progress`` is False); S = X X^T of each group's input (shrunk by
-    ``config.shrinkage`` like the statistics the compression will use), then ``whitened_spectrum``.
+    One dense pass per block over the calibration inputs (a progress bar unless ``progress`` is False);
+    S = X X^T of each group's input (shrunk by ``config.shrinkage`` like the statistics the compression
+    will use), then ``whitened_spectrum``.
     """
     spectra: dict[str, torch.Tensor] = {}
     states = hidden
