@@ -1,4 +1,4 @@
-"""Helpers shared by the test folders: relative error, fresh-process runs, token datasets.
+"""Helpers shared by the test folders: relative error, fresh-process runs, notebooks, token datasets.
 
 (Fixtures stay in conftest.py files; this module holds plain functions and classes that tests import.)
 """
@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,6 +32,29 @@ def fresh_env(**extra: str) -> dict[str, str]:
     paths = [str(REPO_ROOT / "src"), str(REPO_ROOT), env.get("PYTHONPATH", ""), str(REPO_ROOT / "tests")]
     env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
     return env
+
+
+def execute_notebook(path: Path, *, cwd: Path, timeout: int) -> str:
+    """Execute the notebook at ``path`` top to bottom in a fresh kernel working in ``cwd``; returns the text
+    its code cells printed (the notebook object is discarded).
+
+    The kernel talks over IPC sockets, not TCP: a TCP kernel picks free ports, closes them, then binds
+    them again, and a test binding ports meanwhile (the gloo tests, another notebook under xdist) took
+    one; the kernel's heartbeat died and the client hung until pytest's timeout (CI, stop 36).
+    """
+    import nbformat
+    from jupyter_client.manager import KernelManager
+    from nbclient import NotebookClient
+
+    nb = nbformat.read(path, as_version=4)
+    with tempfile.TemporaryDirectory(prefix="kernel-") as sockets:
+        # an absolute socket path: the kernel runs in ``cwd``, the client here, and a relative path
+        # would name two different files
+        km = KernelManager(kernel_name="python3", transport="ipc", ip=os.path.join(sockets, "ipc"))
+        NotebookClient(
+            nb, km=km, timeout=timeout, kernel_name="python3", resources={"metadata": {"path": str(cwd)}}
+        ).execute()
+    return "".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
 
 
 def run_command(cmd: Sequence[str], timeout: int = 300, **env: str) -> subprocess.CompletedProcess:
