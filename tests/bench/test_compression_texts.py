@@ -110,3 +110,22 @@ def test_healed_cells_at_two_learning_rates_are_two_cells():
     committed = json.loads((Path(__file__).parents[2] / "bench/results/mpifa_calibration.json").read_text())
     keys = [text_key(c) for c in committed["cells"]]
     assert len(keys) == len(set(keys))
+
+
+def test_target_1b_compares_the_owl_defaults_with_2_4_wanda_at_the_same_size_as_the_docs_say():
+    """§20's 128 x 2048 table: the defaults' cell (OWL on) and stop 30's 2:4 Wanda cell share size, seed and
+    density, and the ratio row in docs/benchmarks.md is the ratio of the committed perplexities."""
+    results = Path(__file__).parents[2] / "bench/results"
+    (owl,) = json.loads((results / "mpifa_calibration_2048_owl.json").read_text())["cells"]
+    (wanda,) = [
+        c
+        for c in json.loads((results / "mpifa_calibration_2048.json").read_text())["cells"]
+        if c["row"] == "wanda24"
+    ]
+    shape = ("density", "nsamples", "seqlen", "seed")
+    assert [owl[k] for k in shape] == [wanda[k] for k in shape] == [0.5, 128, 2048, 0]
+    assert owl["config"]["owl"] and owl["calibration"] == "self_t1_own"
+    texts = ("ted", "torch", "wiki", "shakespeare", "stdlib")
+    ratios = " | ".join(f"{owl['ppl'][t]['ppl'] / wanda['ppl'][t]['ppl']:.2f}x" for t in texts)
+    docs = (Path(__file__).parents[2] / "docs/benchmarks.md").read_text()
+    assert f"| {ratios} |" in docs.replace("**", "")
